@@ -1,0 +1,19 @@
+"""gdw: train classifiers on noisy, imbalanced labels by data weighting.
+
+The centre is Generalized Data Weighting (GDW), which learns one weight per
+class-level gradient flow of every example from a small clean meta set; around
+it stand MW-Net, L2RW, Derivative Manipulation and robust-loss baselines, all
+used the same way in any PyTorch training loop::
+
+    w = gdw.GDW(model, num_classes=10)
+    optimizer.zero_grad()
+    stats = w.backward(x, y, x_meta, y_meta, inner_lr=lr)
+    optimizer.step()
+"""
+
+from .errors import UserError
+from .methods import CE, GDW, L2RW, METHODS, Method, MetaMethod, MWNet, Stats, WeightNet, make
+
+__version__ = "0.1.0"
+
+__all__ = ["CE", "GDW", "L2RW", "MWNet", "METHODS", "Method", "MetaMethod", "Stats", "UserError", "WeightNet", "make", "__version__"]

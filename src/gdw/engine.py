@@ -1,0 +1,226 @@
+"""The meta-gradient engine shared by every method that learns from a meta set.
+
+Every weighted method changes only the gradient that reaches the logits. With
+``z = f(x; θ)`` the logits of a training batch, a method picks a B×C matrix
+``A`` of per-logit gradients; the *virtual* SGD step is
+
+    θ' = θ − α · J_z(θ)ᵀ A,
+
+and the meta loss is ``L_meta = CE(f(x_meta; θ'), y_meta)``. This module
+returns ``L_meta`` and its gradient with respect to ``A``:
+
+    ∂L_meta/∂A = −α · J_z(θ) u,     u = ∇_θ' L_meta.
+
+θ' is linear in A, so no second-order back-propagation is needed: one
+backward pass at θ' gives ``u`` and one forward-mode Jacobian-vector product
+gives ``J_z(θ) u`` (``mode="jvp"``). ``mode="double"`` is the slow reference:
+it differentiates through a ``create_graph`` backward, as the original code
+did. ``head=`` restricts the virtual step to the classifier head
+``z = W h + b``, where everything is closed-form.
+
+Nothing here changes the model: parameters are read, never written, and every
+extra forward runs on a copy of the buffers, so BatchNorm running statistics
+are left as the user's own forward left them. The model is called through
+``torch.func.functional_call``; no layer is rewritten.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.autograd.forward_ad as fwAD
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from .errors import UserError
+
+MODES = ("jvp", "double")
+
+
+@dataclass
+class TrainForward:
+    """What the real forward of the training batch left behind.
+
+    ``logits`` (B×C) still carries its autograd graph; ``rng`` is the random
+    state before that forward, so that a re-run (the JVP) sees the same
+    dropout masks; ``head_input`` is the input of the head (B×D) when only the
+    head takes the virtual step.
+    """
+
+    model: nn.Module
+    x: torch.Tensor
+    logits: torch.Tensor
+    rng: "RngState"
+    head_input: Optional[torch.Tensor] = None
+
+
+class RngState:
+    """The CPU (and, when used, CUDA) random state, to replay a forward."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.cpu = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+    @contextlib.contextmanager
+    def replay(self):
+        devices = [self.device] if self.cuda is not None else []
+        with torch.random.fork_rng(devices=devices):
+            torch.set_rng_state(self.cpu)
+            if self.cuda is not None:
+                torch.cuda.set_rng_state(self.cuda, self.device)
+            yield
+
+
+class HeadCapture:
+    """Finds the classifier head and records its input during a forward.
+
+    The head is the last ``nn.Linear`` in ``model.modules()`` whose
+    ``out_features`` equals the number of classes, unless one is given. Its
+    output must be the model's output itself (checked on every call), since
+    the closed form assumes ``z = W h + b``.
+    """
+
+    def __init__(self, model: nn.Module, num_classes: int, head: Optional[nn.Module] = None):
+        if head is None:
+            linears = [m for m in model.modules() if isinstance(m, nn.Linear) and m.out_features == num_classes]
+            if not linears:
+                raise UserError(
+                    f"head_only=True needs an nn.Linear with out_features={num_classes} producing the logits; "
+                    "none was found, pass head= explicitly"
+                )
+            head = linears[-1]
+        if not isinstance(head, nn.Linear):
+            raise UserError(f"head must be an nn.Linear, got {type(head).__name__}")
+        self.module = head
+        self.input: Optional[torch.Tensor] = None
+        self.output: Optional[torch.Tensor] = None
+        head.register_forward_hook(self._hook)
+
+    def _hook(self, module, inputs, output):
+        self.input, self.output = inputs[0], output
+
+    def check(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.output is not logits:
+            raise UserError(
+                "head_only=True needs the model's output to be the output of its head Linear "
+                "(no layer after it); pass head= or use head_only=False"
+            )
+        return self.input.detach()
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in at least float32 (half and bfloat16 are promoted; float64 kept)."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
+def trainable(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters that take the virtual step: those that require grad."""
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def stateless_forward(model: nn.Module, params: dict, x: torch.Tensor) -> torch.Tensor:
+    """``model(x)`` with ``params`` swapped in and buffers copied, so running
+    statistics of the real model are not touched."""
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    return functional_call(model, {**buffers, **params}, (x,))
+
+
+def meta_logit_grad(
+    fwd: TrainForward,
+    A: Optional[torch.Tensor],
+    x_meta: torch.Tensor,
+    y_meta: torch.Tensor,
+    lr: float,
+    *,
+    mode: str = "jvp",
+    head: Optional[HeadCapture] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Meta loss after a virtual step, and its gradient with respect to ``A``.
+
+    Args:
+        fwd: the real forward of the training batch (its logits keep their graph).
+        A: B×C per-logit gradient of the virtual step (already divided by B), or
+            ``None`` for no step at all (θ' = θ, as in L2RW).
+        x_meta, y_meta: a clean meta batch.
+        lr: α, the step of the virtual plain-SGD step.
+        mode: ``"jvp"`` (no second-order backward) or ``"double"`` (reference).
+        head: restrict the virtual step to this head (closed form).
+
+    Returns:
+        ``(meta_loss, dA)``: the scalar meta loss (detached) and ∂L_meta/∂A,
+        a float32 B×C tensor.
+    """
+    if mode not in MODES:
+        raise UserError(f"meta_grad must be one of {MODES}, got {mode!r}")
+    if head is not None:
+        return _head_only(fwd, A, x_meta, y_meta, lr, mode, head)
+    if mode == "double":
+        return _double(fwd, A, x_meta, y_meta, lr)
+    return _jvp(fwd, A, x_meta, y_meta, lr)
+
+
+def _jvp(fwd, A, x_meta, y_meta, lr):
+    params = trainable(fwd.model)
+    names, ps = list(params), list(params.values())
+    if A is None:
+        virtual = [p.detach() for p in ps]
+    else:
+        grads = torch.autograd.grad(fwd.logits, ps, A.to(fwd.logits.dtype), retain_graph=True, allow_unused=True)
+        virtual = [p.detach() if g is None else p.detach() - lr * g for p, g in zip(ps, grads)]
+    virtual = [v.requires_grad_() for v in virtual]
+    meta_logits = stateless_forward(fwd.model, dict(zip(names, virtual)), x_meta)
+    meta_loss = F.cross_entropy(full(meta_logits), y_meta)
+    u = torch.autograd.grad(meta_loss, virtual, allow_unused=True)
+    # J_z(θ) u: one forward-mode pass at θ on the training batch, with the
+    # random state of the real forward (same dropout masks).
+    with fwAD.dual_level(), fwd.rng.replay():
+        duals = {n: p.detach() if t is None else fwAD.make_dual(p.detach(), t) for n, p, t in zip(names, ps, u)}
+        tangent = fwAD.unpack_dual(stateless_forward(fwd.model, duals, fwd.x)).tangent
+    if tangent is None:  # no parameter reaches the logits
+        tangent = torch.zeros_like(fwd.logits)
+    return meta_loss.detach(), -lr * full(tangent)
+
+
+def _double(fwd, A, x_meta, y_meta, lr):
+    params = trainable(fwd.model)
+    names, ps = list(params), list(params.values())
+    A_var = (torch.zeros_like(full(fwd.logits)) if A is None else full(A.detach())).requires_grad_()
+    grads = torch.autograd.grad(
+        fwd.logits, ps, A_var.to(fwd.logits.dtype), create_graph=True, retain_graph=True, allow_unused=True
+    )
+    virtual = {n: p.detach() if g is None else p.detach() - lr * g for n, p, g in zip(names, ps, grads)}
+    meta_logits = stateless_forward(fwd.model, virtual, x_meta)
+    meta_loss = F.cross_entropy(full(meta_logits), y_meta)
+    (dA,) = torch.autograd.grad(meta_loss, A_var, retain_graph=True)
+    return meta_loss.detach(), dA
+
+
+def _head_only(fwd, A, x_meta, y_meta, lr, mode, head: HeadCapture):
+    h = full(fwd.head_input)
+    W, b = head.module.weight, head.module.bias
+    with torch.no_grad():  # meta features at θ; the backbone does not move
+        stateless_forward(fwd.model, trainable(fwd.model), x_meta)
+    hm = full(head.input.detach())
+    A_var = h.new_zeros(h.shape[0], W.shape[0]) if A is None else full(A.detach())
+    if mode == "double":
+        A_var.requires_grad_()
+        Wv = full(W.detach()) - lr * A_var.t() @ h
+        bv = None if b is None else full(b.detach()) - lr * A_var.sum(0)
+        meta_loss = F.cross_entropy(F.linear(hm, Wv, bv), y_meta)
+        (dA,) = torch.autograd.grad(meta_loss, A_var)
+        return meta_loss.detach(), dA
+    with torch.no_grad():
+        Wv = full(W) - lr * A_var.t() @ h
+        bv = None if b is None else full(b) - lr * A_var.sum(0)
+        meta_logits = F.linear(hm, Wv, bv)
+        meta_loss = F.cross_entropy(meta_logits, y_meta)
+        em = (meta_logits.softmax(1) - F.one_hot(y_meta, W.shape[0]).to(hm.dtype)) / hm.shape[0]
+        Ju = h @ (em.t() @ hm).t()  # (J u)_i = u_W h_i + u_b
+        if b is not None:
+            Ju = Ju + em.sum(0)
+    return meta_loss, -lr * Ju

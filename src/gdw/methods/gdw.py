@@ -1,0 +1,88 @@
+"""Generalized Data Weighting (Chen et al., NeurIPS 2021).
+
+One weight per class-level gradient flow: ω is B×C and the logit gradient is
+G = ω ⊙ e / B, with p clamped at 0.999 in e = p − onehot(y). Per step:
+
+1. Stage one: v_i = V(ℓ_i) from the weighting network, copied to every
+   class, ω_ij = v_i.
+2. Zero-mean constraint: Σ_j ω_ij e_ij = 0 for every example, by setting
+   only the labelled column: ω_{i,y_i} = Σ_{j≠y_i} ω_ij p_ij / (1 − p_{i,y_i}).
+3. Virtual step θ' = θ − α J_zᵀ (ω ⊙ e) / B; L_meta on the meta batch.
+4. g = ∂L_meta/∂ω = −(α/B) e ⊙ (J_z u); it also reaches V (Adam step).
+5. Stage two: ω' = ω − clip(η_ω · g / Σ|g|, −c, c), clamped to
+   [1e-6, 1e6], then the zero-mean constraint again (same p).
+6. Real step: G = ω' ⊙ e / B.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import UserError
+from ..engine import full
+from .base import METHODS, check_positive, logit_error
+from .mwnet import WeightNetMethod
+
+
+def zero_mean(omega: torch.Tensor, p: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Set ω_{i,y_i} so that Σ_j ω_ij (p_ij − onehot_ij) = 0 for every row.
+
+    Args:
+        omega: B×C weights; p: B×C probabilities with p_{i,y_i} < 1; y: (B,).
+    Returns:
+        A new B×C tensor, equal to ``omega`` off the labelled column
+        (differentiable in ``omega``).
+    """
+    onehot = F.one_hot(y, omega.shape[1]).to(omega.dtype)
+    p_y = (p * onehot).sum(1)
+    target = (omega * p * (1 - onehot)).sum(1) / (1 - p_y)
+    return omega * (1 - onehot) + target[:, None] * onehot
+
+
+@METHODS.register("gdw")
+class GDW(WeightNetMethod):
+    """Generalized Data Weighting: class-level weights learned on a meta set.
+
+    Args (besides those of MetaMethod and the weighting network):
+        eta: η_ω, the step of the class-level update (default 10·C: 100 for
+            10 classes, 1000 for 100).
+        clip: c, bound on each entry of the class-level step (0.2).
+        omega_min, omega_max: clamp of ω' (1e-6, 1e6).
+        p_max: clamp of the probabilities (0.999).
+        zero_mean: apply the zero-mean constraint (True; False is an ablation).
+    """
+
+    def __init__(self, model, num_classes, *, eta: float | None = None, clip: float = 0.2,
+                 omega_min: float = 1e-6, omega_max: float = 1e6, p_max: float = 0.999,
+                 zero_mean: bool = True, **kw):
+        super().__init__(model, num_classes, **kw)
+        self.eta = check_positive("eta", 10.0 * self.num_classes if eta is None else eta, allow_zero=True)
+        self.clip = check_positive("clip", clip, allow_zero=True)
+        self.omega_min = check_positive("omega_min", omega_min, allow_zero=True)
+        self.omega_max = check_positive("omega_max", omega_max)
+        if self.omega_min > self.omega_max:
+            raise UserError(f"omega_min ({omega_min}) must not exceed omega_max ({omega_max})")
+        self.p_max = check_positive("p_max", p_max)
+        if self.p_max >= 1:
+            raise UserError(f"p_max must be below 1, got {p_max!r}")
+        self.zero_mean = bool(zero_mean)
+
+    def _constrain(self, omega, p, y):
+        return zero_mean(omega, p, y) if self.zero_mean else omega
+
+    def logit_grad(self, fwd, y, x_meta, y_meta, lr):
+        B, C = y.shape[0], self.num_classes
+        p, e = logit_error(fwd.logits, y, C, self.p_max)
+        losses = F.cross_entropy(full(fwd.logits.detach()), y, reduction="none")
+        v = self.vnet(losses)
+        omega = self._constrain(v[:, None].expand(B, C), p, y)
+        meta_loss, dA = self.meta_step(fwd, omega.detach() * e / B, x_meta, y_meta, lr)
+        g = dA * e / B
+        self.update_vnet(omega, g)
+        with torch.no_grad():
+            total = g.abs().sum()
+            step = torch.where(total > 0, self.eta * g / total.clamp(min=torch.finfo(g.dtype).tiny), torch.zeros_like(g))
+            omega = (omega - step.clamp(-self.clip, self.clip)).clamp(self.omega_min, self.omega_max)
+            omega = self._constrain(omega, p, y)
+        return {"G": omega * e / B, "weights": omega, "meta_loss": meta_loss, "instance_weights": v.detach()}
