@@ -114,7 +114,8 @@ class Method:
             ``inner_lr`` of meta methods.
     """
 
-    needs_meta = False
+    needs_meta = False  # True: backward needs x_meta, y_meta (and an inner lr)
+    needs_class_counts = False  # True: the constructor takes class_counts= (training-label counts)
 
     def __init__(self, model: nn.Module, num_classes: int, *, optimizer: Optional[torch.optim.Optimizer] = None):
         if not isinstance(model, nn.Module):
@@ -131,6 +132,11 @@ class Method:
         from the logits) and ``weights``; may add ``meta_loss`` and
         ``instance_weights``."""
         raise NotImplementedError
+
+    def on_epoch_start(self, epoch: int, epochs: int) -> None:
+        """Called by the training loop before epoch ``epoch`` (0-based) of
+        ``epochs``; methods with a schedule (deferred re-weighting,
+        fine-tuning) override it. Calling it is optional in a user's loop."""
 
     def state_dict(self) -> dict:
         return {}
