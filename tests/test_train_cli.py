@@ -60,7 +60,7 @@ def _final_params(out):
 
 
 def test_resume_after_sigkill_is_bit_identical(tmp_path):
-    epochs = 12
+    epochs = 6
     full, killed = tmp_path / "full", tmp_path / "killed"
     proc = subprocess.Popen(_train_cmd(killed, epochs), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120

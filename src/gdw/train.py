@@ -9,8 +9,9 @@ epoch as in the paper) and writes a run directory:
     summary.json         final numbers (accuracies are fractions in [0, 1])
     split.npz            the data split (indices, noisy and true labels)
     checkpoint.pt        written atomically at the end of every epoch
-    example_weights.npy  per training example, mean weight on its labelled
-                         class over the last epoch
+    example_weights.npy  per training example, the mean over the last epoch
+                         of ``Stats.trust``: the weight the method put on its
+                         labelled class
     class_weights.npy    (class-level methods) per example, mean weight of
                          every class over the last epoch, float16
     curves.png, weights.png
@@ -165,10 +166,6 @@ def _seed(*parts: int) -> int:
     return h
 
 
-def _labelled_weight(weights: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return weights.gather(1, y[:, None]).squeeze(1) if weights.ndim == 2 else weights
-
-
 def _prepare(cfg: TrainConfig):
     from .data import prepare  # imported here: the data layer pulls in scikit-learn
 
@@ -295,14 +292,13 @@ def train(cfg: TrainConfig, log=print) -> dict:
             if stats.meta_loss is not None:
                 meta_sum += stats.meta_loss
                 meta_n += 1
-            pos = pos.to(device)
-            w = stats.weights.float()
-            weight_sum.index_add_(0, pos, _labelled_weight(w, y) if w.shape[0] == len(y) else torch.ones(len(y), device=device))
-            weight_count.index_add_(0, pos, torch.ones(len(y), device=device))
-            if w.ndim == 2:
-                if class_sum is None:
-                    class_sum = torch.zeros(N, C, device=device)
-                class_sum.index_add_(0, pos, w)
+            if stats.logits.shape[0] == len(y):  # finetune's last epochs step on the meta batch instead
+                weight_sum.index_add_(0, pos, stats.trust.float())
+                weight_count.index_add_(0, pos, torch.ones(len(y), device=device))
+                if stats.weights.ndim == 2:
+                    if class_sum is None:
+                        class_sum = torch.zeros(N, C, device=device)
+                    class_sum.index_add_(0, pos, stats.weights.float())
         seconds = time.perf_counter() - t0
         train_seconds += seconds
         acc, per_class, test_loss = evaluate(model, data.test, cfg.batch_size, device, C)

@@ -1,10 +1,17 @@
 """Weighting methods. Each lives in one file and registers itself by name."""
 
 from .base import METHODS, MetaMethod, Method, Stats
+from .cb import CB
 from .ce import CE
+from .dm import DM
+from .finetune import Finetune
+from .focal import Focal, LossMethod
+from .gce import GCE
 from .gdw import GDW, zero_mean
 from .l2rw import L2RW
+from .ldam import LDAM
 from .mwnet import MWNet, WeightNet
+from .sce import SCE
 
 
 def make(name: str, model, num_classes: int, **hparams) -> Method:
@@ -29,4 +36,5 @@ def make(name: str, model, num_classes: int, **hparams) -> Method:
     return cls(model, num_classes, **hparams)
 
 
-__all__ = ["METHODS", "Method", "MetaMethod", "Stats", "CE", "GDW", "L2RW", "MWNet", "WeightNet", "make", "zero_mean"]
+__all__ = ["METHODS", "Method", "MetaMethod", "Stats", "CE", "GDW", "L2RW", "MWNet", "WeightNet", "make", "zero_mean",
+           "CB", "DM", "Finetune", "Focal", "GCE", "LDAM", "LossMethod", "SCE"]

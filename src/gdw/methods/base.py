@@ -47,7 +47,13 @@ class Stats:
         weights: detached weights actually applied, ``G = weights ⊙ e / B``:
             shape (B, C) for class-level methods, (B,) otherwise.
         logits: detached training logits, shape (B, C).
-        instance_weights: for GDW, the stage-one instance weights v (B,).
+        instance_weights: the method's instance-level weights where it has
+            them besides ``weights`` (GDW: stage-one v; DM: the normalised
+            emphasis), shape (B,).
+        trust: how much the method trusts each example's given label, shape
+            (B,): the weight on the labelled class's gradient flow (GDW:
+            ω'_{i,y_i}; instance methods: their weight; DM: B times the
+            normalised emphasis). Used to rank suspicious labels.
     """
 
     loss: float
@@ -55,6 +61,7 @@ class Stats:
     weights: torch.Tensor
     logits: torch.Tensor
     instance_weights: Optional[torch.Tensor] = None
+    trust: Optional[torch.Tensor] = None
 
 
 def check_positive(name: str, value: float, *, allow_zero: bool = False) -> float:
@@ -213,12 +220,17 @@ class Method:
         out = self.logit_grad(fwd, y, x_meta, y_meta, lr)
         z.backward(out["G"].to(z.dtype))
         meta_loss = out.get("meta_loss")
+        weights = out["weights"].detach()
+        trust = out.get("trust")
+        if trust is None:
+            trust = weights.gather(1, y[:, None]).squeeze(1) if weights.ndim == 2 else weights
         return Stats(
             loss=float(F.cross_entropy(full(z.detach()), y)),
             meta_loss=None if meta_loss is None else float(meta_loss),
-            weights=out["weights"].detach(),
+            weights=weights,
             logits=z.detach(),
             instance_weights=out.get("instance_weights"),
+            trust=trust.detach(),
         )
 
 
