@@ -410,3 +410,15 @@ def test_real_fashion_mnist_from_debian_package():
     xb, yb, _ = next(d.test.batches(10_000, shuffle=False))
     assert xb.shape == (10_000, 1, 28, 28)
     assert abs(float(xb.mean())) < 0.05  # training mean/std are close to the test ones
+
+
+def test_shards_concatenate_to_the_single_process_batches():
+    """Data-parallel shards: rank shares in rank order are the global batch."""
+    d = prepare("digits", meta_per_class=10, seed=0)
+    for world in (2, 3):
+        full = list(d.train.batches(64, seed=1, epoch=2))
+        shards = [list(d.train.batches(64, seed=1, epoch=2, shard=(r, world))) for r in range(world)]
+        assert all(len(s) == len(full) for s in shards)
+        for k, (x, y, pos) in enumerate(full):
+            assert torch.equal(x, torch.cat([s[k][0] for s in shards]))
+            assert torch.equal(pos, torch.cat([s[k][2] for s in shards]))

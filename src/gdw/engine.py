@@ -27,7 +27,7 @@ are left as the user's own forward left them. The model is called through
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -36,6 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from .distributed import Comm
 from .errors import UserError
 
 MODES = ("jvp", "double")
@@ -48,7 +49,8 @@ class TrainForward:
     ``logits`` (B×C) still carries its autograd graph; ``rng`` is the random
     state before that forward, so that a re-run (the JVP) sees the same
     dropout masks; ``head_input`` is the input of the head (B×D) when only the
-    head takes the virtual step.
+    head takes the virtual step; ``comm`` sums over the ranks the batch is
+    split over (identity in one process) and ``B`` is the whole batch size.
     """
 
     model: nn.Module
@@ -56,6 +58,8 @@ class TrainForward:
     logits: torch.Tensor
     rng: "RngState"
     head_input: Optional[torch.Tensor] = None
+    comm: Comm = field(default_factory=Comm)
+    B: int = 0  # the batch size summed over ranks (set by Method.backward)
 
 
 class RngState:
@@ -171,11 +175,13 @@ def _jvp(fwd, A, x_meta, y_meta, lr):
         virtual = [p.detach() for p in ps]
     else:
         grads = torch.autograd.grad(fwd.logits, ps, A.to(fwd.logits.dtype), retain_graph=True, allow_unused=True)
+        fwd.comm.sum_(grads)
         virtual = [p.detach() if g is None else p.detach() - lr * g for p, g in zip(ps, grads)]
     virtual = [v.requires_grad_() for v in virtual]
     meta_logits = stateless_forward(fwd.model, dict(zip(names, virtual)), x_meta)
-    meta_loss = F.cross_entropy(full(meta_logits), y_meta)
+    meta_loss = _meta_ce(meta_logits, y_meta, fwd.comm)
     u = torch.autograd.grad(meta_loss, virtual, allow_unused=True)
+    fwd.comm.sum_(u)
     # J_z(θ) u: one forward-mode pass at θ on the training batch, with the
     # random state of the real forward (same dropout masks).
     with fwAD.dual_level(), fwd.rng.replay():
@@ -183,7 +189,13 @@ def _jvp(fwd, A, x_meta, y_meta, lr):
         tangent = fwAD.unpack_dual(stateless_forward(fwd.model, duals, fwd.x)).tangent
     if tangent is None:  # no parameter reaches the logits
         tangent = torch.zeros_like(fwd.logits)
-    return meta_loss.detach(), -lr * full(tangent)
+    return fwd.comm.sum(meta_loss.detach()), -lr * full(tangent)
+
+
+def _meta_ce(meta_logits, y_meta, comm: Comm):
+    """This rank's share of the mean meta cross-entropy over all ranks."""
+    total = comm.count(y_meta.shape[0], meta_logits.device)
+    return F.cross_entropy(full(meta_logits), y_meta, reduction="sum") / total
 
 
 def _double(fwd, A, x_meta, y_meta, lr):
@@ -193,34 +205,36 @@ def _double(fwd, A, x_meta, y_meta, lr):
     grads = torch.autograd.grad(
         fwd.logits, ps, A_var.to(fwd.logits.dtype), create_graph=True, retain_graph=True, allow_unused=True
     )
-    virtual = {n: p.detach() if g is None else p.detach() - lr * g for n, p, g in zip(names, ps, grads)}
+    virtual = {n: p.detach() if g is None else p.detach() - lr * fwd.comm.sum_autograd(g) for n, p, g in zip(names, ps, grads)}
     meta_logits = stateless_forward(fwd.model, virtual, x_meta)
-    meta_loss = F.cross_entropy(full(meta_logits), y_meta)
+    meta_loss = _meta_ce(meta_logits, y_meta, fwd.comm)
     (dA,) = torch.autograd.grad(meta_loss, A_var, retain_graph=True)
-    return meta_loss.detach(), dA
+    return fwd.comm.sum(meta_loss.detach()), dA
 
 
 def _head_only(fwd, A, x_meta, y_meta, lr, mode, head: HeadCapture):
+    comm = fwd.comm
     h = full(fwd.head_input)
     W, b = head.module.weight, head.module.bias
     with torch.no_grad():  # meta features at θ; the backbone does not move
         stateless_forward(fwd.model, trainable(fwd.model), x_meta)
     hm = full(head.input.detach())
+    Bm = comm.count(hm.shape[0], hm.device)
     A_var = h.new_zeros(h.shape[0], W.shape[0]) if A is None else full(A.detach())
     if mode == "double":
         A_var.requires_grad_()
-        Wv = full(W.detach()) - lr * A_var.t() @ h
-        bv = None if b is None else full(b.detach()) - lr * A_var.sum(0)
-        meta_loss = F.cross_entropy(F.linear(hm, Wv, bv), y_meta)
+        Wv = full(W.detach()) - lr * comm.sum_autograd(A_var.t() @ h)
+        bv = None if b is None else full(b.detach()) - lr * comm.sum_autograd(A_var.sum(0))
+        meta_loss = F.cross_entropy(F.linear(hm, Wv, bv), y_meta, reduction="sum") / Bm
         (dA,) = torch.autograd.grad(meta_loss, A_var)
-        return meta_loss.detach(), dA
+        return comm.sum(meta_loss.detach()), dA
     with torch.no_grad():
-        Wv = full(W) - lr * A_var.t() @ h
-        bv = None if b is None else full(b) - lr * A_var.sum(0)
+        Wv = full(W) - lr * comm.sum(A_var.t() @ h)
+        bv = None if b is None else full(b) - lr * comm.sum(A_var.sum(0))
         meta_logits = F.linear(hm, Wv, bv)
-        meta_loss = F.cross_entropy(meta_logits, y_meta)
-        em = (meta_logits.softmax(1) - F.one_hot(y_meta, W.shape[0]).to(hm.dtype)) / hm.shape[0]
-        Ju = h @ (em.t() @ hm).t()  # (J u)_i = u_W h_i + u_b
+        meta_loss = comm.sum(F.cross_entropy(meta_logits, y_meta, reduction="sum") / Bm)
+        em = (meta_logits.softmax(1) - F.one_hot(y_meta, W.shape[0]).to(hm.dtype)) / Bm
+        Ju = h @ comm.sum(em.t() @ hm).t()  # (J u)_i = u_W h_i + u_b
         if b is not None:
-            Ju = Ju + em.sum(0)
+            Ju = Ju + comm.sum(em.sum(0))
     return meta_loss, -lr * Ju

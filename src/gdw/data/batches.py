@@ -224,7 +224,7 @@ def to_model_input(raw: torch.Tensor, view: View, device, aug=None) -> torch.Ten
 
 def iterate(store, rows: torch.Tensor, labels: torch.Tensor, view: View, batch_size: int, *,
             shuffle: bool, seed: int, epoch: int, device, augment: bool, drop_last: bool,
-            start: int = 0, num_workers: int = 0):
+            start: int = 0, num_workers: int = 0, shard: tuple[int, int] | None = None):
     """The batch generator behind :meth:`gdw.data.Split.batches` (see there)."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) \
             or batch_size < 1:
@@ -240,7 +240,14 @@ def iterate(store, rows: torch.Tensor, labels: torch.Tensor, view: View, batch_s
     stop = n - n % batch_size if drop_last else n
     starts = range(int(start) * batch_size, stop, batch_size)
     chunks = [order[i:i + batch_size] for i in starts]
+    offsets = list(starts)
+    if shard is not None:
+        rank, world = shard
+        keep = [k for k, c in enumerate(chunks) if len(c) >= world]
+        sizes = [torch.tensor_split(torch.arange(len(chunks[k])), world)[rank] for k in keep]
+        offsets = [offsets[k] + int(s[0]) for k, s in zip(keep, sizes)]
+        chunks = [chunks[k][s] for k, s in zip(keep, sizes)]
     raw_batches = store.read([rows[c] for c in chunks], num_workers)
-    for i, pos, raw in zip(starts, chunks, raw_batches):
+    for i, pos, raw in zip(offsets, chunks, raw_batches):
         a = None if aug is None else tuple(t[i:i + len(pos)] for t in aug)
         yield to_model_input(raw, view, device, a), labels[pos].to(device), pos.to(device)

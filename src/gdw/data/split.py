@@ -71,7 +71,7 @@ class Split:
 
     def batches(self, batch_size: int, *, shuffle: bool = True, seed: int = 0, epoch: int = 0,
                 device="cpu", augment: bool | None = None, drop_last: bool = False,
-                start: int = 0):
+                start: int = 0, shard: tuple[int, int] | None = None):
         """Iterate over the split in batches.
 
         Yields ``(x, y, pos)`` on ``device``: x float32 (b, *input_shape), scaled and
@@ -84,13 +84,19 @@ class Split:
         CIFAR-style colour 32x32 and Clothing1M training sets); crop with zero padding +
         horizontal flip. drop_last: skip a final short batch. start: index of the first
         batch to yield (resume in mid-epoch without reading the skipped batches).
+        shard: ``(rank, world_size)`` for data-parallel training: every rank walks the
+        same global batches and yields only its contiguous share of each
+        (``torch.tensor_split`` order), so the shares concatenated in rank order are
+        the batch one process would see; a final batch smaller than world_size is
+        skipped.
         Every example appears exactly once per epoch (unless dropped by drop_last).
         Raises UserError for a bad batch_size/seed/epoch or augment=True on tabular data.
         """
         aug = self.augment if augment is None else bool(augment)
         return iterate(self.store, self.index, self.labels, self.view, batch_size,
                        shuffle=shuffle, seed=seed, epoch=epoch, device=device, augment=aug,
-                       drop_last=drop_last, start=start, num_workers=self.num_workers)
+                       drop_last=drop_last, start=start, num_workers=self.num_workers,
+                       shard=shard)
 
 
 @dataclass

@@ -54,6 +54,8 @@ class Stats:
             (B,): the weight on the labelled class's gradient flow (GDW:
             ω'_{i,y_i}; instance methods: their weight; DM: B times the
             normalised emphasis). Used to rank suspicious labels.
+        trained_on: ``"train"``, or ``"meta"`` when the step used the meta
+            batch instead (``finetune``'s last epochs).
     """
 
     loss: float
@@ -62,6 +64,7 @@ class Stats:
     logits: torch.Tensor
     instance_weights: Optional[torch.Tensor] = None
     trust: Optional[torch.Tensor] = None
+    trained_on: str = "train"
 
 
 def check_positive(name: str, value: float, *, allow_zero: bool = False) -> float:
@@ -217,15 +220,25 @@ class Method:
                 f"the model must return logits of shape (B, {self.num_classes}) = ({x.shape[0]}, {self.num_classes}), "
                 f"got {tuple(z.shape)}"
             )
+        fwd.B = fwd.comm.count(y.shape[0], z.device)
         out = self.logit_grad(fwd, y, x_meta, y_meta, lr)
-        z.backward(out["G"].to(z.dtype))
+        G = out["G"].to(z.dtype)
+        if fwd.comm.active:  # sum the parameter gradient over ranks, then accumulate
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            grads = [g if g is not None else torch.zeros_like(p)
+                     for p, g in zip(params, torch.autograd.grad(z, params, G, allow_unused=True))]
+            fwd.comm.sum_(grads)
+            for p, g in zip(params, grads):
+                p.grad = g if p.grad is None else p.grad + g
+        else:
+            z.backward(G)
         meta_loss = out.get("meta_loss")
         weights = out["weights"].detach()
         trust = out.get("trust")
         if trust is None:
             trust = weights.gather(1, y[:, None]).squeeze(1) if weights.ndim == 2 else weights
         return Stats(
-            loss=float(F.cross_entropy(full(z.detach()), y)),
+            loss=float(fwd.comm.sum(F.cross_entropy(full(z.detach()), y, reduction="sum")) / fwd.B),
             meta_loss=None if meta_loss is None else float(meta_loss),
             weights=weights,
             logits=z.detach(),

@@ -75,11 +75,13 @@ class DM(Method):
         self.beta = check_real("beta", beta)
 
     def logit_grad(self, fwd, y, x_meta, y_meta, lr):
-        B = y.shape[0]
+        B = fwd.B
         p, e = logit_error(fwd.logits, y, self.num_classes)
         onehot = F.one_hot(y, self.num_classes).to(p.dtype)
         p_y = (p * onehot).sum(1)
         one_minus_p = (p * (1 - onehot)).sum(1)  # 1 − p_y without cancellation
-        w_bar = torch.softmax(emphasis_logits(p_y, one_minus_p, self.lam, self.beta), 0)
+        a = emphasis_logits(p_y, one_minus_p, self.lam, self.beta)
+        w = torch.exp(a - fwd.comm.max(a.max()))  # a softmax over the whole batch, all ranks
+        w_bar = w / fwd.comm.sum(w.sum())
         scale = w_bar / (2 * one_minus_p + 1e-6)
         return {"G": scale[:, None] * e, "weights": B * scale, "instance_weights": w_bar, "trust": B * w_bar}

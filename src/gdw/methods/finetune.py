@@ -62,9 +62,8 @@ class Finetune(Method):
         return None  # no virtual step, so no learning rate needed
 
     def logit_grad(self, fwd, y, x_meta, y_meta, lr):
-        B = y.shape[0]
         _, e = logit_error(fwd.logits, y, self.num_classes)
-        return {"G": e / B, "weights": torch.ones(B, device=e.device)}
+        return {"G": e / fwd.B, "weights": torch.ones(y.shape[0], device=e.device)}
 
     def backward(self, x, y, x_meta=None, y_meta=None, *, inner_lr=None):
         if not self.finetuning:
@@ -77,4 +76,5 @@ class Finetune(Method):
         y_meta = _check_labels(y_meta, x_meta.shape[0], self.num_classes, "meta")
         stats = super().backward(x_meta, y_meta, x_meta, y_meta)
         stats.meta_loss = stats.loss
+        stats.trained_on = "meta"
         return stats

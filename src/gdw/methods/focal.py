@@ -36,10 +36,20 @@ class LossMethod(Method):
     def loss(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def normaliser_weights(self, y: torch.Tensor):
+        """Per-example weights whose batch sum ``loss`` divides by (None: the
+        plain batch mean). Lets a batch split over ranks be normalised by the
+        whole batch's sum, exactly as one process would."""
+        return None
+
     def logit_grad(self, fwd, y, x_meta, y_meta, lr):
         z = full(fwd.logits.detach()).requires_grad_(True)
         with torch.enable_grad():
             (G,) = torch.autograd.grad(self.loss(z, y), z)
+        if fwd.comm.active:  # rescale this rank's mean to the mean over all ranks
+            w = self.normaliser_weights(y)
+            local = torch.tensor(float(y.shape[0]), device=G.device) if w is None else w.sum().to(G.dtype)
+            G = G * (local / fwd.comm.sum(local))
         _, e = logit_error(fwd.logits, y, self.num_classes)
         e = e.to(G.dtype)
         norm2 = (e * e).sum(1).clamp(min=torch.finfo(e.dtype).tiny)

@@ -73,16 +73,17 @@ class GDW(WeightNetMethod):
 
     def logit_grad(self, fwd, y, x_meta, y_meta, lr):
         B, C = y.shape[0], self.num_classes
+        n = fwd.B  # the whole batch, over all ranks
         p, e = logit_error(fwd.logits, y, C, self.p_max)
         losses = F.cross_entropy(full(fwd.logits.detach()), y, reduction="none")
         v = self.vnet(losses)
         omega = self._constrain(v[:, None].expand(B, C), p, y)
-        meta_loss, dA = self.meta_step(fwd, omega.detach() * e / B, x_meta, y_meta, lr)
-        g = dA * e / B
-        self.update_vnet(omega, g)
+        meta_loss, dA = self.meta_step(fwd, omega.detach() * e / n, x_meta, y_meta, lr)
+        g = dA * e / n
+        self.update_vnet(omega, g, fwd.comm)
         with torch.no_grad():
-            total = g.abs().sum()
+            total = fwd.comm.sum(g.abs().sum())
             step = torch.where(total > 0, self.eta * g / total.clamp(min=torch.finfo(g.dtype).tiny), torch.zeros_like(g))
             omega = (omega - step.clamp(-self.clip, self.clip)).clamp(self.omega_min, self.omega_max)
             omega = self._constrain(omega, p, y)
-        return {"G": omega * e / B, "weights": omega, "meta_loss": meta_loss, "instance_weights": v.detach()}
+        return {"G": omega * e / n, "weights": omega, "meta_loss": meta_loss, "instance_weights": v.detach()}

@@ -21,10 +21,10 @@ class L2RW(MetaMethod):
     """Learning to Reweight: per-batch weights from one meta-gradient, no state."""
 
     def logit_grad(self, fwd, y, x_meta, y_meta, lr):
-        B = y.shape[0]
+        B = fwd.B
         _, e = logit_error(fwd.logits, y, self.num_classes)
         meta_loss, dA = self.meta_step(fwd, None, x_meta, y_meta, lr)
         w = (-(dA * e).sum(1) / B).clamp(min=0)
-        total = w.sum()
+        total = fwd.comm.sum(w.sum())
         w = torch.where(total > 0, w / total.clamp(min=torch.finfo(w.dtype).tiny), torch.zeros_like(w))
         return {"G": w[:, None] * e, "weights": w * B, "meta_loss": meta_loss}

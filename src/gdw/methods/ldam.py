@@ -82,6 +82,9 @@ class LDAM(LossMethod):
     def load_state_dict(self, state: dict) -> None:
         self.reweight = bool(state.get("reweight", False))
 
+    def normaliser_weights(self, y):
+        return self.drw_weights.to(y.device)[y] if self.reweight else None
+
     def loss(self, z, y):
         onehot = F.one_hot(y, z.shape[1]).to(z.dtype)
         margin = self.margins.to(z.device, z.dtype)[y]

@@ -44,10 +44,12 @@ class WeightNetMethod(MetaMethod):
             weight_decay=check_positive("meta_weight_decay", meta_weight_decay, allow_zero=True),
         )
 
-    def update_vnet(self, out: torch.Tensor, grad: torch.Tensor) -> None:
-        """One Adam step on V given ∂L_meta/∂out for an output ``out`` of V."""
+    def update_vnet(self, out: torch.Tensor, grad: torch.Tensor, comm) -> None:
+        """One Adam step on V given ∂L_meta/∂out for an output ``out`` of V
+        (V's gradient summed over ranks, so every rank takes the same step)."""
         self.vopt.zero_grad(set_to_none=True)
         out.backward(grad)
+        comm.sum_([p.grad for p in self.vnet.parameters()])
         self.vopt.step()
 
     def state_dict(self) -> dict:
@@ -63,12 +65,12 @@ class MWNet(WeightNetMethod):
     """Meta-Weight-Net: instance weights from a learned loss → weight map."""
 
     def logit_grad(self, fwd, y, x_meta, y_meta, lr):
-        B = y.shape[0]
+        B = fwd.B
         _, e = logit_error(fwd.logits, y, self.num_classes)
         losses = F.cross_entropy(full(fwd.logits.detach()), y, reduction="none")
         v = self.vnet(losses)
         meta_loss, dA = self.meta_step(fwd, v.detach()[:, None] * e / B, x_meta, y_meta, lr)
-        self.update_vnet(v, (dA * e).sum(1) / B)
+        self.update_vnet(v, (dA * e).sum(1) / B, fwd.comm)
         with torch.no_grad():
             w = self.vnet(losses)
         return {"G": w[:, None] * e / B, "weights": w, "meta_loss": meta_loss}

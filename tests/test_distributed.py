@@ -1,0 +1,99 @@
+"""Two gloo processes on the CPU compute exactly what one process computes on
+the concatenated batches, for every method; and `torchrun -m gdw train` works."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import gdw
+from models import C, make_batch, make_model
+
+B, BM, STEPS = 9, 7, 3  # odd sizes: the ranks get unequal shares
+COUNTS = [40, 20, 10, 5]
+CASES = [
+    ("ce", {}),
+    ("l2rw", {}),
+    ("mwnet", {}),
+    ("gdw", {}),
+    ("gdw", {"meta_grad": "double"}),
+    ("gdw", {"head_only": True}),
+    ("gdw", {"head_only": True, "meta_grad": "double"}),
+    ("mwnet", {"head_only": True}),
+    ("dm", {}),
+    ("focal", {}),
+    ("cb", {"class_counts": COUNTS}),
+    ("ldam", {"class_counts": COUNTS, "drw": True, "drw_epoch": 1, "s": 1.0}),
+    ("gce", {}),
+    ("sce", {}),
+    ("finetune", {}),
+]
+
+
+def run_case(name, kw, rank, world):
+    """STEPS optimizer steps of ``name`` on this rank's share of fixed batches."""
+    model = make_model("mlp")  # no BatchNorm: batch statistics would be per rank
+    opt = torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.9)
+    torch.manual_seed(11)
+    method = gdw.make(name, model, C, optimizer=opt, **kw)
+    if hasattr(method, "vnet"):
+        method.vnet.double()
+    for step in range(STEPS):
+        method.on_epoch_start(step // 2, 2)  # finetune and LDAM-DRW switch phase at step 2
+        x, y = make_batch("mlp", B, 100 + step)
+        xm, ym = make_batch("mlp", BM, 200 + step)
+        if world > 1:
+            x, y = torch.tensor_split(x, world)[rank], torch.tensor_split(y, world)[rank]
+            xm, ym = torch.tensor_split(xm, world)[rank], torch.tensor_split(ym, world)[rank]
+        opt.zero_grad()
+        stats = method.backward(x, y, xm, ym)
+        opt.step()
+    return [p.detach().clone() for p in model.parameters()], stats.loss
+
+
+def _worker(rank, world, init_file, out_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        results = [run_case(name, kw, rank, world) for name, kw in CASES]
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_equal_one_process(tmp_path):
+    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for k, (name, kw) in enumerate(CASES):
+        single, loss = run_case(name, kw, 0, 1)
+        for r in range(2):
+            params, rank_loss = ranks[r][k]
+            for a, b in zip(params, single):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-10, msg=f"{name} {kw} rank {r}")
+            assert rank_loss == pytest.approx(loss, rel=1e-6), f"{name} {kw}"
+        # the parameters really moved, so the equality is not trivial
+        initial = list(make_model("mlp").parameters())
+        assert not torch.equal(single[0], initial[0].detach())
+
+
+def test_torchrun_train_on_digits(tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "gdw", "train",
+         "--dataset", "digits", "--meta-per-class", "10", "--epochs", "2", "--method", "gdw", "--no-progress",
+         "--out", str(out)],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("final_test_accuracy", "best_test_accuracy", "realised_noise_rate", "train_seconds", "steps_per_second"):
+        assert summary[key] is not None
+    assert summary["world_size"] == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]  # one run directory
+    assert proc.stdout.count("epoch   2/2") == 1  # only rank 0 logs
