@@ -1,4 +1,4 @@
-"""The ``gdw`` command: ``train``, ``compare``, ``demo``.
+"""The ``gdw`` command: ``train``, ``compare``, ``demo``, ``detect``.
 
 A user mistake (unknown method, bad value, missing file, existing run
 directory) prints one line and exits with code 2; a run whose loss becomes
@@ -102,6 +102,7 @@ def _add_train_flags(p: argparse.ArgumentParser, grid: bool = False) -> None:
         add("--method", help=f"weighting method (default {d.method})")
         add("--seed", type=int, help=f"random seed (default {d.seed})")
         add("--resume", action="store_true", default=None, help="continue the run in --out from its checkpoint")
+        add("--nproc", type=int, help="data-parallel processes on this machine (launches torchrun; one per GPU)")
     add("--meta-per-class", type=int, help="clean meta examples per class (default 100 when C <= 10, else 10)")
     add("--method-args", help="the method's hyper-parameters, key=value,... (e.g. lam=0.5,beta=8)")
     add("--head-only", action="store_true", default=None, help="only the classifier head takes the virtual step")
@@ -114,6 +115,7 @@ def _add_train_flags(p: argparse.ArgumentParser, grid: bool = False) -> None:
     add("--test-fraction", type=float, help="test split of csv: / folder: data without one (default 0.2)")
     add("--device", help="cpu, cuda or cuda:N (default: CUDA when present)")
     add("--amp", action="store_true", default=None, help="bfloat16 autocast (CUDA)")
+    add("--sync-bn", action="store_true", default=None, help="under torchrun on CUDA: BatchNorm statistics over all ranks")
     add("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
     add("--out", help="run directory (default: a fresh one under runs/)")
 
@@ -126,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compare", help="run a grid of methods × settings × seeds and tabulate it")
     _add_train_flags(c, grid=True)
     sub.add_parser("demo", help="CE vs MW-Net vs GDW on scikit-learn's digits with 40%% uniform noise (about a minute)")
+    _add_detect_flags(sub.add_parser("detect", help="rank a run's training labels from most to least likely wrong"))
     return parser
 
 
@@ -133,7 +136,7 @@ def resolve_config(args: argparse.Namespace, exclude=()) -> dict:
     """Defaults < --config file < flags given on the command line."""
     settings = load_config_file(args.config) if getattr(args, "config", None) else {}
     for key, value in vars(args).items():
-        if key in ("config", "command") or key in exclude or value is None:
+        if key in ("config", "command", "argv") or key in exclude or value is None:
             continue
         settings[key] = value
     if isinstance(settings.get("method_args"), str):
@@ -145,11 +148,35 @@ def resolve_config(args: argparse.Namespace, exclude=()) -> dict:
 
 
 def cmd_train(args) -> int:
+    from .distributed import launched_by_torchrun
     from .train import train
 
-    cfg = TrainConfig(**resolve_config(args))
+    cfg = TrainConfig(**resolve_config(args, exclude=("nproc",)))
+    if args.nproc is not None and args.nproc < 1:
+        raise UserError(f"--nproc must be at least 1, got {args.nproc}")
+    if args.nproc and args.nproc > 1 and not launched_by_torchrun():
+        from .train import check_run_dir
+
+        check_run_dir(cfg.validate())  # the usual mistakes, before starting N processes
+        return launch_torchrun(args.nproc, args.argv)
     train(cfg)
     return 0
+
+
+def launch_torchrun(nproc: int, argv: list[str]) -> int:
+    """Re-run this ``gdw train`` command under ``torchrun --standalone``."""
+    import subprocess
+
+    rest, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            rest.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), "-m", "gdw", *rest]
+    return subprocess.call(cmd)
 
 
 def _split_list(value, default):
@@ -201,19 +228,103 @@ def cmd_demo(args) -> int:
     return 0
 
 
+DETECT_ONLY = ("run_dir", "top", "num_issues", "format", "output", "ranked", "nproc")
+
+
+def _add_detect_flags(p: argparse.ArgumentParser) -> None:
+    p.description = ("Print the training examples whose labels a run distrusts most (from its label_issues.csv) "
+                     "and, when the true labels are known, how well the ranking finds the mislabelled ones. "
+                     "Without RUN_DIR, first trains with the flags of gdw train.")
+    p.add_argument("run_dir", nargs="?", metavar="RUN_DIR", help="a finished gdw train run directory")
+    p.add_argument("--top", type=int, default=20, help="rows of the table to print (default 20)")
+    p.add_argument("--num-issues", type=int, help="how many examples to flag (default: the run's estimate, "
+                   "the examples whose suggested label differs from the given one)")
+    p.add_argument("--format", choices=("table", "cleanlab"), default="table",
+                   help="cleanlab: also write --output FILE.npy as cleanlab.filter.find_label_issues returns it")
+    p.add_argument("--output", help="the .npy file of --format cleanlab")
+    p.add_argument("--ranked", action="store_true", help="--format cleanlab: the flagged positions ranked by "
+                   "severity (like return_indices_ranked_by=...) instead of a boolean mask")
+    _add_train_flags(p)
+
+
+def cmd_detect(args) -> int:
+    import numpy as np
+
+    from .detect import evaluate, format_table, load_issues, to_cleanlab
+
+    if args.top < 0:
+        raise UserError(f"--top must be >= 0, got {args.top}")
+    if args.num_issues is not None and args.num_issues < 0:
+        raise UserError(f"--num-issues must be >= 0, got {args.num_issues}")
+    if args.format == "cleanlab" and not args.output:
+        raise UserError("--format cleanlab needs --output FILE.npy")
+    if args.format != "cleanlab" and (args.output or args.ranked):
+        raise UserError("--output and --ranked go with --format cleanlab")
+    settings = resolve_config(args, exclude=DETECT_ONLY)
+    if args.run_dir is not None:
+        if settings or args.nproc is not None:
+            given = sorted(settings) + (["nproc"] if args.nproc is not None else [])
+            raise UserError("give either RUN_DIR or the training flags, not both "
+                            f"(got {', '.join('--' + k.replace('_', '-') for k in given)})")
+        run = Path(args.run_dir)
+    else:
+        if args.nproc is not None and args.nproc > 1:
+            raise UserError("gdw detect trains in one process; train with gdw train --nproc, then run gdw detect RUN_DIR")
+        from .train import default_out, train
+
+        cfg = TrainConfig(**settings)
+        cfg.out = cfg.out or str(default_out(cfg))
+        train(cfg)
+        run = Path(cfg.out)
+    issues = load_issues(run)
+    flagged = issues.num_flagged if args.num_issues is None else args.num_issues
+    print(f"gdw detect: {run} ({issues.method}, {len(issues)} training examples, score: {issues.score_name})")
+    print(format_table(issues, args.top))
+    how = "--num-issues" if args.num_issues is not None else "suggested label differs from the given one"
+    print(f"flagged as label issues: {min(flagged, len(issues))} of {len(issues)} ({how})")
+    m = evaluate(issues, flagged)
+    if m is None:
+        print("true labels unknown: no precision / recall / AUROC")
+    else:
+        k = m["n_noisy"]
+        print(f"against the true labels ({k} of {m['n']} mislabelled): AUROC {m['auroc']:.4f}, "
+              f"precision@{k} {m['precision_at_k']:.4f}, recall@{k} {m['recall_at_k']:.4f}")
+        print(f"flagged {m['num_flagged']}: precision {m['precision_flagged']:.4f}, recall {m['recall_flagged']:.4f}; "
+              f"suggested label = true label for {100 * m['suggestion_accuracy']:.1f}% of the flagged mislabelled examples")
+    if args.format == "cleanlab":
+        result = to_cleanlab(issues, flagged, ranked=args.ranked)
+        out = Path(args.output)
+        try:
+            np.save(out, result)
+        except OSError as err:
+            raise UserError(f"--output: cannot write {out}: {err.strerror}") from None
+        what = "ranked positions" if args.ranked else "boolean mask"
+        print(f"wrote {out if out.suffix == '.npy' else str(out) + '.npy'}: {what} over the {len(issues)} training "
+              f"examples in split.npz order ({int(result.sum()) if not args.ranked else len(result)} issues)")
+    return 0
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    args.argv = argv
+    from .distributed import rank
+
+    def report(message):  # under torchrun, rank 0 alone reports what every rank saw
+        if rank() == 0:
+            print(message, file=sys.stderr)
+
     try:
-        return {"train": cmd_train, "compare": cmd_compare, "demo": cmd_demo}[args.command](args)
+        return {"train": cmd_train, "compare": cmd_compare, "demo": cmd_demo, "detect": cmd_detect}[args.command](args)
     except UserError as err:
-        print(f"gdw {args.command}: error: {err}", file=sys.stderr)
+        report(f"gdw {args.command}: error: {err}")
         return 2
     except TrainingDiverged as err:
-        print(f"gdw {args.command}: {err}", file=sys.stderr)
+        report(f"gdw {args.command}: {err}")
         return 1
     except KeyboardInterrupt:
-        print(f"gdw {args.command}: interrupted; the last finished epoch is in the checkpoint (continue with --resume)", file=sys.stderr)
+        report(f"gdw {args.command}: interrupted; the last finished epoch is in the checkpoint (continue with --resume)")
         return 130
 
 

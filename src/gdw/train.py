@@ -14,6 +14,8 @@ epoch as in the paper) and writes a run directory:
                          labelled class
     class_weights.npy    (class-level methods) per example, mean weight of
                          every class over the last epoch, float16
+    label_issues.csv     training examples ranked from most to least likely
+                         mislabelled (gdw.detect), with label_evidence.npz
     curves.png, weights.png
 
 All randomness is derived from the seed and the epoch (batch order, meta
@@ -37,9 +39,11 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from . import __version__
 from .errors import UserError
+from .distributed import Comm, init_from_env, launched_by_torchrun
 from .methods import METHODS, make
 from .models import check_logits, create_model
 
@@ -73,6 +77,7 @@ class TrainConfig:
     seed: int = 0
     device: Optional[str] = None
     amp: bool = False
+    sync_bn: bool = False
     out: Optional[str] = None
     resume: bool = False
     progress: bool = True
@@ -150,12 +155,17 @@ def evaluate(model, split, batch_size, device, num_classes) -> tuple[float, list
     return float(correct.sum() / n), per_class, float(loss_sum / n)
 
 
-def _meta_batches(meta, batch_size, seed, epoch, device):
-    """An endless stream of meta batches, reshuffled each pass, seeded by epoch."""
+def _meta_batches(meta, batch_size, seed, epoch, device, shard=None):
+    """An endless stream of meta batches, reshuffled each pass, seeded by epoch
+    (this rank's share of each, under data-parallel training)."""
     k = 0
     while True:
-        yield from meta.batches(min(batch_size, len(meta)), shuffle=True, seed=_seed(seed, epoch, 1 + k), device=device)
+        yield from meta.batches(min(batch_size, len(meta)), shuffle=True, seed=_seed(seed, epoch, 1 + k), device=device, shard=shard)
         k += 1
+
+
+def _silent(*args, **kwargs):
+    pass
 
 
 def _seed(*parts: int) -> int:
@@ -182,13 +192,19 @@ def _prepare(cfg: TrainConfig):
     )
 
 
-def _open_run_dir(cfg: TrainConfig) -> Path:
+def check_run_dir(cfg: TrainConfig) -> Path:
+    """The run directory ``cfg`` asks for; UserError if it cannot be used."""
     out = Path(cfg.out) if cfg.out else default_out(cfg)
     if cfg.resume:
         if not (out / "checkpoint.pt").exists():
             raise UserError(f"--resume: no checkpoint in {out}")
     elif out.exists() and any(out.iterdir()):
         raise UserError(f"run directory {out} already exists; pass --resume to continue it or choose another --out")
+    return out
+
+
+def _open_run_dir(cfg: TrainConfig) -> Path:
+    out = check_run_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
     return out
 
@@ -202,10 +218,30 @@ def train(cfg: TrainConfig, log=print) -> dict:
             checkpoint stays loadable).
     """
     cfg.validate()
-    device = pick_device(cfg.device)
+    distributed = launched_by_torchrun()
+    device = init_from_env(cfg.device) if distributed else pick_device(cfg.device)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    shard = (rank, world) if distributed else None
+    main = rank == 0  # only rank 0 writes the run directory and logs
+    if not main:
+        log = _silent
     if cfg.amp and device.type != "cuda":
         raise UserError("--amp needs a CUDA device")
-    out = _open_run_dir(cfg)
+    if cfg.sync_bn and not (distributed and device.type == "cuda"):
+        raise UserError("--sync-bn needs torchrun on CUDA devices (SyncBatchNorm has no CPU kernel)")
+    if distributed:  # rank 0 opens the run directory; its verdict goes to every rank
+        box = [None]
+        if main:
+            try:
+                box = [str(_open_run_dir(cfg))]
+            except UserError as err:
+                box = [err]
+        dist.broadcast_object_list(box, src=0)
+        if isinstance(box[0], UserError):
+            raise box[0]
+        out = Path(box[0])
+    else:
+        out = _open_run_dir(cfg)
     torch.manual_seed(cfg.seed)
     data = _prepare(cfg)
     C = data.num_classes
@@ -215,6 +251,8 @@ def train(cfg: TrainConfig, log=print) -> dict:
 
     model = create_model(cfg.model, data.input_shape, C).to(device)
     check_logits(model, data.input_shape, C, device)
+    if cfg.sync_bn:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     hparams = dict(cfg.method_args)
     if cfg.head_only:
@@ -224,7 +262,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
     method = make(cfg.method, model, C, optimizer=opt, **hparams)
 
     resolved = dataclasses.asdict(cfg)
-    resolved.update(out=str(out), device=str(device))
+    resolved.update(out=str(out), device=str(device), world_size=world)
     config = {
         **resolved,
         "num_classes": C,
@@ -242,7 +280,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
         method.load_state_dict(ckpt["method"])
         torch.set_rng_state(ckpt["rng"])
         start_epoch, history, train_seconds = ckpt["epoch"] + 1, ckpt["history"], ckpt["train_seconds"]
-    else:
+    elif main:
         _atomic_write(out / "config.json", json.dumps(config, indent=2, default=str))
         data.save_split(out / "split.npz")
         (out / "metrics.jsonl").write_text("")
@@ -261,6 +299,8 @@ def train(cfg: TrainConfig, log=print) -> dict:
     weight_sum = torch.zeros(N, device=device)
     weight_count = torch.zeros(N, device=device)
     class_sum = None
+    from .detect import LabelIssueRecorder  # label_issues.csv, read by gdw detect
+    issues = LabelIssueRecorder(N, C, cfg.epochs, device, state=ckpt.get("label_issues") if cfg.resume else None)
     for epoch in range(start_epoch, cfg.epochs):
         lr = cosine_lr(cfg.lr, epoch, cfg.epochs)
         for group in opt.param_groups:
@@ -269,12 +309,12 @@ def train(cfg: TrainConfig, log=print) -> dict:
         weight_sum.zero_()
         weight_count.zero_()
         class_sum = None
-        meta_iter = _meta_batches(data.meta, cfg.meta_batch_size, cfg.seed, epoch, device) if data.meta is not None else None
+        meta_iter = _meta_batches(data.meta, cfg.meta_batch_size, cfg.seed, epoch, device, shard) if data.meta is not None else None
         loss_sum = torch.zeros((), device=device)
         meta_sum, meta_n = torch.zeros((), device=device), 0
         t0 = time.perf_counter()
-        batches = data.train.batches(cfg.batch_size, shuffle=True, seed=_seed(cfg.seed, epoch, 0), device=device)
-        bar = _progress(batches, steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}", cfg.progress)
+        batches = data.train.batches(cfg.batch_size, shuffle=True, seed=_seed(cfg.seed, epoch, 0), device=device, shard=shard)
+        bar = _progress(batches, steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}", cfg.progress and main)
         for x, y, pos in bar:
             xm, ym = next(meta_iter)[:2] if meta_iter is not None else (None, None)
             opt.zero_grad(set_to_none=True)
@@ -292,15 +332,20 @@ def train(cfg: TrainConfig, log=print) -> dict:
             if stats.meta_loss is not None:
                 meta_sum += stats.meta_loss
                 meta_n += 1
-            if stats.logits.shape[0] == len(y):  # finetune's last epochs step on the meta batch instead
+            if stats.trained_on == "train":  # finetune's last epochs step on the meta batch instead
                 weight_sum.index_add_(0, pos, stats.trust.float())
                 weight_count.index_add_(0, pos, torch.ones(len(y), device=device))
+                issues.update(epoch, pos, stats)
                 if stats.weights.ndim == 2:
                     if class_sum is None:
                         class_sum = torch.zeros(N, C, device=device)
                     class_sum.index_add_(0, pos, stats.weights.float())
         seconds = time.perf_counter() - t0
         train_seconds += seconds
+        Comm().sum_([weight_sum, weight_count, loss_sum] + ([class_sum] if class_sum is not None else []))
+        issues.end_epoch(epoch, Comm())
+        if not main:
+            continue
         acc, per_class, test_loss = evaluate(model, data.test, cfg.batch_size, device, C)
         ew = (weight_sum / weight_count.clamp(min=1)).cpu().numpy()
         row = {
@@ -332,17 +377,25 @@ def train(cfg: TrainConfig, log=print) -> dict:
                 "history": history,
                 "train_seconds": train_seconds,
                 "config": resolved,
+                "label_issues": issues.state_dict(),
             },
             out / "checkpoint.pt",
         )
         log(_epoch_line(row, cfg.epochs))
 
+    if not main:
+        dist.barrier()
+        return {}
     summary = _summary(cfg, data, history, train_seconds, steps_per_epoch)
+    summary["world_size"] = world
     _atomic_write(out / "summary.json", json.dumps(summary, indent=2))
     from .report import plot_curves, plot_weights
 
     plot_curves(history, out / "curves.png", title=f"{cfg.method} on {cfg.dataset}, {cfg.noise}")
     plot_weights(np.load(out / "example_weights.npy"), noisy_mask, out / "weights.png", title=f"{cfg.method}: weight on the labelled class")
+    issues.write(out, data.train, cfg.method, model=model)
+    if distributed:
+        dist.barrier()
     return summary
 
 
