@@ -14,6 +14,8 @@ epoch as in the paper) and writes a run directory:
                          labelled class
     class_weights.npy    (class-level methods) per example, mean weight of
                          every class over the last epoch, float16
+    instance_weights.npy (GDW, DM) per example, mean instance-level weight
+                         over the last epoch (GDW's stage-one v)
     label_issues.csv     training examples ranked from most to least likely
                          mislabelled (gdw.detect), with label_evidence.npz
     curves.png, weights.png
@@ -308,7 +310,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
         method.on_epoch_start(epoch, cfg.epochs)
         weight_sum.zero_()
         weight_count.zero_()
-        class_sum = None
+        class_sum = inst_sum = None
         meta_iter = _meta_batches(data.meta, cfg.meta_batch_size, cfg.seed, epoch, device, shard) if data.meta is not None else None
         loss_sum = torch.zeros((), device=device)
         meta_sum, meta_n = torch.zeros((), device=device), 0
@@ -340,9 +342,13 @@ def train(cfg: TrainConfig, log=print) -> dict:
                     if class_sum is None:
                         class_sum = torch.zeros(N, C, device=device)
                     class_sum.index_add_(0, pos, stats.weights.float())
+                if stats.instance_weights is not None:
+                    if inst_sum is None:
+                        inst_sum = torch.zeros(N, device=device)
+                    inst_sum.index_add_(0, pos, stats.instance_weights.float())
         seconds = time.perf_counter() - t0
         train_seconds += seconds
-        Comm().sum_([weight_sum, weight_count, loss_sum] + ([class_sum] if class_sum is not None else []))
+        Comm().sum_([weight_sum, weight_count, loss_sum] + [t for t in (class_sum, inst_sum) if t is not None])
         issues.end_epoch(epoch, Comm())
         if not main:
             continue
@@ -367,6 +373,8 @@ def train(cfg: TrainConfig, log=print) -> dict:
         np.save(out / "example_weights.npy", ew.astype(np.float32))
         if class_sum is not None:
             np.save(out / "class_weights.npy", (class_sum / weight_count.clamp(min=1)[:, None]).cpu().numpy().astype(np.float16))
+        if inst_sum is not None:
+            np.save(out / "instance_weights.npy", (inst_sum / weight_count.clamp(min=1)).cpu().numpy().astype(np.float32))
         _atomic_torch_save(
             {
                 "epoch": epoch,
