@@ -58,7 +58,6 @@ class TrainForward:
     logits: torch.Tensor
     rng: "RngState"
     head_input: Optional[torch.Tensor] = None
-    backward_logits: Optional[torch.Tensor] = None  # what the real backward goes through
     comm: Comm = field(default_factory=Comm)
     B: int = 0  # the batch size summed over ranks (set by Method.backward)
 
@@ -175,7 +174,7 @@ def _jvp(fwd, A, x_meta, y_meta, lr):
     if A is None:
         virtual = [p.detach() for p in ps]
     else:
-        grads = torch.autograd.grad(fwd.logits, ps, A.to(fwd.logits.dtype), allow_unused=True)
+        grads = torch.autograd.grad(fwd.logits, ps, A.to(fwd.logits.dtype), retain_graph=True, allow_unused=True)
         fwd.comm.sum_(grads)
         virtual = [p.detach() if g is None else p.detach() - lr * g for p, g in zip(ps, grads)]
     virtual = [v.requires_grad_() for v in virtual]
@@ -184,15 +183,10 @@ def _jvp(fwd, A, x_meta, y_meta, lr):
     u = torch.autograd.grad(meta_loss, virtual, allow_unused=True)
     fwd.comm.sum_(u)
     # J_z(θ) u: one forward-mode pass at θ on the training batch, with the
-    # random state of the real forward (same dropout masks). Its primal output
-    # equals the real logits and records the graph the real backward uses, so
-    # the first forward's graph was freed by the virtual step's backward
-    # (peak memory of about one graph, not two).
-    with fwAD.dual_level(), fwd.rng.replay(), torch.enable_grad():
-        duals = {n: p if t is None else fwAD.make_dual(p, t) for n, p, t in zip(names, ps, u)}
-        out = fwAD.unpack_dual(stateless_forward(fwd.model, duals, fwd.x))
-        tangent = out.tangent
-    fwd.backward_logits = out.primal
+    # random state of the real forward (same dropout masks).
+    with fwAD.dual_level(), fwd.rng.replay():
+        duals = {n: p.detach() if t is None else fwAD.make_dual(p.detach(), t) for n, p, t in zip(names, ps, u)}
+        tangent = fwAD.unpack_dual(stateless_forward(fwd.model, duals, fwd.x)).tangent
     if tangent is None:  # no parameter reaches the logits
         tangent = torch.zeros_like(fwd.logits)
     return fwd.comm.sum(meta_loss.detach()), -lr * full(tangent)

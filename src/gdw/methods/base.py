@@ -174,13 +174,7 @@ class Method:
     def forward(self, x: torch.Tensor) -> TrainForward:
         """The real forward of the training batch (updates BatchNorm stats once)."""
         rng = RngState(x.device)
-        with torch.set_grad_enabled(self.forward_needs_graph()):
-            return TrainForward(self.model, x, self.model(x), rng)
-
-    def forward_needs_graph(self) -> bool:
-        """Whether the real forward must record an autograd graph (it need not
-        when the gradient is back-propagated through a later re-run)."""
-        return True
+        return TrainForward(self.model, x, self.model(x), rng)
 
     def backward(
         self,
@@ -221,7 +215,6 @@ class Method:
             lr = self.inner_lr(inner_lr)
         fwd = self.forward(x)
         z = fwd.logits
-        fwd.backward_logits = z
         if z.ndim != 2 or z.shape != (x.shape[0], self.num_classes):
             raise UserError(
                 f"the model must return logits of shape (B, {self.num_classes}) = ({x.shape[0]}, {self.num_classes}), "
@@ -233,12 +226,12 @@ class Method:
         if fwd.comm.active:  # sum the parameter gradient over ranks, then accumulate
             params = [p for p in self.model.parameters() if p.requires_grad]
             grads = [g if g is not None else torch.zeros_like(p)
-                     for p, g in zip(params, torch.autograd.grad(fwd.backward_logits, params, G, allow_unused=True))]
+                     for p, g in zip(params, torch.autograd.grad(z, params, G, allow_unused=True))]
             fwd.comm.sum_(grads)
             for p, g in zip(params, grads):
                 p.grad = g if p.grad is None else p.grad + g
         else:
-            fwd.backward_logits.backward(G)
+            z.backward(G)
         meta_loss = out.get("meta_loss")
         weights = out["weights"].detach()
         trust = out.get("trust")
@@ -275,19 +268,11 @@ class MetaMethod(Method):
         self.head_only = bool(head_only) or head is not None
         self.head = HeadCapture(model, self.num_classes, head) if self.head_only else None
 
-    virtual_step = True  # False for L2RW, whose virtual model is θ itself
-
     def forward(self, x):
         fwd = super().forward(x)
         if self.head is not None:
             fwd.head_input = self.head.check(fwd.logits)
         return fwd
-
-    def forward_needs_graph(self) -> bool:
-        # With meta_grad="jvp" the JVP re-runs the training forward at θ with
-        # the same random state; the real backward goes through that re-run,
-        # so the first graph is needed only for the virtual step's backward.
-        return self.meta_grad == "double" or self.head is not None or self.virtual_step
 
     def meta_step(self, fwd, A, x_meta, y_meta, lr):
         """``(meta_loss, ∂L_meta/∂A)`` for the virtual step ``θ − lr·J_zᵀA``."""
