@@ -234,6 +234,58 @@ def variant_table(model_name, classes, variants, args, device) -> list[str]:
     return lines + ["", f"Peak memory of one step: {how}.", ""]
 
 
+def floor_table(model_name, classes, args, device) -> list[str]:
+    """The passes a meta step is made of, timed interleaved on one model, and
+    the cost they imply for GDW (jvp) and head-only GDW, as multiples of a
+    plain step. Floor of GDW: the real forward, the virtual backward, the meta
+    forward and backward, the JVP, the real backward = 2F + 3B + JVP."""
+    import torch.autograd.forward_ad as fwAD
+    from torch.func import functional_call
+
+    shape = INPUT_SHAPES[model_name]
+    torch.manual_seed(SEED)
+    model = create_model(model_name, shape, classes).to(device).train()
+    x, y, _, _ = make_data(shape, classes, args.batch, args.meta_batch, device)
+    params = {n: p for n, p in model.named_parameters()}
+    tangents = {n: torch.randn_like(p) for n, p in params.items()}
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+
+    def forward():
+        model(x)
+
+    def forward_no_grad():
+        with torch.no_grad():
+            model(x)
+
+    def forward_backward():
+        F.cross_entropy(model(x), y).backward()
+
+    def jvp():
+        with fwAD.dual_level():
+            duals = {n: fwAD.make_dual(p.detach(), tangents[n]) for n, p in params.items()}
+            fwAD.unpack_dual(functional_call(model, {**buffers, **duals}, (x,))).tangent
+
+    med, _, _ = time_interleaved(
+        {"F+B": forward_backward, "F": forward, "F no grad": forward_no_grad, "JVP": jvp}, args.reps, args.warmup, device
+    )
+    step, f, b = med["F+B"], med["F"], med["F+B"] - med["F"]
+    rows = [
+        f"### Where a meta step's time goes: {model_name}, C = {classes}, batch {args.batch}",
+        "",
+        "| pass | s | × plain step (F+B) |",
+        "|---|---:|---:|",
+        f"| plain step: forward + backward (F+B) | {step:.4f} | 1.00 |",
+        f"| forward with graph (F) | {f:.4f} | {f / step:.2f} |",
+        f"| backward (B = (F+B) − F) | {b:.4f} | {b / step:.2f} |",
+        f"| forward without graph | {med['F no grad']:.4f} | {med['F no grad'] / step:.2f} |",
+        f"| JVP (forward-mode, all parameters) | {med['JVP']:.4f} | {med['JVP'] / step:.2f} ({med['JVP'] / f:.1f} F) |",
+        f"| **floor of GDW jvp**: 2F + 3B + JVP | {2 * f + 3 * b + med['JVP']:.4f} | {(2 * f + 3 * b + med['JVP']) / step:.2f} |",
+        f"| **floor of GDW head_only**: F + B + forward without graph | {step + med['F no grad']:.4f} | {(step + med['F no grad']) / step:.2f} |",
+        "",
+    ]
+    return rows
+
+
 def class_sweep(args, device) -> list[str]:
     """How plain CE, GDW (jvp) and MW-Net (jvp) on the MLP grow with C."""
     picked = [v for v in VARIANTS if v[0] in ("plain CE (loss.backward)", "GDW jvp", "MW-Net jvp")]
@@ -342,6 +394,8 @@ def parse_args(argv=None):
                    help="class-count sweep C = 10, 100, 1000 on the MLP")
     p.add_argument("--data-path", action=argparse.BooleanOptionalAction, default=True,
                    help="share of an epoch spent producing batches")
+    p.add_argument("--floor", action=argparse.BooleanOptionalAction, default=True,
+                   help="time the passes a meta step is made of, and the floor they imply")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--out", help="also write the Markdown to this file")
     return p.parse_args(argv)
@@ -362,6 +416,9 @@ def main(argv=None) -> None:
     for m in models:
         for c in args.classes or DEFAULT_CLASSES[m]:
             lines += variant_table(m, c, variants, args, device)
+    if args.floor:
+        for m in models:
+            lines += floor_table(m, 10, args, device)
     if args.sweep:
         lines += class_sweep(args, device)
     if args.data_path:
