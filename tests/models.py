@@ -40,3 +40,14 @@ def make_batch(kind, n, seed, c=C):
     x = torch.randn(shape, generator=g, dtype=torch.float64)
     y = torch.randint(0, c, (n,), generator=g)
     return x, y
+
+
+class Logits(nn.Module):
+    """Returns its input plus a zero parameter: ``b.grad`` is the logit gradient G."""
+
+    def __init__(self, n, c, dtype=torch.float64):
+        super().__init__()
+        self.b = nn.Parameter(torch.zeros(n, c, dtype=dtype))
+
+    def forward(self, z):
+        return z + self.b

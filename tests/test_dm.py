@@ -4,22 +4,10 @@ import math
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 import gdw
-from models import C, make_batch, make_model
-
-
-class Logits(nn.Module):
-    """Returns its input plus a zero parameter: ``b.grad`` is the logit gradient G."""
-
-    def __init__(self, n, c, dtype=torch.float64):
-        super().__init__()
-        self.b = nn.Parameter(torch.zeros(n, c, dtype=dtype))
-
-    def forward(self, z):
-        return z + self.b
+from models import C, Logits, make_batch, make_model
 
 
 def logit_gradient(z, y, **kw):

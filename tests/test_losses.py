@@ -10,11 +10,10 @@ import math
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 import gdw
-from models import C, make_batch, make_model
+from models import C, Logits, make_batch, make_model
 
 COUNTS = [50, 20, 5, 1]  # per-class training counts for cb / ldam
 
@@ -127,15 +126,6 @@ def test_reduces_to_cross_entropy_at_its_limit(name, kw, rtol):
     stats = gdw.make(name, model, C, **kw).backward(x, y)
     assert_same_grads(model, ref, rtol)
     torch.testing.assert_close(stats.weights, torch.ones(8, dtype=stats.weights.dtype), rtol=rtol, atol=rtol)
-
-
-class Logits(nn.Module):
-    def __init__(self, n, c, dtype=torch.float64):
-        super().__init__()
-        self.b = nn.Parameter(torch.zeros(n, c, dtype=dtype))
-
-    def forward(self, z):
-        return z + self.b
 
 
 @pytest.mark.parametrize("name,kw,ref_loss", CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])

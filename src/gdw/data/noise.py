@@ -117,6 +117,21 @@ def check_stochastic(m: np.ndarray, where: str, num_classes: int | None = None) 
                         f"{sums[bad[0]]:.6g} (rows must sum to 1 within 1e-6)")
 
 
+def _split_spec(spec, what: str, example: str) -> tuple[str, str, str]:
+    """``"Kind:arg"`` → (stripped text, lower-case kind, arg); None means "none".
+    UserError for a non-string or for "none" with an argument."""
+    if spec is None:
+        spec = "none"
+    if not isinstance(spec, str):
+        raise UserError(f"{what} spec must be a string such as '{example}', got {spec!r}")
+    text = spec.strip()
+    kind, _, arg = text.partition(":")
+    kind = kind.lower()
+    if kind == "none" and arg:
+        raise UserError(f"{what} spec 'none' takes no argument, got {spec!r}")
+    return text, kind, arg
+
+
 def parse_noise(spec: str | NoiseSpec, num_classes: int | None = None) -> NoiseSpec:
     """Validate a noise spec string (see module doc) and return a :class:`NoiseSpec`.
 
@@ -128,16 +143,8 @@ def parse_noise(spec: str | NoiseSpec, num_classes: int | None = None) -> NoiseS
         if num_classes is not None and spec.matrix is not None:
             check_stochastic(spec.matrix, spec.text, num_classes)
         return spec
-    if spec is None:
-        spec = "none"
-    if not isinstance(spec, str):
-        raise UserError(f"noise spec must be a string such as 'uniform:0.4', got {spec!r}")
-    text = spec.strip()
-    kind, _, arg = text.partition(":")
-    kind = kind.lower()
+    text, kind, arg = _split_spec(spec, "noise", "uniform:0.4")
     if kind == "none":
-        if arg:
-            raise UserError(f"noise spec 'none' takes no argument, got {spec!r}")
         return NoiseSpec("none", text="none")
     if kind in SYNTHETIC:
         if not arg:
@@ -170,16 +177,8 @@ def parse_imbalance(spec: str | ImbalanceSpec | None) -> ImbalanceSpec:
     """
     if isinstance(spec, ImbalanceSpec):
         return spec
-    if spec is None:
-        spec = "none"
-    if not isinstance(spec, str):
-        raise UserError(f"imbalance spec must be a string such as 'longtail:100', got {spec!r}")
-    text = spec.strip()
-    kind, _, arg = text.partition(":")
-    kind = kind.lower()
+    text, kind, arg = _split_spec(spec, "imbalance", "longtail:100")
     if kind == "none":
-        if arg:
-            raise UserError(f"imbalance spec 'none' takes no argument, got {spec!r}")
         return ImbalanceSpec("none", text="none")
     if kind not in IMBALANCE_KINDS:
         raise UserError(f"unknown imbalance kind {kind!r} in spec {spec!r}; "
