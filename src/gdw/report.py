@@ -127,7 +127,7 @@ def results_markdown(rows: Sequence[dict]) -> str:
             if c is None:
                 row.append("–")
                 continue
-            text = f"{100 * c['final_mean']:.2f} ± {100 * c['final_std']:.2f}"
+            text = f"{100 * c['final_mean']:.2f}" + (f" ± {100 * c['final_std']:.2f}" if c["n"] > 1 else "")
             row.append(f"**{text}**" if c["final_mean"] == best[s] else text)
         lines.append(f"| {m} | " + " | ".join(row) + " |")
     n = sorted({c["n"] for c in cells.values()})
