@@ -63,8 +63,8 @@ def run_grid(args) -> None:
             continue
         name, head = method_variant(label)
         cfg = TrainConfig(
-            dataset="fashion-mnist", noise=noise, imbalance=imbalance, method=name, head_only=head, seed=seed,
-            model="mlp", epochs=args.epochs, batch_size=100, meta_batch_size=100, lr=0.1, meta_per_class=100,
+            dataset=args.dataset, noise=noise, imbalance=imbalance, method=name, head_only=head, seed=seed,
+            model="mlp", epochs=args.epochs, batch_size=100, meta_batch_size=100, lr=0.1, meta_per_class=args.meta_per_class,
             out=str(run_dir), resume=(run_dir / "checkpoint.pt").exists(), progress=False, device=args.device,
         )
         t0 = time.time()
@@ -87,17 +87,19 @@ def finished_rows(out: Path) -> list[dict]:
 
 
 def report(args) -> None:
-    from gdw.report import plot_compare, results_markdown, write_results_csv
+    from gdw.report import plot_compare, read_results_csv, results_markdown, write_results_csv
 
     rows = finished_rows(args.out)
     if not rows:
         print("no finished cells yet")
         return
     write_results_csv(rows, args.out / "results.csv")
+    rows = read_results_csv(args.out / "results.csv")  # the table is computed from the CSV alone
     total = len(list(cells(args.seeds)))
     header = (
-        f"Fashion-MNIST, MLP 784-256-256-10 (BatchNorm), {args.epochs} epochs, batch 100, SGD 0.1 cosine, "
-        f"momentum 0.9, weight decay 5e-4, 100 clean meta images per class; {len(rows)} of {total} runs finished.\n\n"
+        f"{args.dataset}, MLP (two hidden layers of 256 with BatchNorm), {args.epochs} epochs, batch 100, SGD 0.1 "
+        f"cosine, momentum 0.9, weight decay 5e-4, {args.meta_per_class} clean meta images per class; "
+        f"{len(rows)} of {total} runs finished.\n\n"
     )
     realised = {}
     for r in rows:
@@ -177,6 +179,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "fashion_mnist")
     p.add_argument("--seeds", type=lambda s: [int(v) for v in s.split(",")], default=[0, 1])
     p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--dataset", default="fashion-mnist", help="(for a quick check: digits)")
+    p.add_argument("--meta-per-class", type=int, default=100)
     p.add_argument("--shard", type=lambda s: tuple(int(v) for v in s.split("/")), default=(0, 1), help="K/N: run every N-th cell from K")
     p.add_argument("--device", default=None)
     p.add_argument("--report", action="store_true", help="only tabulate and plot what has finished")

@@ -1,0 +1,46 @@
+"""The paper-protocol grid runner: finished cells are skipped, and the
+results table is computed from results.csv."""
+
+import csv
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "paper_protocol.py"
+
+
+@pytest.fixture
+def protocol(monkeypatch):
+    spec = importlib.util.spec_from_file_location("paper_protocol", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(module, "SETTINGS", [("uniform:0.4", "none"), ("none", "longtail:2")])
+    monkeypatch.setattr(module, "METHODS", ["ce", "gdw"])
+    return module
+
+
+def test_grid_skips_finished_cells_and_tabulates_the_csv(protocol, tmp_path, capsys):
+    args = ["--dataset", "digits", "--meta-per-class", "10", "--epochs", "1", "--seeds", "0,1", "--out", str(tmp_path)]
+    protocol.main(args)
+    first = capsys.readouterr().out
+    summaries = sorted(tmp_path.glob("*/summary.json"))
+    # 2 settings × (ce, gdw) × 2 seeds, plus cb in the long-tail setting
+    assert len(summaries) == 10 and first.count("] ") == 10
+    stamps = {p: p.stat().st_mtime_ns for p in summaries}
+
+    protocol.main(args)
+    second = capsys.readouterr().out
+    assert "] " not in second.split("| method")[0]  # no cell was run again
+    assert stamps == {p: p.stat().st_mtime_ns for p in tmp_path.glob("*/summary.json")}
+
+    with open(tmp_path / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 10
+    table = (tmp_path / "results.md").read_text()
+    for method in ("ce", "gdw"):
+        values = [float(r["final_test_accuracy"]) for r in rows if r["method"] == method and r["noise"] == "uniform:0.4"]
+        mean = 100 * sum(values) / len(values)
+        line = next(l for l in table.splitlines() if l.startswith(f"| {method} |"))
+        assert f"{mean:.2f}" in line.split("|")[2]
+    assert (tmp_path / "accuracy.png").stat().st_size > 0
