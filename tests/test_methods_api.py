@@ -180,3 +180,21 @@ def test_state_dict_round_trip(name):
     sa = a.backward(x, y, xm, ym, inner_lr=0.5)
     sb = b.backward(x, y, xm, ym, inner_lr=0.5)
     assert torch.equal(sa.weights, sb.weights)
+
+
+@pytest.mark.parametrize("name,kw", [("ce", {}), ("gdw", {}), ("gdw", {"head_only": True}), ("mwnet", {}), ("l2rw", {}), ("dm", {})])
+def test_bfloat16_autocast_gives_close_gradients(name, kw):
+    """Mixed precision: backward under autocast (bfloat16, here on the CPU)
+    gives gradients close to full precision's."""
+    grads = []
+    for amp in (False, True):
+        model = make_model("cnn").float()
+        x, y, xm, ym = (t.float() if t.is_floating_point() else t for t in batches())
+        torch.manual_seed(0)
+        method = gdw.make(name, model, C, **kw)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            method.backward(x, y, xm, ym, inner_lr=0.5)
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert torch.isfinite(grads[1]).all()
+    cos = torch.nn.functional.cosine_similarity(grads[0], grads[1], dim=0)
+    assert cos > 0.98, float(cos)
