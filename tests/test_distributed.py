@@ -22,6 +22,8 @@ CASES = [
     ("mwnet", {}),
     ("gdw", {}),
     ("gdw", {"meta_grad": "double"}),
+    ("gdw", {"low_memory": True}),
+    ("l2rw", {"low_memory": True}),
     ("gdw", {"head_only": True}),
     ("gdw", {"head_only": True, "meta_grad": "double"}),
     ("mwnet", {"head_only": True}),

@@ -100,20 +100,20 @@ def run_method(name, model, x, y, xm, ym, **kw):
 
 
 CASES = [
-    (name, kind, mode, head)
+    (name, kind, mode, head, False)
     for name in ("gdw", "mwnet", "l2rw")
     for kind in ("mlp", "cnn")
     for mode in ("jvp", "double")
     for head in (False, True)
-]
+] + [(name, kind, "jvp", False, True) for name in ("gdw", "mwnet", "l2rw") for kind in ("mlp", "cnn")]
 
 
-@pytest.mark.parametrize("name,kind,mode,head_only", CASES)
-def test_matches_create_graph_reference(name, kind, mode, head_only):
+@pytest.mark.parametrize("name,kind,mode,head_only,low_memory", CASES)
+def test_matches_create_graph_reference(name, kind, mode, head_only, low_memory):
     model = make_model(kind)
     x, y = make_batch(kind, B, 1)
     xm, ym = make_batch(kind, BM, 2)
-    kw = {"meta_grad": mode, "head_only": head_only}
+    kw = {"meta_grad": mode, "head_only": head_only, "low_memory": low_memory}
     if name == "gdw":
         kw["eta"] = 3.0  # small enough that most entries are not clipped
     before = copy.deepcopy(model)
@@ -131,12 +131,13 @@ def test_matches_create_graph_reference(name, kind, mode, head_only):
 
 @pytest.mark.parametrize("name", ["gdw", "mwnet", "l2rw"])
 def test_modes_agree_over_several_steps_with_dropout(name):
-    """jvp replays the real forward's dropout masks, so it matches double."""
+    """jvp replays the real forward's dropout masks, so it matches double
+    (with or without recomputing the forward)."""
     results = []
-    for mode in ("jvp", "double"):
+    for mode, low in (("jvp", False), ("double", False), ("jvp", True)):
         model = make_model("mlp", dropout=0.3)
         opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
-        method = gdw.make(name, model, C, meta_grad=mode, optimizer=opt)
+        method = gdw.make(name, model, C, meta_grad=mode, optimizer=opt, low_memory=low)
         if hasattr(method, "vnet"):
             torch.manual_seed(5)
             method.vnet = gdw.WeightNet().double()
@@ -149,9 +150,10 @@ def test_modes_agree_over_several_steps_with_dropout(name):
             stats = method.backward(x, y, xm, ym)
             opt.step()
         results.append((stats.weights, [p.detach().clone() for p in model.parameters()]))
-    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-9)
-    for a, b in zip(results[0][1], results[1][1]):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-9)
+    for other in results[1:]:
+        torch.testing.assert_close(results[0][0], other[0], rtol=1e-5, atol=1e-9)
+        for a, b in zip(results[0][1], other[1]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-9)
 
 
 @pytest.mark.parametrize("kind", ["mlp", "cnn"])

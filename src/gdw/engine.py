@@ -58,6 +58,8 @@ class TrainForward:
     logits: torch.Tensor
     rng: "RngState"
     head_input: Optional[torch.Tensor] = None
+    backward_logits: Optional[torch.Tensor] = None  # what the real backward goes through
+    recompute: bool = False  # free the graph after the virtual step; re-run the forward for the real backward
     comm: Comm = field(default_factory=Comm)
     B: int = 0  # the batch size summed over ranks (set by Method.backward)
 
@@ -174,7 +176,9 @@ def _jvp(fwd, A, x_meta, y_meta, lr):
     if A is None:
         virtual = [p.detach() for p in ps]
     else:
-        grads = torch.autograd.grad(fwd.logits, ps, A.to(fwd.logits.dtype), retain_graph=True, allow_unused=True)
+        grads = torch.autograd.grad(
+            fwd.logits, ps, A.to(fwd.logits.dtype), retain_graph=not fwd.recompute, allow_unused=True
+        )
         fwd.comm.sum_(grads)
         virtual = [p.detach() if g is None else p.detach() - lr * g for p, g in zip(ps, grads)]
     virtual = [v.requires_grad_() for v in virtual]
@@ -189,6 +193,9 @@ def _jvp(fwd, A, x_meta, y_meta, lr):
         tangent = fwAD.unpack_dual(stateless_forward(fwd.model, duals, fwd.x)).tangent
     if tangent is None:  # no parameter reaches the logits
         tangent = torch.zeros_like(fwd.logits)
+    if fwd.recompute:  # the graph for the real backward, from the same random state
+        with fwd.rng.replay(), torch.enable_grad():
+            fwd.backward_logits = stateless_forward(fwd.model, params, fwd.x)
     return fwd.comm.sum(meta_loss.detach()), -lr * full(tangent)
 
 

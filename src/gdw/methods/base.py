@@ -174,7 +174,12 @@ class Method:
     def forward(self, x: torch.Tensor) -> TrainForward:
         """The real forward of the training batch (updates BatchNorm stats once)."""
         rng = RngState(x.device)
-        return TrainForward(self.model, x, self.model(x), rng)
+        with torch.set_grad_enabled(self.forward_needs_graph()):
+            return TrainForward(self.model, x, self.model(x), rng)
+
+    def forward_needs_graph(self) -> bool:
+        """Whether the real forward must record an autograd graph."""
+        return True
 
     def backward(
         self,
@@ -215,6 +220,7 @@ class Method:
             lr = self.inner_lr(inner_lr)
         fwd = self.forward(x)
         z = fwd.logits
+        fwd.backward_logits = z
         if z.ndim != 2 or z.shape != (x.shape[0], self.num_classes):
             raise UserError(
                 f"the model must return logits of shape (B, {self.num_classes}) = ({x.shape[0]}, {self.num_classes}), "
@@ -226,12 +232,12 @@ class Method:
         if fwd.comm.active:  # sum the parameter gradient over ranks, then accumulate
             params = [p for p in self.model.parameters() if p.requires_grad]
             grads = [g if g is not None else torch.zeros_like(p)
-                     for p, g in zip(params, torch.autograd.grad(z, params, G, allow_unused=True))]
+                     for p, g in zip(params, torch.autograd.grad(fwd.backward_logits, params, G, allow_unused=True))]
             fwd.comm.sum_(grads)
             for p, g in zip(params, grads):
                 p.grad = g if p.grad is None else p.grad + g
         else:
-            z.backward(G)
+            fwd.backward_logits.backward(G)
         meta_loss = out.get("meta_loss")
         weights = out["weights"].detach()
         trust = out.get("trust")
@@ -256,22 +262,37 @@ class MetaMethod(Method):
         head_only: only the classifier head takes the virtual step (closed
             form, no extra pass through the backbone).
         head: the head ``nn.Linear``; found automatically when omitted.
+        low_memory: (``jvp``, not head-only) do not keep the training batch's
+            graph through the meta step; recompute the forward for the real
+            backward instead. Peak memory of about one graph instead of two,
+            for one more forward pass.
     """
 
     needs_meta = True
 
-    def __init__(self, model, num_classes, *, optimizer=None, meta_grad: str = "jvp", head_only: bool = False, head=None):
+    virtual_step = True  # False for L2RW, whose virtual model is θ itself
+
+    def __init__(self, model, num_classes, *, optimizer=None, meta_grad: str = "jvp", head_only: bool = False,
+                 head=None, low_memory: bool = False):
         super().__init__(model, num_classes, optimizer=optimizer)
+        if low_memory not in (True, False):
+            raise UserError(f"low_memory must be True or False, got {low_memory!r}")
         if meta_grad not in ("jvp", "double"):
             raise UserError(f"meta_grad must be 'jvp' or 'double', got {meta_grad!r}")
         self.meta_grad = meta_grad
         self.head_only = bool(head_only) or head is not None
         self.head = HeadCapture(model, self.num_classes, head) if self.head_only else None
+        self.recompute = bool(low_memory) and meta_grad == "jvp" and self.head is None
+
+    def forward_needs_graph(self) -> bool:
+        # recomputing: the first graph only serves the virtual step's backward
+        return not self.recompute or self.virtual_step
 
     def forward(self, x):
         fwd = super().forward(x)
         if self.head is not None:
             fwd.head_input = self.head.check(fwd.logits)
+        fwd.recompute = self.recompute
         return fwd
 
     def meta_step(self, fwd, A, x_meta, y_meta, lr):

@@ -20,6 +20,8 @@ from .base import METHODS, MetaMethod, logit_error
 class L2RW(MetaMethod):
     """Learning to Reweight: per-batch weights from one meta-gradient, no state."""
 
+    virtual_step = False
+
     def logit_grad(self, fwd, y, x_meta, y_meta, lr):
         B = fwd.B
         _, e = logit_error(fwd.logits, y, self.num_classes)
