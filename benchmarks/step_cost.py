@@ -61,10 +61,12 @@ VARIANTS = [
     ("gdw CE method", "ce", {}),
     ("GDW jvp", "gdw", {"meta_grad": "jvp"}),
     ("GDW double", "gdw", {"meta_grad": "double"}),
+    ("GDW jvp low_memory", "gdw", {"meta_grad": "jvp", "low_memory": True}),
     ("GDW head_only", "gdw", {"head_only": True}),
     ("MW-Net jvp", "mwnet", {"meta_grad": "jvp"}),
     ("MW-Net double", "mwnet", {"meta_grad": "double"}),
     ("L2RW jvp", "l2rw", {"meta_grad": "jvp"}),
+    ("L2RW jvp low_memory", "l2rw", {"meta_grad": "jvp", "low_memory": True}),
     ("L2RW double", "l2rw", {"meta_grad": "double"}),
     ("DM", "dm", {}),
 ]
@@ -383,6 +385,7 @@ def log(msg: str) -> None:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", choices=["resnet32", "mlp", "all"], default="all")
+    p.add_argument("--variants", nargs="+", help="only these variants (names as in the table; the plain step is always kept)")
     p.add_argument("--batch", type=int, default=100)
     p.add_argument("--meta-batch", type=int, default=100)
     p.add_argument("--classes", type=int, nargs="+", default=None,
@@ -409,6 +412,8 @@ def main(argv=None) -> None:
     start = time.perf_counter()
     models = ["resnet32", "mlp"] if args.model == "all" else [args.model]
     variants = [v for v in VARIANTS if v[1] is None or v[1] in gdw.METHODS]
+    if args.variants:
+        variants = [v for v in variants if v[1] is None and v is VARIANTS[0] or v[0] in args.variants]
     skipped = [v[0] for v in VARIANTS if v not in variants]
     lines = header(device)
     if skipped:
