@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .errors import UserError
+from .methods import METHODS
 from .train import TrainConfig, TrainingDiverged
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -99,11 +100,11 @@ def _add_train_flags(p: argparse.ArgumentParser, grid: bool = False) -> None:
     else:
         add("--noise", help=f"none, uniform:R, symmetric:R, flip:R, pair:R, matrix:PATH, cifar10n:KEY (default {d.noise})")
         add("--imbalance", help=f"none, longtail:RHO, step:RHO (default {d.imbalance})")
-        add("--method", help=f"weighting method (default {d.method})")
+        add("--method", help=f"weighting method: {', '.join(METHODS.names())} (default {d.method})")
         add("--seed", type=int, help=f"random seed (default {d.seed})")
         add("--resume", action="store_true", default=None, help="continue the run in --out from its checkpoint")
         add("--nproc", type=int, help="data-parallel processes on this machine (launches torchrun; one per GPU)")
-    add("--meta-per-class", type=int, help="clean meta examples per class (default 100 when C <= 10, else 10)")
+    add("--meta-per-class", type=int, help="clean meta examples per class (default 100 when C <= 10, else 10, at most a tenth of the smallest class)")
     add("--method-args", help="the method's hyper-parameters, key=value,... (e.g. lam=0.5,beta=8)")
     add("--head-only", action="store_true", default=None, help="only the classifier head takes the virtual step")
     add("--model", help=f"mlp, cnn, resnet32 or module.path:factory (default {d.model})")
