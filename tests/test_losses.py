@@ -99,6 +99,16 @@ def grads_of(model):
     return [p.grad for p in model.parameters()]
 
 
+def method_and_reference(name, kw, ref_loss):
+    """One backward of the method on an MLP, and autograd of ``ref_loss`` on a copy."""
+    model = make_model("mlp")
+    ref = copy.deepcopy(model)
+    x, y = batch()
+    ref_loss(ref(x), y).backward()
+    stats = gdw.make(name, model, C, **kw).backward(x, y)
+    return model, ref, stats, x, y
+
+
 def assert_same_grads(model, ref, rtol):
     for a, b in zip(grads_of(model), grads_of(ref)):
         torch.testing.assert_close(a, b, rtol=rtol, atol=rtol * 1e-3)
@@ -106,11 +116,7 @@ def assert_same_grads(model, ref, rtol):
 
 @pytest.mark.parametrize("name,kw,ref_loss", CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
 def test_gradient_equals_autograd_of_the_published_formula(name, kw, ref_loss):
-    model = make_model("mlp")
-    ref = copy.deepcopy(model)
-    x, y = batch()
-    ref_loss(ref(x), y).backward()
-    stats = gdw.make(name, model, C, **kw).backward(x, y)
+    model, ref, stats, x, y = method_and_reference(name, kw, ref_loss)
     assert_same_grads(model, ref, 1e-10)
     with torch.no_grad():
         assert stats.loss == pytest.approx(float(F.cross_entropy(ref(x), y)), rel=1e-12)  # Stats.loss stays plain CE
@@ -119,11 +125,7 @@ def test_gradient_equals_autograd_of_the_published_formula(name, kw, ref_loss):
 
 @pytest.mark.parametrize("name,kw,rtol", CE_LIMITS, ids=[c[0] for c in CE_LIMITS])
 def test_reduces_to_cross_entropy_at_its_limit(name, kw, rtol):
-    model = make_model("mlp")
-    ref = copy.deepcopy(model)
-    x, y = batch()
-    ce_ref(ref(x), y).backward()
-    stats = gdw.make(name, model, C, **kw).backward(x, y)
+    model, ref, stats, _, _ = method_and_reference(name, kw, ce_ref)
     assert_same_grads(model, ref, rtol)
     torch.testing.assert_close(stats.weights, torch.ones(8, dtype=stats.weights.dtype), rtol=rtol, atol=rtol)
 
