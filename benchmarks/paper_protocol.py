@@ -86,6 +86,43 @@ def finished_rows(out: Path) -> list[dict]:
     return rows
 
 
+def provenance(args, out: Path) -> str:
+    """The command, the dates and the software the finished runs were made
+    with, read from each run's config.json."""
+    configs = [json.loads(p.read_text()) for p in sorted(out.glob("*/config.json")) if (p.parent / "summary.json").exists()]
+    started = sorted(c["started"] for c in configs if "started" in c)
+    versions = sorted({", ".join(f"{k} {v}" for k, v in c.get("versions", {}).items()) for c in configs})
+    devices = sorted({c.get("device") or "auto" for c in configs})
+    command = (f"python benchmarks/paper_protocol.py --dataset {args.dataset} --epochs {args.epochs} "
+               f"--meta-per-class {args.meta_per_class} --seeds {','.join(map(str, args.seeds))}")
+    lines = [
+        f"Command: `{command}` (the same cells whether run as one process or split with `--shard K/N`).",
+        f"Runs started between {started[0]} and {started[-1]}." if started else "",
+        f"Software: {'; '.join(versions)}. Device: {', '.join(devices)}.",
+    ]
+    return "\n".join(l for l in lines if l) + "\n"
+
+
+def data_notes(rows: list[dict], out: Path) -> str:
+    """Realised noise rate and class sizes per setting, from the CSV rows and
+    the runs' config.json (the split is the same for every method and seed of
+    a setting only up to the seed, so every distinct value is listed)."""
+    realised, sizes = {}, {}
+    for r in rows:
+        key = r["noise"] + ("" if r["imbalance"] == "none" else " + " + r["imbalance"])
+        realised.setdefault(key, set()).add(round(float(r["realised_noise_rate"]), 4))
+        config = out / r["run_dir"] / "config.json"
+        if r["imbalance"] != "none" and config.exists():
+            counts = json.loads(config.read_text())["data"]["counts"]["train_true"]
+            sizes.setdefault(key, set()).add((max(counts), min(counts), sum(counts)))
+    lines = ["Realised noise rates (fraction of training labels that differ from the true label): " + "; ".join(
+        f"{k}: {', '.join(f'{100 * v:.1f}%' for v in sorted(vs))}" for k, vs in realised.items())]
+    if sizes:
+        lines.append("Training-set class sizes under imbalance (largest / smallest class, total): " + "; ".join(
+            f"{k}: " + ", ".join(f"{a} / {b}, {n}" for a, b, n in sorted(v)) for k, v in sizes.items()))
+    return "\n\n".join(lines) + "\n"
+
+
 def report(args) -> None:
     from gdw.report import plot_compare, read_results_csv, results_markdown, write_results_csv
 
@@ -94,24 +131,24 @@ def report(args) -> None:
         print("no finished cells yet")
         return
     write_results_csv(rows, args.out / "results.csv")
-    rows = read_results_csv(args.out / "results.csv")  # the table is computed from the CSV alone
+    rows = read_results_csv(args.out / "results.csv")  # the tables are computed from the CSV alone
     total = len(list(cells(args.seeds)))
     header = (
         f"{args.dataset}, MLP (two hidden layers of 256 with BatchNorm), {args.epochs} epochs, batch 100, SGD 0.1 "
         f"cosine, momentum 0.9, weight decay 5e-4, {args.meta_per_class} clean meta images per class; "
         f"{len(rows)} of {total} runs finished.\n\n"
     )
-    realised = {}
-    for r in rows:
-        realised.setdefault((r["noise"], r["imbalance"]), set()).add(round(float(r["realised_noise_rate"]), 4))
-    notes = "\nRealised noise rates (fraction of training labels that differ from the true label): " + "; ".join(
-        f"{n}{'' if i == 'none' else ' + ' + i}: {', '.join(f'{100 * v:.1f}%' for v in sorted(vs))}"
-        for (n, i), vs in realised.items()
-    ) + "\n"
-    (args.out / "results.md").write_text(header + results_markdown(rows) + notes)
+    best = results_markdown(rows, metric="best").replace(
+        "best per setting in bold.",
+        "best per setting in bold. The epoch is chosen on the test set, so this number is optimistic; "
+        "results.csv has each run's best epoch.")
+    text = (header + results_markdown(rows) + "\n" + data_notes(rows, args.out)
+            + "\nThe best epoch (the other number the papers report):\n\n" + best
+            + "\n" + provenance(args, args.out))
+    (args.out / "results.md").write_text(text)
     plot_compare(rows, args.out / "accuracy.png", title="Fashion-MNIST: test accuracy (mean of the last 5 epochs)")
     plot_gdw_weights(args.out)
-    print((args.out / "results.md").read_text())
+    print(text)
 
 
 def plot_gdw_weights(out: Path) -> None:

@@ -111,15 +111,23 @@ def aggregate(rows: Sequence[dict]) -> tuple[list[str], list[str], dict]:
     return settings, methods, cells
 
 
-def results_markdown(rows: Sequence[dict]) -> str:
+def results_markdown(rows: Sequence[dict], metric: str = "final") -> str:
     """Markdown table: one row per method, one column per setting, mean ± std
-    (over seeds) of the final test accuracy in %, the best per setting in bold."""
+    (over seeds) of the test accuracy in %, the best per setting in bold.
+
+    ``metric="final"`` is the mean test accuracy of the last 5 epochs (the
+    papers' main number); ``metric="best"`` the highest test accuracy of any
+    epoch. Raises ValueError for another ``metric``.
+    """
+    if metric not in ("final", "best"):
+        raise ValueError(f"metric must be 'final' or 'best', not {metric!r}")
     settings, methods, cells = aggregate(rows)
+    mean, std = f"{metric}_mean", f"{metric}_std"
     lines = [
         "| method | " + " | ".join(settings) + " |",
         "|---|" + "---|" * len(settings),
     ]
-    best = {s: max((cells[(s, m)]["final_mean"] for m in methods if (s, m) in cells), default=None) for s in settings}
+    best = {s: max((cells[(s, m)][mean] for m in methods if (s, m) in cells), default=None) for s in settings}
     for m in methods:
         row = []
         for s in settings:
@@ -127,35 +135,51 @@ def results_markdown(rows: Sequence[dict]) -> str:
             if c is None:
                 row.append("–")
                 continue
-            text = f"{100 * c['final_mean']:.2f}" + (f" ± {100 * c['final_std']:.2f}" if c["n"] > 1 else "")
-            row.append(f"**{text}**" if c["final_mean"] == best[s] else text)
+            text = f"{100 * c[mean]:.2f}" + (f" ± {100 * c[std]:.2f}" if c["n"] > 1 else "")
+            row.append(f"**{text}**" if c[mean] == best[s] else text)
         lines.append(f"| {m} | " + " | ".join(row) + " |")
     n = sorted({c["n"] for c in cells.values()})
+    what = "mean of the last 5 epochs" if metric == "final" else "best epoch"
     lines.append("")
     lines.append(
-        f"Test accuracy (%), mean of the last 5 epochs, mean ± std over {', '.join(map(str, n))} seed(s); best per setting in bold."
+        f"Test accuracy (%), {what}, mean ± std over {', '.join(map(str, n))} seed(s); best per setting in bold."
     )
     return "\n".join(lines) + "\n"
 
 
 def plot_compare(rows: Sequence[dict], path: Path, title: str = "") -> None:
-    """Grouped bars: final test accuracy per setting per method, error bars = std over seeds."""
+    """Grouped bars: one panel per setting, one bar per method (the same colour
+    in every panel), height = mean over seeds of the final test accuracy,
+    error bar = std over seeds. Each panel has its own y-range, so small
+    differences stay visible when settings differ by tens of points."""
     plt = _plt()
     settings, methods, cells = aggregate(rows)
-    width = 0.8 / max(1, len(methods))
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(settings) * max(1, len(methods)) * 0.35 + 2), 4.2))
-    x = np.arange(len(settings))
-    for k, m in enumerate(methods):
-        means = [100 * cells[(s, m)]["final_mean"] if (s, m) in cells else np.nan for s in settings]
-        stds = [100 * cells[(s, m)]["final_std"] if (s, m) in cells else 0 for s in settings]
-        ax.bar(x + (k - (len(methods) - 1) / 2) * width, means, width, yerr=stds, capsize=2, label=m)
-    ax.set_xticks(x, settings)
-    finite = [100 * c["final_mean"] for c in cells.values() if np.isfinite(c["final_mean"])]
-    if finite:
-        ax.set_ylim(max(0, min(finite) - 10), min(100, max(finite) + 5))
-    ax.set(ylabel="test accuracy (%), last-5-epoch mean", title=title)
-    ax.legend(ncol=min(4, len(methods)), fontsize=8)
-    ax.grid(axis="y", alpha=0.3)
+    ncols = min(3, len(settings))
+    nrows = math.ceil(len(settings) / ncols)
+    width = max(4.0, 0.45 * len(methods) + 1.2)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(width * ncols, 3.4 * nrows), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    x = np.arange(len(methods))
+    for ax, s in zip(axes.flat, settings):
+        means = np.array([100 * cells[(s, m)]["final_mean"] if (s, m) in cells else np.nan for m in methods])
+        stds = np.array([100 * cells[(s, m)]["final_std"] if (s, m) in cells else 0.0 for m in methods])
+        ax.bar(x, np.nan_to_num(means), 0.75, yerr=stds, capsize=2,
+               color=[colors[k % len(colors)] for k in range(len(methods))])
+        for k, v in enumerate(means):
+            if np.isfinite(v):
+                ax.text(k, v + stds[k], f"{v:.1f}", ha="center", va="bottom", fontsize=7)
+        finite = means[np.isfinite(means)]
+        if finite.size:
+            ax.set_ylim(max(0.0, finite.min() - 3), min(100.0, finite.max() + 2))
+        ax.set_xticks(x, methods, rotation=40, ha="right", fontsize=8)
+        ax.set_title(s, fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+    for ax in axes.flat[len(settings):]:
+        ax.axis("off")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("test accuracy (%)")
+    subtitle = "bars: mean over seeds of the last-5-epoch mean; error bars: std over seeds"
+    fig.suptitle(f"{title}\n{subtitle}" if title else subtitle, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
