@@ -1,13 +1,16 @@
 """The paper's six noise / imbalance families on Fashion-MNIST, every method, several seeds.
 
     python benchmarks/paper_protocol.py                      # the whole grid, resumable
-    python benchmarks/paper_protocol.py --shard 0/2 &        # or split over two processes
-    python benchmarks/paper_protocol.py --shard 1/2 &
+    python benchmarks/paper_protocol.py &                    # or start it twice: the processes
+    python benchmarks/paper_protocol.py &                    #   share the cells out between them
     python benchmarks/paper_protocol.py --report             # tables and plots from what has finished
 
 Each cell is an ordinary ``gdw train`` run directory under ``--out``; a cell
 with a ``summary.json`` is skipped, one with only a checkpoint is resumed, so
-the grid can be stopped and restarted at will. ``--report`` (also run at the
+the grid can be stopped and restarted at will. A process marks the cell it is
+training with a lock file in ``--out/.running/`` (taken over once its process
+is gone), so several processes started on one grid share it out between them;
+``--shard K/N`` splits it statically instead. ``--report`` (also run at the
 end of a full pass) reads every finished cell and writes ``results.csv``,
 ``results.md``, ``accuracy.png``, ``gdw_weights.png`` and
 ``gdw_example.png``.
@@ -23,6 +26,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import socket
 import sys
 import time
 from pathlib import Path
@@ -50,6 +55,40 @@ def cells(seeds):
                 yield noise, imbalance, method, seed
 
 
+def claim(lock: Path) -> bool:
+    """Take the cell whose lock file is ``lock`` for this process; False if
+    another live process on this host has it (so any number of processes can
+    work through one grid). A lock left by a killed process is taken over."""
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    me = {"host": socket.gethostname(), "pid": os.getpid()}
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                owner = json.loads(lock.read_text())
+            except (OSError, ValueError):
+                return False  # being written by its owner right now
+            if owner.get("host") != me["host"] or _alive(int(owner.get("pid", -1))):
+                return False
+            lock.unlink(missing_ok=True)  # stale: its process is gone
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        return True
+    return False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def run_grid(args) -> None:
     from gdw.compare import cell_name, method_variant
     from gdw.train import TrainConfig, train
@@ -59,19 +98,26 @@ def run_grid(args) -> None:
     mine = todo[k::n]
     for i, (noise, imbalance, label, seed) in enumerate(mine, 1):
         run_dir = args.out / cell_name(noise, imbalance, label, seed)
-        if (run_dir / "summary.json").exists():
+        lock = args.out / ".running" / f"{run_dir.name}.lock"
+        if (run_dir / "summary.json").exists() or not claim(lock):
             continue
-        name, head = method_variant(label)
-        cfg = TrainConfig(
-            dataset=args.dataset, noise=noise, imbalance=imbalance, method=name, head_only=head, seed=seed,
-            model="mlp", epochs=args.epochs, batch_size=100, meta_batch_size=100, lr=0.1, meta_per_class=args.meta_per_class,
-            out=str(run_dir), resume=(run_dir / "checkpoint.pt").exists(), progress=False, device=args.device,
-        )
-        t0 = time.time()
-        print(f"[shard {k}/{n}: {i}/{len(mine)}] {run_dir.name}", flush=True)
-        summary = train(cfg, log=lambda *a, **kw: None)
-        print(f"    final {100 * summary['final_test_accuracy']:.2f}%  best {100 * summary['best_test_accuracy']:.2f}%  "
-              f"{time.time() - t0:.0f}s", flush=True)
+        try:
+            if (run_dir / "summary.json").exists():  # finished between the check and the claim
+                continue
+            name, head = method_variant(label)
+            cfg = TrainConfig(
+                dataset=args.dataset, noise=noise, imbalance=imbalance, method=name, head_only=head, seed=seed,
+                model="mlp", epochs=args.epochs, batch_size=100, meta_batch_size=100, lr=0.1,
+                meta_per_class=args.meta_per_class, out=str(run_dir), resume=(run_dir / "checkpoint.pt").exists(),
+                progress=False, device=args.device,
+            )
+            t0 = time.time()
+            print(f"[shard {k}/{n}: {i}/{len(mine)}] {run_dir.name}", flush=True)
+            summary = train(cfg, log=lambda *a, **kw: None)
+            print(f"    final {100 * summary['final_test_accuracy']:.2f}%  best {100 * summary['best_test_accuracy']:.2f}%  "
+                  f"{time.time() - t0:.0f}s", flush=True)
+        finally:
+            lock.unlink(missing_ok=True)
 
 
 def finished_rows(out: Path) -> list[dict]:

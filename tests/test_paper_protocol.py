@@ -48,3 +48,38 @@ def test_grid_skips_finished_cells_and_tabulates_the_csv(protocol, tmp_path, cap
     assert "Command: `python benchmarks/paper_protocol.py --dataset digits --epochs 1" in text
     assert "none + longtail:2:" in text  # class sizes of the imbalanced setting
     assert (tmp_path / "accuracy.png").stat().st_size > 0
+
+
+def test_processes_share_the_grid_through_lock_files(protocol, tmp_path, monkeypatch, capsys):
+    """A cell locked by a live process is left to it; a lock whose process is
+    gone is taken over; the lock is removed when the cell is done."""
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    monkeypatch.setattr(protocol, "SETTINGS", [("uniform:0.4", "none")])
+    monkeypatch.setattr(protocol, "METHODS", ["ce"])
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    locks = tmp_path / ".running"
+    locks.mkdir()
+    host = socket.gethostname()
+    (locks / "uniform0.4_none_ce_s0.lock").write_text(json.dumps({"host": host, "pid": live.pid}))
+    (locks / "uniform0.4_none_ce_s1.lock").write_text(json.dumps({"host": host, "pid": gone.pid}))
+    try:
+        protocol.main(["--dataset", "digits", "--meta-per-class", "10", "--epochs", "1", "--seeds", "0,1",
+                       "--out", str(tmp_path)])
+    finally:
+        live.kill()
+        live.wait()
+    assert not (tmp_path / "uniform0.4_none_ce_s0" / "summary.json").exists()
+    assert (locks / "uniform0.4_none_ce_s0.lock").exists()
+    assert (tmp_path / "uniform0.4_none_ce_s1" / "summary.json").exists()
+    assert not (locks / "uniform0.4_none_ce_s1.lock").exists()
+    # once the owner is gone, the next pass trains the cell it had locked
+    protocol.main(["--dataset", "digits", "--meta-per-class", "10", "--epochs", "1", "--seeds", "0,1",
+                   "--out", str(tmp_path)])
+    assert (tmp_path / "uniform0.4_none_ce_s0" / "summary.json").exists()
+    assert not any(locks.iterdir())

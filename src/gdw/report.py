@@ -156,8 +156,9 @@ def plot_compare(rows: Sequence[dict], path: Path, title: str = "") -> None:
     settings, methods, cells = aggregate(rows)
     ncols = min(3, len(settings))
     nrows = math.ceil(len(settings) / ncols)
-    width = max(4.0, 0.45 * len(methods) + 1.2)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(width * ncols, 3.4 * nrows), squeeze=False)
+    width = max(4.5, 0.45 * len(methods) + 1.2)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(width * ncols, 3.4 * nrows + 0.9), squeeze=False,
+                             layout="constrained")
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     x = np.arange(len(methods))
     for ax, s in zip(axes.flat, settings):
@@ -177,9 +178,8 @@ def plot_compare(rows: Sequence[dict], path: Path, title: str = "") -> None:
     for ax in axes.flat[len(settings):]:
         ax.axis("off")
     for ax in axes[:, 0]:
-        ax.set_ylabel("test accuracy (%)")
-    subtitle = "bars: mean over seeds of the last-5-epoch mean; error bars: std over seeds"
+        ax.set_ylabel("test accuracy (%),\nlast-5-epoch mean")
+    subtitle = "mean over seeds; error bars: std over seeds"
     fig.suptitle(f"{title}\n{subtitle}" if title else subtitle, fontsize=10)
-    fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
