@@ -169,9 +169,9 @@ def plot_compare(rows: Sequence[dict], path: Path, title: str = "") -> None:
         for k, v in enumerate(means):
             if np.isfinite(v):
                 ax.text(k, v + stds[k], f"{v:.1f}", ha="center", va="bottom", fontsize=7)
-        finite = means[np.isfinite(means)]
-        if finite.size:
-            ax.set_ylim(max(0.0, finite.min() - 3), min(100.0, finite.max() + 2))
+        ok = np.isfinite(means)
+        if ok.any():  # room for the error bars and the labels above them
+            ax.set_ylim(max(0.0, (means - stds)[ok].min() - 3), min(100.0, (means + stds)[ok].max() + 2))
         ax.set_xticks(x, methods, rotation=40, ha="right", fontsize=8)
         ax.set_title(s, fontsize=10)
         ax.grid(axis="y", alpha=0.3)
