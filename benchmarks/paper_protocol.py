@@ -125,11 +125,53 @@ def finished_rows(out: Path) -> list[dict]:
     for path in sorted(out.glob("*/summary.json")):
         s = json.loads(path.read_text())
         label = s["method"] + ("-head" if s.get("head_only") else "")
-        rows.append({**s, "method": label, "run_dir": path.parent.name})
+        rows.append({**s, "method": label, "run_dir": path.parent.name, **head_tail_accuracy(path.parent)})
     order = {m: i for i, m in enumerate(METHODS + LONGTAIL_EXTRA)}
     setting_order = {s: i for i, s in enumerate(SETTINGS)}
     rows.sort(key=lambda r: (setting_order.get((r["noise"], r["imbalance"]), 99), order.get(r["method"], 99), r["seed"]))
     return rows
+
+
+SPLIT_FIELDS = ["many_shot_accuracy", "few_shot_accuracy"]
+
+
+def head_tail_accuracy(run: Path) -> dict:
+    """For a run with class imbalance: the mean test accuracy (last 5 epochs)
+    of the half of the classes with the most training examples ("many-shot")
+    and of the other half ("few-shot"); {} for a balanced run."""
+    config = json.loads((run / "config.json").read_text())
+    if config["imbalance"] == "none":
+        return {}
+    counts = np.asarray(config["data"]["counts"]["train_true"])
+    history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    per_class = np.mean([h["per_class_test_accuracy"] for h in history[-5:]], axis=0)
+    order = np.argsort(-counts, kind="stable")
+    many, few = order[: len(order) // 2], order[len(order) // 2:]
+    return {"many_shot_accuracy": float(per_class[many].mean()), "few_shot_accuracy": float(per_class[few].mean())}
+
+
+def split_markdown(rows: list[dict]) -> str:
+    """Markdown table for the imbalanced settings: many-shot / few-shot class
+    accuracy (%) per method, mean over seeds, from the CSV rows."""
+    groups: dict = {}
+    for r in rows:
+        if r["imbalance"] == "none" or r.get("many_shot_accuracy") in (None, ""):
+            continue
+        setting = f"{r['noise']} + {r['imbalance']}"
+        groups.setdefault(setting, {}).setdefault(r["method"], []).append(
+            (float(r["many_shot_accuracy"]), float(r["few_shot_accuracy"])))
+    if not groups:
+        return ""
+    settings = list(groups)
+    methods = list(dict.fromkeys(m for s in settings for m in groups[s]))
+    lines = ["| method | " + " | ".join(f"{s}: many / few" for s in settings) + " |", "|---|" + "---|" * len(settings)]
+    for m in methods:
+        cells = []
+        for s in settings:
+            v = groups[s].get(m)
+            cells.append("–" if not v else " / ".join(f"{100 * x:.1f}" for x in np.mean(v, axis=0)))
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def provenance(args, out: Path) -> str:
@@ -176,7 +218,7 @@ def report(args) -> None:
     if not rows:
         print("no finished cells yet")
         return
-    write_results_csv(rows, args.out / "results.csv")
+    write_results_csv(rows, args.out / "results.csv", extra_fields=SPLIT_FIELDS)
     rows = read_results_csv(args.out / "results.csv")  # the tables are computed from the CSV alone
     total = len(list(cells(args.seeds)))
     header = (
@@ -191,6 +233,11 @@ def report(args) -> None:
     text = (header + results_markdown(rows) + "\n" + data_notes(rows, args.out)
             + "\nThe best epoch (the other number the papers report):\n\n" + best
             + "\n" + provenance(args, args.out))
+    split = split_markdown(rows)
+    if split:
+        text = text.replace("\nThe best epoch", "\nUnder imbalance, test accuracy (%, last 5 epochs, mean over seeds) of "
+                            "the half of the classes with the most training examples / the half with the fewest:\n\n"
+                            + split + "\nThe best epoch", 1)
     (args.out / "results.md").write_text(text)
     plot_compare(rows, args.out / "accuracy.png", title="Fashion-MNIST: test accuracy (mean of the last 5 epochs)")
     plot_gdw_weights(args.out)

@@ -47,6 +47,15 @@ def test_grid_skips_finished_cells_and_tabulates_the_csv(protocol, tmp_path, cap
             assert f"{mean:.2f}" in line.split("|")[2]
     assert "Command: `python benchmarks/paper_protocol.py --dataset digits --epochs 1" in text
     assert "none + longtail:2:" in text  # class sizes of the imbalanced setting
+    # many-shot / few-shot accuracy of the imbalanced setting, also from the CSV
+    split_table = text.split("Under imbalance")[1].split("The best epoch")[0]
+    for method in ("ce", "gdw", "cb"):
+        rs = [r for r in rows if r["method"] == method and r["imbalance"] == "longtail:2"]
+        many = 100 * sum(float(r["many_shot_accuracy"]) for r in rs) / len(rs)
+        few = 100 * sum(float(r["few_shot_accuracy"]) for r in rs) / len(rs)
+        line = next(l for l in split_table.splitlines() if l.startswith(f"| {method} |"))
+        assert line.split("|")[2].strip() == f"{many:.1f} / {few:.1f}"
+    assert all(r["many_shot_accuracy"] == "" for r in rows if r["imbalance"] == "none")
     assert (tmp_path / "accuracy.png").stat().st_size > 0
 
 
@@ -83,3 +92,17 @@ def test_processes_share_the_grid_through_lock_files(protocol, tmp_path, monkeyp
                    "--out", str(tmp_path)])
     assert (tmp_path / "uniform0.4_none_ce_s0" / "summary.json").exists()
     assert not any(locks.iterdir())
+
+
+def test_many_and_few_shot_accuracy_by_hand(protocol, tmp_path):
+    import json
+
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"imbalance": "longtail:5", "data": {"counts": {"train_true": [5, 1, 3, 2]}}}))
+    epochs = [[0.0, 0.0, 0.0, 0.0]] * 3 + [[0.9, 0.1, 0.7, 0.3], [0.7, 0.3, 0.5, 0.1]] * 2 + [[0.8, 0.2, 0.6, 0.2]]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"per_class_test_accuracy": a}) + "\n" for a in epochs))
+    # last 5 epochs: per class 0.8, 0.2, 0.6, 0.2; most examples: classes 0 and 2, fewest: 3 and 1
+    got = protocol.head_tail_accuracy(tmp_path)
+    assert got == pytest.approx({"many_shot_accuracy": 0.7, "few_shot_accuracy": 0.2})
+    (tmp_path / "config.json").write_text(json.dumps({"imbalance": "none"}))
+    assert protocol.head_tail_accuracy(tmp_path) == {}

@@ -65,10 +65,11 @@ RESULT_FIELDS = [
 ]
 
 
-def write_results_csv(rows: Sequence[dict], path: Path) -> None:
-    """One row per finished run, columns ``RESULT_FIELDS``."""
+def write_results_csv(rows: Sequence[dict], path: Path, extra_fields: Sequence[str] = ()) -> None:
+    """One row per finished run, columns ``RESULT_FIELDS`` then ``extra_fields``
+    (empty where a row lacks one)."""
     with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=RESULT_FIELDS, extrasaction="ignore")
+        w = csv.DictWriter(f, fieldnames=[*RESULT_FIELDS, *extra_fields], extrasaction="ignore")
         w.writeheader()
         for r in rows:
             w.writerow(r)
