@@ -106,3 +106,20 @@ def test_many_and_few_shot_accuracy_by_hand(protocol, tmp_path):
     assert got == pytest.approx({"many_shot_accuracy": 0.7, "few_shot_accuracy": 0.2})
     (tmp_path / "config.json").write_text(json.dumps({"imbalance": "none"}))
     assert protocol.head_tail_accuracy(tmp_path) == {}
+
+
+def test_readme_shows_the_committed_results_table():
+    """The README's Fashion-MNIST table is the first table of the committed results.md."""
+    root = SCRIPT.parents[1]
+
+    def first_table(text):
+        lines = text.splitlines()
+        start = next(i for i, l in enumerate(lines) if l.startswith("| method |"))
+        end = next(i for i in range(start, len(lines)) if not lines[i].startswith("|"))
+        return lines[start:end]
+
+    results = (root / "benchmarks" / "results" / "fashion_mnist" / "results.md").read_text()
+    readme = (root / "README.md").read_text()
+    section = readme[readme.index("## Results on Fashion-MNIST"):]
+    assert first_table(section) == first_table(results)
+    assert "88 of 88 runs finished" in results
