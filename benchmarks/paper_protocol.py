@@ -81,11 +81,11 @@ def claim(lock: Path) -> bool:
 
 def _alive(pid: int) -> bool:
     try:
-        os.kill(pid, 0)
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
+    except PermissionError:  # it exists, under another user
+        pass
     return True
 
 
@@ -153,24 +153,19 @@ def head_tail_accuracy(run: Path) -> dict:
 def split_markdown(rows: list[dict]) -> str:
     """Markdown table for the imbalanced settings: many-shot / few-shot class
     accuracy (%) per method, mean over seeds, from the CSV rows."""
-    groups: dict = {}
-    for r in rows:
-        if r["imbalance"] == "none" or r.get("many_shot_accuracy") in (None, ""):
-            continue
-        setting = f"{r['noise']} + {r['imbalance']}"
-        groups.setdefault(setting, {}).setdefault(r["method"], []).append(
-            (float(r["many_shot_accuracy"]), float(r["few_shot_accuracy"])))
-    if not groups:
+    from gdw.report import aggregate
+
+    rows = [r for r in rows if r["imbalance"] != "none" and r.get("many_shot_accuracy") not in (None, "")]
+    if not rows:
         return ""
-    settings = list(groups)
-    methods = list(dict.fromkeys(m for s in settings for m in groups[s]))
+    settings, methods, cells = aggregate(rows, extra=SPLIT_FIELDS)
     lines = ["| method | " + " | ".join(f"{s}: many / few" for s in settings) + " |", "|---|" + "---|" * len(settings)]
     for m in methods:
-        cells = []
+        row = []
         for s in settings:
-            v = groups[s].get(m)
-            cells.append("–" if not v else " / ".join(f"{100 * x:.1f}" for x in np.mean(v, axis=0)))
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+            c = cells.get((s, m))
+            row.append("–" if c is None else " / ".join(f"{100 * c[f + '_mean']:.1f}" for f in SPLIT_FIELDS))
+        lines.append(f"| {m} | " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -195,9 +190,11 @@ def data_notes(rows: list[dict], out: Path) -> str:
     """Realised noise rate and class sizes per setting, from the CSV rows and
     the runs' config.json (the split is the same for every method and seed of
     a setting only up to the seed, so every distinct value is listed)."""
+    from gdw.report import setting_label
+
     realised, sizes = {}, {}
     for r in rows:
-        key = r["noise"] + ("" if r["imbalance"] == "none" else " + " + r["imbalance"])
+        key = setting_label(r["noise"], r["imbalance"])
         realised.setdefault(key, set()).add(round(float(r["realised_noise_rate"]), 4))
         config = out / r["run_dir"] / "config.json"
         if r["imbalance"] != "none" and config.exists():

@@ -84,31 +84,38 @@ def read_results_csv(path: Path) -> list[dict]:
     return rows
 
 
-def aggregate(rows: Sequence[dict]) -> tuple[list[str], list[str], dict]:
+def setting_label(noise: str, imbalance: str) -> str:
+    """The column name of a setting: ``"uniform:0.4"``, or ``"none + longtail:100"``
+    when there is imbalance."""
+    return noise if imbalance in ("none", "") else f"{noise} + {imbalance}"
+
+
+def aggregate(rows: Sequence[dict], extra: Sequence[str] = ()) -> tuple[list[str], list[str], dict]:
     """Group runs into settings (noise + imbalance) × methods.
 
     Returns ``(settings, methods, cells)`` where ``cells[(setting, method)]``
     is a dict with mean and std (over seeds) of the final and best test
-    accuracy (fractions) and the number of seeds.
+    accuracy (fractions; keys ``final_mean``, ``final_std``, ``best_mean``,
+    ``best_std``), ``NAME_mean`` / ``NAME_std`` for each column NAME in
+    ``extra``, and the number of seeds ``n``.
     """
     groups = defaultdict(list)
     settings, methods = [], []
     for r in rows:
-        setting = r["noise"] if r["imbalance"] in ("none", "") else f"{r['noise']} + {r['imbalance']}"
+        setting = setting_label(r["noise"], r["imbalance"])
         if setting not in settings:
             settings.append(setting)
         if r["method"] not in methods:
             methods.append(r["method"])
         groups[(setting, r["method"])].append(r)
+    columns = {"final": "final_test_accuracy", "best": "best_test_accuracy", **{name: name for name in extra}}
     cells = {}
     for key, rs in groups.items():
-        final = np.array([r["final_test_accuracy"] for r in rs], dtype=float)
-        best = np.array([r["best_test_accuracy"] for r in rs], dtype=float)
-        cells[key] = {
-            "final_mean": final.mean(), "final_std": final.std(ddof=1) if len(final) > 1 else 0.0,
-            "best_mean": best.mean(), "best_std": best.std(ddof=1) if len(best) > 1 else 0.0,
-            "n": len(rs),
-        }
+        cells[key] = {"n": len(rs)}
+        for name, column in columns.items():
+            values = np.array([r[column] for r in rs], dtype=float)
+            cells[key][f"{name}_mean"] = values.mean()
+            cells[key][f"{name}_std"] = values.std(ddof=1) if len(values) > 1 else 0.0
     return settings, methods, cells
 
 
