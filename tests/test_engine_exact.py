@@ -1,6 +1,6 @@
 """GDW, MW-Net and L2RW against an independent create_graph reference.
 
-The reference below is written from ALGORITHMS.md without the package's
+The reference below is written from docs/algorithms.md without the package's
 engine: it deep-copies the model, builds the virtual parameters with a
 ``create_graph`` backward of the weighted loss, and differentiates the meta
 loss through it (L2RW: explicit per-example gradient inner products).
@@ -31,8 +31,15 @@ def virtual_params(model, params, surrogate):
     return {n: p - LR * g for (n, p), g in zip(params.items(), grads)}
 
 
-def reference(name, model, vnet, x, y, xm, ym, *, head_only=False, eta=None):
-    """One step of ``name`` computed independently. Returns (weights, grads, vnet')."""
+def reference(name, model, vnet, x, y, xm, ym, *, head_only=False, eta=None, clip=0.2, omega_min=1e-6,
+              omega_max=1e6, p_max=0.999, zero_mean=True, stage_one="mwnet", info=None):
+    """One step of ``name`` computed independently. Returns (weights, grads, vnet').
+
+    GDW's options (η, c, ω clamp, p_max, zero-mean) are those of the paper;
+    ``info`` (a dict) receives, for GDW, the meta loss, the stage-one v and
+    how many entries the clip, the ω clamp and the p clamp changed, so that a
+    test can check that an option was really in effect.
+    """
     m = copy.deepcopy(model)
     V = copy.deepcopy(vnet) if vnet is not None else None
     params = dict(m.named_parameters())
@@ -64,21 +71,44 @@ def reference(name, model, vnet, x, y, xm, ym, *, head_only=False, eta=None):
 
     # gdw
     eta = 10.0 * C if eta is None else eta
-    p = F.softmax(z.detach(), 1).clamp(max=0.999)
+    p_raw = F.softmax(z.detach(), 1)
+    p = p_raw.clamp(max=p_max)
     e = p - onehot
 
     def constrain(om):
-        rest = (om * p * (1 - onehot)).sum(1) / (1 - (p * onehot).sum(1))
+        """Σ_j ω_ij e_ij = 0, solved for the labelled column:
+        ω_{i,y_i} = −Σ_{j≠y_i} ω_ij e_ij / e_{i,y_i}."""
+        if not zero_mean:
+            return om
+        rest = -(om * e * (1 - onehot)).sum(1) / (e * onehot).sum(1)
         return om * (1 - onehot) + rest[:, None] * onehot
 
-    omega = constrain(V(losses)[:, None].expand(B, C))
-    surrogate = (omega * e * z).sum() / B  # ∇_θ = J_zᵀ (ω ⊙ e) / B
-    L = meta_loss_at(m, {**params, **virtual_params(m, virt, surrogate)}, xm, ym)
-    out = torch.autograd.grad(L, [omega] + list(V.parameters()))
-    g, vgrads = out[0], out[1:]
-    adam_step(V, vgrads)
-    step = (eta * g / g.abs().sum()).clamp(-0.2, 0.2)
-    omega = constrain((omega.detach() - step).clamp(1e-6, 1e6))
+    if stage_one == "l2rw":
+        # the meta-gradient of per-logit weights at zero, i.e. at θ' = θ
+        omega0 = torch.zeros(B, C, dtype=torch.float64, requires_grad=True)
+        L = meta_loss_at(m, {**params, **virtual_params(m, virt, (omega0 * e * z).sum() / B)}, xm, ym)
+        (g,) = torch.autograd.grad(L, [omega0])
+        w = (-g.sum(1)).clamp(min=0)  # L2RW's weights, then scaled to mean one
+        v = B * w / w.sum() if w.sum() > 0 else w
+        omega, V = constrain(v[:, None].expand(B, C)), None
+    else:
+        v = V(losses)
+        omega = constrain(v[:, None].expand(B, C))
+        surrogate = (omega * e * z).sum() / B  # ∇_θ = J_zᵀ (ω ⊙ e) / B
+        L = meta_loss_at(m, {**params, **virtual_params(m, virt, surrogate)}, xm, ym)
+        out = torch.autograd.grad(L, [omega] + list(V.parameters()))
+        g, vgrads = out[0], out[1:]
+        adam_step(V, vgrads)
+    raw = eta * g / g.abs().sum()
+    moved = omega.detach() - raw.clamp(-clip, clip)
+    kept = moved.clamp(omega_min, omega_max)
+    omega = constrain(kept)
+    if info is not None:
+        # the constraint overwrites the labelled column: a clamp there has no effect
+        counted = (1 - onehot).bool() if zero_mean else torch.ones_like(kept, dtype=torch.bool)
+        info.update(meta_loss=L.detach(), v=v.detach(), clipped=int((raw.abs() > clip).sum()),
+                    unclipped=int((raw.abs() < clip).sum()), omega_raised=int(((kept > moved) & counted).sum()),
+                    omega_lowered=int(((kept < moved) & counted).sum()), p_clamped=int((p_raw > p_max).sum()))
     grads = torch.autograd.grad((omega * e * z).sum() / B, list(params.values()))
     return omega, grads, V
 
@@ -92,9 +122,9 @@ def adam_step(V, grads):
 
 def run_method(name, model, x, y, xm, ym, **kw):
     method = gdw.make(name, model, C, **kw)
-    if hasattr(method, "vnet"):
+    if getattr(method, "vnet", None) is not None:
         method.vnet.double()
-    vnet0 = copy.deepcopy(method.vnet) if hasattr(method, "vnet") else None
+    vnet0 = copy.deepcopy(method.vnet) if getattr(method, "vnet", None) is not None else None
     stats = method.backward(x, y, xm, ym, inner_lr=LR)
     return method, vnet0, stats
 
@@ -106,6 +136,32 @@ CASES = [
     for mode in ("jvp", "double")
     for head in (False, True)
 ] + [(name, kind, "jvp", False, True) for name in ("gdw", "mwnet", "l2rw") for kind in ("mlp", "cnn")]
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+@pytest.mark.parametrize("mode,head_only,low_memory", [("jvp", False, False), ("double", False, False),
+                                                       ("jvp", True, False), ("jvp", False, True)])
+@pytest.mark.parametrize("eta", [3.0, None])
+def test_gdw_on_l2rw_stage_one_matches_reference(kind, mode, head_only, low_memory, eta):
+    """GDW with L2RW's instance weights as stage one, against the reference
+    (the meta-gradient of per-logit weights at θ' = θ by create_graph)."""
+    model = make_model(kind)
+    x, y = make_batch(kind, B, 1)
+    xm, ym = make_batch(kind, BM, 2)
+    before = copy.deepcopy(model)
+    kw = {"meta_grad": mode, "head_only": head_only, "low_memory": low_memory, "stage_one": "l2rw", "eta": eta}
+    method, _, stats = run_method("gdw", model, x, y, xm, ym, **kw)
+    assert not hasattr(method, "vnet") and method.state_dict() == {}
+    info = {}
+    w_ref, g_ref, _ = reference("gdw", before, None, x, y, xm, ym, head_only=head_only, eta=eta,
+                                stage_one="l2rw", info=info)
+    torch.testing.assert_close(stats.weights, w_ref.detach(), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(stats.instance_weights.mean(), torch.tensor(1.0, dtype=torch.float64))
+    torch.testing.assert_close(stats.instance_weights, info["v"], rtol=1e-10, atol=1e-10)
+    for (n, p), g in zip(model.named_parameters(), g_ref):
+        torch.testing.assert_close(p.grad, g, rtol=1e-10, atol=1e-10, msg=f"gradient of {n}")
+    if eta is None:
+        assert info["clipped"] > 0  # at the default η the clip is in effect
 
 
 @pytest.mark.parametrize("name,kind,mode,head_only,low_memory", CASES)
@@ -120,12 +176,12 @@ def test_matches_create_graph_reference(name, kind, mode, head_only, low_memory)
     method, vnet0, stats = run_method(name, model, x, y, xm, ym, **kw)
     w_ref, g_ref, V_ref = reference(name, before, vnet0, x, y, xm, ym, head_only=head_only, eta=kw.get("eta"))
 
-    torch.testing.assert_close(stats.weights, w_ref.detach(), rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(stats.weights, w_ref.detach(), rtol=1e-10, atol=1e-10)
     for (n, p), g in zip(model.named_parameters(), g_ref):
-        torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-9, msg=f"gradient of {n}")
+        torch.testing.assert_close(p.grad, g, rtol=1e-10, atol=1e-10, msg=f"gradient of {n}")
     if V_ref is not None:  # the weighting network took the same Adam step
         for a, b in zip(method.vnet.parameters(), V_ref.parameters()):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-9)
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
     assert stats.meta_loss is not None and stats.meta_loss > 0
 
 
@@ -151,9 +207,9 @@ def test_modes_agree_over_several_steps_with_dropout(name):
             opt.step()
         results.append((stats.weights, [p.detach().clone() for p in model.parameters()]))
     for other in results[1:]:
-        torch.testing.assert_close(results[0][0], other[0], rtol=1e-5, atol=1e-9)
+        torch.testing.assert_close(results[0][0], other[0], rtol=1e-10, atol=1e-10)
         for a, b in zip(results[0][1], other[1]):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-9)
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("kind", ["mlp", "cnn"])
@@ -181,12 +237,17 @@ def test_engine_gradient_matches_finite_difference(kind, mode, head_only):
         with torch.no_grad():
             return meta_loss_at(model, virt, xm, ym)
 
+    # Fourth-order central difference: its truncation error is O(h⁴). The
+    # second-order one, (L(A+hD) − L(A−hD))/2h, cannot reach 1e-10 here: its
+    # O(h²) error is ~5e-9 relative at h = 1e-5 on the CNN, and a smaller h
+    # trades it for rounding error ~1e-16/h. h must also stay small enough
+    # not to move a ReLU pre-activation across zero (h = 1e-3 does, on the CNN).
     gen = torch.Generator().manual_seed(4)
+    h = 1e-4
     for _ in range(3):
         D = torch.randn(B, C, dtype=torch.float64, generator=gen)
-        eps = 1e-5
-        fd = (L(A + eps * D) - L(A - eps * D)) / (2 * eps)
-        torch.testing.assert_close((dA * D).sum(), fd, rtol=1e-6, atol=1e-10)
+        fd = (8 * (L(A + h * D) - L(A - h * D)) - (L(A + 2 * h * D) - L(A - 2 * h * D))) / (12 * h)
+        torch.testing.assert_close((dA * D).sum(), fd, rtol=1e-10, atol=1e-10)
 
 
 def test_no_virtual_step_is_gradient_at_theta():
@@ -204,4 +265,61 @@ def test_no_virtual_step_is_gradient_at_theta():
         for j in range(C):
             row = torch.autograd.grad(z[i, j], list(params.values()), retain_graph=True)
             expected = -LR * sum((a * b).sum() for a, b in zip(row, u))
-            torch.testing.assert_close(dA[i, j], expected, rtol=1e-6, atol=1e-12)
+            torch.testing.assert_close(dA[i, j], expected, rtol=1e-10, atol=1e-12)
+
+
+# GDW's options against the reference, each in a case where it really acts.
+# Every setting names the counters of ``reference(info=...)`` that must be
+# positive, so that a test cannot pass because the option never mattered.
+OMEGA_WINDOW = {"mlp": (0.4, 0.55), "cnn": (0.65, 0.85)}  # around each model's stage-one v (≈ 0.47, ≈ 0.75)
+GDW_SETTINGS = [
+    # (id, constructor options, bias added to the logit of class y[0], counters that must be > 0)
+    ("default-eta", {}, 0.0, ("clipped", "unclipped")),  # η = 10·C = 40: c = 0.2 clips most entries
+    ("omega-clamp", {"omega_min": "window", "omega_max": "window"}, 0.0, ("clipped", "omega_raised", "omega_lowered")),
+    ("p-max", {"p_max": 0.6}, 4.0, ("p_clamped",)),
+    ("confident-defaults", {}, 30.0, ("p_clamped",)),  # the default p_max = 0.999 acts
+    ("confident-no-zero-mean", {"zero_mean": False}, 30.0, ("p_clamped",)),
+    ("no-zero-mean", {"zero_mean": False}, 0.0, ("clipped",)),
+    ("all-options", {"eta": 7.0, "clip": 0.1, "omega_min": "window", "omega_max": "window", "p_max": 0.7,
+                     "zero_mean": False}, 4.0, ("clipped", "unclipped", "p_clamped")),
+]
+
+
+@pytest.mark.parametrize("setting", GDW_SETTINGS, ids=[s[0] for s in GDW_SETTINGS])
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+@pytest.mark.parametrize("mode,head_only", [("jvp", False), ("double", False), ("jvp", True), ("double", True)])
+def test_gdw_options_match_reference(setting, kind, mode, head_only):
+    _, options, confidence, active = setting
+    options = {k: OMEGA_WINDOW[kind][k == "omega_max"] if v == "window" else v for k, v in options.items()}
+    model = make_model(kind)
+    x, y = make_batch(kind, B, 1)
+    xm, ym = make_batch(kind, BM, 2)
+    if confidence:
+        with torch.no_grad():
+            model.fc.bias[y[0]] += confidence
+    before = copy.deepcopy(model)
+    method, vnet0, stats = run_method("gdw", model, x, y, xm, ym, meta_grad=mode, head_only=head_only, **options)
+    info = {}
+    w_ref, g_ref, V_ref = reference("gdw", before, vnet0, x, y, xm, ym, head_only=head_only, info=info, **options)
+    for key in active:
+        assert info[key] > 0, f"{key} not in effect: {info}"
+    if "eta" not in options:
+        assert method.eta == 10.0 * C
+
+    torch.testing.assert_close(stats.weights, w_ref.detach(), rtol=1e-10, atol=1e-10)
+    for (n, p), g in zip(model.named_parameters(), g_ref):
+        torch.testing.assert_close(p.grad, g, rtol=1e-10, atol=1e-10, msg=f"gradient of {n}")
+    for a, b in zip(method.vnet.parameters(), V_ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(stats.trust, w_ref.detach().gather(1, y[:, None]).squeeze(1), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(stats.instance_weights, info["v"], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(stats.meta_loss, info["meta_loss"].float())  # Stats.meta_loss is float32
+
+    # the zero-mean constraint holds exactly when it is on, and clearly not when it is off
+    p = F.softmax(before(x), 1).detach().clamp(max=options.get("p_max", 0.999))
+    terms = stats.weights * (p - F.one_hot(y, C).double())
+    rows = terms.sum(1).abs() / terms.abs().sum(1)  # |Σ_j ω_ij e_ij| relative to Σ_j |ω_ij e_ij|
+    if options.get("zero_mean", True):
+        assert rows.max() < 1e-12
+    else:
+        assert rows.max() > 1e-2

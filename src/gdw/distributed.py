@@ -26,10 +26,47 @@ import torch.distributed as dist
 
 
 class Comm:
-    """The ranks a batch is split over; identity when there is only one."""
+    """The ranks a batch is split over; identity when there is only one.
 
-    def __init__(self):
-        self.active = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    ``Comm()`` joins the default process group when one is initialised
+    (what torchrun sets up); ``Comm.single()`` is one process whatever the
+    global state. ``gdw.fit`` takes the communicator as an argument.
+    """
+
+    def __init__(self, active: bool | None = None):
+        if active is None:
+            active = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        self.active = bool(active)
+
+    @classmethod
+    def single(cls) -> "Comm":
+        """One process: every collective is the identity."""
+        return cls(active=False)
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank() if self.active else 0
+
+    @property
+    def world(self) -> int:
+        return dist.get_world_size() if self.active else 1
+
+    @property
+    def shard(self) -> tuple[int, int] | None:
+        """``(rank, world_size)`` for ``Split.batches(shard=...)``, None in one process."""
+        return (self.rank, self.world) if self.active else None
+
+    def barrier(self) -> None:
+        if self.active:
+            dist.barrier()
+
+    def broadcast(self, obj):
+        """Rank 0's ``obj`` on every rank (any picklable object)."""
+        if not self.active:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
 
     def sum(self, t: torch.Tensor) -> torch.Tensor:
         """Σ over ranks of ``t`` (a new tensor; ``t`` itself is not changed)."""
@@ -70,11 +107,13 @@ class Comm:
             warnings.simplefilter("ignore", FutureWarning)
             return all_reduce(t)
 
-    def count(self, n: int, device) -> int:
-        """Σ over ranks of a local count."""
+    def count(self, n: int, device) -> "int | torch.Tensor":
+        """Σ over ranks of a local count: ``int(n)`` in one process; across
+        ranks a 0-d float32 tensor on ``device`` (exact up to 2²⁴), never
+        copied to the host, so the per-step path does not synchronise."""
         if not self.active:
             return int(n)
-        return int(self.sum(torch.tensor(float(n), device=device)).item())
+        return self.sum(torch.full((), float(n), device=device))
 
 
 def rank() -> int:

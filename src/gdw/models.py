@@ -4,7 +4,8 @@ Built in: ``mlp`` (two hidden layers of 256 with BatchNorm), ``cnn`` (a small
 conv net), ``resnet32`` (the CIFAR ResNet of He et al. 2016 used by the GDW
 and MW-Net papers). A user's own model is ``"package.module:factory"``, where
 ``factory(input_shape, num_classes)`` — or ``factory(num_classes=...)`` —
-returns an ``nn.Module`` whose output is the logits. A new built-in model is
+returns an ``nn.Module`` whose output is the logits (or holds them: see
+:func:`gdw.engine.logits_of`). A new built-in model is
 one function decorated with ``@MODELS.register("name")``.
 """
 
@@ -18,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .engine import logits_of
 from .errors import UserError
 from .registry import Registry
 
@@ -124,8 +126,25 @@ def create_model(name: str, input_shape, num_classes: int, **kwargs) -> nn.Modul
             factory = getattr(importlib.import_module(mod_name), attr)
         except (ImportError, AttributeError) as err:
             raise UserError(f"cannot load model factory {name!r}: {err}") from None
-        params = inspect.signature(factory).parameters
-        if "input_shape" in params or len(params) >= 2:
+        if not callable(factory):
+            raise UserError(f"model factory {name!r} is a {type(factory).__name__}, not a function or class")
+        try:
+            params = inspect.signature(factory).parameters
+        except (TypeError, ValueError):
+            params = {}
+        how = "factory(input_shape, num_classes)" if "input_shape" in params or len(params) >= 2 \
+            else "factory(num_classes=...)"
+        try:
+            sig = inspect.signature(factory)
+            if how.startswith("factory(input_shape"):
+                sig.bind(input_shape, num_classes, **kwargs)
+            else:
+                sig.bind(num_classes=num_classes, **kwargs)
+        except TypeError as err:
+            raise UserError(f"model factory {name!r} must accept (input_shape, num_classes) or num_classes=: {err}") from None
+        except ValueError:
+            pass  # no signature to check (a builtin); the call itself will tell
+        if how.startswith("factory(input_shape"):
             model = factory(input_shape, num_classes, **kwargs)
         else:
             model = factory(num_classes=num_classes, **kwargs)
@@ -135,9 +154,12 @@ def create_model(name: str, input_shape, num_classes: int, **kwargs) -> nn.Modul
     return MODELS.get(name)(input_shape, num_classes, **kwargs)
 
 
-def check_logits(model: nn.Module, input_shape, num_classes: int, device="cpu") -> None:
+def check_logits(model: nn.Module, input_shape, num_classes: int, device="cpu", output=None) -> None:
     """Run two fake examples through ``model`` (in eval mode, state restored)
-    and raise UserError unless the output has shape (2, num_classes)."""
+    and raise UserError unless the logits in its output (the tensor itself,
+    ``.logits``, ``["logits"]`` or the first element of a tuple/list, or what
+    the callable ``output`` picks; see :func:`gdw.engine.logits_of`) have
+    shape (2, num_classes)."""
     was_training = model.training
     model.eval()
     try:
@@ -147,6 +169,6 @@ def check_logits(model: nn.Module, input_shape, num_classes: int, device="cpu") 
         raise UserError(f"the model cannot take inputs of shape {tuple(input_shape)}: {err}") from None
     finally:
         model.train(was_training)
-    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):
-        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise UserError(f"the model must return logits of shape (B, {num_classes}), got {shape}")
+    logits = logits_of(out, output)
+    if tuple(logits.shape) != (2, num_classes):
+        raise UserError(f"the model must return logits of shape (B, {num_classes}), got {tuple(logits.shape)}")

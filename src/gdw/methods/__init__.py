@@ -9,6 +9,7 @@ from .focal import Focal, LossMethod
 from .gce import GCE
 from .gdw import GDW, zero_mean
 from .l2rw import L2RW
+from .la import LogitAdjusted
 from .ldam import LDAM
 from .mwnet import MWNet, WeightNet
 from .sce import SCE
@@ -37,4 +38,4 @@ def make(name: str, model, num_classes: int, **hparams) -> Method:
 
 
 __all__ = ["METHODS", "Method", "MetaMethod", "Stats", "CE", "GDW", "L2RW", "MWNet", "WeightNet", "make", "zero_mean",
-           "CB", "DM", "Finetune", "Focal", "GCE", "LDAM", "LossMethod", "SCE"]
+           "CB", "DM", "Finetune", "Focal", "GCE", "LDAM", "LogitAdjusted", "LossMethod", "SCE"]

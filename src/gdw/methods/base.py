@@ -16,20 +16,26 @@ gradient clipping and mixed precision stay the user's.
 Convention for ``Stats.weights``: ``G = weights ⊙ e / B`` with
 ``e = softmax(z) − onehot(y)``, so plain cross-entropy has weights of one;
 instance methods report one weight per example (shape (B,)), class-level
-methods one per logit (shape (B, C)).
+methods one per logit (shape (B, C)). :class:`Stats` lists the methods for
+which this holds only approximately.
+
+The model's output may be the logits tensor or a structure holding it; see
+:func:`gdw.engine.logits_of` for the rule and ``output=`` to override it.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..engine import HeadCapture, RngState, TrainForward, full, meta_logit_grad
+from ..distributed import Comm
+from ..engine import HeadCapture, RngState, TrainForward, full, logits_of, meta_logit_grad
 from ..errors import UserError
 from ..registry import Registry
 
@@ -38,32 +44,71 @@ METHODS: Registry = Registry("method")
 
 @dataclass
 class Stats:
-    """What one ``backward`` call reports.
+    """What one ``backward`` call reports: detached tensors on the model's
+    device, never copied to the host (reading one, e.g. ``float(stats.loss)``,
+    is the caller's choice and synchronises with an accelerator).
+
+    Below, B is the number of examples in this call's batch (this rank's
+    share when the batch is split over ranks; the whole batch in the
+    ``/ B`` of the convention) and C the number of classes.
 
     Attributes:
-        loss: plain mean cross-entropy of the training batch (float).
-        meta_loss: cross-entropy on the meta batch after the virtual step
-            (float), or ``None`` for methods without a meta set.
-        weights: detached weights actually applied, ``G = weights ⊙ e / B``:
-            shape (B, C) for class-level methods, (B,) otherwise.
-        logits: detached training logits, shape (B, C).
-        instance_weights: the method's instance-level weights where it has
-            them besides ``weights`` (GDW: stage-one v; DM: the normalised
-            emphasis), shape (B,).
-        trust: how much the method trusts each example's given label, shape
-            (B,): the weight on the labelled class's gradient flow (GDW:
-            ω'_{i,y_i}; instance methods: their weight; DM: B times the
-            normalised emphasis). Used to rank suspicious labels.
-        trained_on: ``"train"``, or ``"meta"`` when the step used the meta
-            batch instead (``finetune``'s last epochs).
+        loss: 0-d float32 tensor: the mean plain (unweighted) cross-entropy
+            of the batch trained on, over all ranks, whatever the method
+            optimises. Computed from the logits in at least float32, then
+            stored as float32.
+        meta_loss: 0-d float32 tensor, or ``None`` for methods without a
+            meta set: the mean cross-entropy of the meta batch at the
+            virtual parameters θ' (at θ itself for L2RW and GDW with
+            ``stage_one="l2rw"``; in a fine-tuning phase, the ``loss``).
+        weights: the weights actually applied, shape (B, C) for class-level
+            methods (GDW), (B,) for all others. Convention: the gradient
+            back-propagated from the logits is
+            ``G = weights ⊙ (softmax(z) − onehot(y)) / B`` (row-broadcast
+            for (B,)), so plain cross-entropy has weights of one. It holds
+            exactly (up to rounding) for CE, CB, DM, Finetune, L2RW and
+            MW-Net, and for focal, GCE and SCE, whose losses depend on the
+            logits only through p_y, so that each G_i is parallel to
+            e_i = p_i − onehot(y_i) and the reported projection coefficient
+            B·⟨G_i, e_i⟩/‖e_i‖² is the exact factor. It does not hold
+            exactly for:
+
+            * LDAM (and the logit-adjusted loss ``la``): the margin and the
+              scale s (the shift τ·log π) change the softmax, so G_i is not
+              parallel to e_i; ``weights`` is the projection coefficient and
+              the component of G_i orthogonal to e_i is not described.
+            * GDW: e is computed from p clamped at ``p_max``
+              (``G = ω' ⊙ (min(p, p_max) − onehot(y)) / B``); in rows where
+              some p_ij > p_max this differs from the softmax convention.
+            * every method under autocast: G is rounded to the logits'
+              dtype (e.g. bfloat16) before it is back-propagated.
+
+            A projection reports 0 for a row whose e_i is exactly zero.
+            Dtype: float32, or float64 when the logits are float64; MW-Net's
+            weights come from the weighting network, in its dtype.
+        logits: the training logits, shape (B, C), in the model's output
+            dtype (e.g. bfloat16 under autocast).
+        instance_weights: shape (B,), or ``None``: a method's instance-level
+            weights where it has them besides ``weights`` (GDW: the
+            stage-one v_i: V(ℓ_i) before V's update, or L2RW's weights
+            scaled to mean one with ``stage_one="l2rw"``; DM: the normalised
+            emphasis w̄_i, which sums to one over the batch).
+        trust: shape (B,), always set: how much the method trusts each
+            example's given label, the weight on the labelled class's
+            gradient flow (GDW: ω'_{i,y_i}; DM: B·w̄_i; every other method:
+            its ``weights``). Used to rank suspicious labels.
+        trained_on: ``"train"``, or ``"meta"`` when the step trained on the
+            meta batch instead (the fine-tuning phase of ``finetune`` or of
+            any method's ``finetune_fraction``); then every field above
+            describes the meta batch.
     """
 
-    loss: float
-    meta_loss: Optional[float]
+    loss: torch.Tensor
+    meta_loss: Optional[torch.Tensor]
     weights: torch.Tensor
     logits: torch.Tensor
+    trust: torch.Tensor
     instance_weights: Optional[torch.Tensor] = None
-    trust: Optional[torch.Tensor] = None
     trained_on: str = "train"
 
 
@@ -89,7 +134,43 @@ def check_int(name: str, value, minimum: int = 1) -> int:
     return int(v)
 
 
-def _check_labels(y: torch.Tensor, n: int, num_classes: int, what: str) -> torch.Tensor:
+_TRUE_WORDS = ("true", "yes", "1")
+_FALSE_WORDS = ("false", "no", "0")
+
+
+def check_bool(name: str, value) -> bool:
+    """Return ``value`` as a bool, or raise UserError naming ``name``.
+
+    Accepted: ``True``/``False``, the integers 1/0, and the strings
+    ``"true"``/``"false"``, ``"yes"``/``"no"``, ``"1"``/``"0"`` in any case
+    (what a command line or a config file passes). Anything else, e.g.
+    ``"maybe"``, ``2`` or ``None``, is an error rather than Python's truthiness.
+    """
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        word = value.strip().lower()
+        if word in _TRUE_WORDS:
+            return True
+        if word in _FALSE_WORDS:
+            return False
+    elif isinstance(value, numbers.Integral) and value in (0, 1):
+        return bool(value)
+    elif type(value).__module__ == "numpy" and type(value).__name__ in ("bool_", "bool"):
+        return bool(value)
+    raise UserError(f"{name} must be True or False (or 1/0, 'true'/'false', 'yes'/'no'), got {value!r}")
+
+
+def check_optimizer(optimizer) -> Optional[torch.optim.Optimizer]:
+    """``optimizer`` if it is None or a ``torch.optim.Optimizer``, else raise UserError."""
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise UserError(f"optimizer must be None or a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    return optimizer
+
+
+def _check_labels(y: torch.Tensor, n: int, num_classes: int, what: str, *, values: bool = True) -> torch.Tensor:
+    """Integer (B,) labels as int64. The range check reads the labels: it
+    always runs on the CPU, and on an accelerator only when ``values``."""
     if not isinstance(y, torch.Tensor):
         y = torch.as_tensor(y)
     if y.dtype.is_floating_point or y.dtype == torch.bool or y.is_complex():
@@ -98,19 +179,21 @@ def _check_labels(y: torch.Tensor, n: int, num_classes: int, what: str) -> torch
         raise UserError(f"{what} labels must be a 1-D tensor, got shape {tuple(y.shape)}")
     if y.shape[0] != n:
         raise UserError(f"{what}: {n} inputs but {y.shape[0]} labels")
-    if n and (int(y.min()) < 0 or int(y.max()) >= num_classes):
-        raise UserError(
-            f"{what} labels must lie in [0, {num_classes}), got values from {int(y.min())} to {int(y.max())}"
-        )
+    if n and (values or y.device.type == "cpu"):
+        lo, hi = (int(v) for v in torch.stack([y.min(), y.max()]).tolist())
+        if lo < 0 or hi >= num_classes:
+            raise UserError(f"{what} labels must lie in [0, {num_classes}), got values from {lo} to {hi}")
     return y.long()
 
 
-def _check_inputs(x: torch.Tensor, what: str) -> None:
+def _check_inputs(x: torch.Tensor, what: str, *, values: bool = True) -> None:
+    """Type and shape always; the finiteness check reads the inputs: it
+    always runs on the CPU, and on an accelerator only when ``values``."""
     if not isinstance(x, torch.Tensor):
         raise UserError(f"{what} inputs must be a torch.Tensor, got {type(x).__name__}")
     if x.ndim == 0 or x.shape[0] == 0:
         raise UserError(f"{what} batch is empty")
-    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+    if x.is_floating_point() and (values or x.device.type == "cpu") and not bool(torch.isfinite(x).all()):
         raise UserError(f"{what} inputs contain NaN or infinite values")
 
 
@@ -118,23 +201,59 @@ class Method:
     """Base class of all methods; a subclass implements ``logit_grad``.
 
     Args:
-        model: any ``nn.Module`` whose output is the logits, shape (B, C).
+        model: any ``nn.Module`` whose output holds the logits, shape (B, C):
+            the logits tensor itself, or an object with ``.logits``, a dict
+            with ``"logits"``, or a tuple/list whose first element they are
+            (tried in that order; see :func:`gdw.engine.logits_of`).
         num_classes: C.
-        optimizer: optional; its current learning rate is the default
-            ``inner_lr`` of meta methods.
+        optimizer: None or a ``torch.optim.Optimizer``; its current learning
+            rate is the default ``inner_lr`` of meta methods.
+        output: optional callable taking the model's output and returning the
+            logits tensor, e.g. ``output=lambda out: out[1]``; it takes
+            precedence over the rule above, for every forward the method
+            runs (the real one and those of the virtual step).
+        comm: the ranks a batch is split over (:class:`gdw.distributed.Comm`);
+            default: the default process group when one is initialised
+            (torchrun), else one process.
+        finetune_fraction: in [0, 1): for the last ⌈fraction · epochs⌉ epochs
+            (at least one when > 0; set by ``on_epoch_start``) every
+            ``backward`` trains with plain cross-entropy on the META batch
+            instead (the method then needs meta batches). Default 0: the
+            method as published. Any method can take it: a clean set is
+            worth learning from directly.
+
+    Bool hyper-parameters of every method (``head_only``, ``low_memory``,
+    GDW's ``zero_mean``, LDAM's ``drw``) accept True/False, 1/0 and the
+    strings true/false, yes/no, 1/0 in any case (:func:`check_bool`).
     """
 
-    needs_meta = False  # True: backward needs x_meta, y_meta (and an inner lr)
+    needs_meta = False  # True: backward needs x_meta, y_meta
+    needs_inner_lr = False  # True: backward needs the learning rate of a virtual step
     needs_class_counts = False  # True: the constructor takes class_counts= (training-label counts)
 
-    def __init__(self, model: nn.Module, num_classes: int, *, optimizer: Optional[torch.optim.Optimizer] = None):
+    def __init__(self, model: nn.Module, num_classes: int, *, optimizer: Optional[torch.optim.Optimizer] = None,
+                 output: Optional[Callable[[Any], torch.Tensor]] = None, comm: Optional[Comm] = None,
+                 finetune_fraction: float = 0.0):
         if not isinstance(model, nn.Module):
             raise UserError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if int(num_classes) < 2:
             raise UserError(f"num_classes must be at least 2, got {num_classes!r}")
+        if output is not None and not callable(output):
+            raise UserError(f"output must be None or a callable returning the logits, got {type(output).__name__}")
         self.model = model
         self.num_classes = int(num_classes)
-        self.optimizer = optimizer
+        self.optimizer = check_optimizer(optimizer)
+        self.output = output
+        if comm is not None and not isinstance(comm, Comm):
+            raise UserError(f"comm must be None or a gdw.distributed.Comm, got {type(comm).__name__}")
+        self.comm = comm  # None: the default process group when one is initialised (Comm())
+        self.finetune_fraction = check_positive("finetune_fraction", finetune_fraction, allow_zero=True)
+        if self.finetune_fraction >= 1:
+            raise UserError(f"finetune_fraction must lie in [0, 1), got {finetune_fraction!r}")
+        if self.finetune_fraction > 0:
+            self.needs_meta = True  # the last epochs train on the meta batches
+        self.finetuning = False
+        self._values_checked = False  # set after the first backward: value checks on accelerators stop
 
     # -- what subclasses implement -------------------------------------------------
     def logit_grad(self, fwd: TrainForward, y: torch.Tensor, x_meta, y_meta, lr) -> dict[str, Any]:
@@ -145,8 +264,16 @@ class Method:
 
     def on_epoch_start(self, epoch: int, epochs: int) -> None:
         """Called by the training loop before epoch ``epoch`` (0-based) of
-        ``epochs``; methods with a schedule (deferred re-weighting,
-        fine-tuning) override it. Calling it is optional in a user's loop."""
+        ``epochs``. It starts the fine-tuning phase (``finetune_fraction``);
+        methods with a schedule of their own (deferred re-weighting) extend
+        it. A user's loop must call it for those to take effect."""
+        epoch, epochs = check_int("epoch", epoch, minimum=0), check_int("epochs", epochs)
+        if self.finetune_fraction > 0:
+            # the 1e-9 keeps e.g. 0.1 · 30 = 3.0000000000000004 at 3 epochs
+            last = max(1, math.ceil(self.finetune_fraction * epochs - 1e-9))
+            self.finetuning = epoch >= epochs - last
+        else:
+            self.finetuning = False
 
     def state_dict(self) -> dict:
         return {}
@@ -175,7 +302,8 @@ class Method:
         """The real forward of the training batch (updates BatchNorm stats once)."""
         rng = RngState(x.device)
         with torch.set_grad_enabled(self.forward_needs_graph()):
-            return TrainForward(self.model, x, self.model(x), rng)
+            return TrainForward(self.model, x, logits_of(self.model(x), self.output), rng, output=self.output,
+                                comm=self.comm if self.comm is not None else Comm())
 
     def forward_needs_graph(self) -> bool:
         """Whether the real forward must record an autograd graph."""
@@ -201,23 +329,27 @@ class Method:
                 optimizer's current learning rate.
 
         Returns:
-            :class:`Stats`.
+            :class:`Stats` (tensors on the model's device; nothing is copied
+            to the host).
 
         Raises:
             UserError (a ValueError): labels outside [0, C) or not integers,
-            logits whose last dimension is not C, x/y length mismatch, an
-            empty or missing meta batch, non-finite inputs, a meta method
-            without an inner learning rate.
+            logits whose last dimension is not C, a model output that holds
+            no logits, x/y length mismatch, an empty or missing meta batch,
+            non-finite inputs, a meta method without an inner learning rate.
+
+        The checks of types, shapes and dtypes run on every call. The checks
+        that read values (labels in [0, C), finite inputs) run on every call
+        for tensors on the CPU, where they cost no synchronisation, but for
+        tensors on an accelerator (CUDA, MPS, ...) only in the first call of
+        ``backward`` of this method object, so that later steps never wait
+        for the device. Out-of-range labels on an accelerator later on are
+        then caught, if at all, by the device's own checks in cross-entropy.
         """
-        _check_inputs(x, "training")
-        y = _check_labels(y, x.shape[0], self.num_classes, "training")
-        lr = None
-        if self.needs_meta:
-            if x_meta is None or y_meta is None:
-                raise UserError(f"{type(self).__name__} needs a meta batch: pass x_meta and y_meta")
-            _check_inputs(x_meta, "meta")
-            y_meta = _check_labels(y_meta, x_meta.shape[0], self.num_classes, "meta")
-            lr = self.inner_lr(inner_lr)
+        y, y_meta = self.check_batch(x, y, x_meta, y_meta)
+        if self.finetuning:
+            return self._finetune_step(x_meta, y_meta)
+        lr = self.inner_lr(inner_lr) if self.needs_inner_lr else None
         fwd = self.forward(x)
         z = fwd.logits
         fwd.backward_logits = z
@@ -228,7 +360,26 @@ class Method:
             )
         fwd.B = fwd.comm.count(y.shape[0], z.device)
         out = self.logit_grad(fwd, y, x_meta, y_meta, lr)
-        G = out["G"].to(z.dtype)
+        self._backprop(fwd, out["G"].to(z.dtype))
+        meta_loss = out.get("meta_loss")
+        weights = out["weights"].detach()
+        trust = out.get("trust")
+        if trust is None:
+            trust = weights.gather(1, y[:, None]).squeeze(1) if weights.ndim == 2 else weights
+        instance_weights = out.get("instance_weights")
+        with torch.no_grad():  # 0-d device tensors: no host synchronisation
+            loss = fwd.comm.sum(F.cross_entropy(full(z.detach()), y, reduction="sum")) / fwd.B
+        return Stats(
+            loss=loss.float(),
+            meta_loss=None if meta_loss is None else meta_loss.detach().float(),
+            weights=weights,
+            logits=z.detach(),
+            trust=trust.detach(),
+            instance_weights=None if instance_weights is None else instance_weights.detach(),
+        )
+
+    def _backprop(self, fwd: TrainForward, G: torch.Tensor) -> None:
+        """Accumulate J_zᵀ G into the parameters' ``.grad`` (summed over ranks)."""
         if fwd.comm.active:  # sum the parameter gradient over ranks, then accumulate
             params = [p for p in self.model.parameters() if p.requires_grad]
             grads = [g if g is not None else torch.zeros_like(p)
@@ -238,51 +389,86 @@ class Method:
                 p.grad = g if p.grad is None else p.grad + g
         else:
             fwd.backward_logits.backward(G)
-        meta_loss = out.get("meta_loss")
-        weights = out["weights"].detach()
-        trust = out.get("trust")
-        if trust is None:
-            trust = weights.gather(1, y[:, None]).squeeze(1) if weights.ndim == 2 else weights
-        return Stats(
-            loss=float(fwd.comm.sum(F.cross_entropy(full(z.detach()), y, reduction="sum")) / fwd.B),
-            meta_loss=None if meta_loss is None else float(meta_loss),
-            weights=weights,
-            logits=z.detach(),
-            instance_weights=out.get("instance_weights"),
-            trust=trust.detach(),
-        )
+
+    def _finetune_step(self, x_meta: torch.Tensor, y_meta: torch.Tensor) -> Stats:
+        """The fine-tuning phase: plain cross-entropy on the meta batch (the
+        training batch is checked but not forwarded, so BatchNorm statistics
+        see the meta batch only). The Stats describe the meta batch:
+        ``loss`` = ``meta_loss`` = its mean cross-entropy, ``weights`` = ones,
+        ``trained_on="meta"``."""
+        comm = self.comm if self.comm is not None else Comm()
+        with torch.enable_grad():
+            z = logits_of(self.model(x_meta), self.output)
+        fwd = TrainForward(self.model, x_meta, z, None, output=self.output, comm=comm, backward_logits=z)
+        fwd.B = comm.count(y_meta.shape[0], z.device)
+        _, e = logit_error(z, y_meta, self.num_classes)
+        self._backprop(fwd, (e / fwd.B).to(z.dtype))
+        ones = torch.ones(y_meta.shape[0], device=z.device, dtype=e.dtype)
+        with torch.no_grad():
+            loss = (comm.sum(F.cross_entropy(full(z.detach()), y_meta, reduction="sum")) / fwd.B).float()
+        return Stats(loss=loss, meta_loss=loss, weights=ones, logits=z.detach(), trust=ones, trained_on="meta")
+
+    def check_batch(self, x, y, x_meta=None, y_meta=None):
+        """Check a training batch (and, for a method with ``needs_meta``, the
+        meta batch) as ``backward`` does; return the labels as int64,
+        ``(y, y_meta)``. Value checks on an accelerator run only until the
+        first call has passed them (see ``backward``)."""
+        values = not self._values_checked
+        _check_inputs(x, "training", values=values)
+        y = _check_labels(y, x.shape[0], self.num_classes, "training", values=values)
+        if self.needs_meta:
+            if x_meta is None or y_meta is None:
+                raise UserError(f"{type(self).__name__} needs a meta batch: pass x_meta and y_meta")
+            _check_inputs(x_meta, "meta", values=values)
+            y_meta = _check_labels(y_meta, x_meta.shape[0], self.num_classes, "meta", values=values)
+        self._values_checked = True
+        return y, y_meta
 
 
 class MetaMethod(Method):
     """A method that learns its weights from a meta set through a virtual step.
 
     Args (besides those of :class:`Method`):
-        meta_grad: ``"jvp"`` (default; no second-order backward) or
-            ``"double"`` (create_graph reference, slower).
+        meta_grad: ``"jvp"`` (default; no second-order backward),
+            ``"double"`` (create_graph reference, slower), ``"fd"`` (J_z u
+            by a one-sided finite difference of the training logits: one
+            forward without a graph instead of the JVP; relative error of
+            ∂L_meta/∂A 2e-3 to 4e-3 on resnet32 in float32) or
+            ``"fd_central"`` (central difference, two such forwards, 1e-3
+            to 3e-3 there). See ``gdw.engine`` and benchmarks/fd_error.py.
+        fd_scale: c, the relative step of the finite-difference modes (the
+            parameters move by c·‖θ‖); default ε_mach^(1/2)/10 of the
+            model's dtype (3.5e-5 in float32). Ignored by the other modes.
         head_only: only the classifier head takes the virtual step (closed
-            form, no extra pass through the backbone).
+            form, no extra pass through the backbone; exact for every
+            ``meta_grad``, the finite-difference modes use the same closed
+            form as ``"jvp"``).
         head: the head ``nn.Linear``; found automatically when omitted.
-        low_memory: (``jvp``, not head-only) do not keep the training batch's
-            graph through the meta step; recompute the forward for the real
-            backward instead. Peak memory of about one graph instead of two,
+        low_memory: (not ``double``, not head-only) do not keep the
+            training batch's graph through the meta step; recompute the
+            forward for the real backward instead. Peak memory of about one graph instead of two,
             for one more forward pass.
     """
 
     needs_meta = True
+    needs_inner_lr = True
 
     virtual_step = True  # False for L2RW, whose virtual model is θ itself
 
-    def __init__(self, model, num_classes, *, optimizer=None, meta_grad: str = "jvp", head_only: bool = False,
-                 head=None, low_memory: bool = False):
-        super().__init__(model, num_classes, optimizer=optimizer)
-        if low_memory not in (True, False):
-            raise UserError(f"low_memory must be True or False, got {low_memory!r}")
-        if meta_grad not in ("jvp", "double"):
-            raise UserError(f"meta_grad must be 'jvp' or 'double', got {meta_grad!r}")
+    def __init__(self, model, num_classes, *, meta_grad: str = "jvp", head_only: bool = False,
+                 head=None, low_memory: bool = False, fd_scale: Optional[float] = None, **kw):
+        super().__init__(model, num_classes, **kw)
+        low_memory = check_bool("low_memory", low_memory)
+        head_only = check_bool("head_only", head_only)
+        if meta_grad not in ("jvp", "double", "fd", "fd_central"):
+            raise UserError(f"meta_grad must be 'jvp', 'double', 'fd' or 'fd_central', got {meta_grad!r}")
         self.meta_grad = meta_grad
-        self.head_only = bool(head_only) or head is not None
+        self.fd_scale = None if fd_scale is None else check_positive("fd_scale", fd_scale)
+        if self.fd_scale is not None and self.fd_scale >= 1:
+            raise UserError(f"fd_scale must be below 1, got {fd_scale!r}")
+        self.head_only = head_only or head is not None
         self.head = HeadCapture(model, self.num_classes, head) if self.head_only else None
-        self.recompute = bool(low_memory) and meta_grad == "jvp" and self.head is None
+        self.recompute = bool(low_memory) and meta_grad != "double" and self.head is None
 
     def forward_needs_graph(self) -> bool:
         # recomputing: the first graph only serves the virtual step's backward
@@ -297,7 +483,8 @@ class MetaMethod(Method):
 
     def meta_step(self, fwd, A, x_meta, y_meta, lr):
         """``(meta_loss, ∂L_meta/∂A)`` for the virtual step ``θ − lr·J_zᵀA``."""
-        return meta_logit_grad(fwd, A, x_meta, y_meta, lr, mode=self.meta_grad, head=self.head)
+        return meta_logit_grad(fwd, A, x_meta, y_meta, lr, mode=self.meta_grad, head=self.head,
+                               fd_scale=self.fd_scale)
 
 
 def logit_error(z: torch.Tensor, y: torch.Tensor, num_classes: int, p_max: Optional[float] = None):

@@ -11,4 +11,4 @@ class CE(Method):
 
     def logit_grad(self, fwd, y, x_meta, y_meta, lr):
         _, e = logit_error(fwd.logits, y, self.num_classes)
-        return {"G": e / fwd.B, "weights": torch.ones(y.shape[0], device=e.device)}
+        return {"G": e / fwd.B, "weights": torch.ones(y.shape[0], device=e.device, dtype=e.dtype)}

@@ -48,12 +48,13 @@ class LossMethod(Method):
             (G,) = torch.autograd.grad(self.loss(z, y), z)
         if fwd.comm.active:  # rescale this rank's mean to the mean over all ranks
             w = self.normaliser_weights(y)
-            local = torch.tensor(float(y.shape[0]), device=G.device) if w is None else w.sum().to(G.dtype)
+            n = float(y.shape[0])
+            local = torch.full((), n, device=G.device, dtype=G.dtype) if w is None else w.sum().to(G.dtype)
             G = G * (local / fwd.comm.sum(local))
         _, e = logit_error(fwd.logits, y, self.num_classes)
         e = e.to(G.dtype)
         norm2 = (e * e).sum(1).clamp(min=torch.finfo(e.dtype).tiny)
-        return {"G": G, "weights": y.shape[0] * (G * e).sum(1) / norm2}
+        return {"G": G, "weights": fwd.B * (G * e).sum(1) / norm2}  # B: the whole batch, over all ranks
 
 
 def labelled_log_prob(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -3,15 +3,23 @@
 One weight per class-level gradient flow: ω is B×C and the logit gradient is
 G = ω ⊙ e / B, with p clamped at 0.999 in e = p − onehot(y). Per step:
 
-1. Stage one: v_i = V(ℓ_i) from the weighting network, copied to every
-   class, ω_ij = v_i.
+1. Stage one, instance weights v copied to every class, ω_ij = v_i:
+   ``stage_one="mwnet"`` (the paper): v_i = V(ℓ_i) from the weighting
+   network; ``stage_one="l2rw"``: v_i = B · max(−Σ_j g_ij, 0) / Σ_k max(·)
+   from the meta-gradient at θ itself (Learning to Reweight's weights, mean
+   one), so there is no virtual step at all.
 2. Zero-mean constraint: Σ_j ω_ij e_ij = 0 for every example, by setting
    only the labelled column: ω_{i,y_i} = Σ_{j≠y_i} ω_ij p_ij / (1 − p_{i,y_i}).
-3. Virtual step θ' = θ − α J_zᵀ (ω ⊙ e) / B; L_meta on the meta batch.
-4. g = ∂L_meta/∂ω = −(α/B) e ⊙ (J_z u); it also reaches V (Adam step).
+3. mwnet: virtual step θ' = θ − α J_zᵀ (ω ⊙ e) / B; L_meta on the meta batch.
+   l2rw: θ' = θ.
+4. g = ∂L_meta/∂ω = −(α/B) e ⊙ (J_z u), u = ∇L_meta(θ'); for mwnet it also
+   reaches V (Adam step).
 5. Stage two: ω' = ω − clip(η_ω · g / Σ|g|, −c, c), clamped to
    [1e-6, 1e6], then the zero-mean constraint again (same p).
 6. Real step: G = ω' ⊙ e / B.
+
+With ``stage_one="l2rw"`` one meta-gradient serves both stages and a step
+costs what an L2RW step costs.
 """
 
 from __future__ import annotations
@@ -21,7 +29,7 @@ import torch.nn.functional as F
 
 from ..errors import UserError
 from ..engine import full
-from .base import METHODS, check_positive, logit_error
+from .base import METHODS, check_bool, check_positive, logit_error
 from .mwnet import WeightNetMethod
 
 
@@ -40,11 +48,19 @@ def zero_mean(omega: torch.Tensor, p: torch.Tensor, y: torch.Tensor) -> torch.Te
     return omega * (1 - onehot) + target[:, None] * onehot
 
 
+STAGE_ONE = ("mwnet", "l2rw")
+
+
 @METHODS.register("gdw")
 class GDW(WeightNetMethod):
     """Generalized Data Weighting: class-level weights learned on a meta set.
 
     Args (besides those of MetaMethod and the weighting network):
+        stage_one: where the instance weights come from: ``"mwnet"`` (the
+            paper's weighting network V) or ``"l2rw"`` (Learning to
+            Reweight's weights from the same meta-gradient; no virtual step,
+            no V: ``hidden``, ``meta_lr`` and ``meta_weight_decay`` are then
+            unused).
         eta: η_ω, the step of the class-level update (default 10·C: 100 for
             10 classes, 1000 for 100).
         clip: c, bound on each entry of the class-level step (0.2).
@@ -53,10 +69,16 @@ class GDW(WeightNetMethod):
         zero_mean: apply the zero-mean constraint (True; False is an ablation).
     """
 
-    def __init__(self, model, num_classes, *, eta: float | None = None, clip: float = 0.2,
+    def __init__(self, model, num_classes, *, stage_one: str = "mwnet", eta: float | None = None, clip: float = 0.2,
                  omega_min: float = 1e-6, omega_max: float = 1e6, p_max: float = 0.999,
                  zero_mean: bool = True, **kw):
         super().__init__(model, num_classes, **kw)
+        if stage_one not in STAGE_ONE:
+            raise UserError(f"stage_one must be one of {', '.join(STAGE_ONE)}, got {stage_one!r}")
+        self.stage_one = stage_one
+        if stage_one == "l2rw":
+            self.virtual_step = False
+            del self.vnet, self.vopt  # no weighting network
         self.eta = check_positive("eta", 10.0 * self.num_classes if eta is None else eta, allow_zero=True)
         self.clip = check_positive("clip", clip, allow_zero=True)
         self.omega_min = check_positive("omega_min", omega_min, allow_zero=True)
@@ -66,24 +88,39 @@ class GDW(WeightNetMethod):
         self.p_max = check_positive("p_max", p_max)
         if self.p_max >= 1:
             raise UserError(f"p_max must be below 1, got {p_max!r}")
-        self.zero_mean = bool(zero_mean)
+        self.zero_mean = check_bool("zero_mean", zero_mean)
 
     def _constrain(self, omega, p, y):
         return zero_mean(omega, p, y) if self.zero_mean else omega
+
+    def state_dict(self) -> dict:
+        return super().state_dict() if hasattr(self, "vnet") else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if hasattr(self, "vnet"):
+            super().load_state_dict(state)
 
     def logit_grad(self, fwd, y, x_meta, y_meta, lr):
         B, C = y.shape[0], self.num_classes
         n = fwd.B  # the whole batch, over all ranks
         p, e = logit_error(fwd.logits, y, C, self.p_max)
-        losses = F.cross_entropy(full(fwd.logits.detach()), y, reduction="none")
-        v = self.vnet(losses)
-        omega = self._constrain(v[:, None].expand(B, C), p, y)
-        meta_loss, dA = self.meta_step(fwd, omega.detach() * e / n, x_meta, y_meta, lr)
-        g = dA * e / n
-        self.update_vnet(omega, g, fwd.comm)
+        if self.stage_one == "l2rw":
+            meta_loss, dA = self.meta_step(fwd, None, x_meta, y_meta, lr)
+            g = dA * e / n
+            w = (-g.sum(1)).clamp(min=0)
+            total = fwd.comm.sum(w.sum())
+            v = torch.where(total > 0, n * w / total.clamp(min=torch.finfo(w.dtype).tiny), torch.zeros_like(w))
+            omega = self._constrain(v[:, None].expand(B, C), p, y)
+        else:
+            losses = F.cross_entropy(full(fwd.logits.detach()), y, reduction="none")
+            v = self.vnet(losses)
+            omega = self._constrain(v[:, None].expand(B, C), p, y)
+            meta_loss, dA = self.meta_step(fwd, omega.detach() * e / n, x_meta, y_meta, lr)
+            g = dA * e / n
+            self.update_vnet(omega, g, fwd.comm)
         with torch.no_grad():
             total = fwd.comm.sum(g.abs().sum())
             step = torch.where(total > 0, self.eta * g / total.clamp(min=torch.finfo(g.dtype).tiny), torch.zeros_like(g))
-            omega = (omega - step.clamp(-self.clip, self.clip)).clamp(self.omega_min, self.omega_max)
+            omega = (omega.detach() - step.clamp(-self.clip, self.clip)).clamp(self.omega_min, self.omega_max)
             omega = self._constrain(omega, p, y)
         return {"G": omega * e / n, "weights": omega, "meta_loss": meta_loss, "instance_weights": v.detach()}

@@ -33,8 +33,7 @@ from typing import Optional
 
 import torch.nn.functional as F
 
-from ..errors import UserError
-from .base import METHODS, check_int, check_positive
+from .base import METHODS, check_bool, check_int, check_positive
 from .cb import check_class_counts, class_balanced_weights
 from .focal import LossMethod
 
@@ -63,9 +62,7 @@ class LDAM(LossMethod):
         self.class_counts = check_class_counts(class_counts, self.num_classes)
         self.max_margin = check_positive("max_margin", max_margin, allow_zero=True)
         self.s = check_positive("s", s)
-        if drw not in (True, False):  # also admits 0 and 1
-            raise UserError(f"drw must be True or False, got {drw!r}")
-        self.drw = bool(drw)
+        self.drw = check_bool("drw", drw)
         self.drw_epoch = None if drw_epoch is None else check_int("drw_epoch", drw_epoch, minimum=0)
         m = self.class_counts.clamp(min=1) ** -0.25
         self.margins = m * (self.max_margin / m.max())
@@ -73,6 +70,7 @@ class LDAM(LossMethod):
         self.reweight = False
 
     def on_epoch_start(self, epoch, epochs):
+        super().on_epoch_start(epoch, epochs)
         start = self.drw_epoch if self.drw_epoch is not None else 4 * int(epochs) // 5
         self.reweight = self.drw and int(epoch) >= start
 
