@@ -61,14 +61,18 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
+from types import SimpleNamespace
 
+import torch
+
+from gdw import make
+from gdw.compare import run_cell
 from gdw.data import prepare
 from gdw.data.split import Split
 from gdw.detect import auroc, evaluate, load_issues, precision_recall_at
 from gdw.models import create_model
-from gdw.train import TrainConfig, cosine_lr, train
+from gdw.fit import fit, predict_proba
+from gdw.train import TrainConfig
 
 DATASET = "fashion-mnist"
 
@@ -93,26 +97,17 @@ def quick_dataset(n_train: int, n_test: int, folder: Path) -> str:
 
 
 def train_ce(split: Split, input_shape, C: int, epochs: int, seed: int, batch_size: int = 100) -> torch.nn.Module:
-    """The MLP trained with plain CE and the optimiser settings of ``gdw train``."""
+    """The MLP trained with plain CE and the optimiser settings of ``gdw train``, through ``gdw.fit``."""
     torch.manual_seed(seed)
     model = create_model("mlp", input_shape, C)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
-    for epoch in range(epochs):
-        for group in opt.param_groups:
-            group["lr"] = cosine_lr(0.1, epoch, epochs)
-        for x, y, _ in split.batches(batch_size, shuffle=True, seed=seed, epoch=epoch):
-            opt.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x), y).backward()
-            opt.step()
+    fit(model, make("ce", model, C), SimpleNamespace(train=split, meta=None), opt, epochs=epochs, lr=0.1,
+        batch_size=batch_size, seed=seed)
     return model
 
 
 def predict(model, split: Split) -> np.ndarray:
-    model.eval()
-    with torch.no_grad():
-        out = [torch.softmax(model(x), 1).numpy() for x, _, _ in split.batches(1000, shuffle=False)]
-    model.train()
-    return np.concatenate(out)
+    return predict_proba(model, split, 1000).cpu().numpy()
 
 
 def cleanlab_row(dataset, noise, seed, epochs, folds) -> dict:
@@ -147,12 +142,9 @@ def cleanlab_row(dataset, noise, seed, epochs, folds) -> dict:
 
 def gdw_row(dataset, noise, seed, epochs, method, out: Path) -> dict:
     run = out / f"{noise.replace(':', '')}-{method}-s{seed}"
-    if not (run / "summary.json").exists():
-        if run.exists():
-            raise SystemExit(f"{run} exists but is unfinished; remove it or resume it with gdw train --resume")
-        train(TrainConfig(dataset=dataset, noise=noise, method=method, model="mlp", epochs=epochs, seed=seed,
-                          out=str(run), progress=False), log=lambda line: print("  " + line, file=sys.stderr, flush=True))
-    summary = json.loads((run / "summary.json").read_text())
+    cfg = TrainConfig(dataset=dataset, noise=noise, method=method, model="mlp", epochs=epochs, seed=seed,
+                      out=str(run), progress=False)
+    summary, _ = run_cell(cfg, log=lambda line: print("  " + line, file=sys.stderr, flush=True))
     m = evaluate(load_issues(run))
     return {"method": f"{method} (1 run)", **m, "seconds": summary["train_seconds"], "trainings": 1,
             "test_accuracy": summary["final_test_accuracy"]}

@@ -72,7 +72,9 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path):
     done = torch.load(killed / "checkpoint.pt", weights_only=False)["epoch"] + 1
     assert done < epochs and not (killed / "summary.json").exists(), "the run was not interrupted mid-way"
 
-    subprocess.run(_train_cmd(killed, epochs) + ["--resume"], check=True, capture_output=True)
+    # the run's own settings: no flag but --out and --resume
+    subprocess.run([sys.executable, "-m", "gdw", "train", "--out", str(killed), "--resume", "--no-progress"],
+                   check=True, capture_output=True)
     subprocess.run(_train_cmd(full, epochs), check=True, capture_output=True)
     a, b = _final_params(killed), _final_params(full)
     for key in ("model", "method"):
@@ -80,6 +82,8 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path):
         flat_b = torch.nn.utils.parameters_to_vector([t.float() for t in _tensors(b[key])])
         assert torch.equal(flat_a, flat_b), key
     assert a["history"][-1]["test_accuracy"] == b["history"][-1]["test_accuracy"]
+    rows = [json.loads(line) for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == list(range(1, epochs + 1))
 
 
 def _tensors(state):
@@ -133,12 +137,189 @@ def run_cli(args, capsys):
         (["train", "--noise", "uniform:1.5"], "noise"),
         (["train", "--dataset", "npz:/nonexistent.npz"], "nonexistent.npz"),
         (["compare", "--methods", "ce,nope"], "unknown method 'nope'"),
+        (["train", "--method-args", "optimizer=1"], "'optimizer' is set by gdw itself"),
+        (["train", "--method-args", "head_only=maybe"], "head_only must be True or False"),
+        (["train", "--method-args", "zero_mean=nope"], "zero_mean must be True or False"),
+        (["train", "--method-args", "eta=3,eta=4"], "'eta' is given twice"),
+        (["train", "--model", "test_train_cli:wrong_signature"], "must accept (input_shape, num_classes)"),
+        (["train", "--model", "test_train_cli:StringOutput"], "str"),
+        (["train", "--resume"], "no config.json"),
     ],
 )
 def test_user_mistakes_are_one_line_exit_2(args, message, tmp_path, capsys):
-    code, err = run_cli([args[0], *QUICK, *args[1:], "--out", str(tmp_path / "r")], capsys)
+    code, err = run_cli([args[0], *QUICK, *args[1:], "--out", str(tmp_path / "r" / "deeper")], capsys)
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and message in lines[0], err
+    assert list(tmp_path.iterdir()) == [], "a failed command left files behind"
+
+
+def wrong_signature(a, b, c):
+    return torch.nn.Linear(64, 10)
+
+
+class StringOutput(torch.nn.Module):
+    def __init__(self, input_shape, num_classes):
+        super().__init__()
+        self.fc = torch.nn.Linear(int(np.prod(input_shape)), num_classes)
+
+    def forward(self, x):
+        return "logits"
+
+
+class TupleOutput(torch.nn.Module):
+    """Returns ``(logits, features)`` as many models do."""
+
+    def __init__(self, input_shape, num_classes):
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(int(np.prod(input_shape)), 32), torch.nn.ReLU())
+        self.fc = torch.nn.Linear(32, num_classes)
+
+    def forward(self, x):
+        h = self.body(x)
+        return self.fc(h), h
+
+
+def test_model_with_tuple_output_trains(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", *QUICK, "--epochs", "1", "--method", "gdw", "--model", "test_train_cli:TupleOutput",
+                 "--out", str(out)]) == 0
+    assert json.loads((out / "summary.json").read_text())["final_test_accuracy"] > 0.3
+
+
+def _snapshot(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A 2-epoch flip:0.2 MW-Net run (not the defaults, so a resume that
+    forgot its settings would show)."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    assert main(["train", *QUICK, "--epochs", "2", "--method", "mwnet", "--noise", "flip:0.2", "--out", str(out)]) == 0
+    return out
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--noise", "uniform:0.4"], "--noise uniform:0.4 differs from flip:0.2"),
+    (["--method", "gdw"], "--method gdw differs from mwnet"),
+    (["--epochs", "8"], "--epochs 8 differs from 2"),
+    (["--dataset", "npz:/nonexistent.npz"], "--dataset"),
+    (["--method-args", "hidden=50"], "--method-args hidden=50 differs"),
+])
+def test_resume_with_a_changed_setting_is_refused(finished_run, flags, message, capsys):
+    before = _snapshot(finished_run)
+    code, err = run_cli(["train", "--out", str(finished_run), "--resume", *flags], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
+    assert _snapshot(finished_run) == before
+
+
+def test_resume_accepts_settings_that_cannot_change_the_result(finished_run, capsys):
+    code, err = run_cli(["train", "--out", str(finished_run), "--resume", "--noise", "flip:0.2", "--device", "cpu",
+                         "--no-progress"], capsys)
+    assert code == 0, err
+    assert json.loads((finished_run / "summary.json").read_text())["noise"] == "flip:0.2"
+
+
+def test_resume_rewrites_metrics_from_the_checkpoint(tmp_path, capsys):
+    """A kill between metrics.jsonl and the checkpoint (simulated: an extra
+    row for an epoch the checkpoint does not hold) leaves no duplicate rows."""
+    out = tmp_path / "run"
+    assert main(["train", *QUICK, "--epochs", "1", "--method", "ce", "--out", str(out)]) == 0
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+    ckpt["history"] = ckpt["history"][:1]
+    rows = (out / "metrics.jsonl").read_text()
+    (out / "metrics.jsonl").write_text(rows + rows.replace('"epoch": 1', '"epoch": 2'))
+    (out / "summary.json").unlink()
+    assert main(["train", "--out", str(out), "--resume", "--no-progress"]) == 0
+    epochs = [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1]
+
+
+@pytest.mark.parametrize("content", [b"", b"PK\x03\x04 truncated", None])
+def test_corrupt_checkpoint_is_one_line(finished_run, tmp_path, content, capsys):
+    import shutil
+
+    run = tmp_path / "copy"
+    shutil.copytree(finished_run, run)
+    path = run / "checkpoint.pt"
+    if content is None:  # a real checkpoint cut short
+        path.write_bytes(path.read_bytes()[:2000])
+    else:
+        path.write_bytes(content)
+    before = _snapshot(run)
+    code, err = run_cli(["train", "--out", str(run), "--resume"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "corrupt or truncated" in err, err
+    assert _snapshot(run) == before
+
+
+def test_checkpoint_of_other_settings_is_refused(finished_run, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "copy"
+    shutil.copytree(finished_run, run)
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=False)
+    ckpt["fingerprint"] = "0" * 16
+    torch.save(ckpt, run / "checkpoint.pt")
+    code, err = run_cli(["train", "--out", str(run), "--resume"], capsys)
+    assert code == 2 and "other settings" in err
+
+
+def test_out_pointing_at_a_file(tmp_path, capsys):
+    f = tmp_path / "file.txt"
+    f.write_text("x")
+    code, err = run_cli(["train", *QUICK, "--out", str(f)], capsys)
+    assert code == 2 and "is a file" in err and f.read_text() == "x"
+
+
+def test_compare_refuses_a_changed_grid_and_force_reruns(tmp_path, capsys):
+    args = ["compare", *QUICK, "--methods", "ce", "--noise", "uniform:0.4", "--out", str(tmp_path)]
+    assert main([*args, "--epochs", "1"]) == 0
+    capsys.readouterr()
+    before = _snapshot(tmp_path)
+    code, err = run_cli([*args, "--epochs", "2"], capsys)
+    assert code == 2 and "cell uniform0.4_none_ce_s0" in err and "--epochs 2 differs from 1" in err, err
+    assert _snapshot(tmp_path) == before
+    assert main([*args, "--epochs", "2", "--force"]) == 0
+    summary = json.loads((tmp_path / "uniform0.4_none_ce_s0" / "summary.json").read_text())
+    assert summary["epochs"] == 2
+
+
+def _interrupt(cmd, until, timeout=120):
+    """Start ``cmd``, send SIGINT once ``until()`` holds; (returncode, stderr)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + timeout
+    while not until():
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.time() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    return proc.returncode, err
+
+
+def test_ctrl_c_before_the_first_checkpoint_leaves_nothing(tmp_path):
+    out = tmp_path / "r" / "run"
+    code, err = _interrupt([sys.executable, "-m", "gdw", "train", *QUICK, "--epochs", "50", "--method", "l2rw",
+                            "--batch-size", "10", "--out", str(out)], lambda: (out / "split.npz").exists())
+    assert code == 130 and "nothing was kept" in err and "--resume" not in err, err
+    assert "Traceback" not in err and not (tmp_path / "r").exists()
+
+
+def test_ctrl_c_after_a_checkpoint_advises_a_resume_that_works(tmp_path):
+    out = tmp_path / "run"
+    code, err = _interrupt([sys.executable, "-m", "gdw", "train", *QUICK, "--epochs", "30", "--method", "ce",
+                            "--out", str(out)], lambda: (out / "checkpoint.pt").exists())
+    assert code == 130 and f"gdw train --out {out} --resume" in err, err
+    proc = subprocess.run([sys.executable, "-m", "gdw", "train", "--out", str(out), "--resume", "--no-progress"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_detect_into_a_closed_pipe_has_no_traceback(finished_run):
+    proc = subprocess.run(f"{sys.executable} -m gdw detect {finished_run} --top 100000 | head -1", shell=True,
+                          capture_output=True, text=True)
+    assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
+    assert proc.stdout.startswith("gdw detect:")
 
 
 def test_user_mistake_in_a_real_process_has_no_traceback(tmp_path):

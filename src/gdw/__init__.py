@@ -12,8 +12,10 @@ used the same way in any PyTorch training loop::
 """
 
 from .errors import UserError
+from .fit import cycle, fit
 from .methods import CE, GDW, L2RW, METHODS, Method, MetaMethod, MWNet, Stats, WeightNet, make
 
 __version__ = "0.1.0"
 
-__all__ = ["CE", "GDW", "L2RW", "MWNet", "METHODS", "Method", "MetaMethod", "Stats", "UserError", "WeightNet", "make", "__version__"]
+__all__ = ["CE", "GDW", "L2RW", "MWNet", "METHODS", "Method", "MetaMethod", "Stats", "UserError", "WeightNet", "cycle",
+           "fit", "make", "__version__"]

@@ -9,23 +9,26 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from pathlib import Path
 from typing import Any, Optional
 
 from .errors import UserError
 from .methods import METHODS
-from .train import TrainConfig, TrainingDiverged
+from .train import NEUTRAL, RunInterrupted, TrainConfig, TrainingDiverged
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 
 def parse_value(text: str) -> Any:
-    """``"3"`` → 3, ``"0.5"`` → 0.5, ``"true"`` → True, otherwise the string."""
+    """``"3"`` → 3, ``"0.5"`` → 0.5, ``"true"``/``"yes"`` → True,
+    ``"false"``/``"no"`` → False, otherwise the string (a method then
+    rejects a string where it needs a number or a boolean)."""
     low = text.strip().lower()
-    if low in ("true", "yes", "on"):
+    if low in ("true", "yes"):
         return True
-    if low in ("false", "no", "off"):
+    if low in ("false", "no"):
         return False
     for kind in (int, float):
         try:
@@ -44,6 +47,8 @@ def parse_method_args(text: Optional[str]) -> dict:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise UserError(f"--method-args: expected key=value[,key=value...], got {item!r}")
+        if key.strip() in out:
+            raise UserError(f"--method-args: {key.strip()!r} is given twice")
         out[key.strip()] = parse_value(value)
     return out
 
@@ -97,12 +102,15 @@ def _add_train_flags(p: argparse.ArgumentParser, grid: bool = False) -> None:
         add("--imbalance", help="comma-separated imbalance specs (default none)")
         add("--methods", help="comma-separated methods; NAME-head means NAME with --head-only (default ce,mwnet,gdw)")
         add("--seeds", help="comma-separated seeds (default 0)")
+        add("--force", action="store_true", default=None,
+            help="rerun cells whose saved settings differ from the requested ones (their results are replaced)")
     else:
         add("--noise", help=f"none, uniform:R, symmetric:R, flip:R, pair:R, matrix:PATH, cifar10n:KEY (default {d.noise})")
         add("--imbalance", help=f"none, longtail:RHO, step:RHO (default {d.imbalance})")
         add("--method", help=f"weighting method: {', '.join(METHODS.names())} (default {d.method})")
         add("--seed", type=int, help=f"random seed (default {d.seed})")
-        add("--resume", action="store_true", default=None, help="continue the run in --out from its checkpoint")
+        add("--resume", action="store_true", default=None,
+            help="continue the run in --out from its checkpoint, with the settings saved there")
         add("--nproc", type=int, help="data-parallel processes on this machine (launches torchrun; one per GPU)")
     add("--meta-per-class", type=int, help="clean meta examples per class (default 100 when C <= 10, else 10, at most a tenth of the smallest class)")
     add("--method-args", help="the method's hyper-parameters, key=value,... (e.g. lam=0.5,beta=8)")
@@ -148,11 +156,28 @@ def resolve_config(args: argparse.Namespace, exclude=()) -> dict:
     return settings
 
 
+def resume_config(settings: dict) -> TrainConfig:
+    """The config of ``gdw train --out R --resume [flags]``: the settings saved
+    in R; a flag that would change the result must equal its saved value."""
+    if not settings.get("out"):
+        raise UserError("--resume needs --out RUN_DIR, the run to continue")
+    saved = TrainConfig.load(settings["out"])
+    neutral = {k: settings.get(k, getattr(TrainConfig(), k)) for k in NEUTRAL}
+    given = TrainConfig(**{**dataclasses.asdict(saved), **settings}).validate()
+    diff = given.first_difference(saved, only=set(settings))
+    if diff:
+        from .train import describe_difference
+
+        raise UserError(describe_difference(diff, f"the run in {settings['out']}"))
+    return dataclasses.replace(saved, **{**neutral, "resume": True})
+
+
 def cmd_train(args) -> int:
     from .distributed import launched_by_torchrun
     from .train import train
 
-    cfg = TrainConfig(**resolve_config(args, exclude=("nproc",)))
+    settings = resolve_config(args, exclude=("nproc",))
+    cfg = resume_config(settings) if settings.get("resume") else TrainConfig(**settings)
     if args.nproc is not None and args.nproc < 1:
         raise UserError(f"--nproc must be at least 1, got {args.nproc}")
     if args.nproc and args.nproc > 1 and not launched_by_torchrun():
@@ -191,7 +216,7 @@ def _split_list(value, default):
 def cmd_compare(args) -> int:
     from .compare import compare
 
-    settings = resolve_config(args, exclude=("methods", "seeds", "noise", "imbalance"))
+    settings = resolve_config(args, exclude=("methods", "seeds", "noise", "imbalance", "force"))
     grid = {k: settings.pop(k, None) for k in ("methods", "seeds", "noise", "imbalance")}
     for k in ("methods", "seeds", "noise", "imbalance"):
         if getattr(args, k) is not None:
@@ -202,12 +227,14 @@ def cmd_compare(args) -> int:
         raise UserError(f"--seeds must be whole numbers separated by commas, got {grid['seeds']!r}") from None
     noises = _split_list(grid["noise"], ["none"])
     imbalances = _split_list(grid["imbalance"], ["none"])
+    force = bool(args.force)
     compare(
         TrainConfig(**settings),
         methods=_split_list(grid["methods"], ["ce", "mwnet", "gdw"]),
         settings=[(n, i) for n in noises for i in imbalances],
         seeds=seeds,
         out=settings.get("out") or "runs/compare",
+        force=force,
     )
     return 0
 
@@ -324,9 +351,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     except TrainingDiverged as err:
         report(f"gdw {args.command}: {err}")
         return 1
-    except KeyboardInterrupt:
-        report(f"gdw {args.command}: interrupted; the last finished epoch is in the checkpoint (continue with --resume)")
+    except RunInterrupted as err:
+        report(f"gdw {args.command}: {err}")
         return 130
+    except KeyboardInterrupt:
+        report(f"gdw {args.command}: interrupted before training started; nothing was written")
+        return 130
+    except BrokenPipeError:  # e.g. gdw detect RUN | head: the reader has gone, stop quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

@@ -1,20 +1,23 @@
 """``gdw compare``: a grid of methods × settings × seeds, each cell an
 ordinary run directory, tabulated into results.csv, results.md and
-compare.png. Finished cells are skipped and interrupted ones resumed, so a
-stopped grid continues where it was."""
+compare.png. A finished cell is reused and an interrupted one resumed only
+when its saved settings are the requested ones (:func:`run_cell`), so a
+stopped grid continues where it was and a changed grid never reports old
+numbers under new settings."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import re
+import shutil
 from pathlib import Path
 from typing import Sequence
 
 from .errors import UserError
 from .methods import METHODS
 from .report import plot_compare, results_markdown, write_results_csv
-from .train import TrainConfig, train
+from .train import RunInterrupted, TrainConfig, describe_difference, train
 
 
 def method_variant(spec: str) -> tuple[str, bool]:
@@ -29,6 +32,32 @@ def cell_name(noise: str, imbalance: str, method: str, seed: int) -> str:
     return re.sub(r"[^A-Za-z0-9_.+-]", "", raw.replace(":", ""))
 
 
+def run_cell(cfg: TrainConfig, *, force: bool = False, log=print) -> tuple[dict, str]:
+    """Train the run ``cfg.out``, reusing what is already there when it was
+    made with the same settings: ``(summary, "finished" | "resumed" | "new")``.
+
+    A cell directory whose saved settings differ from ``cfg`` raises a
+    UserError naming the cell and the first difference, unless ``force``:
+    then the cell is deleted and trained again.
+    """
+    run_dir = Path(cfg.out)
+    if (run_dir / "config.json").exists():
+        saved = TrainConfig.load(run_dir)
+        diff = cfg.first_difference(saved)
+        if diff and not force:
+            raise UserError(f"cell {run_dir.name}: " + describe_difference(diff, str(run_dir)).replace(
+                "(drop the flag, or use another --out)", "(pass --force to rerun such cells, or use another --out)"))
+        if diff:
+            shutil.rmtree(run_dir)
+    summary_path = run_dir / "summary.json"
+    if summary_path.exists():
+        return json.loads(summary_path.read_text()), "finished"
+    resume = (run_dir / "checkpoint.pt").exists()
+    if run_dir.exists() and not resume:  # started but never finished an epoch
+        shutil.rmtree(run_dir)
+    return train(dataclasses.replace(cfg, resume=resume), log=log), "resumed" if resume else "new"
+
+
 def compare(
     base: TrainConfig,
     methods: Sequence[str],
@@ -36,6 +65,7 @@ def compare(
     seeds: Sequence[int],
     out: str,
     quiet: bool = False,
+    force: bool = False,
 ) -> list[dict]:
     """Run every (setting, method, seed) cell under ``out`` and tabulate.
 
@@ -46,31 +76,46 @@ def compare(
         seeds: random seeds.
         out: the grid's directory; each cell is ``out/<cell>/``.
         quiet: print only the final table, not the per-epoch lines.
+        force: rerun cells whose saved settings differ from the requested ones.
     Returns:
         The rows of results.csv (one dict per run).
+    Raises:
+        UserError: a bad setting, or a cell saved with other settings (without ``force``).
+        RunInterrupted: Ctrl-C; finished cells are kept.
     """
     variants = [(spec, *method_variant(spec)) for spec in methods]
     if not variants or not settings or not seeds:
         raise UserError("compare needs at least one method, one setting and one seed")
     root = Path(out)
+    if root.exists() and not root.is_dir():
+        raise UserError(f"--out {root} is a file, not a directory")
+    cells = [(s, v, seed) for s in settings for v in variants for seed in seeds]
+    configs = []
+    for (noise, imbalance), (label, name, head), seed in cells:
+        cfg = dataclasses.replace(
+            base, noise=noise, imbalance=imbalance, method=name, head_only=head or base.head_only, seed=seed,
+            out=str(root / cell_name(noise, imbalance, label, seed)), resume=False, progress=base.progress and not quiet,
+        )
+        configs.append((label, cfg.validate()))
+    for label, cfg in configs:  # refuse a changed grid before training anything
+        if (Path(cfg.out) / "config.json").exists() and not force:
+            diff = cfg.first_difference(TrainConfig.load(cfg.out))
+            if diff:
+                raise UserError(f"cell {Path(cfg.out).name}: " + describe_difference(diff, cfg.out).replace(
+                    "(drop the flag, or use another --out)", "(pass --force to rerun such cells, or use another --out)"))
     root.mkdir(parents=True, exist_ok=True)
     rows = []
-    cells = [(s, v, seed) for s in settings for v in variants for seed in seeds]
-    for k, ((noise, imbalance), (label, name, head), seed) in enumerate(cells, 1):
-        run_dir = root / cell_name(noise, imbalance, label, seed)
-        summary_path = run_dir / "summary.json"
-        if summary_path.exists():
-            summary = json.loads(summary_path.read_text())
-            if not quiet:
-                print(f"[{k}/{len(cells)}] {run_dir.name}: finished, skipped")
-        else:
-            cfg = dataclasses.replace(
-                base, noise=noise, imbalance=imbalance, method=name, head_only=head or base.head_only, seed=seed,
-                out=str(run_dir), resume=(run_dir / "checkpoint.pt").exists(), progress=base.progress and not quiet,
-            )
-            print(f"[{k}/{len(cells)}] {run_dir.name}" + (" (resuming)" if cfg.resume else ""), flush=True)
-            summary = train(cfg, log=(lambda *a, **kw: None) if quiet else print)
-        rows.append({**summary, "method": label, "run_dir": run_dir.name})
+    for k, (label, cfg) in enumerate(configs, 1):
+        name = Path(cfg.out).name
+        try:
+            summary, how = run_cell(cfg, force=force, log=(lambda *a, **kw: None) if quiet else print)
+        except RunInterrupted:
+            raise RunInterrupted(f"interrupted in cell {name}; finished cells are kept: run the same gdw compare "
+                                 "command again to continue") from None
+        if not quiet:
+            print(f"[{k}/{len(configs)}] {name}: " + {"finished": "finished, skipped", "resumed": "resumed and finished",
+                                                      "new": "trained"}[how], flush=True)
+        rows.append({**summary, "method": label, "run_dir": name})
         write_results_csv(rows, root / "results.csv")
     table = results_markdown(rows)
     (root / "results.md").write_text(table)

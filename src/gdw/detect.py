@@ -114,8 +114,19 @@ class LabelIssueRecorder:
         self.epoch_sums: dict[str, torch.Tensor] = {}  # the current epoch (this rank's share)
         self.sums: dict[str, torch.Tensor] = {}  # the window so far (all ranks)
         self.epochs_seen: list[int] = []
+        self.last_epoch: dict[str, torch.Tensor] = {}  # the sums of the last epoch that trained on examples
         if state:
             self.load_state_dict(state)
+
+    def epoch_means(self) -> dict:
+        """Means over the last epoch that trained on examples (tensors, position
+        order; rows never seen are 0), with ``count``; empty before the first epoch."""
+        if not self.last_epoch:
+            return {}
+        count = self.last_epoch["count"]
+        denom = count.clamp(min=1)
+        return {k: (v if k == "count" else v / (denom if v.ndim == 1 else denom[:, None]))
+                for k, v in self.last_epoch.items()}
 
     def _shape(self, name: str):
         return (self.n, self.num_classes) if name in ("prob", "class_weight") else (self.n,)
@@ -126,8 +137,9 @@ class LabelIssueRecorder:
         self.epoch_sums[name].index_add_(0, pos, values.float())
 
     def update(self, epoch: int, pos: torch.Tensor, stats) -> None:
-        """Add one training step's ``Stats`` for the examples at positions ``pos``."""
-        if epoch < self.first_epoch:
+        """Add one training step's ``Stats`` for the examples at positions ``pos``
+        (steps that trained on the meta batch instead are ignored)."""
+        if getattr(stats, "trained_on", "train") != "train":
             return
         with torch.no_grad():
             self._add("count", pos, torch.ones(len(pos), device=self.device))
@@ -136,32 +148,45 @@ class LabelIssueRecorder:
                 self._add("trust", pos, stats.trust)
             if stats.weights.ndim == 2:
                 self._add("class_weight", pos, stats.weights)
+            if stats.instance_weights is not None:
+                self._add("instance_weight", pos, stats.instance_weights)
+
+    # the training loop's callback hooks (gdw.fit)
+    def on_step(self, state, pos, stats) -> None:
+        self.update(state.epoch, pos, stats)
+
+    def on_epoch_end(self, state) -> None:
+        self.end_epoch(state.epoch, state.comm)
 
     def end_epoch(self, epoch: int, comm=None) -> None:
         """Fold the finished epoch into the window sums; ``comm`` (with a
         ``sum_(tensors)`` all-reduce, e.g. :class:`gdw.distributed.Comm`)
         combines the ranks' shares first. Collective: call it on every rank."""
-        if epoch < self.first_epoch:
-            return
         self.epoch_sums.setdefault("count", torch.zeros(self.n, device=self.device))
         names = sorted(self.epoch_sums)
         if comm is not None:
             comm.sum_([self.epoch_sums[k] for k in names])
+        self.last_epoch = self.epoch_sums if bool(self.epoch_sums["count"].any()) else self.last_epoch
+        if epoch < self.first_epoch:
+            self.epoch_sums = {}
+            return
         for k in names:
             if k in self.sums:
                 self.sums[k] += self.epoch_sums[k]
             else:
-                self.sums[k] = self.epoch_sums[k]
+                self.sums[k] = self.epoch_sums[k].clone()
         self.epoch_sums = {}
         self.epochs_seen.append(int(epoch))
 
     def state_dict(self) -> dict:
         return {"first_epoch": self.first_epoch, "epochs_seen": list(self.epochs_seen),
-                "sums": {k: v.detach().cpu() for k, v in self.sums.items()}}
+                "sums": {k: v.detach().cpu() for k, v in self.sums.items()},
+                "last_epoch": {k: v.detach().cpu() for k, v in self.last_epoch.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         self.epochs_seen = list(state.get("epochs_seen", []))
         self.sums = {k: v.to(self.device) for k, v in state.get("sums", {}).items()}
+        self.last_epoch = {k: v.to(self.device) for k, v in state.get("last_epoch", {}).items()}
         self.epoch_sums = {}
 
     def evidence(self) -> dict:
@@ -193,7 +218,9 @@ class LabelIssueRecorder:
             if model is None:
                 raise UserError("no training statistics were recorded in the last epochs; cannot rank labels")
             prob = ev.get("prob", np.zeros((self.n, self.num_classes), np.float32))
-            prob[missing] = _predict(model, train_split, batch_size, self.device)[missing]
+            from .fit import predict_proba
+
+            prob[missing] = predict_proba(model, train_split, batch_size, self.device).cpu().numpy()[missing]
             ev["prob"] = prob
             if "trust" in ev:
                 ev["trust"][missing] = np.nan
@@ -205,18 +232,6 @@ class LabelIssueRecorder:
                  epochs=np.array(self.epochs_seen, dtype=np.int64), given=given, index=index,
                  **{k: (v.astype(np.float16) if v.ndim == 2 else v) for k, v in ev.items()})
         return write_csv(out / CSV_NAME, index, given, suggested, score)
-
-
-def _predict(model, split, batch_size, device) -> np.ndarray:
-    """Softmax probabilities of the model (eval mode) on every example of ``split``."""
-    was_training = model.training
-    model.eval()
-    parts = []
-    with torch.no_grad():
-        for x, _, _ in split.batches(batch_size, shuffle=False, device=device, augment=False):
-            parts.append(torch.softmax(model(x).float(), 1).cpu().numpy())
-    model.train(was_training)
-    return np.concatenate(parts)
 
 
 # ----------------------------------------------------------------------------- scoring

@@ -1,39 +1,43 @@
-"""The training loop: data → model → method → run directory.
+"""One run: settings → data, model, method → ``fit()`` → run directory.
 
 ``train(TrainConfig(...))`` prepares the data, builds the model and the
-method, trains with SGD (momentum 0.9, weight decay 5e-4, cosine decay per
-epoch as in the paper) and writes a run directory:
+method, trains through :func:`gdw.fit.fit` with SGD (momentum 0.9, weight
+decay 5e-4, cosine decay per epoch as in the paper) and the callbacks of
+:mod:`gdw.callbacks`, and writes a run directory:
 
-    config.json          every resolved setting, versions, device
-    metrics.jsonl        one JSON object per epoch
+    config.json          every resolved setting (paths relative to the run
+                         directory), versions, device, the data record
+    metrics.jsonl        one JSON object per finished epoch
     summary.json         final numbers (accuracies are fractions in [0, 1])
     split.npz            the data split (indices, noisy and true labels)
     checkpoint.pt        written atomically at the end of every epoch
     example_weights.npy  per training example, the mean over the last epoch
-                         of ``Stats.trust``: the weight the method put on its
-                         labelled class
-    class_weights.npy    (class-level methods) per example, mean weight of
-                         every class over the last epoch, float16
-    instance_weights.npy (GDW, DM) per example, mean instance-level weight
-                         over the last epoch (GDW's stage-one v)
+                         of ``Stats.trust``: the weight on its labelled class
+    class_weights.npy    (class-level methods) per example and class, float16
+    instance_weights.npy (GDW, DM) per example, the instance-level weight
     label_issues.csv     training examples ranked from most to least likely
                          mislabelled (gdw.detect), with label_evidence.npz
     curves.png, weights.png
 
-All randomness is derived from the seed and the epoch (batch order, meta
-batches, augmentation) or saved in the checkpoint (the torch generator and
-the method's state), so ``resume=True`` ends with the same parameters as an
-uninterrupted run on the same device.
+A run is defined by its settings. ``resume=True`` continues the run in
+``out`` with the settings saved there; a setting that differs from the
+saved one is refused, except those in :data:`NEUTRAL`, which cannot change
+the result. All randomness is derived from the seed and the epoch or saved
+in the checkpoint, so a resumed run ends with the same parameters as an
+uninterrupted one on the same device. A run that fails or is interrupted
+before its first checkpoint leaves nothing behind.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import os
 import platform
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,17 +45,26 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from . import __version__
-from .errors import UserError
+from .callbacks import (Checkpointer, EpochLog, Evaluator, LabelIssues, MetricsWriter, Plots, WeightStats,
+                        atomic_write, set_rng_state)
 from .distributed import Comm, init_from_env, launched_by_torchrun
+from .errors import UserError
+from .fit import TrainingDiverged, cosine_lr, fit  # noqa: F401 - re-exported
 from .methods import METHODS, make
 from .models import check_logits, create_model
 
+NEUTRAL = ("device", "progress", "out", "resume", "data_root", "download")
+"""Settings that cannot change a run's result: they may differ on ``--resume``
+and are left out of the config fingerprint."""
 
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
+RESERVED_METHOD_ARGS = ("model", "num_classes", "optimizer", "class_counts", "output", "comm")
+PATH_PREFIXES = ("csv:", "npz:", "folder:", "clothing1m:", "matrix:")
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a run; the message says what was kept and what works next."""
 
 
 @dataclass
@@ -85,17 +98,93 @@ class TrainConfig:
     progress: bool = True
 
     def validate(self) -> "TrainConfig":
-        for name in ("epochs", "batch_size", "meta_batch_size"):
+        """Raise UserError, naming the flag, for a value of the wrong kind."""
+        def flag(name):
+            return "--" + name.replace("_", "-")
+
+        for name in ("epochs", "batch_size", "meta_batch_size", "seed"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be a whole number >= 1, got {value!r}")
-        for name in ("lr", "momentum", "weight_decay"):
+            low = 0 if name == "seed" else 1
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise UserError(f"{flag(name)} must be a whole number >= {low}, got {value!r}")
+        if self.meta_per_class is not None and (not isinstance(self.meta_per_class, int)
+                                                or isinstance(self.meta_per_class, bool) or self.meta_per_class < 0):
+            raise UserError(f"--meta-per-class must be a whole number >= 0, got {self.meta_per_class!r}")
+        for name in ("lr", "momentum", "weight_decay", "test_fraction"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 or (name == "lr" and value == 0):
-                raise UserError(f"--{name.replace('_', '-')} must be a {'positive' if name == 'lr' else 'non-negative'} number, got {value!r}")
-        if self.method not in METHODS:
-            METHODS.get(self.method)  # raises the UserError listing the methods
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 \
+                    or (name in ("lr", "test_fraction") and value == 0) or (name == "test_fraction" and value >= 1):
+                kind = {"lr": "a positive number", "test_fraction": "a number in (0, 1)"}.get(name, "a non-negative number")
+                raise UserError(f"{flag(name)} must be {kind}, got {value!r}")
+        for name in ("download", "head_only", "amp", "sync_bn", "resume", "progress"):
+            if not isinstance(getattr(self, name), bool):
+                raise UserError(f"{flag(name)} must be true or false, got {getattr(self, name)!r}")
+        for name in ("dataset", "noise", "imbalance", "method", "model", "label_column"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise UserError(f"{flag(name)} must be a non-empty string, got {getattr(self, name)!r}")
+        if not isinstance(self.method_args, dict):
+            raise UserError(f"--method-args must be key=value pairs, got {self.method_args!r}")
+        reserved = sorted(set(self.method_args) & set(RESERVED_METHOD_ARGS))
+        if reserved:
+            raise UserError(f"--method-args: {reserved[0]!r} is set by gdw itself, not a method hyper-parameter")
+        METHODS.get(self.method)  # unknown → UserError listing the methods
         return self
+
+    # -- identity of a run ---------------------------------------------------------
+    def absolute(self) -> "TrainConfig":
+        """A copy whose file paths (dataset, noise matrix, data root) are absolute."""
+        return dataclasses.replace(self, **_map_paths(self, lambda p: str(Path(p).expanduser().resolve())))
+
+    def result_settings(self) -> dict:
+        """The settings that define the result (all but :data:`NEUTRAL`), as
+        plain JSON values, paths absolute."""
+        d = dataclasses.asdict(self.absolute())
+        return json.loads(json.dumps({k: v for k, v in d.items() if k not in NEUTRAL}, default=str))
+
+    def fingerprint(self) -> str:
+        """A short hash of :meth:`result_settings`; stored in every checkpoint."""
+        text = json.dumps(self.result_settings(), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def first_difference(self, other: "TrainConfig", only=None) -> Optional[tuple[str, Any, Any]]:
+        """``(field, self's value, other's value)`` of the first result setting
+        that differs (among ``only`` if given), or None."""
+        a, b = self.result_settings(), other.result_settings()
+        for k in a:
+            if (only is None or k in only) and a[k] != b.get(k):
+                return k, a[k], b.get(k)
+        return None
+
+    @classmethod
+    def load(cls, run_dir) -> "TrainConfig":
+        """The settings saved in ``run_dir/config.json`` (paths resolved against
+        the run directory; ``out`` = run_dir). UserError if it is unreadable."""
+        run = Path(run_dir)
+        path = run / "config.json"
+        if not path.is_file():
+            raise UserError(f"{run} is not a gdw run directory (no config.json)")
+        try:
+            saved = json.loads(path.read_text())
+            names = {f.name for f in dataclasses.fields(cls)}
+            cfg = cls(**{k: v for k, v in saved.items() if k in names})
+        except (OSError, ValueError, TypeError) as err:
+            raise UserError(f"cannot read {path}: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+        base = run.resolve()
+        cfg = dataclasses.replace(cfg, **_map_paths(cfg, lambda p: str((base / p).resolve())))
+        return dataclasses.replace(cfg, out=str(run))
+
+
+def _map_paths(cfg: TrainConfig, fn) -> dict:
+    """The path-bearing settings of ``cfg`` with ``fn`` applied to each path."""
+    out = {}
+    for name in ("dataset", "noise"):
+        value = getattr(cfg, name)
+        for prefix in PATH_PREFIXES:
+            if isinstance(value, str) and value.startswith(prefix) and len(value) > len(prefix):
+                out[name] = prefix + fn(value[len(prefix):])
+    if cfg.data_root:
+        out["data_root"] = fn(cfg.data_root)
+    return out
 
 
 def pick_device(requested: Optional[str]) -> torch.device:
@@ -111,23 +200,6 @@ def pick_device(requested: Optional[str]) -> torch.device:
     return device
 
 
-def cosine_lr(base: float, epoch: int, epochs: int) -> float:
-    """Learning rate of epoch ``epoch`` (0-based): base · (1 + cos(π·epoch/epochs)) / 2."""
-    return 0.5 * base * (1 + math.cos(math.pi * epoch / epochs))
-
-
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def default_out(cfg: TrainConfig) -> Path:
     """A fresh directory under ``runs/`` named after the run."""
     stem = "-".join(str(s).replace(":", "").replace("/", "_") for s in (cfg.dataset, cfg.noise, cfg.method, f"s{cfg.seed}"))
@@ -138,119 +210,96 @@ def default_out(cfg: TrainConfig) -> Path:
     return path
 
 
-def evaluate(model, split, batch_size, device, num_classes) -> tuple[float, list[float], float]:
-    """Accuracy (fraction), per-class accuracy and mean CE of ``model`` on ``split``."""
-    model.eval()
-    correct = torch.zeros(num_classes, device=device)
-    total = torch.zeros(num_classes, device=device)
-    loss_sum = torch.zeros((), device=device)
-    with torch.no_grad():
-        for x, y, _ in split.batches(max(batch_size, 500), shuffle=False, device=device, augment=False):
-            logits = model(x).float()
-            loss_sum += torch.nn.functional.cross_entropy(logits, y, reduction="sum")
-            hit = (logits.argmax(1) == y).float()
-            correct.index_add_(0, y, hit)
-            total.index_add_(0, y, torch.ones_like(hit))
-    model.train()
-    n = total.sum().clamp(min=1)
-    per_class = (correct / total.clamp(min=1)).tolist()
-    return float(correct.sum() / n), per_class, float(loss_sum / n)
-
-
-def _meta_batches(meta, batch_size, seed, epoch, device, shard=None):
-    """An endless stream of meta batches, reshuffled each pass, seeded by epoch
-    (this rank's share of each, under data-parallel training)."""
-    k = 0
-    while True:
-        yield from meta.batches(min(batch_size, len(meta)), shuffle=True, seed=_seed(seed, epoch, 1 + k), device=device, shard=shard)
-        k += 1
-
-
-def _silent(*args, **kwargs):
-    pass
-
-
-def _seed(*parts: int) -> int:
-    """A 63-bit seed from integers (stable across runs and platforms)."""
-    h = 1469598103934665603
-    for p in parts:
-        h = ((h ^ (int(p) & 0xFFFFFFFFFFFF)) * 1099511628211) % (1 << 63)
-    return h
-
-
-def _prepare(cfg: TrainConfig):
-    from .data import prepare  # imported here: the data layer pulls in scikit-learn
-
-    return prepare(
-        cfg.dataset,
-        noise=cfg.noise,
-        imbalance=cfg.imbalance,
-        meta_per_class=cfg.meta_per_class,
-        seed=cfg.seed,
-        data_root=cfg.data_root,
-        download=cfg.download,
-        label_column=cfg.label_column,
-        test_fraction=cfg.test_fraction,
-    )
-
-
 def check_run_dir(cfg: TrainConfig) -> Path:
-    """The run directory ``cfg`` asks for; UserError if it cannot be used."""
+    """The run directory ``cfg`` asks for; UserError if it cannot be used
+    (a file, a non-empty directory without --resume, a resume whose saved
+    settings differ from ``cfg``)."""
+    cfg = cfg.absolute()
     out = Path(cfg.out) if cfg.out else default_out(cfg)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a directory")
     if cfg.resume:
+        saved = TrainConfig.load(out)
+        diff = cfg.first_difference(saved)
+        if diff:
+            raise UserError(describe_difference(diff, "the run in " + str(out)))
         if not (out / "checkpoint.pt").exists():
-            raise UserError(f"--resume: no checkpoint in {out}")
+            raise UserError(f"--resume: {out} has no checkpoint.pt (the run never finished an epoch); start it again")
     elif out.exists() and any(out.iterdir()):
-        raise UserError(f"run directory {out} already exists; pass --resume to continue it or choose another --out")
+        raise UserError(f"run directory {out} already exists; continue it with gdw train --out {out} --resume, "
+                        "or choose another --out")
     return out
 
 
-def _open_run_dir(cfg: TrainConfig) -> Path:
-    out = check_run_dir(cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+def describe_difference(diff, where: str) -> str:
+    name, mine, theirs = diff
+    return (f"--{name.replace('_', '-')} {_show(mine)} differs from {_show(theirs)} saved in {where}; "
+            "a run keeps its settings (drop the flag, or use another --out)")
 
 
-def train(cfg: TrainConfig, log=print) -> dict:
-    """Train one model as configured; return the summary (also in summary.json).
+def _show(v) -> str:
+    if isinstance(v, dict):
+        return ",".join(f"{k}={x}" for k, x in v.items()) or "(none)"
+    return json.dumps(v) if not isinstance(v, str) else v
 
-    Raises:
-        UserError: a bad setting, dataset or run directory.
-        TrainingDiverged: the loss became non-finite (the last good
-            checkpoint stays loadable).
-    """
-    cfg.validate()
-    distributed = launched_by_torchrun()
-    device = init_from_env(cfg.device) if distributed else pick_device(cfg.device)
-    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    shard = (rank, world) if distributed else None
-    main = rank == 0  # only rank 0 writes the run directory and logs
-    if not main:
-        log = _silent
-    if cfg.amp and device.type != "cuda":
-        raise UserError("--amp needs a CUDA device")
-    if cfg.sync_bn and not (distributed and device.type == "cuda"):
-        raise UserError("--sync-bn needs torchrun on CUDA devices (SyncBatchNorm has no CPU kernel)")
-    if distributed:  # rank 0 opens the run directory; its verdict goes to every rank
-        box = [None]
-        if main:
-            try:
-                box = [str(_open_run_dir(cfg))]
-            except UserError as err:
-                box = [err]
-        dist.broadcast_object_list(box, src=0)
-        if isinstance(box[0], UserError):
-            raise box[0]
-        out = Path(box[0])
-    else:
-        out = _open_run_dir(cfg)
+
+def load_checkpoint(out: Path, device, fingerprint: str) -> dict:
+    """The checkpoint of the run in ``out``; UserError if it is unreadable or
+    belongs to other settings than the run's config.json."""
+    path = out / "checkpoint.pt"
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=False)
+        if not isinstance(ckpt, dict) or "model" not in ckpt:
+            raise ValueError("not a gdw checkpoint")
+    except Exception as err:  # torch raises many kinds for a truncated or corrupt file
+        reason = (str(err).splitlines() or [""])[0].split(". ")[0][:100]
+        raise UserError(f"cannot read {path} ({type(err).__name__}: {reason}); "
+                        "it is corrupt or truncated: start the run again with another --out") from None
+    if ckpt.get("fingerprint") != fingerprint:
+        raise UserError(f"{path} was written with other settings than {out / 'config.json'}; "
+                        "start the run again with another --out")
+    return ckpt
+
+
+class RunDir:
+    """Creates the run directory on entry and, if the run fails or is
+    interrupted before its first checkpoint, removes everything it created."""
+
+    def __init__(self, out: Path, main: bool):
+        self.out, self.main = out, main
+
+    def __enter__(self) -> "RunDir":
+        self.created = None
+        if self.main:
+            top = self.out
+            while not top.parent.exists():
+                top = top.parent
+            self.created = None if self.out.exists() else top
+            self.out.mkdir(parents=True, exist_ok=True)
+            self.before = set(self.out.iterdir())
+        return self
+
+    def __exit__(self, kind, err, tb) -> None:
+        if kind is None or not self.main or (self.out / "checkpoint.pt").exists():
+            return
+        if self.created is not None:
+            shutil.rmtree(self.created, ignore_errors=True)
+        else:
+            for p in set(self.out.iterdir()) - self.before:
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+def build(cfg: TrainConfig, device: torch.device, comm: Comm):
+    """``(data, model, optimizer, method)`` for ``cfg``; every user mistake
+    in them raises UserError before anything is written."""
+    from .data import prepare  # the data layer pulls in scikit-learn
+
     torch.manual_seed(cfg.seed)
-    data = _prepare(cfg)
+    data = prepare(cfg.dataset, noise=cfg.noise, imbalance=cfg.imbalance, meta_per_class=cfg.meta_per_class,
+                   seed=cfg.seed, data_root=cfg.data_root, download=cfg.download, label_column=cfg.label_column,
+                   test_fraction=cfg.test_fraction)
     C = data.num_classes
     method_cls = METHODS.get(cfg.method)
-    if method_cls.needs_meta and data.meta is None:
-        raise UserError(f"method {cfg.method!r} needs a meta set, but --meta-per-class is 0")
-
     model = create_model(cfg.model, data.input_shape, C).to(device)
     check_logits(model, data.input_shape, C, device)
     if cfg.sync_bn:
@@ -260,154 +309,147 @@ def train(cfg: TrainConfig, log=print) -> dict:
     if cfg.head_only:
         hparams["head_only"] = True
     if method_cls.needs_class_counts:
-        hparams.setdefault("class_counts", torch.bincount(data.train.labels, minlength=C).tolist())
-    method = make(cfg.method, model, C, optimizer=opt, **hparams)
+        hparams["class_counts"] = torch.bincount(data.train.labels, minlength=C).tolist()
+    method = make(cfg.method, model, C, optimizer=opt, comm=comm, **hparams)
+    if method.needs_meta and data.meta is None:
+        raise UserError(f"method {cfg.method!r} needs a meta set, but --meta-per-class is 0")
+    return data, model, opt, method
 
-    resolved = dataclasses.asdict(cfg)
-    resolved.update(out=str(out), device=str(device), world_size=world)
-    config = {
-        **resolved,
-        "num_classes": C,
-        "classes": list(data.classes),
-        "input_shape": list(data.input_shape),
-        "data": data.record,
-        "versions": {"gdw": __version__, "torch": torch.__version__, "numpy": np.__version__, "python": platform.python_version()},
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    start_epoch, history, train_seconds = 0, [], 0.0
-    if cfg.resume:
-        ckpt = torch.load(out / "checkpoint.pt", map_location=device, weights_only=False)
+
+def _setup(cfg: TrainConfig, comm: Optional[Comm]) -> tuple[Comm, torch.device]:
+    if comm is None and launched_by_torchrun():
+        device = init_from_env(cfg.device)
+        comm = Comm()
+    else:
+        device = pick_device(cfg.device)
+        comm = comm or Comm.single()
+    if cfg.amp and device.type != "cuda":
+        raise UserError("--amp needs a CUDA device")
+    if cfg.sync_bn and not (comm.active and device.type == "cuda"):
+        raise UserError("--sync-bn needs torchrun on CUDA devices (SyncBatchNorm has no CPU kernel)")
+    return comm, device
+
+
+def _on_rank0(comm: Comm, fn):
+    """``fn()`` on rank 0; its result, or the UserError it raised, on every rank."""
+    result = None
+    if comm.rank == 0:
+        try:
+            result = fn()
+        except UserError as err:
+            result = err
+    result = comm.broadcast(result)
+    if isinstance(result, UserError):
+        raise result
+    return result
+
+
+def train(cfg: TrainConfig, log=print, comm: Optional[Comm] = None) -> dict:
+    """Train one model as configured; return the summary (also in summary.json).
+
+    Raises:
+        UserError: a bad setting, dataset or run directory (nothing written).
+        TrainingDiverged: the loss became non-finite (the last good
+            checkpoint stays loadable).
+        RunInterrupted: Ctrl-C; the message says what was kept.
+    """
+    cfg = cfg.validate().absolute()
+    comm, device = _setup(cfg, comm)
+    main = comm.rank == 0
+    out = Path(_on_rank0(comm, lambda: str(check_run_dir(cfg))))
+    cfg.out = str(out)
+    ckpt = load_checkpoint(out, device, cfg.fingerprint()) if cfg.resume else None
+    data, model, opt, method = build(cfg, device, comm)
+    callbacks, recorder = _callbacks(cfg, data, out, device, log if main else (lambda *a, **k: None))
+    if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         method.load_state_dict(ckpt["method"])
-        torch.set_rng_state(ckpt["rng"])
-        start_epoch, history, train_seconds = ckpt["epoch"] + 1, ckpt["history"], ckpt["train_seconds"]
-    elif main:
-        _atomic_write(out / "config.json", json.dumps(config, indent=2, default=str))
-        data.save_split(out / "split.npz")
-        (out / "metrics.jsonl").write_text("")
-
-    N = len(data.train)
-    true = data.train.true_labels
-    noisy_mask = None
-    if true is not None and bool((true >= 0).all()):
-        noisy_mask = (data.train.labels != true).numpy()
-    steps_per_epoch = math.ceil(N / cfg.batch_size)
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if cfg.amp else contextlib.nullcontext()
-    log(f"gdw train: {cfg.method} on {cfg.dataset} ({N} train, {0 if data.meta is None else len(data.meta)} meta, "
-        f"{len(data.test)} test, {C} classes), noise {cfg.noise}, imbalance {cfg.imbalance}, "
-        f"realised noise {data.record.get('realised_noise_rate', float('nan')):.3f}, device {device} → {out}")
-
-    weight_sum = torch.zeros(N, device=device)
-    weight_count = torch.zeros(N, device=device)
-    class_sum = None
-    from .detect import LabelIssueRecorder  # label_issues.csv, read by gdw detect
-    issues = LabelIssueRecorder(N, C, cfg.epochs, device, state=ckpt.get("label_issues") if cfg.resume else None)
-    for epoch in range(start_epoch, cfg.epochs):
-        lr = cosine_lr(cfg.lr, epoch, cfg.epochs)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        method.on_epoch_start(epoch, cfg.epochs)
-        weight_sum.zero_()
-        weight_count.zero_()
-        class_sum = inst_sum = None
-        meta_iter = _meta_batches(data.meta, cfg.meta_batch_size, cfg.seed, epoch, device, shard) if data.meta is not None else None
-        loss_sum = torch.zeros((), device=device)
-        meta_sum, meta_n = torch.zeros((), device=device), 0
-        t0 = time.perf_counter()
-        batches = data.train.batches(cfg.batch_size, shuffle=True, seed=_seed(cfg.seed, epoch, 0), device=device, shard=shard)
-        bar = _progress(batches, steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}", cfg.progress and main)
-        for x, y, pos in bar:
-            xm, ym = next(meta_iter)[:2] if meta_iter is not None else (None, None)
-            opt.zero_grad(set_to_none=True)
-            with amp:
-                stats = method.backward(x, y, xm, ym, inner_lr=lr)
-            if not math.isfinite(stats.loss):
-                raise TrainingDiverged(
-                    f"the training loss became {stats.loss} in epoch {epoch + 1}; stopped. "
-                    f"The last good checkpoint is {out / 'checkpoint.pt'}"
-                    + (" (none yet: it failed in the first epoch)" if epoch == 0 else "")
-                    + "; try a lower --lr"
-                )
-            opt.step()
-            loss_sum += stats.loss * len(y)
-            if stats.meta_loss is not None:
-                meta_sum += stats.meta_loss
-                meta_n += 1
-            if stats.trained_on == "train":  # finetune's last epochs step on the meta batch instead
-                weight_sum.index_add_(0, pos, stats.trust.float())
-                weight_count.index_add_(0, pos, torch.ones(len(y), device=device))
-                issues.update(epoch, pos, stats)
-                if stats.weights.ndim == 2:
-                    if class_sum is None:
-                        class_sum = torch.zeros(N, C, device=device)
-                    class_sum.index_add_(0, pos, stats.weights.float())
-                if stats.instance_weights is not None:
-                    if inst_sum is None:
-                        inst_sum = torch.zeros(N, device=device)
-                    inst_sum.index_add_(0, pos, stats.instance_weights.float())
-        seconds = time.perf_counter() - t0
-        train_seconds += seconds
-        Comm().sum_([weight_sum, weight_count, loss_sum] + [t for t in (class_sum, inst_sum) if t is not None])
-        issues.end_epoch(epoch, Comm())
-        if not main:
-            continue
-        acc, per_class, test_loss = evaluate(model, data.test, cfg.batch_size, device, C)
-        ew = (weight_sum / weight_count.clamp(min=1)).cpu().numpy()
-        row = {
-            "epoch": epoch + 1,
-            "lr": lr,
-            "train_loss": float(loss_sum) / N,
-            "meta_loss": float(meta_sum) / meta_n if meta_n else None,
-            "test_loss": test_loss,
-            "test_accuracy": acc,
-            "per_class_test_accuracy": per_class,
-            "seconds": seconds,
-        }
-        if noisy_mask is not None and noisy_mask.any() and (~noisy_mask).any():
-            row["mean_weight_clean"] = float(ew[~noisy_mask].mean())
-            row["mean_weight_noisy"] = float(ew[noisy_mask].mean())
-        history.append(row)
-        with open(out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
-        np.save(out / "example_weights.npy", ew.astype(np.float32))
-        if class_sum is not None:
-            np.save(out / "class_weights.npy", (class_sum / weight_count.clamp(min=1)[:, None]).cpu().numpy().astype(np.float16))
-        if inst_sum is not None:
-            np.save(out / "instance_weights.npy", (inst_sum / weight_count.clamp(min=1)).cpu().numpy().astype(np.float32))
-        _atomic_torch_save(
-            {
-                "epoch": epoch,
-                "model": model.state_dict(),
-                "optimizer": opt.state_dict(),
-                "method": method.state_dict(),
-                "rng": torch.get_rng_state(),
-                "history": history,
-                "train_seconds": train_seconds,
-                "config": resolved,
-                "label_issues": issues.state_dict(),
-            },
-            out / "checkpoint.pt",
-        )
-        log(_epoch_line(row, cfg.epochs))
-
-    if not main:
-        dist.barrier()
-        return {}
-    summary = _summary(cfg, data, history, train_seconds, steps_per_epoch)
-    summary["world_size"] = world
-    _atomic_write(out / "summary.json", json.dumps(summary, indent=2))
-    from .report import plot_curves, plot_weights
-
-    plot_curves(history, out / "curves.png", title=f"{cfg.method} on {cfg.dataset}, {cfg.noise}")
-    plot_weights(np.load(out / "example_weights.npy"), noisy_mask, out / "weights.png", title=f"{cfg.method}: weight on the labelled class")
-    issues.write(out, data.train, cfg.method, model=model)
-    if distributed:
-        dist.barrier()
+        recorder.load_state_dict(ckpt["callbacks"]["label_issues"])
+        set_rng_state(ckpt["rng"])
+    start, history = (ckpt["epoch"] + 1, ckpt["history"]) if ckpt else (0, [])
+    log(f"gdw train: {cfg.method} on {cfg.dataset} ({len(data.train)} train, "
+        f"{0 if data.meta is None else len(data.meta)} meta, {len(data.test)} test, {data.num_classes} classes), "
+        f"noise {cfg.noise}, imbalance {cfg.imbalance}, realised noise "
+        f"{data.record.get('realised_noise_rate', float('nan')):.3f}, device {device} → {out}"
+        + (f" (resuming after epoch {start})" if ckpt else ""))
+    with RunDir(out, main), _interrupts(out, cfg):
+        if main and ckpt is None:
+            atomic_write(out / "config.json", json.dumps(_config_record(cfg, data, device, comm), indent=2, default=str))
+            data.save_split(out / "split.npz")
+        history = fit(model, method, data, opt, epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size,
+                      meta_batch_size=cfg.meta_batch_size, seed=cfg.seed, callbacks=callbacks, comm=comm,
+                      start_epoch=start, history=history, amp=cfg.amp, progress=cfg.progress)
+    summary = {}
+    if main:
+        seconds = sum(row["seconds"] for row in history)
+        summary = _summary(cfg, data, history, seconds, math.ceil(len(data.train) / cfg.batch_size), comm.world)
+        atomic_write(out / "summary.json", json.dumps(summary, indent=2))
+    comm.barrier()
     return summary
 
 
-def _summary(cfg, data, history, train_seconds, steps_per_epoch) -> dict:
+def _callbacks(cfg: TrainConfig, data, out: Path, device, log):
+    """The callbacks of a ``gdw train`` run, in the order they must run at an
+    epoch end: rows are complete before the checkpoint, the checkpoint is
+    saved before metrics.jsonl is rewritten from it."""
+    from .detect import LabelIssueRecorder
+
+    true = data.train.true_labels
+    noisy = (data.train.labels != true).numpy() if true is not None and bool((true >= 0).all()) else None
+    recorder = LabelIssueRecorder(len(data.train), data.num_classes, cfg.epochs, device)
+    title = f"{cfg.method} on {cfg.dataset}, {cfg.noise}"
+    return [
+        recorder,
+        Evaluator({"test": data.test}, data.num_classes, cfg.batch_size),
+        WeightStats(recorder, out, noisy),
+        Checkpointer(out / "checkpoint.pt", cfg.fingerprint(), {"label_issues": recorder}),
+        MetricsWriter(out / "metrics.jsonl"),
+        EpochLog(log),
+        Plots(out, title, noisy),
+        LabelIssues(recorder, out, data.train, cfg.method),
+    ], recorder
+
+
+@contextlib.contextmanager
+def _interrupts(out: Path, cfg: TrainConfig):
+    """Turn Ctrl-C into a :class:`RunInterrupted` that says what was kept;
+    a divergence before the first checkpoint says that nothing was."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        if (out / "checkpoint.pt").exists():
+            raise RunInterrupted(f"interrupted; the finished epochs are saved in {out / 'checkpoint.pt'}: "
+                                 f"continue with gdw train --out {out} --resume") from None
+        raise RunInterrupted("interrupted before the first epoch finished; nothing was kept") from None
+    except TrainingDiverged as err:
+        kept = (f"the last good checkpoint is {out / 'checkpoint.pt'}" if (out / "checkpoint.pt").exists()
+                else "nothing was kept (it failed in the first epoch)")
+        raise TrainingDiverged(f"{err}; stopped, {kept}; try a lower --lr") from None
+
+
+def _config_record(cfg: TrainConfig, data, device, comm: Comm) -> dict:
+    """config.json: the settings with paths relative to the run directory,
+    plus what was resolved from them."""
+    base = Path(cfg.out).resolve()
+    rel = dataclasses.replace(cfg, **_map_paths(cfg, lambda p: os.path.relpath(p, base)))
+    settings = {**dataclasses.asdict(rel), "out": ".", "resume": False}
+    return {
+        **settings,
+        "device": str(device),
+        "world_size": comm.world,
+        "num_classes": data.num_classes,
+        "classes": list(data.classes),
+        "input_shape": list(data.input_shape),
+        "data": data.record,
+        "fingerprint": cfg.fingerprint(),
+        "versions": {"gdw": __version__, "torch": torch.__version__, "numpy": np.__version__,
+                     "python": platform.python_version()},
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def _summary(cfg, data, history, train_seconds, steps_per_epoch, world) -> dict:
     accs = [h["test_accuracy"] for h in history]
     last = accs[-min(5, len(accs)):]
     return {
@@ -429,22 +471,5 @@ def _summary(cfg, data, history, train_seconds, steps_per_epoch) -> dict:
         "steps_per_second": steps_per_epoch * len(history) / max(train_seconds, 1e-9),
         "mean_weight_clean": history[-1].get("mean_weight_clean"),
         "mean_weight_noisy": history[-1].get("mean_weight_noisy"),
+        "world_size": world,
     }
-
-
-def _epoch_line(row: dict, epochs: int) -> str:
-    parts = [f"epoch {row['epoch']:>3}/{epochs}", f"loss {row['train_loss']:.4f}"]
-    if row["meta_loss"] is not None:
-        parts.append(f"meta {row['meta_loss']:.4f}")
-    parts += [f"test acc {100 * row['test_accuracy']:.2f}%", f"{row['seconds']:.1f}s"]
-    if "mean_weight_clean" in row:
-        parts.append(f"weight clean {row['mean_weight_clean']:.3f} / mislabelled {row['mean_weight_noisy']:.3f}")
-    return "  ".join(parts)
-
-
-def _progress(it, total, desc, enabled):
-    if not enabled:
-        return it
-    from tqdm import tqdm
-
-    return tqdm(it, total=total, desc=desc, leave=False, dynamic_ncols=True)

@@ -1,0 +1,206 @@
+"""What happens around training: the callbacks ``gdw train`` gives ``fit()``.
+
+Each is a small stateful object with some of the hooks ``on_fit_start``,
+``on_epoch_start``, ``on_step(state, pos, stats)``, ``on_epoch_end`` and
+``on_fit_end`` (``state`` is a :class:`gdw.fit.FitState`). Those that keep
+state across epochs have ``name``, ``state_dict`` and ``load_state_dict``,
+and the :class:`Checkpointer` saves them with the model. Only rank 0 writes
+files or logs (``state.is_main``); collective work (summing per-example
+statistics over ranks) runs on every rank.
+
+    Evaluator        test accuracy, per-class accuracy and loss of every epoch
+    WeightStats      per-example weights of the last epoch → example_weights.npy,
+                     class_weights.npy, instance_weights.npy; the mean weight on
+                     clean and on mislabelled examples when true labels are known
+    Checkpointer     checkpoint.pt, atomically, with the history, random states,
+                     the config fingerprint and every stateful callback
+    MetricsWriter    metrics.jsonl, rewritten from the history (no duplicate rows
+                     whatever instant a run is killed at)
+    EpochLog         one line per epoch
+    Plots            curves.png and weights.png at the end
+    LabelIssueRecorder (gdw.detect) per-example evidence over the run →
+                     label_issues.csv at the end
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+
+from .fit import FitState, evaluate
+
+
+def atomic_write(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict:
+    """The CPU and (when present) every CUDA device's random state."""
+    return {"cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["cpu"])
+    if state.get("cuda") and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Evaluator:
+    """Adds ``test_accuracy``, ``per_class_test_accuracy`` and ``test_loss``
+    (and the same for ``val_`` when a validation split is given) to each row."""
+
+    def __init__(self, splits: dict, num_classes: int, batch_size: int = 500):
+        self.splits = {k: v for k, v in splits.items() if v is not None}
+        self.num_classes, self.batch_size = num_classes, max(batch_size, 500)
+
+    def on_epoch_end(self, state: FitState) -> None:
+        if not state.is_main:
+            return
+        for name, split in self.splits.items():
+            m = evaluate(state.model, split, self.num_classes, self.batch_size)
+            state.row.update({f"{name}_loss": m["loss"], f"{name}_accuracy": m["accuracy"],
+                              f"per_class_{name}_accuracy": m["per_class"]})
+
+
+class WeightStats:
+    """Per-example weights of the last epoch that trained on examples, from
+    the recorder's sums (one set of per-example sums for the whole run).
+
+    Writes ``example_weights.npy`` (``Stats.trust``: the weight on the
+    labelled class), ``class_weights.npy`` (class-level methods, float16)
+    and ``instance_weights.npy`` (methods with instance weights besides
+    ``weights``) into ``out``; adds ``mean_weight_clean`` /
+    ``mean_weight_noisy`` to the row when the true labels are known.
+    """
+
+    def __init__(self, recorder, out: Path, noisy_mask: Optional[np.ndarray]):
+        self.recorder, self.out = recorder, Path(out)
+        both = noisy_mask is not None and noisy_mask.any() and (~noisy_mask).any()
+        self.noisy = noisy_mask if both else None
+
+    def on_epoch_end(self, state: FitState) -> None:
+        means = self.recorder.epoch_means()
+        if not state.is_main or not means:
+            return
+        trust = means.get("trust")
+        if trust is not None:
+            ew = trust.cpu().numpy().astype(np.float32)
+            np.save(self.out / "example_weights.npy", ew)
+            if self.noisy is not None:
+                state.row["mean_weight_clean"] = float(ew[~self.noisy].mean())
+                state.row["mean_weight_noisy"] = float(ew[self.noisy].mean())
+        if "class_weight" in means:
+            np.save(self.out / "class_weights.npy", means["class_weight"].cpu().numpy().astype(np.float16))
+        if "instance_weight" in means:
+            np.save(self.out / "instance_weights.npy", means["instance_weight"].cpu().numpy().astype(np.float32))
+
+
+class Checkpointer:
+    """``checkpoint.pt`` at the end of every epoch, written atomically: model,
+    optimizer, method, random states, history, the config's
+    fingerprint and the state of every stateful callback."""
+
+    def __init__(self, path: Path, fingerprint: str, stateful: dict):
+        self.path, self.fingerprint, self.stateful = Path(path), fingerprint, stateful
+
+    def on_epoch_end(self, state: FitState) -> None:
+        if not state.is_main:
+            return
+        atomic_torch_save({
+            "epoch": state.epoch,
+            "model": state.model.state_dict(),
+            "optimizer": state.optimizer.state_dict(),
+            "method": state.method.state_dict(),
+            "rng": rng_state(),
+            "history": state.history,
+            "fingerprint": self.fingerprint,
+            "callbacks": {name: cb.state_dict() for name, cb in self.stateful.items()},
+        }, self.path)
+
+
+class MetricsWriter:
+    """``metrics.jsonl``: one JSON object per finished epoch, rewritten from the
+    history after the checkpoint is saved (so the file never holds an epoch
+    that the checkpoint does not, nor the same epoch twice)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def write(self, history: list) -> None:
+        atomic_write(self.path, "".join(json.dumps(row) + "\n" for row in history))
+
+    def on_fit_start(self, state: FitState) -> None:
+        if state.is_main:
+            self.write(state.history)
+
+    def on_epoch_end(self, state: FitState) -> None:
+        if state.is_main:
+            self.write(state.history)
+
+
+class EpochLog:
+    """One line per epoch through ``log`` (rank 0)."""
+
+    def __init__(self, log: Callable[[str], Any] = print):
+        self.log = log
+
+    def on_epoch_end(self, state: FitState) -> None:
+        if not state.is_main:
+            return
+        row = state.row
+        parts = [f"epoch {row['epoch']:>3}/{state.epochs}", f"loss {row['train_loss']:.4f}"]
+        if row.get("meta_loss") is not None:
+            parts.append(f"meta {row['meta_loss']:.4f}")
+        if "val_accuracy" in row:
+            parts.append(f"val acc {100 * row['val_accuracy']:.2f}%")
+        if "test_accuracy" in row:
+            parts.append(f"test acc {100 * row['test_accuracy']:.2f}%")
+        parts.append(f"{row['seconds']:.1f}s")
+        if "mean_weight_clean" in row:
+            parts.append(f"weight clean {row['mean_weight_clean']:.3f} / mislabelled {row['mean_weight_noisy']:.3f}")
+        self.log("  ".join(parts))
+
+
+class Plots:
+    """``curves.png`` (loss and accuracy per epoch) and ``weights.png`` (the
+    distribution of the labelled-class weight, clean vs mislabelled)."""
+
+    def __init__(self, out: Path, title: str, noisy_mask: Optional[np.ndarray]):
+        self.out, self.title, self.noisy = Path(out), title, noisy_mask
+
+    def on_fit_end(self, state: FitState) -> None:
+        if not state.is_main or not state.history:
+            return
+        from .report import plot_curves, plot_weights
+
+        plot_curves(state.history, self.out / "curves.png", title=self.title)
+        weights = self.out / "example_weights.npy"
+        if weights.exists():
+            plot_weights(np.load(weights), self.noisy, self.out / "weights.png",
+                         title=f"{self.title.split(' on ')[0]}: weight on the labelled class")
+
+
+class LabelIssues:
+    """Writes ``label_issues.csv`` from the recorder at the end of the run."""
+
+    def __init__(self, recorder, out: Path, train_split, method_name: str):
+        self.recorder, self.out, self.split, self.method_name = recorder, Path(out), train_split, method_name
+
+    def on_fit_end(self, state: FitState) -> None:
+        if state.is_main:
+            self.recorder.write(self.out, self.split, self.method_name, model=state.model)

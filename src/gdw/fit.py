@@ -1,0 +1,223 @@
+"""The training loop, and nothing else: ``fit()``.
+
+``fit`` walks the epochs: it sets the cosine learning rate, gives the method
+its epoch (schedules such as fine-tuning), pairs every training batch with a
+meta batch from an endless, reshuffled meta stream, calls
+``method.backward`` and the optimizer, and hands each step's
+:class:`~gdw.methods.Stats` and each epoch's row to the callbacks. What is
+not training — evaluation, per-example statistics, label issues, the
+checkpoint, ``metrics.jsonl``, the log line, plots — is a callback
+(:mod:`gdw.callbacks`). ``gdw train``, ``gdw compare``, ``gdw detect`` and
+the benchmark scripts all train through this one function.
+
+Losses stay tensors on the device during an epoch (no host synchronisation
+per step); the finite-loss check runs every ``check_every`` steps and at the
+epoch end, before any callback can save a checkpoint, so a diverged model is
+never saved.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Optional, Sequence
+
+import torch
+
+from .distributed import Comm
+
+CHECK_EVERY = 50  # steps between finite-loss checks (each one synchronises with the device)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+def cosine_lr(base: float, epoch: int, epochs: int) -> float:
+    """Learning rate of epoch ``epoch`` (0-based): base · (1 + cos(π·epoch/epochs)) / 2."""
+    return 0.5 * base * (1 + math.cos(math.pi * epoch / epochs))
+
+
+def seed_of(*parts: int) -> int:
+    """A 63-bit seed from integers (stable across runs and platforms)."""
+    h = 1469598103934665603
+    for p in parts:
+        h = ((h ^ (int(p) & 0xFFFFFFFFFFFF)) * 1099511628211) % (1 << 63)
+    return h
+
+
+def cycle(batches_of_pass) -> Iterator:
+    """An endless stream from ``batches_of_pass(k)``, the iterable of pass k.
+
+    For a user's own loop with a DataLoader, ``gdw.cycle(meta_loader)`` does
+    the same: ``zip(train_loader, gdw.cycle(meta_loader))`` never stops early
+    because the (small) meta loader ran out; every pass over it is reshuffled
+    by the loader itself.
+    """
+    if not callable(batches_of_pass):
+        loader = batches_of_pass
+        batches_of_pass = lambda k: loader  # noqa: E731 - a new iterator per pass
+    k = 0
+    while True:
+        empty = True
+        for batch in batches_of_pass(k):
+            empty = False
+            yield batch
+        if empty:
+            raise ValueError("cycle(): the meta data yielded no batch")
+        k += 1
+
+
+@dataclass
+class FitState:
+    """What callbacks see. ``row`` is the current epoch's ``metrics.jsonl``
+    row (callbacks may add fields); ``history`` holds the finished rows."""
+
+    model: torch.nn.Module
+    method: Any
+    optimizer: torch.optim.Optimizer
+    data: Any
+    comm: Comm
+    epochs: int
+    epoch: int = 0
+    history: list = field(default_factory=list)
+    row: dict = field(default_factory=dict)
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the process that writes files and logs."""
+        return self.comm.rank == 0
+
+
+@torch.no_grad()
+def predict_proba(model, split, batch_size: int = 500, device=None) -> torch.Tensor:
+    """Softmax probabilities (N, C) of ``model`` in eval mode on every example
+    of ``split``, in split order, on ``device``; the model's mode is restored."""
+    device = device or next(model.parameters()).device
+    from .engine import logits_of
+
+    was_training = model.training
+    model.eval()
+    try:
+        parts = [torch.softmax(logits_of(model(x)).float(), 1)
+                 for x, _, _ in split.batches(max(batch_size, 1), shuffle=False, device=device, augment=False)]
+    finally:
+        model.train(was_training)
+    return torch.cat(parts) if parts else torch.zeros(0, 0, device=device)
+
+
+def evaluate(model, split, num_classes: int, batch_size: int = 500, device=None) -> dict:
+    """Accuracy (fraction), per-class accuracy and mean cross-entropy on ``split``."""
+    prob = predict_proba(model, split, batch_size, device)
+    y = split.labels.to(prob.device)
+    hit = (prob.argmax(1) == y).float()
+    per_class = torch.zeros(num_classes, device=prob.device).index_add_(0, y, hit)
+    count = torch.zeros(num_classes, device=prob.device).index_add_(0, y, torch.ones_like(hit))
+    loss = -prob.gather(1, y[:, None]).clamp(min=1e-12).log().mean()
+    return {"accuracy": float(hit.mean()) if len(y) else float("nan"),
+            "per_class": (per_class / count.clamp(min=1)).tolist(), "loss": float(loss)}
+
+
+def fit(
+    model: torch.nn.Module,
+    method,
+    data,
+    optimizer: torch.optim.Optimizer,
+    *,
+    epochs: int,
+    lr: float,
+    batch_size: int = 100,
+    meta_batch_size: int = 100,
+    seed: int = 0,
+    callbacks: Sequence = (),
+    comm: Optional[Comm] = None,
+    start_epoch: int = 0,
+    history: Optional[list] = None,
+    amp: bool = False,
+    progress: bool = False,
+) -> list[dict]:
+    """Train ``model`` with ``method`` for ``epochs`` epochs; return the history.
+
+    Args:
+        model: any ``nn.Module``, already on its device.
+        method: a :class:`gdw.Method` built on ``model``.
+        data: a :class:`gdw.data.Prepared` (``train``, ``meta`` or None).
+        optimizer: steps after every ``method.backward``; its learning rate
+            is set to ``cosine_lr(lr, epoch, epochs)`` at every epoch start.
+        epochs, lr, batch_size, meta_batch_size, seed: the schedule; batch
+            order and meta batches depend only on (seed, epoch), so a resumed
+            run sees the same batches as an uninterrupted one.
+        callbacks: objects with any of ``on_fit_start(state)``,
+            ``on_epoch_start(state)``, ``on_step(state, pos, stats)``,
+            ``on_epoch_end(state)``, ``on_fit_end(state)``, called in order.
+        comm: the ranks the batches are split over (:class:`Comm`); one
+            process when omitted.
+        start_epoch, history: continue a run (from a checkpoint).
+        amp: bfloat16 autocast on CUDA.
+        progress: a tqdm bar per epoch (rank 0).
+    Raises:
+        TrainingDiverged: the training loss became NaN or infinite.
+    """
+    comm = comm or Comm.single()
+    device = next(model.parameters()).device
+    shard = comm.shard
+    state = FitState(model, method, optimizer, data, comm, epochs, start_epoch, list(history or []))
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext()
+    _call(callbacks, "on_fit_start", state)
+    for epoch in range(start_epoch, epochs):
+        state.epoch, state.row = epoch, {"epoch": epoch + 1}
+        lr_now = cosine_lr(lr, epoch, epochs)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_now
+        method.on_epoch_start(epoch, epochs)
+        _call(callbacks, "on_epoch_start", state)
+        meta = None
+        if data.meta is not None:
+            meta = cycle(lambda k: data.meta.batches(min(meta_batch_size, len(data.meta)), shuffle=True,
+                                                     seed=seed_of(seed, epoch, 1 + k), device=device, shard=shard))
+        batches = data.train.batches(batch_size, shuffle=True, seed=seed_of(seed, epoch, 0), device=device, shard=shard)
+        if progress and state.is_main:
+            from tqdm import tqdm
+
+            batches = tqdm(batches, total=math.ceil(len(data.train) / batch_size), desc=f"epoch {epoch + 1}/{epochs}",
+                           leave=False, dynamic_ncols=True)
+        loss_sum = torch.zeros((), device=device)
+        meta_sum = torch.zeros((), device=device)
+        meta_steps = 0
+        t0 = time.perf_counter()
+        for step, (x, y, pos) in enumerate(batches, 1):
+            xm, ym = next(meta)[:2] if meta is not None else (None, None)
+            optimizer.zero_grad(set_to_none=True)
+            with autocast:
+                stats = method.backward(x, y, xm, ym, inner_lr=lr_now)
+            optimizer.step()
+            loss_sum += stats.loss * len(y)
+            if stats.meta_loss is not None:
+                meta_sum += stats.meta_loss
+                meta_steps += 1
+            _call(callbacks, "on_step", state, pos, stats)
+            if step % CHECK_EVERY == 0:
+                _check_finite(loss_sum, epoch)
+        comm.sum_([loss_sum])
+        _check_finite(loss_sum, epoch)
+        seconds = time.perf_counter() - t0
+        state.row.update(lr=lr_now, train_loss=float(loss_sum) / len(data.train),
+                         meta_loss=float(meta_sum) / meta_steps if meta_steps else None, seconds=seconds)
+        state.history.append(state.row)
+        _call(callbacks, "on_epoch_end", state)
+    _call(callbacks, "on_fit_end", state)
+    return state.history
+
+
+def _check_finite(loss_sum: torch.Tensor, epoch: int) -> None:
+    if not bool(torch.isfinite(loss_sum)):
+        raise TrainingDiverged(f"the training loss became {float(loss_sum)} (non-finite) in epoch {epoch + 1}")
+
+
+def _call(callbacks, hook: str, *args) -> None:
+    for cb in callbacks:
+        fn = getattr(cb, hook, None)
+        if fn is not None:
+            fn(*args)
