@@ -13,7 +13,9 @@ is gone), so several processes started on one grid share it out between them;
 ``--shard K/N`` splits it statically instead. ``--report`` (also run at the
 end of a full pass) reads every finished cell and writes ``results.csv``,
 ``results.md``, ``accuracy.png``, ``gdw_weights.png`` and
-``gdw_example.png``.
+``gdw_example.png``. The locks, the loop over the cells and the report
+helpers that are not specific to Fashion-MNIST are ``benchmarks/grid.py``,
+shared with ``benchmarks/robustness.py``.
 
 Hyper-parameters are the papers' defaults throughout (nothing is tuned, on
 the test set or elsewhere): SGD lr 0.1 with cosine decay, momentum 0.9,
@@ -26,13 +28,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import grid  # noqa: E402  (benchmarks/grid.py: the grid runner shared with robustness.py)
+from grid import KEEP, SPLIT_FIELDS, data_notes, head_tail_accuracy, split_markdown  # noqa: E402,F401
 
 SETTINGS = [  # (noise, imbalance): the paper's six families
     ("uniform:0.4", "none"),
@@ -44,7 +47,6 @@ SETTINGS = [  # (noise, imbalance): the paper's six families
 ]
 METHODS = ["ce", "finetune", "l2rw", "mwnet", "dm", "gdw", "gdw-head"]
 LONGTAIL_EXTRA = ["cb"]  # the class-balanced loss, for the settings with imbalance
-KEEP = {"summary.json", "metrics.jsonl", "config.json"}  # what is committed of each cell
 
 
 def cells(seeds):
@@ -55,157 +57,32 @@ def cells(seeds):
                 yield noise, imbalance, method, seed
 
 
-def claim(lock: Path) -> bool:
-    """Take the cell whose lock file is ``lock`` for this process; False if
-    another live process on this host has it (so any number of processes can
-    work through one grid). A lock left by a killed process is taken over."""
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    me = {"host": socket.gethostname(), "pid": os.getpid()}
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            try:
-                owner = json.loads(lock.read_text())
-            except (OSError, ValueError):
-                return False  # being written by its owner right now
-            if owner.get("host") != me["host"] or _alive(int(owner.get("pid", -1))):
-                return False
-            lock.unlink(missing_ok=True)  # stale: its process is gone
-            continue
-        with os.fdopen(fd, "w") as f:
-            json.dump(me, f)
-        return True
-    return False
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, under another user
-        pass
-    return True
-
-
 def run_grid(args) -> None:
     from gdw.compare import cell_name, method_variant
-    from gdw.train import TrainConfig, train
+    from gdw.train import TrainConfig
 
-    todo = list(cells(args.seeds))
-    k, n = args.shard
-    mine = todo[k::n]
-    for i, (noise, imbalance, label, seed) in enumerate(mine, 1):
-        run_dir = args.out / cell_name(noise, imbalance, label, seed)
-        lock = args.out / ".running" / f"{run_dir.name}.lock"
-        if (run_dir / "summary.json").exists() or not claim(lock):
-            continue
-        try:
-            if (run_dir / "summary.json").exists():  # finished between the check and the claim
-                continue
-            name, head = method_variant(label)
-            cfg = TrainConfig(
-                dataset=args.dataset, noise=noise, imbalance=imbalance, method=name, head_only=head, seed=seed,
-                model="mlp", epochs=args.epochs, batch_size=100, meta_batch_size=100, lr=0.1,
-                meta_per_class=args.meta_per_class, out=str(run_dir), resume=(run_dir / "checkpoint.pt").exists(),
-                progress=False, device=args.device,
-            )
-            t0 = time.time()
-            print(f"[shard {k}/{n}: {i}/{len(mine)}] {run_dir.name}", flush=True)
-            summary = train(cfg, log=lambda *a, **kw: None)
-            print(f"    final {100 * summary['final_test_accuracy']:.2f}%  best {100 * summary['best_test_accuracy']:.2f}%  "
-                  f"{time.time() - t0:.0f}s", flush=True)
-        finally:
-            lock.unlink(missing_ok=True)
+    todo = []
+    for noise, imbalance, label, seed in cells(args.seeds):
+        name, head = method_variant(label)
+        todo.append((cell_name(noise, imbalance, label, seed), TrainConfig(
+            dataset=args.dataset, noise=noise, imbalance=imbalance, method=name, head_only=head, seed=seed,
+            model="mlp", epochs=args.epochs, batch_size=100, meta_batch_size=100, lr=0.1,
+            meta_per_class=args.meta_per_class, progress=False, device=args.device,
+        )))
+    grid.run_grid(args.out, todo, args.shard)
 
 
 def finished_rows(out: Path) -> list[dict]:
-    rows = []
-    for path in sorted(out.glob("*/summary.json")):
-        s = json.loads(path.read_text())
-        label = s["method"] + ("-head" if s.get("head_only") else "")
-        rows.append({**s, "method": label, "run_dir": path.parent.name, **head_tail_accuracy(path.parent)})
     order = {m: i for i, m in enumerate(METHODS + LONGTAIL_EXTRA)}
     setting_order = {s: i for i, s in enumerate(SETTINGS)}
-    rows.sort(key=lambda r: (setting_order.get((r["noise"], r["imbalance"]), 99), order.get(r["method"], 99), r["seed"]))
-    return rows
-
-
-SPLIT_FIELDS = ["many_shot_accuracy", "few_shot_accuracy"]
-
-
-def head_tail_accuracy(run: Path) -> dict:
-    """For a run with class imbalance: the mean test accuracy (last 5 epochs)
-    of the half of the classes with the most training examples ("many-shot")
-    and of the other half ("few-shot"); {} for a balanced run."""
-    config = json.loads((run / "config.json").read_text())
-    if config["imbalance"] == "none":
-        return {}
-    counts = np.asarray(config["data"]["counts"]["train_true"])
-    history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    per_class = np.mean([h["per_class_test_accuracy"] for h in history[-5:]], axis=0)
-    order = np.argsort(-counts, kind="stable")
-    many, few = order[: len(order) // 2], order[len(order) // 2:]
-    return {"many_shot_accuracy": float(per_class[many].mean()), "few_shot_accuracy": float(per_class[few].mean())}
-
-
-def split_markdown(rows: list[dict]) -> str:
-    """Markdown table for the imbalanced settings: many-shot / few-shot class
-    accuracy (%) per method, mean over seeds, from the CSV rows."""
-    from gdw.report import aggregate
-
-    rows = [r for r in rows if r["imbalance"] != "none" and r.get("many_shot_accuracy") not in (None, "")]
-    if not rows:
-        return ""
-    settings, methods, cells = aggregate(rows, extra=SPLIT_FIELDS)
-    lines = ["| method | " + " | ".join(f"{s}: many / few" for s in settings) + " |", "|---|" + "---|" * len(settings)]
-    for m in methods:
-        row = []
-        for s in settings:
-            c = cells.get((s, m))
-            row.append("–" if c is None else " / ".join(f"{100 * c[f + '_mean']:.1f}" for f in SPLIT_FIELDS))
-        lines.append(f"| {m} | " + " | ".join(row) + " |")
-    return "\n".join(lines) + "\n"
+    return grid.finished_rows(out, sort_key=lambda r: (
+        setting_order.get((r["noise"], r["imbalance"]), 99), order.get(r["method"], 99), r["seed"]))
 
 
 def provenance(args, out: Path) -> str:
-    """The command, the dates and the software the finished runs were made
-    with, read from each run's config.json."""
-    configs = [json.loads(p.read_text()) for p in sorted(out.glob("*/config.json")) if (p.parent / "summary.json").exists()]
-    started = sorted(c["started"] for c in configs if "started" in c)
-    versions = sorted({", ".join(f"{k} {v}" for k, v in c.get("versions", {}).items()) for c in configs})
-    devices = sorted({c.get("device") or "auto" for c in configs})
     command = (f"python benchmarks/paper_protocol.py --dataset {args.dataset} --epochs {args.epochs} "
                f"--meta-per-class {args.meta_per_class} --seeds {','.join(map(str, args.seeds))}")
-    lines = [
-        f"Command: `{command}` (the same cells whether run as one process or split with `--shard K/N`).",
-        f"Runs started between {started[0]} and {started[-1]}." if started else "",
-        f"Software: {'; '.join(versions)}. Device: {', '.join(devices)}.",
-    ]
-    return "\n".join(l for l in lines if l) + "\n"
-
-
-def data_notes(rows: list[dict], out: Path) -> str:
-    """Realised noise rate and class sizes per setting, from the CSV rows and
-    the runs' config.json (the split is the same for every method and seed of
-    a setting only up to the seed, so every distinct value is listed)."""
-    from gdw.report import setting_label
-
-    realised, sizes = {}, {}
-    for r in rows:
-        key = setting_label(r["noise"], r["imbalance"])
-        realised.setdefault(key, set()).add(round(float(r["realised_noise_rate"]), 4))
-        config = out / r["run_dir"] / "config.json"
-        if r["imbalance"] != "none" and config.exists():
-            counts = json.loads(config.read_text())["data"]["counts"]["train_true"]
-            sizes.setdefault(key, set()).add((max(counts), min(counts), sum(counts)))
-    lines = ["Realised noise rates (fraction of training labels that differ from the true label): " + "; ".join(
-        f"{k}: {', '.join(f'{100 * v:.1f}%' for v in sorted(vs))}" for k, vs in realised.items())]
-    if sizes:
-        lines.append("Training-set class sizes under imbalance (largest / smallest class, total): " + "; ".join(
-            f"{k}: " + ", ".join(f"{a} / {b}, {n}" for a, b, n in sorted(v)) for k, v in sizes.items()))
-    return "\n\n".join(lines) + "\n"
+    return grid.provenance(out, command)
 
 
 def report(args) -> None:
@@ -293,12 +170,7 @@ def plot_gdw_weights(out: Path) -> None:
 def prune(out: Path) -> None:
     """Delete from finished cells what is not committed (checkpoints, arrays),
     keeping the seed-0 uniform:0.4 GDW cell whole for the weight plots."""
-    for run in out.glob("*/summary.json"):
-        if run.parent.name == "uniform0.4_none_gdw_s0":
-            continue
-        for f in run.parent.iterdir():
-            if f.name not in KEEP:
-                f.unlink()
+    grid.prune(out, spare=["uniform0.4_none_gdw_s0"])
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,245 @@
+"""The benchmark grid runner shared by ``paper_protocol.py`` and ``robustness.py``.
+
+A grid is a list of cells, each an ordinary ``gdw train`` run directory
+``OUT/<name>`` (``name`` may hold a ``/``: ``digits/flip0.4_none_ce_s0``),
+trained through :func:`gdw.compare.run_cell`. A cell with a ``summary.json``
+is finished and skipped; one with only a checkpoint is resumed. While a
+process trains a cell it holds the lock file ``OUT/.running/<name>.lock``
+(``/`` written as ``__``), which holds its host name and process id, so any
+number of processes started on one grid share it out between them; a lock
+whose process is gone is taken over. ``shard=(K, N)`` splits the grid
+statically instead (every N-th cell from K).
+
+The report helpers here read only what every grid writes: ``summary.json``,
+``metrics.jsonl`` and ``config.json`` of each cell (the files kept by
+:func:`prune`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Callable, Iterable, Optional, Sequence
+
+import numpy as np
+
+KEEP = {"summary.json", "metrics.jsonl", "config.json"}  # what is committed of each cell
+SPLIT_FIELDS = ["many_shot_accuracy", "few_shot_accuracy"]
+
+
+# ----------------------------------------------------------------------------- sharing the cells out
+
+def claim(lock: Path) -> bool:
+    """Take the cell whose lock file is ``lock`` for this process; False if
+    another live process on this host has it (so any number of processes can
+    work through one grid). A lock left by a killed process is taken over."""
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    me = {"host": socket.gethostname(), "pid": os.getpid()}
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                owner = json.loads(lock.read_text())
+            except (OSError, ValueError):
+                return False  # being written by its owner right now
+            if owner.get("host") != me["host"] or _alive(int(owner.get("pid", -1))):
+                return False
+            lock.unlink(missing_ok=True)  # stale: its process is gone
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        return True
+    return False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        pass
+    return True
+
+
+def lock_path(out: Path, name: str) -> Path:
+    return out / ".running" / (name.replace("/", "__") + ".lock")
+
+
+def run_grid(out: Path, cells: Sequence[tuple[str, object]], shard: tuple[int, int] = (0, 1), *,
+             keep_going: bool = False, verify: bool = False) -> list[tuple[str, str]]:
+    """Train every cell of ``cells`` that is neither finished nor held by
+    another process, in order.
+
+    Args:
+        out: the grid's directory.
+        cells: ``(name, config)`` pairs: the run directory ``out/name`` and its
+            :class:`gdw.train.TrainConfig` (its ``out`` is set here).
+        shard: ``(K, N)``: only every N-th cell from the K-th.
+        keep_going: a cell that fails (a UserError, such as a method
+            parameter that does not exist yet, or a diverged run) is reported
+            and the next cell is trained; otherwise the error propagates.
+        verify: compare a finished cell's saved settings with the requested
+            ones and report the cell as failed when they differ (otherwise a
+            finished cell is skipped unread).
+    Returns:
+        ``(name, error message)`` of every cell that failed.
+    """
+    from gdw.compare import run_cell
+    from gdw.errors import UserError
+    from gdw.fit import TrainingDiverged
+    from gdw.train import TrainConfig
+
+    k, n = shard
+    mine = list(cells)[k::n]
+    failed = []
+    for i, (name, cfg) in enumerate(mine, 1):
+        run_dir = out / name
+        cfg = dataclasses.replace(cfg, out=str(run_dir))
+        if (run_dir / "summary.json").exists():
+            if verify:
+                diff = cfg.first_difference(TrainConfig.load(run_dir))
+                if diff:
+                    failed.append((name, f"finished with {diff[0]} = {diff[2]!r}, but the grid asks for {diff[1]!r}"))
+            continue
+        lock = lock_path(out, name)
+        if not claim(lock):
+            continue
+        try:
+            if (run_dir / "summary.json").exists():  # finished between the check and the claim
+                continue
+            t0 = time.time()
+            print(f"[shard {k}/{n}: {i}/{len(mine)}] {name}", flush=True)
+            try:
+                summary, _ = run_cell(cfg, log=lambda *a, **kw: None)
+            except (UserError, TrainingDiverged) as err:
+                if not keep_going:
+                    raise
+                message = str(err).splitlines()[0] if str(err) else type(err).__name__
+                print(f"    failed: {message}", flush=True)
+                failed.append((name, message))
+                continue
+            print(f"    final {100 * summary['final_test_accuracy']:.2f}%  "
+                  f"best {100 * summary['best_test_accuracy']:.2f}%  {time.time() - t0:.0f}s", flush=True)
+        finally:
+            lock.unlink(missing_ok=True)
+    return failed
+
+
+# ----------------------------------------------------------------------------- reading finished cells
+
+def plain_label(summary: dict, run: Path) -> str:
+    """A run's method label: its method, with ``-head`` when head-only."""
+    return summary["method"] + ("-head" if summary.get("head_only") else "")
+
+
+def finished_rows(out: Path, pattern: str = "*/summary.json",
+                  label: Callable[[dict, Path], str] = plain_label, sort_key=None) -> list[dict]:
+    """One row per finished cell under ``out`` (the summaries matching
+    ``pattern``): the summary, ``method`` = ``label(summary, run_dir)``,
+    ``run_dir`` relative to ``out`` and, under imbalance, the many- and
+    few-shot accuracies; sorted by ``sort_key`` when given."""
+    rows = []
+    for path in sorted(out.glob(pattern)):
+        s = json.loads(path.read_text())
+        rows.append({**s, "method": label(s, path.parent), "run_dir": path.parent.relative_to(out).as_posix(),
+                     **head_tail_accuracy(path.parent)})
+    if sort_key is not None:
+        rows.sort(key=sort_key)
+    return rows
+
+
+def head_tail_accuracy(run: Path) -> dict:
+    """For a run with class imbalance: the mean test accuracy (last 5 epochs)
+    of the half of the classes with the most training examples ("many-shot")
+    and of the other half ("few-shot"); {} for a balanced run."""
+    config = json.loads((run / "config.json").read_text())
+    if config["imbalance"] == "none":
+        return {}
+    counts = np.asarray(config["data"]["counts"]["train_true"])
+    history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    per_class = np.mean([h["per_class_test_accuracy"] for h in history[-5:]], axis=0)
+    order = np.argsort(-counts, kind="stable")
+    many, few = order[: len(order) // 2], order[len(order) // 2:]
+    return {"many_shot_accuracy": float(per_class[many].mean()), "few_shot_accuracy": float(per_class[few].mean())}
+
+
+# ----------------------------------------------------------------------------- report helpers
+
+def split_markdown(rows: list[dict], settings: Optional[Sequence[str]] = None,
+                   methods: Optional[Sequence[str]] = None) -> str:
+    """Markdown table for the imbalanced settings: many-shot / few-shot class
+    accuracy (%) per method, mean over seeds, from the CSV rows. Columns and
+    rows in the order of first appearance, or in the order of ``settings`` /
+    ``methods`` (those without a run left out)."""
+    from gdw.report import aggregate
+
+    rows = [r for r in rows if r["imbalance"] != "none" and r.get("many_shot_accuracy") not in (None, "")]
+    if not rows:
+        return ""
+    found_settings, found_methods, cells = aggregate(rows, extra=SPLIT_FIELDS)
+    settings = found_settings if settings is None else [s for s in settings if s in found_settings]
+    methods = found_methods if methods is None else [m for m in methods if m in found_methods]
+    lines = ["| method | " + " | ".join(f"{s}: many / few" for s in settings) + " |", "|---|" + "---|" * len(settings)]
+    for m in methods:
+        row = []
+        for s in settings:
+            c = cells.get((s, m))
+            row.append("–" if c is None else " / ".join(f"{100 * c[f + '_mean']:.1f}" for f in SPLIT_FIELDS))
+        lines.append(f"| {m} | " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def provenance(out: Path, command: str, pattern: str = "*/config.json",
+               note: str = " (the same cells whether run as one process or split with `--shard K/N`)") -> str:
+    """The command, the dates and the software the finished runs were made
+    with, read from each run's config.json."""
+    configs = [json.loads(p.read_text()) for p in sorted(out.glob(pattern)) if (p.parent / "summary.json").exists()]
+    started = sorted(c["started"] for c in configs if "started" in c)
+    versions = sorted({", ".join(f"{k} {v}" for k, v in c.get("versions", {}).items()) for c in configs})
+    devices = sorted({c.get("device") or "auto" for c in configs})
+    lines = [
+        f"Command: `{command}`{note}.",
+        f"Runs started between {started[0]} and {started[-1]}." if started else "",
+        f"Software: {'; '.join(versions)}. Device: {', '.join(devices)}.",
+    ]
+    return "\n".join(l for l in lines if l) + "\n"
+
+
+def data_notes(rows: list[dict], out: Path) -> str:
+    """Realised noise rate and class sizes per setting, from the CSV rows and
+    the runs' config.json (the split is the same for every method and seed of
+    a setting only up to the seed, so every distinct value is listed)."""
+    from gdw.report import setting_label
+
+    realised, sizes = {}, {}
+    for r in rows:
+        key = setting_label(r["noise"], r["imbalance"])
+        realised.setdefault(key, set()).add(round(float(r["realised_noise_rate"]), 4))
+        config = out / r["run_dir"] / "config.json"
+        if r["imbalance"] != "none" and config.exists():
+            counts = json.loads(config.read_text())["data"]["counts"]["train_true"]
+            sizes.setdefault(key, set()).add((max(counts), min(counts), sum(counts)))
+    lines = ["Realised noise rates (fraction of training labels that differ from the true label): " + "; ".join(
+        f"{k}: {', '.join(f'{100 * v:.1f}%' for v in sorted(vs))}" for k, vs in realised.items())]
+    if sizes:
+        lines.append("Training-set class sizes under imbalance (largest / smallest class, total): " + "; ".join(
+            f"{k}: " + ", ".join(f"{a} / {b}, {n}" for a, b, n in sorted(v)) for k, v in sizes.items()))
+    return "\n\n".join(lines) + "\n"
+
+
+def prune(out: Path, pattern: str = "*/summary.json", spare: Iterable[str] = ()) -> None:
+    """Delete from finished cells what is not committed (checkpoints, arrays,
+    plots), keeping the cells named in ``spare`` (relative to ``out``) whole."""
+    spare = set(spare)
+    for path in out.glob(pattern):
+        if path.parent.relative_to(out).as_posix() in spare:
+            continue
+        for f in path.parent.iterdir():
+            if f.name not in KEEP:
+                f.unlink()

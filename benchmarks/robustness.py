@@ -1,0 +1,617 @@
+"""Data weighting across data regimes where memorisation speed differs: every method, two seeds.
+
+    python benchmarks/robustness.py                      # the whole grid, resumable
+    OMP_NUM_THREADS=1 python benchmarks/robustness.py &  # or start it once per core: the processes
+    OMP_NUM_THREADS=1 python benchmarks/robustness.py &  #   share the cells out between them
+    python benchmarks/robustness.py --report             # tables and the plot from what has finished
+    python benchmarks/robustness.py --datasets digits,tabular --methods ce,l2rw \\
+        --settings flip:0.4 --seeds 0 --epochs 2 --out /tmp/rb          # a smoke test (seconds)
+
+How soon a network memorises noisy labels depends on the data (how many
+examples, how many input dimensions, how separable the classes are), and
+data weighting has to act before the noisy labels are memorised; so how the
+methods compare may differ from one regime to another. The regimes
+(``REGIMES``, cheapest first):
+
+* ``digits``: scikit-learn's 8×8 digits as gdw's built-in ``digits`` dataset
+  (1,438 training examples before the meta draw; gdw's fixed stratified 20%
+  test split, 359 examples);
+* ``tabular``: ``sklearn.datasets.make_classification`` (10 classes, 40
+  features of which 20 informative and 10 redundant, two clusters per class,
+  no label flips, ``random_state=0``): 10,000 training examples plus the meta
+  examples, and 2,000 test examples (a stratified split);
+* ``fashion-mnist-5k`` / ``fashion-mnist-10k``: a stratified random subset of
+  Fashion-MNIST's training set (read by gdw's own reader, Debian's
+  ``dataset-fashion-mnist``) of 5,000 / 10,000 images plus the meta images,
+  so that 5,000 / 10,000 are left for training after the meta draw, and the
+  full 10,000-image test set; the 5k subset is part of the 10k one.
+
+The regimes that are not built into gdw are written once, with fixed seeds,
+as ``--data/<regime>.npz`` (default ``~/.cache/gdw/robustness/``; the bytes
+are the same on every write, and a file written by another recipe is
+refused); a run's dataset is then ``npz:<that file>``. Each regime's file
+name, size, SHA-256 and the versions it was made with are also recorded in
+``--out/<regime>/dataset.json``.
+
+Settings: ``flip:0.4``, ``uniform:0.6``, ``none`` + ``longtail:100`` and
+``uniform:0.4`` + ``longtail:10`` (``--settings`` takes them as
+``flip:0.4,none+longtail:100``). Methods: the labels of ``METHODS`` (``la``
+only under imbalance); ``gdw-paper`` is GDW whose first stage is MW-Net's
+weighting network, as in the paper, ``gdw`` is GDW with gdw's defaults.
+Seeds 0 and 1.
+
+Hyper-parameters are the same for every method and regime and nothing is
+tuned: the MLP (two hidden layers of 256 with BatchNorm), 40 epochs, batch
+100, meta batch 100, SGD lr 0.1 with cosine decay, momentum 0.9, weight decay
+5e-4, the methods' default hyper-parameters. The meta set has 50 clean
+examples per class, drawn from the training set, except where a tenth of the
+smallest class is fewer: then a tenth of the smallest class, which is the cap
+gdw's own default applies (``gdw.data.split.default_meta_per_class``), so
+that a small dataset keeps 90% of its examples for training. That gives 50
+per class everywhere but on digits, whose smallest training class has 139
+examples: 13 per class (130 meta examples, 1,308 left for training).
+
+Cells run in the order that makes a partial grid most useful: all of seed 0
+before seed 1; within a seed the regimes cheapest first; within a regime and
+setting the methods that the acceptance questions compare first (``ce``,
+``gdw``, ``l2rw``, ``mwnet``), then the others. Each cell is an ordinary
+``gdw train`` run directory ``--out/<regime>/<cell>``; a finished cell is
+skipped (and refused if it was trained with other settings), an interrupted
+one resumed, and a process marks the cell it trains with a lock file in
+``--out/.running/`` (the grid runner is ``benchmarks/grid.py``, shared with
+``paper_protocol.py``). A cell that fails is reported and the grid goes on;
+the exit code is then 1. ``--prune`` deletes from finished cells all but
+``summary.json``, ``metrics.jsonl`` and ``config.json``, which are committed.
+
+The grid has 240 cells (4 regimes × (2 noisy settings × 7 methods + 2
+imbalanced settings × 8 methods) × 2 seeds). Measured on 2 CPU cores of an
+AMD EPYC shared with other work, one process at a time with
+OMP_NUM_THREADS=1, torch 2.13.0+cpu, one flip:0.4 cell of 40 epochs took
+(wall-clock, data loading and evaluation included) ``ce`` / ``l2rw``: digits
+2 s / 4 s, tabular 5 s / 14 s, fashion-mnist-5k 8 s / 17 s,
+fashion-mnist-10k 12 s / 27 s. Scaled by the other methods' and settings'
+training-time ratios in the Fashion-MNIST grid (``benchmarks/results/
+fashion_mnist/results.csv``: MW-Net 1.15× L2RW, GDW 1.02×, fine-tuning 1.2×
+CE, DM 1.07×; the two long-tailed settings 0.22× and 0.40× a balanced one),
+that estimates the whole grid at about 35 minutes of one core, so about 20
+minutes with one process on each of the two cores. This is an estimate from
+those eight cells, not a timing of the grid.
+
+``--report`` (also run at the end of a pass) writes ``results.csv`` (one row
+per run; ``dataset`` is the regime, ``method`` the label), ``results.md`` (a
+table per regime, the acceptance questions, the missing cells, the command,
+dates and versions) and ``accuracy.png`` (a panel per regime and setting).
+The acceptance questions, judged on the differences of the mean over seeds
+of the last-5-epoch test accuracy, in points, as shown (rounded to 0.01):
+for every noisy cell, ``gdw`` − max(``l2rw``, ``mwnet``) ≥ −0.5 and
+``gdw`` − ``ce`` ≥ +2; for the imbalance-only cells, ``gdw`` − ``ce`` ≥ 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shlex
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import grid  # noqa: E402  (benchmarks/grid.py: the grid runner shared with paper_protocol.py)
+
+METHODS = {  # label -> (gdw method, method_args, head_only)
+    "ce": ("ce", {}, False),
+    "finetune": ("finetune", {}, False),
+    "dm": ("dm", {}, False),
+    "la": ("la", {}, False),  # only under imbalance
+    "l2rw": ("l2rw", {}, False),
+    "mwnet": ("mwnet", {}, False),
+    "gdw-paper": ("gdw", {"stage_one": "mwnet"}, False),
+    "gdw": ("gdw", {}, False),
+}
+IMBALANCE_ONLY = {"la"}
+RUN_ORDER = ["ce", "gdw", "l2rw", "mwnet", "gdw-paper", "finetune", "dm", "la"]  # the compared ones first
+SETTINGS = [  # (noise, imbalance)
+    ("flip:0.4", "none"),
+    ("uniform:0.6", "none"),
+    ("none", "longtail:100"),
+    ("uniform:0.4", "longtail:10"),
+]
+REGIMES = {  # name -> how its data is made; cheapest first (the order the cells run in)
+    "digits": {"source": "digits"},
+    "tabular": {"source": "make_classification", "train": 10_000, "test": 2_000, "features": 40,
+                "informative": 20, "redundant": 10, "clusters_per_class": 2, "class_sep": 1.0, "random_state": 0},
+    "fashion-mnist-5k": {"source": "fashion-mnist", "train": 5_000, "random_state": 0},
+    "fashion-mnist-10k": {"source": "fashion-mnist", "train": 10_000, "random_state": 0},
+}
+SEEDS = [0, 1]
+EPOCHS = 40
+META_PER_CLASS = 50
+NUM_CLASSES = 10
+DEFAULT_DATA = Path("~/.cache/gdw/robustness")
+DEFAULT_OUT = Path(__file__).parent / "results" / "robustness"
+
+
+# ----------------------------------------------------------------------------- the data regimes
+
+def _write_npz(path: Path, arrays: dict) -> None:
+    """``np.savez`` with fixed zip timestamps, so the same arrays give the
+    same bytes; written to a temporary file and moved into place."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as z:
+        for name, a in arrays.items():
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            with z.open(info, "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, np.asarray(a), allow_pickle=False)
+    os.replace(tmp, path)
+
+
+def _tabular(spec: dict, meta: int) -> dict:
+    from sklearn.datasets import make_classification
+    from sklearn.model_selection import train_test_split
+
+    n_train = spec["train"] + NUM_CLASSES * meta
+    x, y = make_classification(
+        n_samples=n_train + spec["test"], n_features=spec["features"], n_informative=spec["informative"],
+        n_redundant=spec["redundant"], n_classes=NUM_CLASSES, n_clusters_per_class=spec["clusters_per_class"],
+        class_sep=spec["class_sep"], flip_y=0.0, random_state=spec["random_state"])
+    x_train, x_test, y_train, y_test = train_test_split(
+        x.astype(np.float32), y.astype(np.int64), test_size=spec["test"], stratify=y, random_state=spec["random_state"])
+    return {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test,
+            "classes": np.array([f"class {c}" for c in range(NUM_CLASSES)])}
+
+
+def _fashion_mnist(spec: dict, meta: int) -> dict:
+    import torch
+    from gdw.data import prepare
+
+    data = prepare("fashion-mnist", noise="none", meta_per_class=0, seed=0)
+    labels = data.train.labels.numpy()
+    per_class = spec["train"] // NUM_CLASSES + meta
+    rng = np.random.default_rng(spec["random_state"])  # one permutation per class: 5k is a part of 10k
+    keep = np.sort(np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:per_class]
+                                   for c in range(NUM_CLASSES)]))
+
+    def images(split, positions):
+        return split.store.x[torch.as_tensor(split.index.numpy()[positions])].numpy()
+
+    return {"x_train": images(data.train, keep), "y_train": labels[keep],
+            "x_test": images(data.test, np.arange(len(data.test))), "y_test": data.test.labels.numpy(),
+            "classes": np.array(data.classes)}
+
+
+def meta_per_class(y_train: np.ndarray) -> int:
+    """50, or a tenth of the smallest class when that is fewer (gdw's own cap)."""
+    from gdw.data.split import default_meta_per_class
+
+    return min(META_PER_CLASS, default_meta_per_class(np.asarray(y_train), NUM_CLASSES))
+
+
+def prepare_regime(regime: str, data_dir: Path, out: Path) -> tuple[str, int]:
+    """``(dataset, meta_per_class)`` of a regime for ``TrainConfig``: its npz
+    file written under ``data_dir`` when missing, and its record in
+    ``out/<regime>/dataset.json``. SystemExit(2) if an existing file was
+    made by another recipe."""
+    spec = REGIMES[regime]
+    if spec["source"] == "digits":
+        from gdw.data.sources import load_source
+
+        source = load_source("digits")
+        mpc = meta_per_class(source.y_train)
+        record = {"regime": regime, "dataset": "digits", "train_before_meta": len(source.y_train),
+                  "test": len(source.y_test), "meta_per_class": mpc}
+        _write_record(out / regime / "dataset.json", record)
+        return "digits", mpc
+    recipe = json.dumps({"regime": regime, **spec, "meta_per_class": META_PER_CLASS}, sort_keys=True)
+    path = data_dir.expanduser().resolve() / f"{regime}.npz"
+    if path.exists():
+        with np.load(path, allow_pickle=False) as z:
+            found = str(z["recipe"]) if "recipe" in z.files else None
+        if found != recipe:
+            print(f"{path} was made by another recipe than this script's ({found} != {recipe}); "
+                  "delete it or use another --data", file=sys.stderr)
+            raise SystemExit(2)
+    else:
+        import sklearn
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        arrays = (_tabular if spec["source"] == "make_classification" else _fashion_mnist)(spec, META_PER_CLASS)
+        made_with = {"numpy": np.__version__, "scikit-learn": sklearn.__version__}
+        _write_npz(path, {**arrays, "recipe": np.array(recipe), "made_with": np.array(json.dumps(made_with))})
+    with np.load(path, allow_pickle=False) as z:
+        y_train, n_test, shape = z["y_train"], len(z["y_test"]), z["x_train"].shape[1:]
+        made_with = json.loads(str(z["made_with"]))
+    mpc = meta_per_class(y_train)
+    record = {"regime": regime, "dataset": f"npz:{path.name}", "file": path.name,
+              "sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "recipe": json.loads(recipe),
+              "made_with": made_with, "train_before_meta": len(y_train), "test": n_test,
+              "input_shape": list(shape), "meta_per_class": mpc}
+    _write_record(out / regime / "dataset.json", record)
+    return f"npz:{path}", mpc
+
+
+def _write_record(path: Path, record: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_text(path, json.dumps(record, indent=2) + "\n")
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Write ``text`` aside and move it into place, so that a reader never
+    sees half a file when several processes write the same one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- the grid
+
+def setting_spec(noise: str, imbalance: str) -> str:
+    """The ``--settings`` spelling of a setting: ``flip:0.4``, ``none+longtail:100``."""
+    return noise if imbalance == "none" else f"{noise}+{imbalance}"
+
+
+def cells(datasets, methods, settings, seeds):
+    """``(regime, noise, imbalance, label, seed)`` in the order they run."""
+    for seed in seeds:
+        for regime in [r for r in REGIMES if r in datasets]:
+            for noise, imbalance in [s for s in SETTINGS if s in settings]:
+                for label in [m for m in RUN_ORDER if m in methods]:
+                    if label in IMBALANCE_ONLY and imbalance == "none":
+                        continue
+                    yield regime, noise, imbalance, label, seed
+
+
+def run_dir_name(regime, noise, imbalance, label, seed) -> str:
+    from gdw.compare import cell_name
+
+    return f"{regime}/{cell_name(noise, imbalance, label, seed)}"
+
+
+def run_grid(args) -> list[tuple[str, str]]:
+    """Train the selected cells (see :func:`grid.run_grid`); the failed ones."""
+    from gdw.train import TrainConfig
+
+    data = {regime: prepare_regime(regime, args.data, args.out) for regime in REGIMES if regime in args.datasets}
+    todo = []
+    for regime, noise, imbalance, label, seed in cells(args.datasets, args.methods, args.settings, args.seeds):
+        method, method_args, head = METHODS[label]
+        dataset, mpc = data[regime]
+        todo.append((run_dir_name(regime, noise, imbalance, label, seed), TrainConfig(
+            dataset=dataset, noise=noise, imbalance=imbalance, method=method, method_args=dict(method_args),
+            head_only=head, seed=seed, model="mlp", epochs=args.epochs, batch_size=100, meta_batch_size=100, lr=0.1,
+            meta_per_class=mpc, progress=False, device=args.device)))
+    return grid.run_grid(args.out, todo, args.shard, keep_going=True, verify=True)
+
+
+# ----------------------------------------------------------------------------- the report
+
+def method_label(summary: dict, run: Path) -> str:
+    """The ``METHODS`` label of a finished run (by method, arguments and head_only)."""
+    key = (summary["method"], summary.get("method_args") or {}, bool(summary.get("head_only")))
+    for label, (method, method_args, head) in METHODS.items():
+        if (method, method_args, head) == key:
+            return label
+    args = ",".join(f"{k}={v}" for k, v in key[1].items())
+    return grid.plain_label(summary, run) + (f"({args})" if args else "")
+
+
+def finished_rows(out: Path) -> list[dict]:
+    """One row per finished cell, ``dataset`` = the regime, ``method`` = the label."""
+    regimes, labels = list(REGIMES), list(METHODS)
+    rows = [{**r, "dataset": r["run_dir"].split("/")[0]}
+            for r in grid.finished_rows(out, pattern="*/*/summary.json", label=method_label)]
+    rows.sort(key=lambda r: (regimes.index(r["dataset"]) if r["dataset"] in regimes else 99,
+                             SETTINGS.index((r["noise"], r["imbalance"])) if (r["noise"], r["imbalance"]) in SETTINGS
+                             else 99, labels.index(r["method"]) if r["method"] in labels else 99, int(r["seed"])))
+    return rows
+
+
+def _selected(row: dict, args) -> bool:
+    return (row["dataset"] in args.datasets and row["method"] in args.methods
+            and (row["noise"], row["imbalance"]) in args.settings and int(row["seed"]) in args.seeds)
+
+
+def regime_table(rows: list[dict], settings, methods) -> str:
+    """Markdown: one row per method, one column per setting, mean ± std over
+    seeds of the last-5-epoch test accuracy (%), the best per setting in bold;
+    ``–`` where no run has finished, empty where the method is not run."""
+    from gdw.report import aggregate, setting_label
+
+    _, _, found = aggregate(rows)
+    labels = [setting_label(n, i) for n, i in settings]
+    best = {s: max((found[(s, m)]["final_mean"] for m in methods if (s, m) in found), default=None) for s in labels}
+    lines = ["| method | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
+    for m in methods:
+        row = []
+        for (noise, imbalance), s in zip(settings, labels):
+            c = found.get((s, m))
+            if c is None:
+                row.append("" if m in IMBALANCE_ONLY and imbalance == "none" else "–")
+                continue
+            text = f"{100 * c['final_mean']:.2f}" + (f" ± {100 * c['final_std']:.2f}" if c["n"] > 1 else "")
+            row.append(f"**{text}**" if c["final_mean"] == best[s] else text)
+        lines.append(f"| {m} | " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+CHECKS = {  # name -> (compared with, threshold in points)
+    "gdw − max(l2rw, mwnet)": (("l2rw", "mwnet"), -0.5),
+    "gdw − ce": (("ce",), 2.0),
+    "gdw − ce (imbalance only)": (("ce",), 0.0),
+}
+
+
+def acceptance(rows: list[dict], regimes=None, settings=None) -> list[dict]:
+    """The acceptance questions for every regime and setting: per noisy
+    setting ``gdw − max(l2rw, mwnet)`` (≥ −0.5) and ``gdw − ce`` (≥ +2), per
+    imbalance-only setting ``gdw − ce`` (≥ 0); each a dict with ``regime``,
+    ``setting``, ``check``, ``gdw``, ``reference`` (the larger of the
+    compared means), ``reference_method``, ``difference`` (points, rounded to
+    0.01), ``threshold``, ``passed`` (None when a cell is missing) and
+    ``missing`` (the methods without a finished run). Means over seeds of the
+    last-5-epoch test accuracy, in %."""
+    from gdw.report import aggregate, setting_label
+
+    regimes = regimes if regimes is not None else list(dict.fromkeys(r["dataset"] for r in rows))
+    settings = settings if settings is not None else SETTINGS
+    out = []
+    for regime in regimes:
+        _, _, cells_ = aggregate([r for r in rows if r["dataset"] == regime])
+        for noise, imbalance in settings:
+            s = setting_label(noise, imbalance)
+            mean = {m: 100 * c["final_mean"] for (ss, m), c in cells_.items() if ss == s}
+            if noise != "none":
+                checks = ["gdw − max(l2rw, mwnet)", "gdw − ce"]
+            elif imbalance != "none":
+                checks = ["gdw − ce (imbalance only)"]
+            else:
+                checks = []
+            for check in checks:
+                refs, threshold = CHECKS[check]
+                missing = [m for m in ("gdw", *refs) if m not in mean]
+                ref = None if missing else max(refs, key=lambda m: mean[m])
+                diff = None if missing else round(mean["gdw"] - mean[ref], 2)
+                out.append({"regime": regime, "setting": s, "check": check, "gdw": mean.get("gdw"),
+                            "reference": None if missing else mean[ref], "reference_method": ref,
+                            "difference": diff, "threshold": threshold,
+                            "passed": None if missing else diff >= threshold, "missing": missing})
+    return out
+
+
+def acceptance_markdown(checks: list[dict]) -> str:
+    lines = ["| regime | setting | question | gdw | compared with | difference (points) | needed | result |",
+             "|---|---|---|---|---|---|---|---|"]
+    for c in checks:
+        needed = f"≥ {c['threshold']:+g}" if c["threshold"] else "≥ 0"
+        if c["passed"] is None:
+            gdw = "–" if c["gdw"] is None else f"{c['gdw']:.2f}"
+            lines.append(f"| {c['regime']} | {c['setting']} | {c['check']} | {gdw} | – | – | {needed} | "
+                         f"missing: {', '.join(c['missing'])} |")
+            continue
+        lines.append(f"| {c['regime']} | {c['setting']} | {c['check']} | {c['gdw']:.2f} | "
+                     f"{c['reference']:.2f} ({c['reference_method']}) | {c['difference']:+.2f} | {needed} | "
+                     f"{'pass' if c['passed'] else '**fail**'} |")
+    totals = []
+    for check in CHECKS:
+        mine = [c for c in checks if c["check"] == check]
+        if mine:
+            done = [c for c in mine if c["passed"] is not None]
+            waiting = f"{len(mine) - len(done)} not answerable yet (cells missing)" if len(done) < len(mine) else ""
+            totals.append(f"{check}: " + (f"{sum(c['passed'] for c in done)} of {len(done)} pass" if done else "")
+                          + (", " if done and waiting else "") + waiting)
+    return "\n".join(lines) + "\n\n" + "; ".join(totals) + ".\n"
+
+
+COLORS = {"ce": "#7f7f7f", "finetune": "#bcbd22", "dm": "#8c564b", "la": "#e377c2", "l2rw": "#1f77b4",
+          "mwnet": "#ff7f0e", "gdw-paper": "#98df8a", "gdw": "#2ca02c"}
+
+
+def plot_accuracy(rows: list[dict], path: Path, regimes, settings, methods, title: str) -> None:
+    """One panel per regime (row) and setting (column): a bar per method, at
+    the same place and in the same colour in every panel, height = mean over
+    seeds of the last-5-epoch test accuracy, error bar = std over seeds, the
+    value above it; "missing" where a cell of the grid has not finished. Each
+    panel has its own y-range, so small differences stay visible."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    from gdw.report import aggregate, setting_label
+
+    regimes = [r for r in regimes if any(row["dataset"] == r for row in rows)]
+    size = (max(6.0, 3.6 * len(settings) + 0.6), 2.5 * len(regimes) + 1.8)
+    fig, axes = plt.subplots(len(regimes), len(settings), figsize=size, squeeze=False, sharex=True,
+                             layout="constrained")
+    spare = plt.get_cmap("tab10").colors
+    color = {m: COLORS.get(m, spare[k % len(spare)]) for k, m in enumerate(methods)}
+    x = np.arange(len(methods))
+    for i, regime in enumerate(regimes):
+        _, _, cells_ = aggregate([r for r in rows if r["dataset"] == regime])
+        for j, (noise, imbalance) in enumerate(settings):
+            ax = axes[i, j]
+            s = setting_label(noise, imbalance)
+            run = [not (m in IMBALANCE_ONLY and imbalance == "none") for m in methods]
+            means = np.array([100 * cells_[(s, m)]["final_mean"] if (s, m) in cells_ else np.nan for m in methods])
+            stds = np.array([100 * cells_[(s, m)]["final_std"] if (s, m) in cells_ else 0.0 for m in methods])
+            ok = np.isfinite(means)
+            ax.bar(x[ok], means[ok], 0.8, yerr=stds[ok], capsize=2, color=[color[m] for m, o in zip(methods, ok) if o])
+            if ok.any():
+                low = max(0.0, (means - stds)[ok].min() - 4)
+                ax.set_ylim(low, min(100.0, (means + stds)[ok].max() + 3))
+            for k in range(len(methods)):
+                if ok[k]:
+                    ax.text(k, means[k] + stds[k], f"{means[k]:.1f}", ha="center", va="bottom", fontsize=6.5)
+                elif run[k]:
+                    ax.text(k, 0.03, "missing", rotation=90, ha="center", va="bottom", fontsize=7, color="gray",
+                            transform=ax.get_xaxis_transform())
+            ax.grid(axis="y", alpha=0.3)
+            ax.tick_params(axis="y", labelsize=8)
+            ax.set_title(f"{regime} · {s}", fontsize=9)
+            if j == 0:
+                ax.set_ylabel("test accuracy (%)", fontsize=8)
+    for ax in axes[-1]:
+        ax.set_xticks(x, methods, rotation=45, ha="right", fontsize=8)
+    fig.legend(handles=[Patch(color=color[m], label=m) for m in methods], loc="outside lower center",
+               ncol=len(methods), fontsize=9, frameon=False)
+    fig.suptitle(title, fontsize=10)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def command_line(args, epochs) -> str:
+    """The grid's command: the flags whose values differ from the defaults."""
+    parts = ["python", "benchmarks/robustness.py"]
+    for flag, value, default in (("--datasets", args.datasets, list(REGIMES)),
+                                 ("--methods", args.methods, list(METHODS)),
+                                 ("--settings", args.settings, SETTINGS), ("--seeds", args.seeds, SEEDS)):
+        if list(value) != list(default):
+            parts += [flag, ",".join(setting_spec(*v) if flag == "--settings" else str(v) for v in value)]
+    if epochs != EPOCHS:
+        parts += ["--epochs", str(epochs)]
+    return shlex.join(parts)
+
+
+def report(args) -> str:
+    """Write results.csv, results.md and accuracy.png from the finished cells
+    of the selected grid; returns results.md's text."""
+    from gdw.report import read_results_csv, setting_label, write_results_csv
+
+    found = [r for r in finished_rows(args.out) if _selected(r, args)]
+    if not found:
+        print("no finished cells yet")
+        return ""
+    epochs = sorted({int(r["epochs"]) for r in found})
+    # written aside and moved into place: several processes of one grid each report at the end
+    csv_path = args.out / f".results.{os.getpid()}.csv"
+    write_results_csv(found, csv_path, extra_fields=grid.SPLIT_FIELDS)
+    rows = read_results_csv(csv_path)  # the tables are computed from the CSV alone
+    os.replace(csv_path, args.out / "results.csv")
+    expected = [run_dir_name(*c) for c in cells(args.datasets, args.methods, args.settings, args.seeds)]
+    finished = {r["run_dir"] for r in rows}
+    missing = [name for name in expected if name not in finished]
+    regimes = [r for r in REGIMES if r in args.datasets]
+    settings = [s for s in SETTINGS if s in args.settings]
+    methods = [m for m in METHODS if m in args.methods]
+    records = {r: json.loads(p.read_text()) for r in regimes if (p := args.out / r / "dataset.json").exists()}
+
+    text = [
+        "# Data weighting across data regimes\n",
+        f"MLP (two hidden layers of 256 with BatchNorm), {', '.join(map(str, epochs))} "
+        f"epoch{'s' if epochs != [1] else ''}, batch 100, meta batch "
+        f"100, SGD 0.1 cosine, momentum 0.9, weight decay 5e-4, every method with its default hyper-parameters; "
+        f"{len(finished)} of {len(expected)} runs finished. Test accuracy (%): mean of the last 5 epochs, mean ± std "
+        "over seeds, the best per setting in bold; – : not finished; empty: not part of the grid "
+        "(`la` runs only under imbalance).\n",
+        "## Acceptance questions\n",
+        "For every noisy setting GDW (gdw's defaults) against the better of L2RW and MW-Net (needs ≥ −0.5 points) "
+        "and against CE (needs ≥ +2 points); for the setting with imbalance alone GDW against CE (needs ≥ 0). "
+        "Differences of the means over seeds, judged as shown (rounded to 0.01 points).\n",
+        acceptance_markdown(acceptance(rows, regimes, settings)),
+    ]
+    for regime in regimes:
+        mine = [r for r in rows if r["dataset"] == regime]
+        text.append(f"## {regime}\n")
+        rec = records.get(regime)
+        if rec:
+            meta = rec["meta_per_class"]
+            text.append(f"{rec['train_before_meta']:,} training examples before the meta draw of {meta} per class "
+                        f"({rec['train_before_meta'] - NUM_CLASSES * meta:,} left for training), {rec['test']:,} test "
+                        f"examples; dataset `{rec['dataset']}`"
+                        + (f", SHA-256 {rec['sha256'][:16]}…, made with "
+                           + ", ".join(f"{k} {v}" for k, v in rec["made_with"].items()) if "sha256" in rec else "")
+                        + ".\n")
+        if not mine:
+            text.append("No finished run yet.\n")
+            continue
+        text.append(regime_table(mine, settings, methods))
+        text.append(grid.data_notes(mine, args.out))
+        split = grid.split_markdown(mine, [setting_label(n, i) for n, i in settings], methods)
+        if split:
+            text.append("Under imbalance, test accuracy (%, last 5 epochs, mean over seeds) of the half of the "
+                        "classes with the most training examples / the half with the fewest:\n\n" + split)
+    text.append("## Missing cells\n")
+    if missing:
+        by_regime = {}
+        for name in missing:
+            regime, cell = name.split("/", 1)
+            by_regime.setdefault(regime, []).append(cell)
+        text.append("\n".join(f"- {regime} ({len(c)}): " + ", ".join(f"`{x}`" for x in c)
+                              for regime, c in by_regime.items()) + "\n")
+    else:
+        text.append("None: every cell of the grid has finished.\n")
+    text.append("## Provenance\n")
+    text.append(grid.provenance(args.out, command_line(args, epochs[0] if len(epochs) == 1 else args.epochs),
+                                pattern="*/*/config.json",
+                                note=" (in any number of processes at once; `--report` writes this file)"))
+    md = "\n".join(text)
+    _write_text(args.out / "results.md", md)
+    png = args.out / f".accuracy.{os.getpid()}.png"
+    plot_accuracy(rows, png, regimes, settings, methods,
+                  "Test accuracy (%), mean of the last 5 epochs\nmean over seeds; error bars: std over seeds")
+    os.replace(png, args.out / "accuracy.png")
+    return md
+
+
+# ----------------------------------------------------------------------------- command line
+
+def _subset(choices, parse=str.strip):
+    def convert(text: str):
+        values = [parse(v) for v in text.split(",") if v.strip()]
+        bad = [v for v in values if v not in choices]
+        if bad or not values:
+            show = lambda c: setting_spec(*c) if isinstance(c, tuple) else str(c)  # noqa: E731
+            raise argparse.ArgumentTypeError(f"{show(bad[0]) if bad else text!r} is not one of: "
+                                             + ", ".join(map(show, choices)))
+        return values
+    return convert
+
+
+def _setting(text: str) -> tuple[str, str]:
+    noise, _, imbalance = text.replace(" ", "").partition("+")
+    return noise, imbalance or "none"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="the grid's directory (default: %(default)s)")
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="where the regimes' npz files are written "
+                   "(default: %(default)s)")
+    p.add_argument("--datasets", type=_subset(list(REGIMES)), default=list(REGIMES),
+                   help="regimes, comma-separated (default: all: " + ",".join(REGIMES) + ")")
+    p.add_argument("--methods", type=_subset(list(METHODS)), default=list(METHODS), help="method labels (default: all)")
+    p.add_argument("--settings", type=_subset(SETTINGS, _setting), default=list(SETTINGS),
+                   help="e.g. flip:0.4,none+longtail:100 (default: all four)")
+    p.add_argument("--seeds", type=lambda s: [int(v) for v in s.split(",")], default=list(SEEDS))
+    p.add_argument("--epochs", type=int, default=EPOCHS)
+    p.add_argument("--shard", type=lambda s: tuple(int(v) for v in s.split("/")), default=(0, 1),
+                   help="K/N: run every N-th cell from K")
+    p.add_argument("--device", default=None)
+    p.add_argument("--report", action="store_true", help="only tabulate and plot what has finished")
+    p.add_argument("--prune", action="store_true", help="delete checkpoints, arrays and plots of finished cells")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    failed = []
+    if not args.report and not args.prune:
+        failed = run_grid(args)
+    md = report(args)
+    if md:
+        print(md)
+    if args.prune:
+        grid.prune(args.out, pattern="*/*/summary.json")
+    for name, message in failed:
+        print(f"failed: {name}: {message}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
