@@ -103,18 +103,21 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import grid  # noqa: E402  (benchmarks/grid.py: the grid runner shared with paper_protocol.py)
 
-METHODS = {  # label -> (gdw method, method_args, head_only)
+METHODS = {  # label -> (gdw method, method_args, head_only); GDW's variants spelled out in full
     "ce": ("ce", {}, False),
     "finetune": ("finetune", {}, False),
     "dm": ("dm", {}, False),
     "la": ("la", {}, False),  # only under imbalance
     "l2rw": ("l2rw", {}, False),
+    "l2rw-ft": ("l2rw", {"finetune_fraction": 0.2}, False),
     "mwnet": ("mwnet", {}, False),
-    "gdw-paper": ("gdw", {"stage_one": "mwnet"}, False),
-    "gdw": ("gdw", {}, False),
+    "gdw-paper": ("gdw", {"stage_one": "mwnet", "finetune_fraction": 0.0}, False),  # the paper's algorithm
+    "gdw-l2rw": ("gdw", {"stage_one": "l2rw", "finetune_fraction": 0.0}, False),  # GDW on L2RW, no fine-tuning
+    "gdw": ("gdw", {"stage_one": "l2rw", "finetune_fraction": 0.2}, False),  # GDW's default
+    "gdw-fd": ("gdw", {"stage_one": "l2rw", "finetune_fraction": 0.2, "meta_grad": "fd"}, False),
 }
 IMBALANCE_ONLY = {"la"}
-RUN_ORDER = ["ce", "gdw", "l2rw", "mwnet", "gdw-paper", "finetune", "dm", "la"]  # the compared ones first
+RUN_ORDER = ["ce", "gdw", "l2rw", "mwnet", "gdw-paper", "gdw-l2rw", "finetune", "l2rw-ft", "gdw-fd", "dm", "la"]
 SETTINGS = [  # (noise, imbalance)
     ("flip:0.4", "none"),
     ("uniform:0.6", "none"),
@@ -407,7 +410,8 @@ def acceptance_markdown(checks: list[dict]) -> str:
 
 
 COLORS = {"ce": "#7f7f7f", "finetune": "#bcbd22", "dm": "#8c564b", "la": "#e377c2", "l2rw": "#1f77b4",
-          "mwnet": "#ff7f0e", "gdw-paper": "#98df8a", "gdw": "#2ca02c"}
+          "l2rw-ft": "#aec7e8", "mwnet": "#ff7f0e", "gdw-paper": "#98df8a", "gdw-l2rw": "#17becf",
+          "gdw": "#2ca02c", "gdw-fd": "#006400"}
 
 
 def plot_accuracy(rows: list[dict], path: Path, regimes, settings, methods, title: str) -> None:

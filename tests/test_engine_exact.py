@@ -172,6 +172,7 @@ def test_matches_create_graph_reference(name, kind, mode, head_only, low_memory)
     kw = {"meta_grad": mode, "head_only": head_only, "low_memory": low_memory}
     if name == "gdw":
         kw["eta"] = 3.0  # small enough that most entries are not clipped
+        kw["stage_one"] = "mwnet"  # the paper's algorithm (the default's stage one has its own test)
     before = copy.deepcopy(model)
     method, vnet0, stats = run_method(name, model, x, y, xm, ym, **kw)
     w_ref, g_ref, V_ref = reference(name, before, vnet0, x, y, xm, ym, head_only=head_only, eta=kw.get("eta"))
@@ -298,7 +299,8 @@ def test_gdw_options_match_reference(setting, kind, mode, head_only):
         with torch.no_grad():
             model.fc.bias[y[0]] += confidence
     before = copy.deepcopy(model)
-    method, vnet0, stats = run_method("gdw", model, x, y, xm, ym, meta_grad=mode, head_only=head_only, **options)
+    method, vnet0, stats = run_method("gdw", model, x, y, xm, ym, meta_grad=mode, head_only=head_only,
+                                      stage_one="mwnet", **options)
     info = {}
     w_ref, g_ref, V_ref = reference("gdw", before, vnet0, x, y, xm, ym, head_only=head_only, info=info, **options)
     for key in active:

@@ -142,5 +142,6 @@ def test_the_readme_own_loop_runs_and_sees_every_batch():
              "train_loader": train_loader, "meta_loader": meta_loader, "print": lambda *a: None}
     exec(code, scope)
     assert len(seen) == 2 * 120  # every training example in both epochs, not 2 batches per epoch
-    assert scope["stats"].weights.shape == (10, 10)
+    # GDW's default ends with fine-tuning on the meta set: the last epoch's Stats describe meta batches
+    assert scope["w"].finetuning and scope["stats"].trained_on == "meta" and scope["stats"].weights.shape == (10,)
     assert not torch.equal(before[0], model[0].weight)

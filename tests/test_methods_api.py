@@ -48,7 +48,7 @@ def test_gdw_with_unit_weights_is_cross_entropy():
     x, y, xm, ym = batches()
     ref = copy.deepcopy(model)
     F.cross_entropy(ref(x), y).backward()
-    method = build("gdw", model, eta=0.0)
+    method = build("gdw", model, eta=0.0, stage_one="mwnet")
     method.vnet = Ones()
     method.update_vnet = lambda *args: None
     stats = method.backward(x, y, xm, ym, inner_lr=0.1)
@@ -169,13 +169,13 @@ def test_head_only_needs_a_head_that_produces_the_logits():
         gdw.make("gdw", nn.Sequential(nn.Flatten()), C, head_only=True)
 
 
-@pytest.mark.parametrize("name", ["gdw", "mwnet"])
-def test_state_dict_round_trip(name):
+@pytest.mark.parametrize("name,kw", [("gdw", {"stage_one": "mwnet"}), ("mwnet", {})])
+def test_state_dict_round_trip(name, kw):
     x, y, xm, ym = batches()
-    a = build(name, make_model("cnn"))
+    a = build(name, make_model("cnn"), **kw)
     a.backward(x, y, xm, ym, inner_lr=0.5)
     state = copy.deepcopy(a.state_dict())
-    b = build(name, make_model("cnn"))
+    b = build(name, make_model("cnn"), **kw)
     b.load_state_dict(state)
     for p, q in zip(a.vnet.parameters(), b.vnet.parameters()):
         assert torch.equal(p, q)
@@ -407,3 +407,15 @@ def test_every_bool_parameter_is_checked(name, param):
         method = gdw.make(name, make_model("mlp"), C, **kw, **{param: good})
         attr = {"low_memory": "recompute"}.get(param, param)
         assert getattr(method, attr) is expected, (param, good)
+
+
+def test_gdw_defaults_and_the_paper_one_setting_away():
+    default = gdw.make("gdw", make_model("mlp"), C)
+    assert (default.stage_one, default.finetune_fraction, default.needs_meta) == ("l2rw", 0.2, True)
+    assert not hasattr(default, "vnet") and not default.virtual_step
+    paper = gdw.make("gdw", make_model("mlp"), C, stage_one="mwnet")
+    assert (paper.stage_one, paper.finetune_fraction, paper.virtual_step) == ("mwnet", 0.0, True)
+    for epoch in range(10):
+        paper.on_epoch_start(epoch, 10)
+        assert not paper.finetuning  # the paper never trains on the meta set
+    assert gdw.make("gdw", make_model("mlp"), C, stage_one="mwnet", finetune_fraction=0.1).finetune_fraction == 0.1

@@ -166,7 +166,7 @@ def test_acceptance_questions_on_hand_made_rows(rb):
 def test_command_line_subsets(rb):
     args = rb.parse_args(["--settings", "none+longtail:100, flip:0.4", "--methods", "gdw-paper,la"])
     assert args.settings == [("none", "longtail:100"), ("flip:0.4", "none")]
-    assert rb.METHODS["gdw-paper"] == ("gdw", {"stage_one": "mwnet"}, False)
+    assert rb.METHODS["gdw-paper"] == ("gdw", {"stage_one": "mwnet", "finetune_fraction": 0.0}, False)
     # la only under imbalance, seed 0 of everything before seed 1, cheap regimes first
     assert list(rb.cells(["tabular", "digits"], args.methods, args.settings, [0, 1])) == [
         (regime, noise, imbalance, label, seed)

@@ -55,12 +55,20 @@ STAGE_ONE = ("mwnet", "l2rw")
 class GDW(WeightNetMethod):
     """Generalized Data Weighting: class-level weights learned on a meta set.
 
+    The default is GDW on L2RW's stage one, ending with fine-tuning on the
+    meta set: it holds up where the network memorises fast and under class
+    imbalance (README, "Which method when"). ``stage_one="mwnet"`` is the
+    paper's algorithm exactly (and then no fine-tuning unless asked for).
+
     Args (besides those of MetaMethod and the weighting network):
-        stage_one: where the instance weights come from: ``"mwnet"`` (the
-            paper's weighting network V) or ``"l2rw"`` (Learning to
-            Reweight's weights from the same meta-gradient; no virtual step,
-            no V: ``hidden``, ``meta_lr`` and ``meta_weight_decay`` are then
-            unused).
+        stage_one: where the instance weights come from: ``"l2rw"``
+            (default: Learning to Reweight's weights from the one
+            meta-gradient at θ; no virtual step, no V: ``hidden``,
+            ``meta_lr`` and ``meta_weight_decay`` are then unused) or
+            ``"mwnet"`` (the paper: MW-Net's weighting network V).
+        finetune_fraction: the share of the last epochs trained with plain
+            cross-entropy on the meta set (see :class:`Method`); default 0.2
+            with ``stage_one="l2rw"``, 0 with ``"mwnet"`` (the paper).
         eta: η_ω, the step of the class-level update (default 10·C: 100 for
             10 classes, 1000 for 100).
         clip: c, bound on each entry of the class-level step (0.2).
@@ -69,12 +77,14 @@ class GDW(WeightNetMethod):
         zero_mean: apply the zero-mean constraint (True; False is an ablation).
     """
 
-    def __init__(self, model, num_classes, *, stage_one: str = "mwnet", eta: float | None = None, clip: float = 0.2,
+    def __init__(self, model, num_classes, *, stage_one: str = "l2rw", eta: float | None = None, clip: float = 0.2,
                  omega_min: float = 1e-6, omega_max: float = 1e6, p_max: float = 0.999,
-                 zero_mean: bool = True, **kw):
-        super().__init__(model, num_classes, **kw)
+                 zero_mean: bool = True, finetune_fraction: float | None = None, **kw):
         if stage_one not in STAGE_ONE:
             raise UserError(f"stage_one must be one of {', '.join(STAGE_ONE)}, got {stage_one!r}")
+        if finetune_fraction is None:
+            finetune_fraction = 0.2 if stage_one == "l2rw" else 0.0
+        super().__init__(model, num_classes, finetune_fraction=finetune_fraction, **kw)
         self.stage_one = stage_one
         if stage_one == "l2rw":
             self.virtual_step = False
