@@ -373,3 +373,21 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path, capsys):
     ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
     assert ckpt["epoch"] >= 0 and all(torch.isfinite(t).all() for t in ckpt["model"].values())
     assert not (out / "summary.json").exists()
+
+
+def test_a_changed_default_is_a_changed_setting(tmp_path, capsys):
+    """config.json records every method parameter with its default; a run
+    made when a default was different (simulated by editing the record) is
+    neither resumed nor reused by compare as if it were the same."""
+    args = ["compare", *QUICK, "--methods", "gdw", "--noise", "uniform:0.4", "--epochs", "1", "--out", str(tmp_path)]
+    assert main(args) == 0
+    cell = tmp_path / "uniform0.4_none_gdw_s0"
+    config = json.loads((cell / "config.json").read_text())
+    assert config["method_params"]["stage_one"] == "l2rw" and config["method_args"] == {}
+    config["method_params"]["stage_one"] = "mwnet"  # as if gdw's default had been the paper's then
+    (cell / "config.json").write_text(json.dumps(config, indent=2))
+    capsys.readouterr()
+    code, err = run_cli(args, capsys)
+    assert code == 2 and "method parameter stage_one is l2rw here but mwnet" in err and "--force" in err, err
+    code, err = run_cli(["train", "--out", str(cell), "--resume"], capsys)
+    assert code == 2 and "method parameter stage_one" in err, err

@@ -32,6 +32,11 @@ def cell_name(noise: str, imbalance: str, method: str, seed: int) -> str:
     return re.sub(r"[^A-Za-z0-9_.+-]", "", raw.replace(":", ""))
 
 
+def _refusal(run_dir: Path, diff) -> str:
+    text = describe_difference(diff, str(run_dir))
+    return f"cell {run_dir.name}: " + text[: text.rindex("(")] + "(pass --force to rerun such cells, or use another --out)"
+
+
 def run_cell(cfg: TrainConfig, *, force: bool = False, log=print) -> tuple[dict, str]:
     """Train the run ``cfg.out``, reusing what is already there when it was
     made with the same settings: ``(summary, "finished" | "resumed" | "new")``.
@@ -45,8 +50,7 @@ def run_cell(cfg: TrainConfig, *, force: bool = False, log=print) -> tuple[dict,
         saved = TrainConfig.load(run_dir)
         diff = cfg.first_difference(saved)
         if diff and not force:
-            raise UserError(f"cell {run_dir.name}: " + describe_difference(diff, str(run_dir)).replace(
-                "(drop the flag, or use another --out)", "(pass --force to rerun such cells, or use another --out)"))
+            raise UserError(_refusal(run_dir, diff))
         if diff:
             shutil.rmtree(run_dir)
     summary_path = run_dir / "summary.json"
@@ -101,8 +105,7 @@ def compare(
         if (Path(cfg.out) / "config.json").exists() and not force:
             diff = cfg.first_difference(TrainConfig.load(cfg.out))
             if diff:
-                raise UserError(f"cell {Path(cfg.out).name}: " + describe_difference(diff, cfg.out).replace(
-                    "(drop the flag, or use another --out)", "(pass --force to rerun such cells, or use another --out)"))
+                raise UserError(_refusal(Path(cfg.out), diff))
     root.mkdir(parents=True, exist_ok=True)
     rows = []
     for k, (label, cfg) in enumerate(configs, 1):

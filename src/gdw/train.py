@@ -137,9 +137,20 @@ class TrainConfig:
 
     def result_settings(self) -> dict:
         """The settings that define the result (all but :data:`NEUTRAL`), as
-        plain JSON values, paths absolute."""
+        plain JSON values, paths absolute, plus ``method_params``: every
+        hyper-parameter of the method with the defaults of this gdw."""
         d = dataclasses.asdict(self.absolute())
-        return json.loads(json.dumps({k: v for k, v in d.items() if k not in NEUTRAL}, default=str))
+        d = {k: v for k, v in d.items() if k not in NEUTRAL}
+        d["method_params"] = self.method_params()
+        return json.loads(json.dumps(d, default=str))
+
+    def method_params(self) -> dict:
+        """The method's hyper-parameters as they will be used (its defaults
+        updated by ``method_args`` and ``head_only``)."""
+        from .methods import resolved_params
+
+        given = {**self.method_args, **({"head_only": True} if self.head_only else {})}
+        return json.loads(json.dumps(resolved_params(self.method, given), default=str))
 
     def fingerprint(self) -> str:
         """A short hash of :meth:`result_settings`; stored in every checkpoint."""
@@ -147,12 +158,22 @@ class TrainConfig:
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def first_difference(self, other: "TrainConfig", only=None) -> Optional[tuple[str, Any, Any]]:
-        """``(field, self's value, other's value)`` of the first result setting
-        that differs (among ``only`` if given), or None."""
+        """``(name, self's value, other's value)`` of the first result setting
+        that differs (among ``only`` if given), or None. Then the method's
+        parameters with their defaults are compared (always): a run loaded
+        from its directory brings those it was trained with, so a default
+        that changed since is a difference too (name ``method parameter P``)."""
         a, b = self.result_settings(), other.result_settings()
+        saved = getattr(other, "saved_method_params", None)
+        if saved is not None:
+            b["method_params"] = saved
         for k in a:
-            if (only is None or k in only) and a[k] != b.get(k):
+            if k != "method_params" and (only is None or k in only) and a[k] != b.get(k):
                 return k, a[k], b.get(k)
+        pa, pb = a["method_params"], b["method_params"]
+        for p in sorted(set(pa) | set(pb)):
+            if p not in pa or p not in pb or pa[p] != pb[p]:
+                return f"method parameter {p}", pa.get(p, "(none)"), pb.get(p, "(none)")
         return None
 
     @classmethod
@@ -171,7 +192,9 @@ class TrainConfig:
             raise UserError(f"cannot read {path}: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
         base = run.resolve()
         cfg = dataclasses.replace(cfg, **_map_paths(cfg, lambda p: str((base / p).resolve())))
-        return dataclasses.replace(cfg, out=str(run))
+        cfg = dataclasses.replace(cfg, out=str(run))
+        cfg.saved_method_params = saved.get("method_params")  # absent in runs of older versions
+        return cfg
 
 
 def _map_paths(cfg: TrainConfig, fn) -> dict:
@@ -233,6 +256,9 @@ def check_run_dir(cfg: TrainConfig) -> Path:
 
 def describe_difference(diff, where: str) -> str:
     name, mine, theirs = diff
+    if name.startswith("method parameter "):
+        return (f"the {name} is {_show(mine)} here but {_show(theirs)} in {where} (a default changed since "
+                "it was made); a run keeps its settings (use another --out)")
     return (f"--{name.replace('_', '-')} {_show(mine)} differs from {_show(theirs)} saved in {where}; "
             "a run keeps its settings (drop the flag, or use another --out)")
 
@@ -442,6 +468,7 @@ def _config_record(cfg: TrainConfig, data, device, comm: Comm) -> dict:
         "classes": list(data.classes),
         "input_shape": list(data.input_shape),
         "data": data.record,
+        "method_params": cfg.method_params(),
         "fingerprint": cfg.fingerprint(),
         "versions": {"gdw": __version__, "torch": torch.__version__, "numpy": np.__version__,
                      "python": platform.python_version()},

@@ -15,6 +15,27 @@ from .mwnet import MWNet, WeightNet
 from .sce import SCE
 
 
+NOT_HYPER_PARAMETERS = ("optimizer", "output", "comm", "class_counts", "head")
+
+
+def resolved_params(name: str, hparams: dict) -> dict:
+    """Every hyper-parameter of method ``name`` as it will be used: the
+    constructor defaults (of the class and its bases) updated by ``hparams``,
+    without the objects the caller passes (optimizer, comm, ...). Recorded
+    in a run's config.json, so that a change of a default is seen."""
+    import inspect
+
+    cls = METHODS.get(name)
+    out = {}
+    for klass in reversed(cls.__mro__):
+        if "__init__" in vars(klass):
+            for p, v in inspect.signature(klass.__init__).parameters.items():
+                if v.kind == v.KEYWORD_ONLY and p not in NOT_HYPER_PARAMETERS:
+                    out[p] = v.default
+    out.update({k: v for k, v in hparams.items() if k not in NOT_HYPER_PARAMETERS})
+    return out
+
+
 def make(name: str, model, num_classes: int, **hparams) -> Method:
     """Build the method registered as ``name`` ("ce", "l2rw", "mwnet", "gdw", ...).
 
@@ -37,5 +58,5 @@ def make(name: str, model, num_classes: int, **hparams) -> Method:
     return cls(model, num_classes, **hparams)
 
 
-__all__ = ["METHODS", "Method", "MetaMethod", "Stats", "CE", "GDW", "L2RW", "MWNet", "WeightNet", "make", "zero_mean",
+__all__ = ["METHODS", "Method", "MetaMethod", "Stats", "resolved_params", "CE", "GDW", "L2RW", "MWNet", "WeightNet", "make", "zero_mean",
            "CB", "DM", "Finetune", "Focal", "GCE", "LDAM", "LogitAdjusted", "LossMethod", "SCE"]
