@@ -16,18 +16,7 @@ from gdw.data import (apply_imbalance, apply_noise, crop_flip, epoch_plan, load_
 from gdw.data import sources
 from gdw.errors import UserError
 
-
-@pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("GDW_CACHE", str(tmp_path / "cache"))
-    monkeypatch.delenv("GDW_MIRROR", raising=False)
-
-
-def one_line_error(excinfo, *needles):
-    msg = str(excinfo.value)
-    assert "\n" not in msg and msg, msg
-    for n in needles:
-        assert n in msg, (n, msg)
+from conftest import one_line_error
 
 
 def counts_matrix(true, noisy, C):

@@ -18,19 +18,12 @@ import torch
 from gdw.data import download, fetch, prepare, read_idx, safe_extract, sources
 from gdw.errors import UserError
 
+from conftest import one_line_error
+
 
 @pytest.fixture(autouse=True)
-def _isolated(tmp_path, monkeypatch):
-    monkeypatch.setenv("GDW_CACHE", str(tmp_path / "cache"))
-    monkeypatch.delenv("GDW_MIRROR", raising=False)
+def _no_system_datasets(tmp_path, monkeypatch):
     monkeypatch.setattr(sources, "SYSTEM_DIR", tmp_path / "no-system-datasets")
-
-
-def one_line_error(excinfo, *needles):
-    msg = str(excinfo.value)
-    assert msg and "\n" not in msg, msg
-    for n in needles:
-        assert n in msg, (n, msg)
 
 
 # ------------------------------------------------------------------ IDX (MNIST format)

@@ -65,16 +65,28 @@ def test_ranking_puts_flipped_labels_first(gdw_run):
     assert 0.5 * k <= issues.num_flagged <= 1.5 * k
 
 
-def test_csv_schema_and_order(gdw_run):
+def test_csv_schema_and_order(gdw_run, blobs):
+    """label_issues.csv speaks the user's terms: ``index`` is the row of the
+    user's npz arrays, labels are the user's label values."""
     with open(gdw_run / detect.CSV_NAME, newline="") as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == detect.CSV_FIELDS
     scores = [float(r["score"]) for r in rows]
     assert scores == sorted(scores, reverse=True)
     split = np.load(gdw_run / "split.npz")
-    assert sorted(int(r["index"]) for r in rows) == sorted(split["train_index"].tolist())
-    by_index = dict(zip(split["train_index"].tolist(), split["train_labels"].tolist()))
-    assert all(by_index[int(r["index"])] == int(r["given_label"]) for r in rows)
+    user = np.load(blobs)
+    names = ["ant", "bee", "cat", "dog"]
+    assert sorted(int(r["index"]) for r in rows) == sorted(split["train_source_rows"].tolist())
+    given = dict(zip(split["train_source_rows"].tolist(), split["train_labels"].tolist()))
+    true = dict(zip(split["train_source_rows"].tolist(), split["train_true_labels"].tolist()))
+    for r in rows:
+        i = int(r["index"])
+        assert r["given_label"] == names[given[i]] and names[true[i]] == names[int(user["y_train"][i])]
+        assert r["is_label_issue"] == str(r["suggested_label"] != r["given_label"]).lower()
+    assert sum(r["is_label_issue"] == "true" for r in rows) == detect.load_issues(gdw_run).num_flagged
+    assert detect.read_label_issues(gdw_run)[0] == {**rows[0], "index": int(rows[0]["index"]),
+                                                     "score": pytest.approx(float(rows[0]["score"]), rel=1e-5),
+                                                     "is_label_issue": rows[0]["is_label_issue"] == "true"}
     ev = np.load(gdw_run / detect.EVIDENCE_NAME)
     assert ev["class_weight"].shape == (len(rows), C) and str(ev["method"]) == "gdw"
 
@@ -173,10 +185,10 @@ def test_cli_detect_run_without_label_issues(gdw_run, tmp_path, capsys):
 
     old = tmp_path / "old"
     shutil.copytree(gdw_run, old)
-    (old / detect.CSV_NAME).unlink()
+    (old / detect.EVIDENCE_NAME).unlink()
     assert main(["detect", str(old)]) == 2
     err = capsys.readouterr().err
-    assert "label_issues.csv" in err and err.count("\n") == 1
+    assert detect.EVIDENCE_NAME in err and err.count("\n") == 1
 
 
 def test_cli_detect_trains_first(blobs, tmp_path, capsys):

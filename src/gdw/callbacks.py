@@ -12,6 +12,7 @@ statistics over ranks) runs on every rank.
     WeightStats      per-example weights of the last epoch → example_weights.npy,
                      class_weights.npy, instance_weights.npy; the mean weight on
                      clean and on mislabelled examples when true labels are known
+    BestModel        best.pt at the best validation accuracy; early stopping
     Checkpointer     checkpoint.pt, atomically, with the history, random states,
                      the config fingerprint and every stateful callback
     MetricsWriter    metrics.jsonl, rewritten from the history (no duplicate rows
@@ -176,6 +177,43 @@ class EpochLog:
         self.log("  ".join(parts))
 
 
+class BestModel:
+    """``best.pt``: the model at the epoch of the best validation accuracy
+    (the first of equals), written atomically when it improves; the row gets
+    ``best_val_accuracy`` and ``best_val_epoch``. With ``patience`` K, sets
+    ``state.stop`` after K epochs without improvement (early stopping);
+    a resumed run that had stopped stays stopped."""
+
+    name = "best_model"
+
+    def __init__(self, path: Path, patience: Optional[int] = None):
+        self.path, self.patience = Path(path), patience
+        self.best_accuracy, self.best_epoch, self.stopped = -1.0, 0, False
+
+    def on_fit_start(self, state: FitState) -> None:
+        state.stop = state.stop or self.stopped
+
+    def on_epoch_end(self, state: FitState) -> None:
+        acc = state.row.get("val_accuracy") if state.is_main else None
+        if acc is not None and acc > self.best_accuracy:
+            self.best_accuracy, self.best_epoch = acc, state.row["epoch"]
+            atomic_torch_save({"model": state.model.state_dict(), "epoch": self.best_epoch,
+                               "val_accuracy": acc}, self.path)
+        if acc is not None:
+            state.row.update(best_val_accuracy=self.best_accuracy, best_val_epoch=self.best_epoch)
+        if self.patience is not None:
+            self.stopped = state.comm.broadcast(state.row["epoch"] - self.best_epoch >= self.patience
+                                                if state.is_main else None)
+            state.stop = self.stopped
+
+    def state_dict(self) -> dict:
+        return {"best_accuracy": self.best_accuracy, "best_epoch": self.best_epoch, "stopped": self.stopped}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best_accuracy, self.best_epoch = state["best_accuracy"], state["best_epoch"]
+        self.stopped = state["stopped"]
+
+
 class Plots:
     """``curves.png`` (loss and accuracy per epoch) and ``weights.png`` (the
     distribution of the labelled-class weight, clean vs mislabelled)."""
@@ -198,9 +236,9 @@ class Plots:
 class LabelIssues:
     """Writes ``label_issues.csv`` from the recorder at the end of the run."""
 
-    def __init__(self, recorder, out: Path, train_split, method_name: str):
-        self.recorder, self.out, self.split, self.method_name = recorder, Path(out), train_split, method_name
+    def __init__(self, recorder, out: Path, data, method_name: str):
+        self.recorder, self.out, self.data, self.method_name = recorder, Path(out), data, method_name
 
     def on_fit_end(self, state: FitState) -> None:
         if state.is_main:
-            self.recorder.write(self.out, self.split, self.method_name, model=state.model)
+            self.recorder.write(self.out, self.data, self.method_name, model=state.model)

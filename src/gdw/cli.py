@@ -105,14 +105,21 @@ def _add_train_flags(p: argparse.ArgumentParser, grid: bool = False) -> None:
         add("--force", action="store_true", default=None,
             help="rerun cells whose saved settings differ from the requested ones (their results are replaced)")
     else:
-        add("--noise", help=f"none, uniform:R, symmetric:R, flip:R, pair:R, matrix:PATH, cifar10n:KEY (default {d.noise})")
+        add("--noise", help=f"synthetic label noise to inject: none, uniform:R, symmetric:R, flip:R, pair:R, "
+                            f"matrix:PATH, cifar10n:KEY (default {d.noise}: your labels as they are)")
         add("--imbalance", help=f"none, longtail:RHO, step:RHO (default {d.imbalance})")
         add("--method", help=f"weighting method: {', '.join(METHODS.names())} (default {d.method})")
         add("--seed", type=int, help=f"random seed (default {d.seed})")
         add("--resume", action="store_true", default=None,
             help="continue the run in --out from its checkpoint, with the settings saved there")
         add("--nproc", type=int, help="data-parallel processes on this machine (launches torchrun; one per GPU)")
-    add("--meta-per-class", type=int, help="clean meta examples per class (default 100 when C <= 10, else 10, at most a tenth of the smallest class)")
+    add("--meta", help="your own clean (hand-checked) labelled set, used as the meta set: csv:PATH, folder:PATH "
+                       "or npz:PATH (arrays x, y); labels matched to the training classes by name")
+    add("--meta-per-class", type=int, help="clean meta examples per class (default: all of --meta; else 100 when "
+                                           "C <= 10, else 10, at most a tenth of the smallest class)")
+    add("--val-per-class", type=int, help="clean validation examples per class, taken from the clean source and "
+                                          "kept apart: val_accuracy per epoch, best.pt, the epoch chosen on it (default 0)")
+    add("--early-stop", type=int, metavar="K", help="stop after K epochs without a better validation accuracy")
     add("--method-args", help="the method's hyper-parameters, key=value,... (e.g. lam=0.5,beta=8)")
     add("--head-only", action="store_true", default=None, help="only the classifier head takes the virtual step")
     add("--model", help=f"mlp, cnn, resnet32 or module.path:factory (default {d.model})")
@@ -138,6 +145,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_flags(c, grid=True)
     sub.add_parser("demo", help="CE vs MW-Net vs GDW on scikit-learn's digits with 40%% uniform noise (about a minute)")
     _add_detect_flags(sub.add_parser("detect", help="rank a run's training labels from most to least likely wrong"))
+    p = sub.add_parser("predict", help="predict new data with a trained run (best.pt when present)")
+    p.description = ("Predict the classes of new data with the model of a finished run and the run's own "
+                     "preprocessing; writes one row per example. If the data carries labels, prints the accuracy.")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a gdw train run directory")
+    p.add_argument("--data", required=True, help="csv:PATH (label column optional), folder:PATH (class "
+                   "sub-folders, or images directly in it) or npz:PATH (x, optional y)")
+    p.add_argument("--out", required=True, help="the CSV file to write")
+    p.add_argument("--model-file", choices=("best", "final"), help="best.pt (the epoch chosen on validation; "
+                   "default when the run has one) or the final model")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: CUDA when present)")
     return parser
 
 
@@ -236,6 +253,18 @@ def cmd_compare(args) -> int:
         out=settings.get("out") or "runs/compare",
         force=force,
     )
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from .predict import predict
+
+    result = predict(args.run_dir, args.data, args.out, model_file=args.model_file, device=args.device)
+    print(f"gdw predict: {result['n']} examples of {args.data} with {result['model_file']} of {args.run_dir} "
+          f"→ {args.out}")
+    if result["accuracy"] is not None:
+        print(f"accuracy against the labels in the data: {100 * result['accuracy']:.2f}% "
+              f"({result['n_labelled']} labelled examples)")
     return 0
 
 
@@ -344,7 +373,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(message, file=sys.stderr)
 
     try:
-        return {"train": cmd_train, "compare": cmd_compare, "demo": cmd_demo, "detect": cmd_detect}[args.command](args)
+        return {"train": cmd_train, "compare": cmd_compare, "demo": cmd_demo, "detect": cmd_detect,
+                "predict": cmd_predict}[args.command](args)
     except UserError as err:
         report(f"gdw {args.command}: error: {err}")
         return 2

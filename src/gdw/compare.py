@@ -16,7 +16,7 @@ from typing import Sequence
 
 from .errors import UserError
 from .methods import METHODS
-from .report import plot_compare, results_markdown, write_results_csv
+from .report import VAL_FIELDS, plot_compare, results_markdown, validation_markdown, write_results_csv
 from .train import RunInterrupted, TrainConfig, describe_difference, train
 
 
@@ -119,8 +119,11 @@ def compare(
             print(f"[{k}/{len(configs)}] {name}: " + {"finished": "finished, skipped", "resumed": "resumed and finished",
                                                       "new": "trained"}[how], flush=True)
         rows.append({**summary, "method": label, "run_dir": name})
-        write_results_csv(rows, root / "results.csv")
+        write_results_csv(rows, root / "results.csv", extra_fields=VAL_FIELDS)
     table = results_markdown(rows)
+    chosen = validation_markdown(rows)
+    if chosen:
+        table += "\n" + chosen
     (root / "results.md").write_text(table)
     plot_compare(rows, root / "compare.png", title=f"{base.dataset}, {base.model}, {base.epochs} epochs")
     print()

@@ -81,7 +81,7 @@ from .errors import UserError
 WINDOW = None  # epochs averaged: None = every epoch of the run; k = the last min(k, epochs)
 CSV_NAME = "label_issues.csv"
 EVIDENCE_NAME = "label_evidence.npz"
-CSV_FIELDS = ["index", "given_label", "suggested_label", "score"]
+CSV_FIELDS = ["index", "given_label", "suggested_label", "score", "is_label_issue"]  # "path" after index for folders
 
 
 # ----------------------------------------------------------------------------- recording
@@ -203,15 +203,18 @@ class LabelIssueRecorder:
                 out[k] = mean.cpu().numpy().astype(np.float32)
         return out
 
-    def write(self, out, train_split, method: str, *, model=None, batch_size: int = 500) -> Path:
-        """Score every training example and write ``label_issues.csv`` (and
-        ``label_evidence.npz``) into the run directory ``out``.
+    def write(self, out, data, method: str, *, model=None, batch_size: int = 500) -> Path:
+        """Score every training example and write ``label_evidence.npz`` and
+        ``label_issues.csv`` (in the user's terms, :func:`issues_table`) into
+        the run directory ``out``.
 
-        ``model``: used only for examples that got no evidence in the window
-        (``finetune`` spends its last epochs on the meta set): their
-        probabilities then come from one evaluation pass of the final model.
+        ``data``: the run's :class:`gdw.data.Prepared` (its training split
+        and class names). ``model``: used only for examples that got no
+        evidence (``finetune`` spends its last epochs on the meta set):
+        their probabilities then come from one evaluation pass of the final
+        model.
         """
-        out = Path(out)
+        out, train_split = Path(out), data.train
         ev = self.evidence()
         missing = ev["count"] == 0
         if missing.any():
@@ -225,13 +228,27 @@ class LabelIssueRecorder:
             if "trust" in ev:
                 ev["trust"][missing] = np.nan
         given = train_split.labels.numpy()
-        index = train_split.index.numpy()
         score = score_examples(method, ev, given)
         suggested = suggest_labels(method, ev, given, score)
+        rows, paths = source_of(train_split)
         np.savez(out / EVIDENCE_NAME, method=np.array(method), score_name=np.array(score_name(method)),
-                 epochs=np.array(self.epochs_seen, dtype=np.int64), given=given, index=index,
+                 epochs=np.array(self.epochs_seen, dtype=np.int64), given=given, index=train_split.index.numpy(),
+                 suggested=suggested, score=score, source_rows=rows,
+                 source_paths=np.array(paths if paths is not None else [], dtype=str),
                  **{k: (v.astype(np.float16) if v.ndim == 2 else v) for k, v in ev.items()})
-        return write_csv(out / CSV_NAME, index, given, suggested, score)
+        table = issues_table(given, suggested, score, list(data.classes), rows, paths)
+        return write_csv(out / CSV_NAME, table)
+
+
+def source_of(split) -> tuple[np.ndarray, Optional[list]]:
+    """The user's row of every example of ``split`` (the 0-based data row of
+    a CSV file, the position in npz arrays; for built-in datasets the
+    position in the dataset's training array) and, for image folders, the
+    path relative to the folder (else None)."""
+    rows = getattr(split, "source_rows", None)
+    rows = split.index.numpy() if rows is None else np.asarray(rows)
+    paths = getattr(split, "source_paths", None)
+    return rows.astype(np.int64), (None if paths is None else [str(p) for p in paths])
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -388,18 +405,46 @@ def suggest_labels(method: str, ev: dict, given: np.ndarray, score: np.ndarray) 
 
 # ----------------------------------------------------------------------------- files
 
-def write_csv(path, index, given, suggested, score) -> Path:
-    """Write the ranked table; rows sorted by descending score (ties: position order)."""
-    path = Path(path)
+def issues_table(given, suggested, score, classes, rows, paths=None) -> list[dict]:
+    """The label-issue table in the user's terms, most suspicious first (ties:
+    training order): ``index`` (the user's row, see :func:`source_of`),
+    ``path`` (image folders only), ``given_label`` and ``suggested_label``
+    (the user's label values), ``score`` (higher = more suspicious; compare
+    within one run only) and ``is_label_issue`` (the examples the run flags;
+    their suggested label differs from the given one)."""
     order = np.argsort(-np.asarray(score), kind="stable")
+    table = []
+    for i in order:
+        row = {"index": int(rows[i])}
+        if paths is not None:
+            row["path"] = paths[i]
+        row.update(given_label=str(classes[int(given[i])]), suggested_label=str(classes[int(suggested[i])]),
+                   score=float(score[i]), is_label_issue=bool(suggested[i] != given[i]))
+        table.append(row)
+    return table
+
+
+def write_csv(path, table: list[dict]) -> Path:
+    """Write :func:`issues_table`'s rows as CSV, atomically."""
+    path = Path(path)
+    fields = [f for f in ("index", "path", "given_label", "suggested_label", "score", "is_label_issue")
+              if not table or f in table[0]]
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(CSV_FIELDS)
-        for i in order:
-            w.writerow([int(index[i]), int(given[i]), int(suggested[i]), f"{float(score[i]):.6g}"])
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        for row in table:
+            w.writerow({**row, "score": f"{row['score']:.6g}", "is_label_issue": str(row["is_label_issue"]).lower()})
     tmp.replace(path)
     return path
+
+
+def read_label_issues(run_dir) -> list[dict]:
+    """The rows of a run's ``label_issues.csv`` (:func:`issues_table`), for a
+    notebook: ``pandas.DataFrame(gdw.read_label_issues("runs/r"))``.
+    UserError when the run or its label issues are missing."""
+    issues = load_issues(run_dir)
+    return issues_table(issues.given, issues.suggested, issues.score, issues.classes, issues.rows, issues.paths)
 
 
 @dataclass
@@ -407,7 +452,9 @@ class Issues:
     """A run's label issues, in training-position order (as ``split.npz``).
 
     Attributes:
-        index: (N,) position in the original training array.
+        index: (N,) position in the original training array (split.npz).
+        rows: (N,) the user's row of each example (:func:`source_of`).
+        paths: the image paths relative to the user's folder, or None.
         given, suggested: (N,) labels.
         score: (N,) higher = more suspicious.
         true: (N,) true labels (-1 unknown) or None when none are known.
@@ -426,6 +473,8 @@ class Issues:
     method: str
     run_dir: Path
     score_name: str = "?"
+    rows: Optional[np.ndarray] = None
+    paths: Optional[list] = None
 
     def __len__(self) -> int:
         return len(self.index)
@@ -448,13 +497,12 @@ class Issues:
         return self.given != self.true
 
     def class_name(self, c: int) -> str:
-        """``"3 dress"``, or ``"3"`` when the class name is the number itself."""
-        name = str(self.classes[c]) if 0 <= c < len(self.classes) else str(c)
-        return str(c) if name == str(c) else f"{c} {name}"
+        """The class's name (the user's label value), e.g. ``"Dress"`` or ``"30"``."""
+        return str(self.classes[c]) if 0 <= c < len(self.classes) else str(c)
 
 
 def load_issues(run_dir) -> Issues:
-    """Read ``label_issues.csv``, ``split.npz`` and ``config.json`` of a run.
+    """Read a run's ``label_evidence.npz``, ``split.npz`` and ``config.json``.
 
     Raises UserError when the directory, the run or its label issues are missing.
     """
@@ -463,12 +511,12 @@ def load_issues(run_dir) -> Issues:
         raise UserError(f"run directory {run} does not exist")
     if not (run / "config.json").is_file() or not (run / "split.npz").is_file():
         raise UserError(f"{run} is not a gdw run directory (no config.json / split.npz)")
-    path = run / CSV_NAME
+    path = run / EVIDENCE_NAME
     if not path.is_file():
         done = (run / "summary.json").is_file()
-        raise UserError(f"{run} has no {CSV_NAME}: "
+        raise UserError(f"{run} has no {EVIDENCE_NAME}: "
                         + ("it was trained by a gdw version without label-issue detection; train it again"
-                           if done else "the run has not finished (finish it with gdw train --resume)"))
+                           if done else f"the run has not finished (finish it with gdw train --out {run} --resume)"))
     from .data import load_split
 
     split = load_split(run / "split.npz")
@@ -477,39 +525,21 @@ def load_issues(run_dir) -> Issues:
     except (OSError, ValueError) as e:
         raise UserError(f"cannot read {run / 'config.json'}: {e}") from None
     try:
-        with open(path, newline="") as f:
-            rows = list(csv.DictReader(f))
-        index = np.array([int(r["index"]) for r in rows], dtype=np.int64)
-        given = np.array([int(r["given_label"]) for r in rows], dtype=np.int64)
-        suggested = np.array([int(r["suggested_label"]) for r in rows], dtype=np.int64)
-        score = np.array([float(r["score"]) for r in rows], dtype=np.float64)
-    except (KeyError, ValueError, TypeError) as e:
-        raise UserError(f"{path} is not a label-issues table ({type(e).__name__}: {e})") from None
+        with np.load(path, allow_pickle=False) as z:
+            ev = {k: z[k] for k in ("given", "suggested", "score", "source_rows", "source_paths", "score_name")}
+    except (OSError, KeyError, ValueError) as e:
+        raise UserError(f"{path} is not a label-evidence file of this gdw ({type(e).__name__}: {e}); "
+                        "train the run again") from None
     train_index = np.asarray(split["train_index"], dtype=np.int64)
-    if len(index) != len(train_index):
-        raise UserError(f"{path} has {len(index)} rows but the run has {len(train_index)} training examples")
-    # rows → training positions
-    sorter = np.argsort(train_index, kind="stable")
-    where = np.searchsorted(train_index, index, sorter=sorter)
-    pos = sorter[np.clip(where, 0, len(sorter) - 1)]
-    if not np.array_equal(train_index[pos], index) or len(np.unique(pos)) != len(pos):
-        raise UserError(f"{path} does not match the training examples of {run / 'split.npz'}")
-    out = {}
-    for name, arr in (("given", given), ("suggested", suggested), ("score", score)):
-        a = np.empty_like(arr)
-        a[pos] = arr
-        out[name] = a
+    if len(ev["given"]) != len(train_index):
+        raise UserError(f"{path} has {len(ev['given'])} examples but the run has {len(train_index)}")
     true = np.asarray(split["train_true_labels"], dtype=np.int64)
     true = true if (true >= 0).any() else None
-    method = str(config.get("method", "?"))
-    name = score_name(method)
-    try:
-        with np.load(run / EVIDENCE_NAME, allow_pickle=False) as z:
-            name = str(z["score_name"])
-    except (OSError, KeyError, ValueError):
-        pass
-    return Issues(index=train_index, given=out["given"], suggested=out["suggested"], score=out["score"], true=true,
-                  classes=list(config.get("classes") or []), method=method, run_dir=run, score_name=name)
+    paths = [str(p) for p in ev["source_paths"]] if len(ev["source_paths"]) else None
+    return Issues(index=train_index, given=ev["given"].astype(np.int64), suggested=ev["suggested"].astype(np.int64),
+                  score=ev["score"].astype(np.float64), true=true, classes=list(config.get("classes") or []),
+                  method=str(config.get("method", "?")), run_dir=run, score_name=str(ev["score_name"]),
+                  rows=ev["source_rows"].astype(np.int64), paths=paths)
 
 
 # ----------------------------------------------------------------------------- metrics and cleanlab
@@ -584,12 +614,14 @@ def format_table(issues: Issues, top: int = 20) -> str:
     """The ``top`` most suspicious examples as an aligned text table."""
     order = issues.order[: max(0, int(top))]
     known = issues.true is not None
-    head = ["rank", "index", "given", "suggested", "score"] + (["true"] if known else [])
+    where = issues.rows if issues.rows is not None else issues.index
+    head = ["rank", "index"] + (["path"] if issues.paths is not None else []) + ["given", "suggested", "score"] \
+        + (["true"] if known else [])
     rows = []
     for r, i in enumerate(order, 1):
         g, s = int(issues.given[i]), int(issues.suggested[i])
-        row = [str(r), str(int(issues.index[i])), issues.class_name(g),
-               "-" if s == g else issues.class_name(s), f"{issues.score[i]:.4g}"]
+        row = [str(r), str(int(where[i]))] + ([issues.paths[i]] if issues.paths is not None else []) + [
+            issues.class_name(g), "-" if s == g else issues.class_name(s), f"{issues.score[i]:.4g}"]
         if known:
             t = int(issues.true[i])
             row.append("?" if t < 0 else ("= given" if t == g else issues.class_name(t)))

@@ -84,6 +84,7 @@ class FitState:
     epoch: int = 0
     history: list = field(default_factory=list)
     row: dict = field(default_factory=dict)
+    stop: bool = False  # a callback sets it to end training after this epoch (early stopping)
 
     @property
     def is_main(self) -> bool:
@@ -151,7 +152,8 @@ def fit(
             run sees the same batches as an uninterrupted one.
         callbacks: objects with any of ``on_fit_start(state)``,
             ``on_epoch_start(state)``, ``on_step(state, pos, stats)``,
-            ``on_epoch_end(state)``, ``on_fit_end(state)``, called in order.
+            ``on_epoch_end(state)``, ``on_fit_end(state)``, called in order;
+            one that sets ``state.stop`` ends training after the epoch.
         comm: the ranks the batches are split over (:class:`Comm`); one
             process when omitted.
         start_epoch, history: continue a run (from a checkpoint).
@@ -167,6 +169,8 @@ def fit(
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext()
     _call(callbacks, "on_fit_start", state)
     for epoch in range(start_epoch, epochs):
+        if state.stop:
+            break
         state.epoch, state.row = epoch, {"epoch": epoch + 1}
         lr_now = cosine_lr(lr, epoch, epochs)
         for group in optimizer.param_groups:

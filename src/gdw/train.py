@@ -47,8 +47,8 @@ import numpy as np
 import torch
 
 from . import __version__
-from .callbacks import (Checkpointer, EpochLog, Evaluator, LabelIssues, MetricsWriter, Plots, WeightStats,
-                        atomic_write, set_rng_state)
+from .callbacks import (BestModel, Checkpointer, EpochLog, Evaluator, LabelIssues, MetricsWriter, Plots,
+                        WeightStats, atomic_write, set_rng_state)
 from .distributed import Comm, init_from_env, launched_by_torchrun
 from .errors import UserError
 from .fit import TrainingDiverged, cosine_lr, fit  # noqa: F401 - re-exported
@@ -74,9 +74,12 @@ class TrainConfig:
     dataset: str = "digits"
     data_root: Optional[str] = None
     download: bool = False
-    noise: str = "uniform:0.4"
+    noise: str = "none"
     imbalance: str = "none"
+    meta: Optional[str] = None
     meta_per_class: Optional[int] = None
+    val_per_class: int = 0
+    early_stop: Optional[int] = None
     label_column: str = "label"
     test_fraction: float = 0.2
     method: str = "gdw"
@@ -102,9 +105,11 @@ class TrainConfig:
         def flag(name):
             return "--" + name.replace("_", "-")
 
-        for name in ("epochs", "batch_size", "meta_batch_size", "seed"):
+        for name in ("epochs", "batch_size", "meta_batch_size", "seed", "val_per_class", "early_stop"):
             value = getattr(self, name)
-            low = 0 if name == "seed" else 1
+            if name == "early_stop" and value is None:
+                continue
+            low = 0 if name in ("seed", "val_per_class") else 1
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise UserError(f"{flag(name)} must be a whole number >= {low}, got {value!r}")
         if self.meta_per_class is not None and (not isinstance(self.meta_per_class, int)
@@ -122,6 +127,10 @@ class TrainConfig:
         for name in ("dataset", "noise", "imbalance", "method", "model", "label_column"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise UserError(f"{flag(name)} must be a non-empty string, got {getattr(self, name)!r}")
+        if self.early_stop is not None and not self.val_per_class and not self.meta:
+            raise UserError("--early-stop needs a validation split: give --val-per-class N")
+        if self.meta is not None and (not isinstance(self.meta, str) or not self.meta):
+            raise UserError(f"--meta must be a dataset spec such as csv:PATH, got {self.meta!r}")
         if not isinstance(self.method_args, dict):
             raise UserError(f"--method-args must be key=value pairs, got {self.method_args!r}")
         reserved = sorted(set(self.method_args) & set(RESERVED_METHOD_ARGS))
@@ -200,7 +209,7 @@ class TrainConfig:
 def _map_paths(cfg: TrainConfig, fn) -> dict:
     """The path-bearing settings of ``cfg`` with ``fn`` applied to each path."""
     out = {}
-    for name in ("dataset", "noise"):
+    for name in ("dataset", "noise", "meta"):
         value = getattr(cfg, name)
         for prefix in PATH_PREFIXES:
             if isinstance(value, str) and value.startswith(prefix) and len(value) > len(prefix):
@@ -323,7 +332,7 @@ def build(cfg: TrainConfig, device: torch.device, comm: Comm):
     torch.manual_seed(cfg.seed)
     data = prepare(cfg.dataset, noise=cfg.noise, imbalance=cfg.imbalance, meta_per_class=cfg.meta_per_class,
                    seed=cfg.seed, data_root=cfg.data_root, download=cfg.download, label_column=cfg.label_column,
-                   test_fraction=cfg.test_fraction)
+                   test_fraction=cfg.test_fraction, meta=cfg.meta, val_per_class=cfg.val_per_class)
     C = data.num_classes
     method_cls = METHODS.get(cfg.method)
     model = create_model(cfg.model, data.input_shape, C).to(device)
@@ -386,19 +395,24 @@ def train(cfg: TrainConfig, log=print, comm: Optional[Comm] = None) -> dict:
     cfg.out = str(out)
     ckpt = load_checkpoint(out, device, cfg.fingerprint()) if cfg.resume else None
     data, model, opt, method = build(cfg, device, comm)
-    callbacks, recorder = _callbacks(cfg, data, out, device, log if main else (lambda *a, **k: None))
+    callbacks, stateful = _callbacks(cfg, data, out, device, log if main else (lambda *a, **k: None))
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         method.load_state_dict(ckpt["method"])
-        recorder.load_state_dict(ckpt["callbacks"]["label_issues"])
+        for name, cb in stateful.items():
+            cb.load_state_dict(ckpt["callbacks"][name])
         set_rng_state(ckpt["rng"])
     start, history = (ckpt["epoch"] + 1, ckpt["history"]) if ckpt else (0, [])
+    rate = data.record.get("realised_noise_rate")
+    val = getattr(data, "val", None)
     log(f"gdw train: {cfg.method} on {cfg.dataset} ({len(data.train)} train, "
-        f"{0 if data.meta is None else len(data.meta)} meta, {len(data.test)} test, {data.num_classes} classes), "
-        f"noise {cfg.noise}, imbalance {cfg.imbalance}, realised noise "
-        f"{data.record.get('realised_noise_rate', float('nan')):.3f}, device {device} → {out}"
+        f"{0 if data.meta is None else len(data.meta)} meta, " + (f"{len(val)} val, " if val is not None else "")
+        + f"{len(data.test)} test, {data.num_classes} classes), noise {cfg.noise}, imbalance {cfg.imbalance}, "
+        + ("true labels unknown" if rate is None else f"realised noise {rate:.3f}") + f", device {device} → {out}"
         + (f" (resuming after epoch {start})" if ckpt else ""))
+    for warning in data.record.get("warnings", []):
+        log(f"gdw train: warning: {warning}")
     with RunDir(out, main), _interrupts(out, cfg):
         if main and ckpt is None:
             atomic_write(out / "config.json", json.dumps(_config_record(cfg, data, device, comm), indent=2, default=str))
@@ -424,17 +438,22 @@ def _callbacks(cfg: TrainConfig, data, out: Path, device, log):
     true = data.train.true_labels
     noisy = (data.train.labels != true).numpy() if true is not None and bool((true >= 0).all()) else None
     recorder = LabelIssueRecorder(len(data.train), data.num_classes, cfg.epochs, device)
+    val = getattr(data, "val", None)
+    stateful = {"label_issues": recorder}
+    if val is not None:
+        stateful["best_model"] = BestModel(out / "best.pt", cfg.early_stop)
     title = f"{cfg.method} on {cfg.dataset}, {cfg.noise}"
     return [
         recorder,
-        Evaluator({"test": data.test}, data.num_classes, cfg.batch_size),
+        Evaluator({"val": val, "test": data.test}, data.num_classes, cfg.batch_size),
         WeightStats(recorder, out, noisy),
-        Checkpointer(out / "checkpoint.pt", cfg.fingerprint(), {"label_issues": recorder}),
+        *([stateful["best_model"]] if val is not None else []),
+        Checkpointer(out / "checkpoint.pt", cfg.fingerprint(), stateful),
         MetricsWriter(out / "metrics.jsonl"),
         EpochLog(log),
         Plots(out, title, noisy),
-        LabelIssues(recorder, out, data.train, cfg.method),
-    ], recorder
+        LabelIssues(recorder, out, data, cfg.method),
+    ], stateful
 
 
 @contextlib.contextmanager
@@ -467,6 +486,7 @@ def _config_record(cfg: TrainConfig, data, device, comm: Comm) -> dict:
         "num_classes": data.num_classes,
         "classes": list(data.classes),
         "input_shape": list(data.input_shape),
+        "preprocess": getattr(data, "preprocess", None),
         "data": data.record,
         "method_params": cfg.method_params(),
         "fingerprint": cfg.fingerprint(),
@@ -499,4 +519,17 @@ def _summary(cfg, data, history, train_seconds, steps_per_epoch, world) -> dict:
         "mean_weight_clean": history[-1].get("mean_weight_clean"),
         "mean_weight_noisy": history[-1].get("mean_weight_noisy"),
         "world_size": world,
+        "epochs_trained": len(history),
+        **_best_val(history),
     }
+
+
+def _best_val(history) -> dict:
+    """The epoch chosen on the validation split (the first of the best), and
+    the test accuracy there: the honest way to pick an epoch."""
+    vals = [h.get("val_accuracy") for h in history]
+    if not history or vals[0] is None:
+        return {}
+    k = int(np.argmax(vals))
+    return {"best_val_epoch": k + 1, "best_val_accuracy": vals[k],
+            "test_accuracy_at_best_val": history[k]["test_accuracy"]}

@@ -28,6 +28,7 @@ from ..errors import UserError
 from ._errors import one_line
 from .batches import ImageFileStore, TensorStore, View, channel_stats, load_image, _pil
 from .download import cache_dir, fetch_official, safe_extract
+from .labels import classes_from, ids_by_name, label_names
 from .noise import check_labels
 
 SYSTEM_DIR = Path("/usr/share/datasets")
@@ -55,6 +56,28 @@ ALIASES = {"fashion_mnist": "fashion-mnist", "fashionmnist": "fashion-mnist",
 
 
 @dataclass
+class Origin:
+    """Where the examples of one store come from, in the user's terms.
+
+    file: the file or folder they were read from. rows: for each store position, the
+    example's row in that file (0-based data row of a CSV, position in an npz array or in
+    a dataset's published array); None means the store position itself. paths: for image
+    files, each example's path relative to the folder given (``cat/img_003.png``), else None.
+    """
+
+    file: str
+    rows: np.ndarray | None = None
+    paths: list | None = None
+
+    def rows_of(self, pos) -> np.ndarray:
+        pos = np.asarray(pos, dtype=np.int64)
+        return pos.copy() if self.rows is None else np.asarray(self.rows, np.int64)[pos]
+
+    def paths_of(self, pos) -> list | None:
+        return None if self.paths is None else [self.paths[int(i)] for i in pos]
+
+
+@dataclass
 class Source:
     """What a reader found. Labels are int64 numpy arrays; stores hold the inputs.
 
@@ -62,6 +85,11 @@ class Source:
     else None (``y_train`` is clean). x_meta/y_meta: a clean meta set that comes with the
     data (npz ``x_meta``; Clothing1M clean val). meta_pool: (store, labels) of a clean set a
     balanced meta set is drawn from instead of the training set (Clothing1M clean train).
+    clean: whether ``y_train`` is known to be the true labels (benchmark datasets) or just
+    the user's labels (csv, folder, npz), which may be noisy.
+    origins: :class:`Origin` of the stores, keyed "train", "test", "meta", "pool".
+    preprocess: how raw inputs of this kind become stored inputs (``kind``, ``input``
+    "image"/"tabular", CSV feature and label columns, image size, channels, fit).
     """
 
     name: str
@@ -78,6 +106,18 @@ class Source:
     meta_pool: tuple | None = None
     files: list = field(default_factory=list)
     notes: dict = field(default_factory=dict)
+    clean: bool = True
+    origins: dict = field(default_factory=dict)
+    preprocess: dict = field(default_factory=dict)
+
+    def origin(self, part: str) -> Origin:
+        return self.origins.get(part) or Origin(self.name)
+
+
+def image_preprocess(kind: str, store, fit: str = "squash") -> dict:
+    """The ``preprocess`` entries of image data held in ``store``."""
+    return {"kind": kind, "input": "image", "image_size": list(store.shape[-2:]),
+            "channels": int(store.shape[0]), "fit": fit}
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -178,8 +218,11 @@ def read_digits(test_fraction: float = 0.2) -> Source:
     tr, te = stratified_split(y, test_fraction)
     train, test = TensorStore(x[torch.from_numpy(tr)]), TensorStore(x[torch.from_numpy(te)])
     note = f"stratified {test_fraction:g}, seed {SPLIT_SEED}"
+    file = "sklearn.datasets.load_digits"
     return Source("digits", list(MNIST_CLASSES), train, y[tr], test, y[te], image_view(train),
-                  notes={"test_split": note})
+                  notes={"test_split": note},
+                  origins={"train": Origin(file, tr), "test": Origin(file, te)},
+                  preprocess=image_preprocess("digits", train))
 
 
 # ----------------------------------------------------------------------------- IDX
@@ -249,7 +292,9 @@ def read_idx_dataset(name: str, data_root=None, download=False, mirror=None) -> 
     classes = FASHION_CLASSES if name == "fashion-mnist" else MNIST_CLASSES
     test = TensorStore(torch.from_numpy(xte.copy())[:, None])
     return Source(name, list(classes), train, ytr, test, yte, image_view(train),
-                  files=[str(p) for p in paths])
+                  files=[str(p) for p in paths],
+                  origins={"train": Origin(str(paths[0])), "test": Origin(str(paths[2]))},
+                  preprocess=image_preprocess("idx", train))
 
 
 # ----------------------------------------------------------------------------- CIFAR
@@ -339,7 +384,10 @@ def read_cifar(name: str, data_root=None, download=False, mirror=None) -> Source
     train = TensorStore(torch.from_numpy(np.concatenate([p[0] for p in parts])))
     return Source(name, list(classes), train, ytr, TensorStore(torch.from_numpy(xte)), yte,
                   image_view(train, stats=CIFAR_STATS[name]), augment=True,
-                  files=[str(base / f) for f in train_files])
+                  files=[str(base / f) for f in train_files],
+                  origins={"train": Origin(str(base)),
+                           "test": Origin(str(base / ("test_batch" if ten else "test")))},
+                  preprocess=image_preprocess("cifar", train))
 
 
 CIFAR_N = {"cifar10n": ("cifar10", "CIFAR-10_human.pt"),
@@ -481,19 +529,39 @@ def read_clothing1m(root=None, data_root=None, image_size=None) -> Source:
     val_keys, yval = labelled("clean_val_key_list.txt", clean, "clean_label_kv.txt")
     te_keys, yte = labelled("clean_test_key_list.txt", clean, "clean_label_kv.txt")
     train = store(tr_keys)
+
+    def origin(listname, ks):
+        return Origin(str(ann / listname), None, list(ks))
+
     return Source("clothing1m", classes, train, ytr, store(te_keys), yte,
                   View(*(torch.tensor(s) for s in IMAGENET_STATS), crop, 0),
                   augment=True, y_train_true=ytrue, x_meta=store(val_keys), y_meta=yval,
                   meta_pool=(store(pool_keys), ypool),
-                  files=[str(ann / f) for f in CLOTHING_LISTS])
+                  files=[str(ann / f) for f in CLOTHING_LISTS],
+                  origins={"train": origin("noisy_train_key_list.txt", tr_keys),
+                           "test": origin("clean_test_key_list.txt", te_keys),
+                           "meta": origin("clean_val_key_list.txt", val_keys),
+                           "pool": origin("clean_train_key_list.txt", pool_keys)},
+                  preprocess=image_preprocess("clothing1m", train, fit="center"))
 
 
 # ----------------------------------------------------------------------------- folder
 
+def list_images(folder: Path) -> list[Path]:
+    """Image files under ``folder`` (recursively), sorted by path."""
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES
+                  and p.is_file())
+
+
+def class_folders(root: Path) -> list[str]:
+    """Sorted names of the non-hidden sub-folders of ``root``."""
+    return sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
 def _scan(root: Path, classes=None):
     """(paths, labels, classes) of ``root/<class>/**/image``; ``classes`` None means the
     sorted sub-folders (each must hold an image), else a fixed list (a test folder)."""
-    found = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    found = class_folders(root)
     training = classes is None
     if training:
         classes = found
@@ -505,8 +573,7 @@ def _scan(root: Path, classes=None):
     paths, labels = [], []
     for c, name in enumerate(classes):
         d = root / name
-        files = sorted(p for p in d.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES
-                       and p.is_file()) if d.is_dir() else []
+        files = list_images(d) if d.is_dir() else []
         if not files and training:
             raise UserError(f"class folder {d} has no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
         paths += files
@@ -523,6 +590,26 @@ def _size(image_size):
     return tuple(int(s) for s in size)
 
 
+def image_store(paths, size, channels: int, *, stream: bool | None = None, fit: str = "squash"):
+    """Images read with :func:`load_image`: streamed from disk (:class:`ImageFileStore`)
+    when ``stream`` is True (None: when the pixels exceed FOLDER_MEMORY_LIMIT), else loaded
+    into a uint8 :class:`TensorStore`. Both give the same pixels."""
+    size = tuple(int(s) for s in size)
+    if stream is None:
+        stream = len(paths) * channels * size[0] * size[1] > FOLDER_MEMORY_LIMIT
+    if stream:
+        return ImageFileStore(paths, size, channels, fit=fit)
+    x = torch.empty((len(paths), channels, *size), dtype=torch.uint8)
+    for i, p in enumerate(paths):
+        x[i] = load_image(p, size, channels, fit)
+    return TensorStore(x)
+
+
+def relative_paths(paths, root: Path) -> list[str]:
+    """Paths relative to ``root``, with forward slashes (``cat/img_003.png``)."""
+    return [Path(p).relative_to(root).as_posix() for p in paths]
+
+
 def read_folder(path, image_size=None, test_fraction=0.2, stream=None) -> Source:
     """One sub-folder per class of image files; class names = sorted folder names.
 
@@ -532,7 +619,8 @@ def read_folder(path, image_size=None, test_fraction=0.2, stream=None) -> Source
     greyscale if the first image is, else RGB. Kept in memory as uint8 unless the pixels
     exceed FOLDER_MEMORY_LIMIT (1 GiB) or ``stream=True``: then streamed from disk.
     Normalisation: per-channel statistics of the training images (of at most 256 of them
-    when streaming).
+    when streaming). Source rows: position in the sorted list of the images of the folder
+    (of ``train/`` or ``test/``); source paths relative to PATH.
     """
     root = Path(path)
     if not root.is_dir():
@@ -540,11 +628,12 @@ def read_folder(path, image_size=None, test_fraction=0.2, stream=None) -> Source
     if (root / "train").is_dir() and (root / "test").is_dir():
         ptr, ytr, classes = _scan(root / "train")
         pte, yte, _ = _scan(root / "test", classes)
+        rtr, rte = np.arange(len(ptr)), np.arange(len(pte))
         note = "train/ and test/ folders"
     else:
         paths, y, classes = _scan(root)
-        tr, te = stratified_split(y, test_fraction)
-        ptr, ytr, pte, yte = [paths[i] for i in tr], y[tr], [paths[i] for i in te], y[te]
+        rtr, rte = stratified_split(y, test_fraction)
+        ptr, ytr, pte, yte = [paths[i] for i in rtr], y[rtr], [paths[i] for i in rte], y[rte]
         note = f"stratified {test_fraction:g}, seed {SPLIT_SEED}"
     Image = _pil()
     try:
@@ -557,22 +646,17 @@ def read_folder(path, image_size=None, test_fraction=0.2, stream=None) -> Source
     n_bytes = (len(ptr) + len(pte)) * ch * size[0] * size[1]
     if stream is None:
         stream = n_bytes > FOLDER_MEMORY_LIMIT
-
-    def store(paths):
-        if stream:
-            return ImageFileStore(paths, size, ch)
-        x = torch.empty((len(paths), ch, *size), dtype=torch.uint8)
-        for i, p in enumerate(paths):
-            x[i] = load_image(p, size, ch)
-        return TensorStore(x)
-
-    train = store(ptr)
+    train = image_store(ptr, size, ch, stream=bool(stream))
     rows = None
     if stream:
         rows = torch.from_numpy(np.random.default_rng(SPLIT_SEED).permutation(len(ptr))[:256])
-    return Source(f"folder:{root}", classes, train, ytr, store(pte), yte,
-                  image_view(train, rows=rows), augment=cifar_style(train),
-                  files=[str(root)], notes={"test_split": note, "streamed": bool(stream)})
+    return Source(f"folder:{root}", classes, train, ytr, image_store(pte, size, ch, stream=bool(stream)),
+                  yte, image_view(train, rows=rows), augment=cifar_style(train),
+                  files=[str(root)], notes={"test_split": note, "streamed": bool(stream)},
+                  clean=False,
+                  origins={"train": Origin(str(root), rtr, relative_paths(ptr, root)),
+                           "test": Origin(str(root), rte, relative_paths(pte, root))},
+                  preprocess=image_preprocess("folder", train))
 
 
 # ----------------------------------------------------------------------------- npz / csv
@@ -593,35 +677,69 @@ def _inputs(a: np.ndarray, what: str, path) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(a))
 
 
-def read_npz(path) -> Source:
-    """Arrays ``x_train, y_train, x_test, y_test`` (required), ``y_train_true`` (if y_train is
-    already noisy), ``x_meta, y_meta`` (a clean meta set), ``classes`` (names).
-
-    x: (N, D) tabular -> float32, per-feature normalisation; (N, H, W), (N, C, H, W) or
-    (N, H, W, C) images -> uint8 kept (scaled by 1/255) or float32, per-channel
-    normalisation. Labels: integer class indices (integral floats accepted) in
-    [0, C) with C = len(classes) or 1 + the largest label.
-    """
+def read_npz_arrays(path) -> dict:
+    """All arrays of an ``.npz`` file (no pickles). UserError if missing or unreadable."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"npz file not found: {path}")
     try:
         with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
+            return {k: z[k] for k in z.files}
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
         raise UserError(f"cannot read npz file {path}: {one_line(e)}") from None
+
+
+def npz_label_ids(y: np.ndarray, classes: list, what: str, *, indices: bool,
+                  unknown: bool = False) -> np.ndarray:
+    """Class ids of one npz label array. ``indices``: the file has a ``classes`` array, so
+    numeric labels are positions in it (checked to be in range); string labels are always
+    matched by name. ``unknown``: -1 (numeric) means an unknown label."""
+    y = np.asarray(y)
+    if y.ndim != 1:
+        raise UserError(f"{what} must be a 1-D array, got shape {y.shape}")
+    if y.dtype.kind in "US":
+        return ids_by_name(label_names(y, what), classes, what)
+    known = (y != -1) if unknown and y.dtype.kind in "if" else np.ones(len(y), bool)
+    out = np.full(len(y), -1, dtype=np.int64)
+    if indices:
+        out[known] = check_labels(y[known], len(classes), what)
+    else:
+        out[known] = ids_by_name(label_names(y[known], what), classes, what)
+    return out
+
+
+def read_npz(path) -> Source:
+    """Arrays ``x_train, y_train, x_test, y_test`` (required), ``y_train_true`` (if y_train is
+    already noisy; -1 = unknown), ``x_meta, y_meta`` (a clean meta set), ``classes`` (names).
+
+    x: (N, D) tabular -> float32, per-feature normalisation; (N, H, W), (N, C, H, W) or
+    (N, H, W, C) images -> uint8 kept (scaled by 1/255) or float32, per-channel
+    normalisation. Labels: with ``classes``, integer positions in it (integral floats
+    accepted) or the names themselves (strings); without, label values (integers or
+    strings), named and numbered as in :mod:`gdw.data.labels` (``10, 20, 30`` -> classes
+    ``"10", "20", "30"``, ids 0, 1, 2).
+    """
+    path = Path(path)
+    arrays = read_npz_arrays(path)
     missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in arrays]
     if missing:
         raise UserError(f"{path} lacks arrays {missing} (found {sorted(arrays)})")
     if ("x_meta" in arrays) != ("y_meta" in arrays):
         raise UserError(f"{path}: x_meta and y_meta must be given together")
     ys = {k: arrays[k] for k in ("y_train", "y_test", "y_train_true", "y_meta") if k in arrays}
-    if "classes" in arrays:
-        classes = [str(c) for c in arrays["classes"].reshape(-1)]
+    indices = "classes" in arrays
+    if indices:
+        classes = [str(c) for c in label_names(arrays["classes"].reshape(-1), f"classes in {path}")]
     else:
-        biggest = [np.max(v) for v in ys.values() if v.size and v.dtype.kind in "iuf"]
-        classes = [str(i) for i in range(int(max(biggest, default=0)) + 1)]
-    ys = {k: check_labels(v, len(classes), f"{k} in {path}") for k, v in ys.items()}
+        names = []
+        for k, v in ys.items():
+            v = np.asarray(v)
+            if k == "y_train_true" and v.dtype.kind in "if":
+                v = v[v != -1]
+            names.append(label_names(v.reshape(-1) if v.ndim == 1 else v, f"{k} in {path}"))
+        classes = classes_from(np.concatenate(names))
+    ys = {k: npz_label_ids(v, classes, f"{k} in {path}", indices=indices,
+                           unknown=k == "y_train_true") for k, v in ys.items()}
     xs = {k: _inputs(arrays[k], k, path) for k in ("x_train", "x_test", "x_meta") if k in arrays}
     for k, x in xs.items():
         yk = "y" + k[1:]
@@ -634,22 +752,59 @@ def read_npz(path) -> Source:
     image = train.x.ndim == 4
     view = image_view(train) if image else View(*channel_stats(train))
     meta = TensorStore(xs["x_meta"]) if "x_meta" in xs else None
+    pre = image_preprocess("npz", train) if image else {"kind": "npz", "input": "tabular"}
+    file = str(path)
     return Source(f"npz:{path}", classes, train, ys["y_train"], TensorStore(xs["x_test"]),
                   ys["y_test"], view, augment=image and cifar_style(train),
                   y_train_true=ys.get("y_train_true"), x_meta=meta, y_meta=ys.get("y_meta"),
-                  files=[str(path)])
+                  files=[file], clean=False, preprocess=pre,
+                  origins={"train": Origin(file), "test": Origin(file), "meta": Origin(file)})
 
 
-def read_csv(path, label_column="label", test_fraction=0.2) -> Source:
-    """A CSV file with a header: numeric feature columns and a label column.
+@dataclass
+class CsvTable:
+    """A CSV file read as text: ``header`` (stripped names), ``table`` (n, columns) str
+    array of the non-empty data rows, ``lines`` (file line of each data row)."""
 
-    Labels that are all integers become classes in increasing numeric order (names are
-    the values); otherwise classes are the sorted distinct strings. Features are float32
-    (N, D), normalised per feature with training statistics. Test split: stratified
-    ``test_fraction``, seed SPLIT_SEED. UserError for a missing label column, a row with
-    the wrong number of fields, an empty label, or a non-numeric / non-finite feature
-    value (naming line and column).
-    """
+    path: Path
+    header: list
+    table: np.ndarray
+    lines: list
+
+    def column(self, name: str) -> np.ndarray:
+        return np.char.strip(self.table[:, self.header.index(name)])
+
+    def features(self, names: list, cols: list | None = None) -> np.ndarray:
+        """The columns ``names`` as float32 (n, D): at positions ``cols``, else the first
+        column of each name. UserError naming the missing columns, or the line and column
+        of a non-numeric value."""
+        missing = [n for n in names if n not in self.header]
+        if missing:
+            raise UserError(f"CSV file {self.path} lacks the feature columns {missing} of the "
+                            f"training data")
+        cols = [self.header.index(n) for n in names] if cols is None else cols
+        feats = self.table[:, cols]
+        try:
+            x = np.char.strip(feats).astype(np.float64)
+        except ValueError:
+            x = None
+        if x is None or not np.isfinite(x).all():
+            for (r, c), v in np.ndenumerate(feats):
+                try:
+                    ok = np.isfinite(float(v))
+                except ValueError:
+                    ok = False
+                if not ok:
+                    raise UserError(f"{self.path}, line {self.lines[r]}, column {names[c]!r}: "
+                                    f"non-numeric value {str(v)!r}")
+        return x.astype(np.float32)
+
+
+def read_csv_table(path) -> CsvTable:
+    """Read a CSV file with a header. Empty rows are skipped: data row k (0-based, the
+    header not counted) is the k-th non-empty row after the header, as pandas numbers
+    them. UserError for a missing/unreadable file, no data rows, or a row with the wrong
+    number of fields (naming the line)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"CSV file not found: {path}")
@@ -660,48 +815,48 @@ def read_csv(path, label_column="label", test_fraction=0.2) -> Source:
         raise UserError(f"cannot read CSV file {path}: {one_line(e)}") from None
     if len(numbered) < 2:
         raise UserError(f"CSV file {path} has no data rows")
-    line = [n for n, _ in numbered[1:]]  # file line of each data row
     rows = [r for _, r in numbered]
     header = [h.strip() for h in rows[0]]
-    if label_column not in header:
-        raise UserError(f"CSV file {path} has no column {label_column!r} (columns: {header})")
     bad = next((i for i, r in enumerate(rows) if len(r) != len(header)), None)
     if bad is not None:
         raise UserError(f"{path}, line {numbered[bad][0]}: {len(rows[bad])} fields, "
                         f"header has {len(header)}")
-    table = np.array(rows[1:], dtype=str)
-    li = header.index(label_column)
-    feats = np.delete(table, li, axis=1)
-    names = [h for h in header if h != label_column]
-    try:
-        x = np.char.strip(feats).astype(np.float64)
-    except ValueError:
-        x = None
-    if x is None or not np.isfinite(x).all():
-        for (r, c), v in np.ndenumerate(feats):
-            try:
-                ok = np.isfinite(float(v))
-            except ValueError:
-                ok = False
-            if not ok:
-                raise UserError(f"{path}, line {line[r]}, column {names[c]!r}: "
-                                f"non-numeric value {str(v)!r}")
-    raw = np.char.strip(table[:, li])
+    return CsvTable(path, header, np.array(rows[1:], dtype=str), [n for n, _ in numbered[1:]])
+
+
+def read_csv(path, label_column="label", test_fraction=0.2) -> Source:
+    """A CSV file with a header: numeric feature columns and a label column.
+
+    Labels that are all integers become classes in increasing numeric order (names are
+    the values); otherwise classes are the sorted distinct strings. Features are float32
+    (N, D), normalised per feature with training statistics. Test split: stratified
+    ``test_fraction``, seed SPLIT_SEED. Source rows: the 0-based data row
+    (:func:`read_csv_table`). UserError for a missing label column, a row with the wrong
+    number of fields, an empty label, or a non-numeric / non-finite feature value (naming
+    line and column).
+    """
+    t = read_csv_table(path)
+    path = t.path
+    if label_column not in t.header:
+        raise UserError(f"CSV file {path} has no column {label_column!r} (columns: {t.header})")
+    li = t.header.index(label_column)
+    cols = [i for i in range(len(t.header)) if i != li]
+    names = [t.header[i] for i in cols]
+    x = t.features(names, cols)
+    raw = t.column(label_column)
     if (raw == "").any():
-        raise UserError(f"{path}, line {line[int(np.argmax(raw == ''))]}: empty label")
-    try:
-        values = raw.astype(np.int64)
-        uniq = np.unique(values)
-        classes = [str(v) for v in uniq]
-    except ValueError:
-        values = raw
-        uniq = np.unique(raw)
-        classes = [str(v) for v in uniq]
-    y = np.searchsorted(uniq, values).astype(np.int64)
+        raise UserError(f"{path}, line {t.lines[int(np.argmax(raw == ''))]}: empty label")
+    classes = classes_from(raw)
+    y = ids_by_name(raw, classes, f"column {label_column!r} of {path}")
     tr, te = stratified_split(y, test_fraction)
-    X = torch.from_numpy(x.astype(np.float32))
+    X = torch.from_numpy(x)
     train = TensorStore(X[torch.from_numpy(tr)])
+    file = str(path)
     return Source(f"csv:{path}", classes, train, y[tr], TensorStore(X[torch.from_numpy(te)]),
-                  y[te], View(*channel_stats(train)), files=[str(path)],
+                  y[te], View(*channel_stats(train)), files=[file],
                   notes={"test_split": f"stratified {test_fraction:g}, seed {SPLIT_SEED}",
-                         "features": names})
+                         "features": names},
+                  clean=False,
+                  origins={"train": Origin(file, tr), "test": Origin(file, te)},
+                  preprocess={"kind": "csv", "input": "tabular", "feature_columns": names,
+                              "label_column": label_column})

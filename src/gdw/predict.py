@@ -1,0 +1,102 @@
+"""``gdw predict``: the model of a finished run on new data.
+
+The run directory holds everything needed: the settings (``config.json``:
+the model, the class names, the preprocessing of the inputs) and the weights
+(``best.pt``, the epoch chosen on the validation split, when the run had
+one; else the final model in ``checkpoint.pt``). New data is read with the
+run's own preprocessing (:func:`gdw.data.load_new`), so a CSV's feature
+columns, an image folder's size and channels and the normalisation
+statistics are those of training.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .errors import UserError
+from .fit import predict_proba
+from .models import create_model
+from .train import TrainConfig, pick_device
+
+
+def load_model(run_dir, model_file: Optional[str] = None, device=None) -> tuple[torch.nn.Module, dict, str]:
+    """``(model in eval mode, config.json as a dict, "best.pt" | "checkpoint.pt")``.
+
+    ``model_file``: ``"best"`` (best.pt; an error when the run has none),
+    ``"final"`` (checkpoint.pt) or None (best.pt when present, else final).
+    """
+    run = Path(run_dir)
+    cfg = TrainConfig.load(run)
+    config = json.loads((run / "config.json").read_text())
+    if model_file not in (None, "best", "final"):
+        raise UserError(f"--model-file must be best or final, got {model_file!r}")
+    best = run / "best.pt"
+    if model_file == "best" and not best.exists():
+        raise UserError(f"{run} has no best.pt (it was trained without --val-per-class or --meta)")
+    path = best if model_file != "final" and best.exists() else run / "checkpoint.pt"
+    if not path.exists():
+        raise UserError(f"{run} has no trained model yet (no checkpoint.pt)")
+    device = pick_device(device)
+    try:
+        state = torch.load(path, map_location=device, weights_only=False)["model"]
+    except Exception as err:  # a truncated or foreign file
+        raise UserError(f"cannot read {path} ({type(err).__name__}); it is corrupt or truncated") from None
+    model = create_model(cfg.model, config["input_shape"], len(config["classes"])).to(device)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise UserError(f"{path} does not fit the model {cfg.model!r}: {str(err).splitlines()[0]}") from None
+    model.eval()
+    return model, config, path.name
+
+
+def predict(run_dir, data: str, out_csv, *, model_file: Optional[str] = None, device=None,
+            batch_size: int = 500) -> dict:
+    """Predict ``data`` (a dataset spec: ``csv:PATH``, ``folder:PATH``,
+    ``npz:PATH``) with the run in ``run_dir`` and write ``out_csv``.
+
+    Columns: ``index`` (the 0-based data row of the CSV file or the position
+    in the npz arrays) or ``path`` (relative to the folder),
+    ``predicted_label`` (a class name, i.e. your label value),
+    ``confidence`` (its probability) and one probability column per class
+    (``p_<class>``), in the order of the data.
+
+    Returns ``{"n", "accuracy" (None without labels), "n_labelled",
+    "model_file"}``. Raises UserError for a missing run, file or column, or
+    labels unknown to the run.
+    """
+    from .data import load_new
+
+    model, config, used = load_model(run_dir, model_file, device)
+    pre = config.get("preprocess")
+    if pre is None:
+        raise UserError(f"{run_dir} records no preprocessing (made by an older gdw); train it again to predict")
+    classes = [str(c) for c in config["classes"]]
+    new = load_new(data, pre, classes)
+    out = Path(out_csv)
+    if out.is_dir():
+        raise UserError(f"--out {out} is a directory; give a file name such as predictions.csv")
+    if not out.parent.exists():
+        raise UserError(f"--out {out}: the folder {out.parent} does not exist")
+    prob = predict_proba(model, new.split, batch_size).cpu().numpy().astype(np.float64)
+    pred = prob.argmax(1) if len(prob) else np.zeros(0, dtype=np.int64)
+    key = "path" if new.source_paths is not None else "index"
+    where = new.source_paths if new.source_paths is not None else [int(r) for r in new.source_rows]
+    tmp = out.with_name(out.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow([key, "predicted_label", "confidence", *[f"p_{c}" for c in classes]])
+        for i in range(len(pred)):
+            w.writerow([where[i], classes[pred[i]], f"{prob[i, pred[i]]:.6g}", *[f"{p:.6g}" for p in prob[i]]])
+    tmp.replace(out)
+    labels = new.split.labels.numpy()
+    known = labels >= 0
+    accuracy = float((pred[known] == labels[known]).mean()) if new.has_labels and known.any() else None
+    return {"n": len(pred), "accuracy": accuracy, "n_labelled": int(known.sum()) if new.has_labels else 0,
+            "model_file": used}
