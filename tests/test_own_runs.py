@@ -233,3 +233,19 @@ def test_own_image_folder_issues_carry_paths(pictures, tmp_path):
     assert main(["predict", str(out), "--data", f"folder:{d / 'checked'}", "--out", str(pred)]) == 0
     got = read_rows(pred)
     assert len(got) == 36 and all((d / "checked" / r["path"]).is_file() for r in got)
+
+
+def test_the_readme_example_data(tmp_path):
+    """examples/noisy_csv.py writes what the README's walkthrough says."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "noisy_csv.py"
+    subprocess.run([sys.executable, str(script), str(tmp_path)], check=True, capture_output=True)
+    data, checked, new = (read_rows(tmp_path / f) for f in ("data.csv", "checked.csv", "new.csv"))
+    truth = read_rows(tmp_path / "truth.csv")
+    assert (len(data), len(checked), len(new), len(truth)) == (1497, 200, 100, 1497)
+    assert "digit" not in new[0] and len(new[0]) == 64
+    wrong = np.mean([t["true_digit"] != d["digit"] for t, d in zip(truth, data)])
+    assert 0.27 < wrong < 0.33
