@@ -138,6 +138,20 @@ def plain_label(summary: dict, run: Path) -> str:
     return summary["method"] + ("-head" if summary.get("head_only") else "")
 
 
+def method_label(table: dict, summary: dict, run: Path) -> str:
+    """A finished run's label in ``table`` (label -> ``(method, method_args,
+    head_only)``), matched on the method, its arguments and head_only as the
+    run's summary records them; a run that matches no entry gets its plain
+    label with its arguments, e.g. ``gdw(stage_one=mwnet)``, so that it is
+    never reported under a label it was not run as."""
+    key = (summary["method"], summary.get("method_args") or {}, bool(summary.get("head_only")))
+    for label, (method, method_args, head) in table.items():
+        if (method, method_args, head) == key:
+            return label
+    args = ",".join(f"{k}={v}" for k, v in key[1].items())
+    return plain_label(summary, run) + (f"({args})" if args else "")
+
+
 def finished_rows(out: Path, pattern: str = "*/summary.json",
                   label: Callable[[dict, Path], str] = plain_label, sort_key=None) -> list[dict]:
     """One row per finished cell under ``out`` (the summaries matching
@@ -170,6 +184,13 @@ def head_tail_accuracy(run: Path) -> dict:
 
 
 # ----------------------------------------------------------------------------- report helpers
+
+COLORS = {  # one colour per method label, the same in every plot of both grids
+    "ce": "#7f7f7f", "finetune": "#bcbd22", "dm": "#8c564b", "cb": "#9467bd", "la": "#e377c2",
+    "l2rw": "#1f77b4", "l2rw-ft": "#aec7e8", "mwnet": "#ff7f0e", "gdw-paper": "#98df8a", "gdw-paper-head": "#d9f0d3",
+    "gdw-l2rw": "#17becf", "gdw": "#2ca02c", "gdw-fd": "#006400",
+}
+
 
 def split_markdown(rows: list[dict], settings: Optional[Sequence[str]] = None,
                    methods: Optional[Sequence[str]] = None) -> str:

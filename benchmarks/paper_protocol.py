@@ -17,6 +17,16 @@ end of a full pass) reads every finished cell and writes ``results.csv``,
 helpers that are not specific to Fashion-MNIST are ``benchmarks/grid.py``,
 shared with ``benchmarks/robustness.py``.
 
+Methods: the labels of ``METHODS``, each a gdw method with its arguments and
+whether it weights the output layer only. ``gdw-paper`` is the paper's
+algorithm (MW-Net's weighting network as stage one, no fine-tuning),
+``gdw-paper-head`` the same on the output layer only, ``gdw`` is GDW with
+gdw's defaults (L2RW's instance weights as stage one, the last 20% of epochs
+fine-tuned on the meta set); ``cb`` and ``la`` run only in the settings with
+imbalance, and ``gdw-fd`` (``gdw`` with the finite-difference meta-gradient)
+only in ``flip:0.4``, as a check of that meta-gradient on one setting. The
+cell directories are named after the labels (``uniform0.4_none_gdw-paper_s0``).
+
 Hyper-parameters are the papers' defaults throughout (nothing is tuned, on
 the test set or elsewhere): SGD lr 0.1 with cosine decay, momentum 0.9,
 weight decay 5e-4, batch 100, meta batch 100, 100 clean meta images per class
@@ -45,48 +55,105 @@ SETTINGS = [  # (noise, imbalance): the paper's six families
     ("none", "longtail:100"),
     ("uniform:0.4", "longtail:10"),
 ]
-METHODS = ["ce", "finetune", "l2rw", "mwnet", "dm", "gdw", "gdw-head"]
-LONGTAIL_EXTRA = ["cb"]  # the class-balanced loss, for the settings with imbalance
+METHODS = {  # label -> (gdw method, method_args, head_only), in the order of the tables' rows
+    "ce": ("ce", {}, False),
+    "finetune": ("finetune", {}, False),
+    "l2rw": ("l2rw", {}, False),
+    "mwnet": ("mwnet", {}, False),
+    "dm": ("dm", {}, False),
+    "gdw-paper": ("gdw", {"stage_one": "mwnet"}, False),  # the paper's algorithm
+    "gdw-paper-head": ("gdw", {"stage_one": "mwnet"}, True),  # the same, weighting the output layer only
+    "gdw": ("gdw", {"stage_one": "l2rw", "finetune_fraction": 0.2}, False),  # GDW's defaults, spelled out
+    "gdw-fd": ("gdw", {"stage_one": "l2rw", "finetune_fraction": 0.2, "meta_grad": "fd"}, False),
+    "cb": ("cb", {}, False),  # the class-balanced loss
+    "la": ("la", {}, False),  # logit-adjusted CE
+}
+IMBALANCE_ONLY = {"cb", "la"}  # the long-tail baselines run only in the settings with imbalance
+ONLY_IN = {"gdw-fd": {("flip:0.4", "none")}}  # the finite-difference meta-gradient, checked on one setting
+
+
+def runs_in(label: str, noise: str, imbalance: str) -> bool:
+    """Whether the grid has the method ``label`` in the setting (noise, imbalance)."""
+    if label in IMBALANCE_ONLY and imbalance == "none":
+        return False
+    return label not in ONLY_IN or (noise, imbalance) in ONLY_IN[label]
 
 
 def cells(seeds):
+    """``(noise, imbalance, label, seed)`` of every cell, in the order they run."""
     for noise, imbalance in SETTINGS:
-        methods = METHODS + (LONGTAIL_EXTRA if imbalance != "none" else [])
-        for method in methods:
-            for seed in seeds:
-                yield noise, imbalance, method, seed
+        for label in METHODS:
+            if runs_in(label, noise, imbalance):
+                for seed in seeds:
+                    yield noise, imbalance, label, seed
 
 
 def run_grid(args) -> None:
-    from gdw.compare import cell_name, method_variant
+    from gdw.compare import cell_name
     from gdw.train import TrainConfig
 
     todo = []
     for noise, imbalance, label, seed in cells(args.seeds):
-        name, head = method_variant(label)
+        method, method_args, head = METHODS[label]
         todo.append((cell_name(noise, imbalance, label, seed), TrainConfig(
-            dataset=args.dataset, noise=noise, imbalance=imbalance, method=name, head_only=head, seed=seed,
+            dataset=args.dataset, noise=noise, imbalance=imbalance, method=method, method_args=dict(method_args),
+            head_only=head, seed=seed,
             model="mlp", epochs=args.epochs, batch_size=100, meta_batch_size=100, lr=0.1,
             meta_per_class=args.meta_per_class, progress=False, device=args.device,
         )))
     grid.run_grid(args.out, todo, args.shard)
 
 
+def method_label(summary: dict, run: Path) -> str:
+    """The ``METHODS`` label of a finished run (by method, arguments and head_only)."""
+    return grid.method_label(METHODS, summary, run)
+
+
 def finished_rows(out: Path) -> list[dict]:
-    order = {m: i for i, m in enumerate(METHODS + LONGTAIL_EXTRA)}
+    order = {m: i for i, m in enumerate(METHODS)}
     setting_order = {s: i for i, s in enumerate(SETTINGS)}
-    return grid.finished_rows(out, sort_key=lambda r: (
+    return grid.finished_rows(out, label=method_label, sort_key=lambda r: (
         setting_order.get((r["noise"], r["imbalance"]), 99), order.get(r["method"], 99), r["seed"]))
+
+
+RELABELLED = {"gdw-paper": "gdw", "gdw-paper-head": "gdw-head"}  # label -> the label such a cell ran under
+
+
+def relabelled_cells(out: Path) -> list[str]:
+    """The finished ``gdw-paper`` / ``gdw-paper-head`` cells made before GDW
+    had the ``stage_one`` option (their config.json has no
+    ``method_params``): they ran as ``gdw`` / ``gdw-head``, whose default
+    then was the paper's algorithm."""
+    found = []
+    for path in sorted(out.glob("*/config.json")):
+        run = path.parent
+        if not (run / "summary.json").exists():
+            continue
+        if method_label(json.loads((run / "summary.json").read_text()), run) in RELABELLED \
+                and "method_params" not in json.loads(path.read_text()):
+            found.append(run.name)
+    return found
 
 
 def provenance(args, out: Path) -> str:
     command = (f"python benchmarks/paper_protocol.py --dataset {args.dataset} --epochs {args.epochs} "
                f"--meta-per-class {args.meta_per_class} --seeds {','.join(map(str, args.seeds))}")
-    return grid.provenance(out, command)
+    text = grid.provenance(out, command)
+    old = relabelled_cells(out)
+    if old:
+        text += (
+            f"\nThe {len(old)} `gdw-paper` and `gdw-paper-head` cells ran as `gdw` and `gdw-head` (directories "
+            "`*_gdw_s*` and `*_gdw-head_s*`) before GDW had the `stage_one` option, when the paper's algorithm "
+            "(MW-Net's weighting network as stage one, no fine-tuning) was `gdw`'s default. When they were "
+            "relabelled, their directories were renamed and the `method_args` in their config.json and "
+            "summary.json were rewritten from `{}` to the equivalent `{\"stage_one\": \"mwnet\"}` (the code path "
+            "is the same); nothing else in those files was changed, and the original files are in git history. "
+            "Their config.json has no `method_params`, which runs of that version did not record.\n")
+    return text
 
 
 def report(args) -> None:
-    from gdw.report import plot_compare, read_results_csv, results_markdown, write_results_csv
+    from gdw.report import read_results_csv, results_markdown, write_results_csv
 
     rows = finished_rows(args.out)
     if not rows:
@@ -113,20 +180,74 @@ def report(args) -> None:
                             "the half of the classes with the most training examples / the half with the fewest:\n\n"
                             + split + "\nThe best epoch", 1)
     (args.out / "results.md").write_text(text)
-    plot_compare(rows, args.out / "accuracy.png", title="Fashion-MNIST: test accuracy (mean of the last 5 epochs)")
+    plot_accuracy(rows, args.out / "accuracy.png", title="Fashion-MNIST: test accuracy (mean of the last 5 epochs)")
     plot_gdw_weights(args.out)
     print(text)
 
 
-def plot_gdw_weights(out: Path) -> None:
-    """Weights of clean vs mislabelled examples under GDW, and one noisy
-    example's class-level weights next to its instance-level weight."""
+def plot_accuracy(rows: list[dict], path: Path, title: str) -> None:
+    """One panel per setting with a bar for each method the grid runs there
+    (in ``METHODS`` order, each method in the same colour in every panel):
+    height = mean over seeds of the last-5-epoch test accuracy, error bar =
+    std over seeds, the value above it; "missing" where the cell has not
+    finished. Each panel has its own y-range, so small differences stay
+    visible."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    run = out / "uniform0.4_none_gdw_s0"
+    from gdw.report import aggregate, setting_label
+
+    _, _, found = aggregate(rows)
+    ncols = 3
+    nrows = -(-len(SETTINGS) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(16.5, 4.3 * nrows + 0.8), squeeze=False, layout="constrained")
+    for ax, (noise, imbalance) in zip(axes.flat, SETTINGS):
+        s = setting_label(noise, imbalance)
+        methods = [m for m in METHODS if runs_in(m, noise, imbalance)]
+        x = np.arange(len(methods))
+        means = np.array([100 * found[(s, m)]["final_mean"] if (s, m) in found else np.nan for m in methods])
+        stds = np.array([100 * found[(s, m)]["final_std"] if (s, m) in found else 0.0 for m in methods])
+        ok = np.isfinite(means)
+        ax.bar(x[ok], means[ok], 0.75, yerr=stds[ok], capsize=2, edgecolor="black", linewidth=0.4,
+               color=[grid.COLORS.get(m, "#cccccc") for m, o in zip(methods, ok) if o])
+        if ok.any():  # room for the error bars and the values above them
+            ax.set_ylim(max(0.0, (means - stds)[ok].min() - 3), min(100.0, (means + stds)[ok].max() + 1.5))
+        for k, m in enumerate(methods):
+            if ok[k]:
+                ax.text(k, means[k] + stds[k], f"{means[k]:.1f}", ha="center", va="bottom", fontsize=7.5)
+            else:
+                ax.text(k, 0.03, "missing", rotation=90, ha="center", va="bottom", fontsize=8, color="gray",
+                        transform=ax.get_xaxis_transform())
+        ax.set_xticks(x, methods, rotation=40, ha="right", fontsize=8.5)
+        ax.set_xlim(-0.6, len(methods) - 0.4)
+        ax.set_title(s, fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+        ax.tick_params(axis="y", labelsize=8)
+    for ax in axes.flat[len(SETTINGS):]:
+        ax.axis("off")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("test accuracy (%),\nlast-5-epoch mean")
+    fig.suptitle(f"{title}\nmean over seeds; error bars: std over seeds. gdw-paper: the paper's algorithm; "
+                 "gdw: gdw's defaults (L2RW's weights as stage one, fine-tuning on the meta set)", fontsize=10)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+WEIGHTS_RUN = "uniform0.4_none_gdw-paper_s0"  # the cell whose arrays are committed, for plot_gdw_weights
+
+
+def plot_gdw_weights(out: Path) -> None:
+    """Weights of clean vs mislabelled examples under GDW as in the paper
+    (the cell ``WEIGHTS_RUN``), and one noisy example's class-level weights
+    next to its instance-level weight."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run = out / WEIGHTS_RUN
     needed = ["example_weights.npy", "class_weights.npy", "instance_weights.npy", "split.npz", "config.json"]
     if not all((run / f).exists() for f in needed):
         return
@@ -143,7 +264,8 @@ def plot_gdw_weights(out: Path) -> None:
     ax.hist(trust[~noisy], bins=bins, alpha=0.6, density=True, label=f"clean labels ({(~noisy).sum()})")
     ax.hist(trust[noisy], bins=bins, alpha=0.6, density=True, label=f"mislabelled ({noisy.sum()})")
     ax.set(xlabel="GDW weight on the labelled class (mean over the last epoch)", ylabel="density",
-           title="GDW, Fashion-MNIST, uniform 40% noise, seed 0")
+           title="gdw-paper (GDW as in the paper): Fashion-MNIST, uniform 40% noise, seed 0")
+    ax.title.set_fontsize(10)
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "gdw_weights.png", dpi=110)
@@ -169,8 +291,8 @@ def plot_gdw_weights(out: Path) -> None:
 
 def prune(out: Path) -> None:
     """Delete from finished cells what is not committed (checkpoints, arrays),
-    keeping the seed-0 uniform:0.4 GDW cell whole for the weight plots."""
-    grid.prune(out, spare=["uniform0.4_none_gdw_s0"])
+    keeping the cell of the weight plots (``WEIGHTS_RUN``) whole."""
+    grid.prune(out, spare=[WEIGHTS_RUN])
 
 
 def main(argv=None) -> int:

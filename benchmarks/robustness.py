@@ -294,12 +294,7 @@ def run_grid(args) -> list[tuple[str, str]]:
 
 def method_label(summary: dict, run: Path) -> str:
     """The ``METHODS`` label of a finished run (by method, arguments and head_only)."""
-    key = (summary["method"], summary.get("method_args") or {}, bool(summary.get("head_only")))
-    for label, (method, method_args, head) in METHODS.items():
-        if (method, method_args, head) == key:
-            return label
-    args = ",".join(f"{k}={v}" for k, v in key[1].items())
-    return grid.plain_label(summary, run) + (f"({args})" if args else "")
+    return grid.method_label(METHODS, summary, run)
 
 
 def finished_rows(out: Path) -> list[dict]:
@@ -409,9 +404,7 @@ def acceptance_markdown(checks: list[dict]) -> str:
     return "\n".join(lines) + "\n\n" + "; ".join(totals) + ".\n"
 
 
-COLORS = {"ce": "#7f7f7f", "finetune": "#bcbd22", "dm": "#8c564b", "la": "#e377c2", "l2rw": "#1f77b4",
-          "l2rw-ft": "#aec7e8", "mwnet": "#ff7f0e", "gdw-paper": "#98df8a", "gdw-l2rw": "#17becf",
-          "gdw": "#2ca02c", "gdw-fd": "#006400"}
+COLORS = grid.COLORS  # one colour per label, the same in both grids' plots
 
 
 def plot_accuracy(rows: list[dict], path: Path, regimes, settings, methods, title: str) -> None:

@@ -3,6 +3,7 @@ results table is computed from results.csv."""
 
 import csv
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ def protocol(monkeypatch):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     monkeypatch.setattr(module, "SETTINGS", [("uniform:0.4", "none"), ("none", "longtail:2")])
-    monkeypatch.setattr(module, "METHODS", ["ce", "gdw"])
+    monkeypatch.setattr(module, "METHODS", {k: module.METHODS[k] for k in ("ce", "gdw-paper", "gdw", "cb")})
     return module
 
 
@@ -25,8 +26,13 @@ def test_grid_skips_finished_cells_and_tabulates_the_csv(protocol, tmp_path, cap
     protocol.main(args)
     first = capsys.readouterr().out
     summaries = sorted(tmp_path.glob("*/summary.json"))
-    # 2 settings × (ce, gdw) × 2 seeds, plus cb in the long-tail setting
-    assert len(summaries) == 10 and first.count("] ") == 10
+    # 2 settings × (ce, gdw-paper, gdw) × 2 seeds, plus cb in the long-tail setting
+    assert len(summaries) == 14 and first.count("] ") == 14
+    assert (tmp_path / "uniform0.4_none_gdw-paper_s0").is_dir() and (tmp_path / "uniform0.4_none_gdw_s0").is_dir()
+    for cell, method_args in (("uniform0.4_none_gdw-paper_s1", {"stage_one": "mwnet"}),
+                              ("uniform0.4_none_gdw_s1", {"stage_one": "l2rw", "finetune_fraction": 0.2})):
+        config = json.loads((tmp_path / cell / "config.json").read_text())
+        assert config["method"] == "gdw" and config["method_args"] == method_args
     stamps = {p: p.stat().st_mtime_ns for p in summaries}
 
     protocol.main(args)
@@ -36,10 +42,11 @@ def test_grid_skips_finished_cells_and_tabulates_the_csv(protocol, tmp_path, cap
 
     with open(tmp_path / "results.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 10
+    assert len(rows) == 14
+    assert [r["method"] for r in rows if r["noise"] == "uniform:0.4" and r["seed"] == "0"] == ["ce", "gdw-paper", "gdw"]
     text = (tmp_path / "results.md").read_text()
     final_table, best_table = text.split("The best epoch")
-    for method in ("ce", "gdw"):
+    for method in ("ce", "gdw-paper", "gdw"):
         for table, column in ((final_table, "final_test_accuracy"), (best_table, "best_test_accuracy")):
             values = [float(r[column]) for r in rows if r["method"] == method and r["noise"] == "uniform:0.4"]
             mean = 100 * sum(values) / len(values)
@@ -49,7 +56,7 @@ def test_grid_skips_finished_cells_and_tabulates_the_csv(protocol, tmp_path, cap
     assert "none + longtail:2:" in text  # class sizes of the imbalanced setting
     # many-shot / few-shot accuracy of the imbalanced setting, also from the CSV
     split_table = text.split("Under imbalance")[1].split("The best epoch")[0]
-    for method in ("ce", "gdw", "cb"):
+    for method in ("ce", "gdw-paper", "gdw", "cb"):
         rs = [r for r in rows if r["method"] == method and r["imbalance"] == "longtail:2"]
         many = 100 * sum(float(r["many_shot_accuracy"]) for r in rs) / len(rs)
         few = 100 * sum(float(r["few_shot_accuracy"]) for r in rs) / len(rs)
@@ -57,6 +64,7 @@ def test_grid_skips_finished_cells_and_tabulates_the_csv(protocol, tmp_path, cap
         assert line.split("|")[2].strip() == f"{many:.1f} / {few:.1f}"
     assert all(r["many_shot_accuracy"] == "" for r in rows if r["imbalance"] == "none")
     assert (tmp_path / "accuracy.png").stat().st_size > 0
+    assert "ran as `gdw`" not in text  # no relabelled cells here
 
 
 def test_processes_share_the_grid_through_lock_files(protocol, tmp_path, monkeypatch, capsys):
@@ -68,7 +76,7 @@ def test_processes_share_the_grid_through_lock_files(protocol, tmp_path, monkeyp
     import sys
 
     monkeypatch.setattr(protocol, "SETTINGS", [("uniform:0.4", "none")])
-    monkeypatch.setattr(protocol, "METHODS", ["ce"])
+    monkeypatch.setattr(protocol, "METHODS", {"ce": ("ce", {}, False)})
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
@@ -92,6 +100,58 @@ def test_processes_share_the_grid_through_lock_files(protocol, tmp_path, monkeyp
                    "--out", str(tmp_path)])
     assert (tmp_path / "uniform0.4_none_ce_s0" / "summary.json").exists()
     assert not any(locks.iterdir())
+
+
+def test_the_grid_of_the_paper_protocol():
+    """Every method in every setting, the long-tail baselines only with
+    imbalance, gdw-fd only in flip:0.4: 106 cells for two seeds."""
+    spec = importlib.util.spec_from_file_location("paper_protocol_cells", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cells = list(module.cells([0, 1]))
+    assert len(cells) == 106 and len(set(cells)) == 106
+    per_setting = {}
+    for noise, imbalance, label, seed in cells:
+        per_setting.setdefault((noise, imbalance), []).append(label)
+    common = ["ce", "finetune", "l2rw", "mwnet", "dm", "gdw-paper", "gdw-paper-head", "gdw"]
+    for (noise, imbalance), labels in per_setting.items():
+        extra = (["gdw-fd"] if (noise, imbalance) == ("flip:0.4", "none") else []) + (
+            ["cb", "la"] if imbalance != "none" else [])
+        assert labels == [m for m in common + extra for _ in (0, 1)]
+    assert module.METHODS["gdw-paper"] == ("gdw", {"stage_one": "mwnet"}, False)
+    assert module.METHODS["gdw-paper-head"] == ("gdw", {"stage_one": "mwnet"}, True)
+    assert module.METHODS["gdw"] == ("gdw", {"stage_one": "l2rw", "finetune_fraction": 0.2}, False)
+    assert module.METHODS["gdw-fd"] == ("gdw", {"stage_one": "l2rw", "finetune_fraction": 0.2, "meta_grad": "fd"},
+                                        False)
+    # a run is labelled by its method, arguments and head_only; one that is in no entry keeps its arguments
+    label = module.method_label
+    assert label({"method": "gdw", "method_args": {"stage_one": "mwnet"}, "head_only": True}, None) == "gdw-paper-head"
+    assert label({"method": "gdw", "method_args": {}, "head_only": False}, None) == "gdw"
+    assert label({"method": "gdw", "method_args": {"stage_one": "l2rw"}}, None) == "gdw(stage_one=l2rw)"
+
+
+def test_committed_cells_carry_their_labels():
+    """Every committed Fashion-MNIST cell is a cell of the grid, named after
+    the label its method, arguments and head_only have in ``METHODS``."""
+    spec = importlib.util.spec_from_file_location("paper_protocol_labels", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    from gdw.compare import cell_name
+
+    out = SCRIPT.parent / "results" / "fashion_mnist"
+    expected = {cell_name(*c) for c in module.cells([0, 1])}
+    found = {}
+    for path in sorted(out.glob("*/summary.json")):
+        summary = json.loads(path.read_text())
+        label = module.method_label(summary, path.parent)
+        assert path.parent.name == cell_name(summary["noise"], summary["imbalance"], label, summary["seed"])
+        found[path.parent.name] = label
+    assert set(found) == expected
+    # the paper-mode cells made before the stage_one option: relabelled, and said so in results.md
+    old = module.relabelled_cells(out)
+    assert len(old) == 24 and {found[name] for name in old} == {"gdw-paper", "gdw-paper-head"}
+    assert "ran as `gdw` and `gdw-head`" in (out / "results.md").read_text()
+    assert (out / module.WEIGHTS_RUN / "class_weights.npy").exists()
 
 
 def test_many_and_few_shot_accuracy_by_hand(protocol, tmp_path):
@@ -122,4 +182,4 @@ def test_readme_shows_the_committed_results_table():
     readme = (root / "README.md").read_text()
     section = readme[readme.index("## Results on Fashion-MNIST"):]
     assert first_table(section) == first_table(results)
-    assert "88 of 88 runs finished" in results
+    assert "106 of 106 runs finished" in results
