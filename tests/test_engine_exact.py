@@ -325,3 +325,98 @@ def test_gdw_options_match_reference(setting, kind, mode, head_only):
         assert rows.max() < 1e-12
     else:
         assert rows.max() > 1e-2
+
+
+# Without a virtual step (L2RW, GDW's default stage one) the meta-gradient at θ
+# is computed before the real forward, so that the meta batch's graph is gone
+# before the training batch's is built. The other order is what the engine does
+# when no precomputed u is handed over; both must give the same step.
+ORDER_CASES = [("gdw", {}), ("l2rw", {}), ("gdw", {"meta_grad": "fd"}), ("l2rw", {"meta_grad": "fd_central"}),
+               ("gdw", {"eta": 3.0, "meta_grad": "fd"})]
+
+
+def steps_in_order(name, kw, kind, meta_first, monkeypatch, steps=3):
+    """``steps`` SGD steps from a fixed state; returns what must not depend on the order."""
+    model = make_model(kind, dropout=0.3) if kind == "mlp" else make_model(kind)
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
+    method = gdw.make(name, model, C, optimizer=opt, **kw)
+    if not meta_first:  # the old order: u after the real forward, by the engine itself
+        monkeypatch.setattr(method, "meta_before_forward", lambda x, xm, ym: None)
+    sizes = []
+    model.register_forward_pre_hook(lambda m, inp: sizes.append(inp[0].shape[0]))
+    torch.manual_seed(7)
+    out = []
+    for step in range(steps):
+        x, y = make_batch(kind, B, 10 + step)
+        xm, ym = make_batch(kind, BM, 20 + step)
+        opt.zero_grad()
+        stats = method.backward(x, y, xm, ym)
+        out.append((stats.weights, stats.meta_loss, stats.logits, [p.grad.clone() for p in model.parameters()]))
+        opt.step()
+    state = ([p.detach().clone() for p in model.parameters()], [b.clone() for b in model.buffers()])
+    return out, state, torch.get_rng_state(), sizes
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])  # the MLP has dropout, the CNN BatchNorm
+@pytest.mark.parametrize("name,kw", ORDER_CASES, ids=[f"{n}-{'-'.join(map(str, k.values())) or 'default'}"
+                                                      for n, k in ORDER_CASES])
+def test_meta_gradient_first_equals_the_other_order(name, kw, kind, monkeypatch):
+    new, new_state, new_rng, new_sizes = steps_in_order(name, kw, kind, True, monkeypatch)
+    with monkeypatch.context() as m:
+        old, old_state, old_rng, old_sizes = steps_in_order(name, kw, kind, False, m)
+    # the meta batch (BM examples) goes first only in the new order
+    extra = 2 if kw.get("meta_grad") == "fd_central" else 1
+    assert new_sizes[: 2 + extra] == [BM, B] + [B] * extra
+    assert old_sizes[: 2 + extra] == [B, BM] + [B] * extra
+    for (wa, la, za, ga), (wb, lb, zb, gb) in zip(new, old):
+        torch.testing.assert_close(wa, wb, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(la, lb, rtol=0, atol=0)
+        torch.testing.assert_close(za, zb, rtol=0, atol=0)
+        for a, b in zip(ga, gb):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    for a, b in zip(new_state[0] + new_state[1], old_state[0] + old_state[1]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    assert torch.equal(new_rng, old_rng)
+
+
+@pytest.mark.parametrize("name", ["gdw", "l2rw"])
+def test_no_virtual_step_keeps_the_plain_forward_and_random_stream(name):
+    """The real forward sees the random state the step started with (the
+    dropout masks of a plain step), and the meta pass does not advance the
+    global stream: after ``backward`` it is where one plain forward leaves it."""
+    model = make_model("mlp", dropout=0.3)
+    plain = copy.deepcopy(model)
+    x, y = make_batch("mlp", B, 1)
+    xm, ym = make_batch("mlp", BM, 2)
+    torch.manual_seed(3)
+    expected = plain(x)
+    after_plain = torch.get_rng_state()
+    method = gdw.make(name, model, C)
+    torch.manual_seed(3)
+    stats = method.backward(x, y, xm, ym, inner_lr=LR)
+    assert torch.equal(stats.logits, expected.detach())
+    assert torch.equal(torch.get_rng_state(), after_plain)
+
+
+def test_meta_gradient_leaves_buffers_and_parameters():
+    """The meta pass at θ runs on copies of the buffers: BatchNorm running
+    statistics, parameters and .grad are untouched, and u is ∇_θ L_meta(θ)."""
+    from gdw.engine import RngState, meta_gradient
+
+    model = make_model("cnn")
+    with torch.no_grad():  # running statistics that a forward would visibly change
+        model.bn.running_mean.fill_(0.5)
+        model.bn.running_var.fill_(2.0)
+    xm, ym = make_batch("cnn", BM, 2)
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    meta = meta_gradient(model, xm, ym, RngState(xm.device))
+    for n, b in model.named_buffers():
+        assert torch.equal(b, buffers[n]), n
+    for n, p in model.named_parameters():
+        assert torch.equal(p, params[n]) and p.grad is None, n
+    expected = torch.autograd.grad(meta_loss_at(model, dict(model.named_parameters()), xm, ym),
+                                   list(model.parameters()))
+    for (n, _), g in zip(model.named_parameters(), expected):
+        torch.testing.assert_close(meta.u[n], g, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(meta.loss, meta_loss_at(model, dict(model.named_parameters()), xm, ym).detach())

@@ -47,7 +47,7 @@ def test_fit_calls_every_hook_in_order_and_sets_the_schedule(digits):
     model = small_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     rec = Recorder()
-    history = gdw.fit(model, gdw.make("gdw", model, 10), digits, opt, epochs=3, lr=0.2, batch_size=200,
+    history = gdw.fit(model, gdw.make("gdw", model, 10, finetune_fraction=0), digits, opt, epochs=3, lr=0.2, batch_size=200,
                       callbacks=[rec], comm=Comm.single())
     kinds = [c[0] for c in rec.calls]
     steps = -(-len(digits.train) // 200)
@@ -141,7 +141,22 @@ def test_the_readme_own_loop_runs_and_sees_every_batch():
     scope = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "epochs": 2,
              "train_loader": train_loader, "meta_loader": meta_loader, "print": lambda *a: None}
     exec(code, scope)
-    assert len(seen) == 2 * 120  # every training example in both epochs, not 2 batches per epoch
+    # every training example in the first epoch, not 2 batches (the meta loader's length); the second
+    # epoch is GDW's fine-tuning epoch: one pass over the meta loader, no training batch
+    assert len(seen) == 120
     # GDW's default ends with fine-tuning on the meta set: the last epoch's Stats describe meta batches
     assert scope["w"].finetuning and scope["stats"].trained_on == "meta" and scope["stats"].weights.shape == (10,)
     assert not torch.equal(before[0], model[0].weight)
+
+
+def test_a_fine_tuning_epoch_is_one_pass_over_the_meta_set(digits):
+    """fit(): in finetune_fraction's epochs the steps are the meta set's
+    batches, once each, not as many steps as the training set has."""
+    model = small_model()
+    rec = Recorder()
+    method = gdw.make("ce", model, 10, finetune_fraction=0.5)
+    gdw.fit(model, method, digits, torch.optim.SGD(model.parameters(), lr=0.1), epochs=2, lr=0.1, batch_size=100,
+            meta_batch_size=30, callbacks=[rec])
+    sizes = {e: [c[2] for c in rec.calls if c[0] == "step" and c[1] == e] for e in (0, 1)}
+    assert sum(sizes[0]) == len(digits.train)  # a training epoch
+    assert sum(sizes[1]) == len(digits.meta) and max(sizes[1]) == 30  # one pass over the meta set

@@ -405,8 +405,18 @@ def test_every_bool_parameter_is_checked(name, param):
             gdw.make(name, make_model("mlp"), C, **kw, **{param: bad})
     for good, expected in (("yes", True), ("No", False), (1, True), (0, False), (True, True)):
         method = gdw.make(name, make_model("mlp"), C, **kw, **{param: good})
-        attr = {"low_memory": "recompute"}.get(param, param)
-        assert getattr(method, attr) is expected, (param, good)
+        assert getattr(method, param) is expected, (param, good)
+
+
+@pytest.mark.parametrize("name,kw,recompute", [
+    ("mwnet", {}, True), ("gdw", {"stage_one": "mwnet"}, True), ("gdw", {"stage_one": "mwnet", "meta_grad": "double"}, False),
+    ("gdw", {"stage_one": "mwnet", "head_only": True}, False), ("gdw", {}, False), ("l2rw", {}, False),
+])
+def test_low_memory_recomputes_only_with_a_virtual_step(name, kw, recompute):
+    """Without a virtual step the meta-gradient is computed before the real
+    forward, so the two graphs never coexist and low_memory has nothing to save."""
+    method = gdw.make(name, make_model("mlp"), C, low_memory=True, **kw)
+    assert method.low_memory is True and method.recompute is recompute
 
 
 def test_gdw_defaults_and_the_paper_one_setting_away():

@@ -13,11 +13,11 @@ used the same way in any PyTorch training loop::
 
 from .errors import UserError
 from .detect import read_label_issues
-from .fit import cycle, fit
+from .fit import batches, cycle, fit
 from .methods import CE, GDW, L2RW, METHODS, Method, MetaMethod, MWNet, Stats, WeightNet, make
 
 __version__ = "0.1.0"
 
 __all__ = ["CE", "GDW", "L2RW", "MWNet", "METHODS", "Method", "MetaMethod", "Stats", "UserError", "WeightNet", "cycle",
-           "read_label_issues",
+           "batches", "read_label_issues",
            "fit", "make", "__version__"]

@@ -29,6 +29,32 @@ the parameters and the logits (3.5e-5 in float32, 1.5e-9 in float64); see
 classifier head ``z = W h + b``, where everything is closed-form (for every
 mode).
 
+Order of the passes. With a virtual step (``A`` given) u depends on the
+training batch through θ', so the real forward comes first and its graph
+serves the virtual step's backward J_zᵀA (and, unless ``recompute``, the real
+backward): the training batch's graph is alive while the meta batch's is, about
+twice a plain step's memory. Without a virtual step (``A=None``: L2RW, GDW with
+``stage_one="l2rw"``) u = ∇_θ L_meta(θ) does not depend on the training batch,
+and the methods compute it *before* the real forward
+(:func:`meta_gradient`: the meta forward and backward at θ through the
+stateless forward, its graph freed on return) and hand it over in
+``TrainForward.meta``. Then come the real forward, J_z(θ)u (the JVP, or the
+finite difference that reuses the real forward's logits) and the real backward,
+so the two graphs are never alive together and a step's peak memory is about
+one plain step's. Called on a ``TrainForward`` without ``meta``,
+:func:`meta_logit_grad` computes u itself after the real forward (the other
+order); both orders give the same numbers: the meta pass runs on copies of the
+buffers (whose values before or after the real forward do not change
+BatchNorm's output: training mode normalises with the batch's own statistics,
+evaluation mode does not update the running ones), and its random numbers
+(dropout) come from a generator seeded from the random state at the start of
+the step (:meth:`RngState.meta_stream`), whichever pass runs first. The global
+random stream then advances by the real forward alone, as in a plain step; the
+JVP and the shifted forwards replay the real forward's state (same masks).
+``meta_grad="double"`` and ``head=`` keep the order real forward first (the
+reference differentiates through the training graph; the head-only meta pass
+runs without a graph).
+
 Nothing here changes the model: parameters are read, never written, and every
 extra forward runs on a copy of the buffers, so BatchNorm running statistics
 are left as the user's own forward left them. The model is called through
@@ -41,6 +67,7 @@ tuple/list, or an ``output=`` callable): every forward here takes them with
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional
 
@@ -75,6 +102,7 @@ class TrainForward:
     backward_logits: Optional[torch.Tensor] = None  # what the real backward goes through
     recompute: bool = False  # free the graph after the virtual step; re-run the forward for the real backward
     comm: Comm = field(default_factory=Comm)
+    meta: Optional["MetaGradient"] = None  # u at θ, computed before the real forward (no virtual step)
     B: int = 0  # the batch size summed over ranks (set by Method.backward; a 0-d tensor when split over ranks)
     output: Optional[Callable[[Any], torch.Tensor]] = None  # picks the logits from the model's output (logits_of)
 
@@ -95,6 +123,43 @@ class RngState:
             if self.cuda is not None:
                 torch.cuda.set_rng_state(self.cuda, self.device)
             yield
+
+    def derived_seed(self) -> int:
+        """A seed computed from this state (a hash of it, in [0, 2⁶³)): the
+        same state gives the same seed, without drawing from the stream."""
+        digest = hashlib.blake2b(self.cpu.numpy().tobytes(), digest_size=8)
+        if self.cuda is not None:
+            digest.update(self.cuda.numpy().tobytes())
+        return int.from_bytes(digest.digest(), "little") >> 1
+
+    @contextlib.contextmanager
+    def meta_stream(self):
+        """The random state of the meta pass at θ (no virtual step): a
+        generator seeded with :meth:`derived_seed`, inside a fork, so that the
+        meta batch's dropout masks are the same whether the meta pass runs
+        before or after the real forward, and the global stream is left as it
+        was."""
+        devices = [self.device] if self.cuda is not None else []
+        with torch.random.fork_rng(devices=devices):
+            seed = self.derived_seed()
+            torch.default_generator.manual_seed(seed)
+            if self.cuda is not None:
+                with torch.cuda.device(self.device):
+                    torch.cuda.manual_seed(seed)
+            yield
+
+
+@dataclass
+class MetaGradient:
+    """u = ∇_θ L_meta(θ) at the current parameters (no virtual step).
+
+    ``loss`` is this rank's share of the mean meta cross-entropy (detached),
+    ``u`` the gradient by trainable-parameter name (``None`` for a parameter
+    that does not reach the logits), already summed over the ranks.
+    """
+
+    loss: torch.Tensor
+    u: dict[str, Optional[torch.Tensor]]
 
 
 class HeadCapture:
@@ -200,6 +265,37 @@ def stateless_forward(model: nn.Module, params: dict, x: torch.Tensor,
     return logits_of(functional_call(model, {**buffers, **params}, (x,)), output)
 
 
+def check_logits_shape(z: torch.Tensor, n: int, num_classes: int) -> None:
+    """Raise a UserError unless ``z`` has shape (n, num_classes)."""
+    if z.ndim != 2 or z.shape != (n, num_classes):
+        raise UserError(
+            f"the model must return logits of shape (B, {num_classes}) = ({n}, {num_classes}), got {tuple(z.shape)}"
+        )
+
+
+def meta_gradient(model: nn.Module, x_meta: torch.Tensor, y_meta: torch.Tensor, rng: RngState, *,
+                  comm: Optional[Comm] = None, output: Optional[Callable[[Any], torch.Tensor]] = None,
+                  num_classes: Optional[int] = None) -> MetaGradient:
+    """u = ∇_θ L_meta(θ): the meta forward and backward at the current
+    parameters, through the stateless forward (copied buffers), with the
+    random numbers of :meth:`RngState.meta_stream` of ``rng`` (the state at
+    the start of the step). Its graph is freed before this returns, so
+    calling it before the real forward keeps the two graphs apart.
+    ``num_classes``: check the meta logits' shape."""
+    comm = comm if comm is not None else Comm()
+    params = trainable(model)
+    leaves = {n: p.detach().requires_grad_() for n, p in params.items()}
+    with torch.enable_grad():
+        with rng.meta_stream():
+            meta_logits = stateless_forward(model, leaves, x_meta, output)
+        if num_classes is not None:
+            check_logits_shape(meta_logits, x_meta.shape[0], num_classes)
+        meta_loss = _meta_ce(meta_logits, y_meta, comm)
+        u = torch.autograd.grad(meta_loss, list(leaves.values()), allow_unused=True)
+    comm.sum_(u)
+    return MetaGradient(meta_loss.detach(), dict(zip(leaves, u)))
+
+
 def meta_logit_grad(
     fwd: TrainForward,
     A: Optional[torch.Tensor],
@@ -215,6 +311,9 @@ def meta_logit_grad(
 
     Args:
         fwd: the real forward of the training batch (its logits keep their graph).
+            With ``A=None``, ``fwd.meta`` (if set) is u at θ, computed before
+            that forward by :func:`meta_gradient`, and the meta batch is not
+            read again (except by ``"double"`` and ``head``).
         A: B×C per-logit gradient of the virtual step (already divided by B), or
             ``None`` for no step at all (θ' = θ, as in L2RW).
         x_meta, y_meta: a clean meta batch.
@@ -244,23 +343,26 @@ def meta_logit_grad(
 
 
 def _first_order(fwd, A, x_meta, y_meta, lr, mode="jvp", fd_scale=None):
-    """``jvp`` and the finite-difference modes: u by one backward at θ', then
+    """``jvp`` and the finite-difference modes: u by one backward at θ' (at θ
+    without a virtual step, usually done before the real forward), then
     J_z(θ) u by forward-mode AD or by a finite difference."""
     params = trainable(fwd.model)
     names, ps = list(params), list(params.values())
-    if A is None:
-        virtual = [p.detach() for p in ps]
+    if A is None:  # θ' = θ: u does not depend on the training batch, usually computed before its forward
+        meta = fwd.meta
+        if meta is None:
+            meta = meta_gradient(fwd.model, x_meta, y_meta, fwd.rng, comm=fwd.comm, output=fwd.output)
+        meta_loss, u = meta.loss, [meta.u[n] for n in names]
     else:
         grads = torch.autograd.grad(
             fwd.logits, ps, A.to(fwd.logits.dtype), retain_graph=not fwd.recompute, allow_unused=True
         )
         fwd.comm.sum_(grads)
-        virtual = [p.detach() if g is None else p.detach() - lr * g for p, g in zip(ps, grads)]
-    virtual = [v.requires_grad_() for v in virtual]
-    meta_logits = stateless_forward(fwd.model, dict(zip(names, virtual)), x_meta, fwd.output)
-    meta_loss = _meta_ce(meta_logits, y_meta, fwd.comm)
-    u = torch.autograd.grad(meta_loss, virtual, allow_unused=True)
-    fwd.comm.sum_(u)
+        virtual = [(p.detach() if g is None else p.detach() - lr * g).requires_grad_() for p, g in zip(ps, grads)]
+        meta_logits = stateless_forward(fwd.model, dict(zip(names, virtual)), x_meta, fwd.output)
+        meta_loss = _meta_ce(meta_logits, y_meta, fwd.comm)
+        u = torch.autograd.grad(meta_loss, virtual, allow_unused=True)
+        fwd.comm.sum_(u)
     if mode != "jvp":
         tangent = _fd_tangent(fwd, names, ps, u, mode == "fd_central", fd_scale)
     else:
@@ -342,6 +444,14 @@ def _meta_ce(meta_logits, y_meta, comm: Comm):
     return F.cross_entropy(full(meta_logits), y_meta, reduction="sum") / total
 
 
+def _meta_random_state(fwd, A):
+    """Where the meta forward draws its random numbers: without a virtual step
+    (``A=None``) from :meth:`RngState.meta_stream`, as :func:`meta_gradient`
+    does (the same masks in either order of the passes); with one, from the
+    global stream after the real forward."""
+    return fwd.rng.meta_stream() if A is None and fwd.rng is not None else contextlib.nullcontext()
+
+
 def _double(fwd, A, x_meta, y_meta, lr):
     params = trainable(fwd.model)
     names, ps = list(params), list(params.values())
@@ -350,7 +460,8 @@ def _double(fwd, A, x_meta, y_meta, lr):
         fwd.logits, ps, A_var.to(fwd.logits.dtype), create_graph=True, retain_graph=True, allow_unused=True
     )
     virtual = {n: p.detach() if g is None else p.detach() - lr * fwd.comm.sum_autograd(g) for n, p, g in zip(names, ps, grads)}
-    meta_logits = stateless_forward(fwd.model, virtual, x_meta, fwd.output)
+    with _meta_random_state(fwd, A):
+        meta_logits = stateless_forward(fwd.model, virtual, x_meta, fwd.output)
     meta_loss = _meta_ce(meta_logits, y_meta, fwd.comm)
     (dA,) = torch.autograd.grad(meta_loss, A_var, retain_graph=True)
     return fwd.comm.sum(meta_loss.detach()), dA
@@ -360,7 +471,7 @@ def _head_only(fwd, A, x_meta, y_meta, lr, mode, head: HeadCapture):
     comm = fwd.comm
     h = full(fwd.head_input)
     W, b = head.module.weight, head.module.bias
-    with torch.no_grad():  # meta features at θ; the backbone does not move
+    with torch.no_grad(), _meta_random_state(fwd, A):  # meta features at θ; the backbone does not move
         stateless_forward(fwd.model, trainable(fwd.model), x_meta, fwd.output)
     hm = full(head.input.detach())
     Bm = comm.count(hm.shape[0], hm.device)

@@ -70,6 +70,24 @@ def cycle(batches_of_pass) -> Iterator:
         k += 1
 
 
+def batches(method, train_loader, meta_loader) -> Iterator:
+    """One epoch of ``(x, y, x_meta, y_meta)`` for a user's own loop.
+
+    Normally every training batch with the next meta batch (the meta loader
+    restarted whenever it runs out, :func:`cycle`); in a method's
+    fine-tuning epochs (``method.finetuning``, see ``finetune_fraction``)
+    one pass over the meta loader, each batch given as both, since an epoch
+    of fine-tuning is a pass over the data it trains on. Call
+    ``method.on_epoch_start(epoch, epochs)`` first.
+    """
+    if getattr(method, "finetuning", False):
+        for xm, ym, *_ in meta_loader:
+            yield xm, ym, xm, ym
+    else:
+        for (x, y, *_), (xm, ym, *_) in zip(train_loader, cycle(meta_loader)):
+            yield x, y, xm, ym
+
+
 @dataclass
 class FitState:
     """What callbacks see. ``row`` is the current epoch's ``metrics.jsonl``
@@ -178,21 +196,26 @@ def fit(
         method.on_epoch_start(epoch, epochs)
         _call(callbacks, "on_epoch_start", state)
         meta = None
-        if data.meta is not None:
-            meta = cycle(lambda k: data.meta.batches(min(meta_batch_size, len(data.meta)), shuffle=True,
-                                                     seed=seed_of(seed, epoch, 1 + k), device=device, shard=shard))
-        batches = data.train.batches(batch_size, shuffle=True, seed=seed_of(seed, epoch, 0), device=device, shard=shard)
+        finetuning = bool(getattr(method, "finetuning", False))
+        if finetuning:  # an epoch of fine-tuning is one pass over the meta set, whose batches are trained on
+            source, size = data.meta, min(meta_batch_size, len(data.meta))
+        else:
+            source, size = data.train, batch_size
+            if data.meta is not None:
+                meta = cycle(lambda k: data.meta.batches(min(meta_batch_size, len(data.meta)), shuffle=True,
+                                                         seed=seed_of(seed, epoch, 1 + k), device=device, shard=shard))
+        batches = source.batches(size, shuffle=True, seed=seed_of(seed, epoch, 0), device=device, shard=shard)
         if progress and state.is_main:
             from tqdm import tqdm
 
-            batches = tqdm(batches, total=math.ceil(len(data.train) / batch_size), desc=f"epoch {epoch + 1}/{epochs}",
+            batches = tqdm(batches, total=math.ceil(len(source) / size), desc=f"epoch {epoch + 1}/{epochs}",
                            leave=False, dynamic_ncols=True)
         loss_sum = torch.zeros((), device=device)
         meta_sum = torch.zeros((), device=device)
         meta_steps = 0
         t0 = time.perf_counter()
         for step, (x, y, pos) in enumerate(batches, 1):
-            xm, ym = next(meta)[:2] if meta is not None else (None, None)
+            xm, ym = next(meta)[:2] if meta is not None else (x, y) if finetuning else (None, None)
             optimizer.zero_grad(set_to_none=True)
             with autocast:
                 stats = method.backward(x, y, xm, ym, inner_lr=lr_now)
@@ -207,7 +230,7 @@ def fit(
         comm.sum_([loss_sum])
         _check_finite(loss_sum, epoch)
         seconds = time.perf_counter() - t0
-        state.row.update(lr=lr_now, train_loss=float(loss_sum) / len(data.train),
+        state.row.update(lr=lr_now, train_loss=float(loss_sum) / len(source),
                          meta_loss=float(meta_sum) / meta_steps if meta_steps else None, seconds=seconds)
         state.history.append(state.row)
         _call(callbacks, "on_epoch_end", state)

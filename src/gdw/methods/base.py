@@ -9,7 +9,10 @@ A method is a drop-in replacement for ``loss.backward()``::
 
 ``backward`` runs the model once on the training batch (the only forward that
 touches BatchNorm running statistics), lets the method choose the B×C logit
-gradient ``G``, and back-propagates it: the model's ``.grad`` receive
+gradient ``G``, and back-propagates it (a meta method without a virtual step
+first computes its meta-gradient at θ, which does not depend on the training
+batch, so that the meta batch's graph is gone before the training batch's is
+built; see :mod:`gdw.engine`): the model's ``.grad`` receive
 ``J_z(θ)ᵀ G``, accumulated as autograd does. The optimizer, scheduler,
 gradient clipping and mixed precision stay the user's.
 
@@ -35,7 +38,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..distributed import Comm
-from ..engine import HeadCapture, RngState, TrainForward, full, logits_of, meta_logit_grad
+from ..engine import (HeadCapture, MetaGradient, RngState, TrainForward, check_logits_shape, full, logits_of,
+                      meta_gradient, meta_logit_grad)
 from ..errors import UserError
 from ..registry import Registry
 
@@ -216,7 +220,8 @@ class Method:
             default: the default process group when one is initialised
             (torchrun), else one process.
         finetune_fraction: in [0, 1): for the last ⌈fraction · epochs⌉ epochs
-            (at least one when > 0; set by ``on_epoch_start``) every
+            (at least one when > 0, but never the first epoch; set by
+            ``on_epoch_start``) every
             ``backward`` trains with plain cross-entropy on the META batch
             instead (the method then needs meta batches). Default 0: the
             method as published. Any method can take it: a clean set is
@@ -270,7 +275,8 @@ class Method:
         epoch, epochs = check_int("epoch", epoch, minimum=0), check_int("epochs", epochs)
         if self.finetune_fraction > 0:
             # the 1e-9 keeps e.g. 0.1 · 30 = 3.0000000000000004 at 3 epochs
-            last = max(1, math.ceil(self.finetune_fraction * epochs - 1e-9))
+            # at least one epoch, but never all of them: the first epoch always trains on the training set
+            last = min(max(1, math.ceil(self.finetune_fraction * epochs - 1e-9)), epochs - 1)
             self.finetuning = epoch >= epochs - last
         else:
             self.finetuning = False
@@ -308,6 +314,11 @@ class Method:
     def forward_needs_graph(self) -> bool:
         """Whether the real forward must record an autograd graph."""
         return True
+
+    def meta_before_forward(self, x, x_meta, y_meta) -> Optional[MetaGradient]:
+        """What the method computes from the meta batch before the real
+        forward of ``x`` (``None``: nothing; see :class:`MetaMethod`)."""
+        return None
 
     def backward(
         self,
@@ -350,14 +361,12 @@ class Method:
         if self.finetuning:
             return self._finetune_step(x_meta, y_meta)
         lr = self.inner_lr(inner_lr) if self.needs_inner_lr else None
+        meta = self.meta_before_forward(x, x_meta, y_meta)
         fwd = self.forward(x)
+        fwd.meta = meta
         z = fwd.logits
         fwd.backward_logits = z
-        if z.ndim != 2 or z.shape != (x.shape[0], self.num_classes):
-            raise UserError(
-                f"the model must return logits of shape (B, {self.num_classes}) = ({x.shape[0]}, {self.num_classes}), "
-                f"got {tuple(z.shape)}"
-            )
+        check_logits_shape(z, x.shape[0], self.num_classes)
         fwd.B = fwd.comm.count(y.shape[0], z.device)
         out = self.logit_grad(fwd, y, x_meta, y_meta, lr)
         self._backprop(fwd, out["G"].to(z.dtype))
@@ -444,10 +453,14 @@ class MetaMethod(Method):
             ``meta_grad``, the finite-difference modes use the same closed
             form as ``"jvp"``).
         head: the head ``nn.Linear``; found automatically when omitted.
-        low_memory: (not ``double``, not head-only) do not keep the
-            training batch's graph through the meta step; recompute the
-            forward for the real backward instead. Peak memory of about one graph instead of two,
-            for one more forward pass.
+        low_memory: (with a virtual step; not ``double``, not head-only) do
+            not keep the training batch's graph through the meta step;
+            recompute the forward for the real backward instead. Peak memory
+            of about one graph instead of two, for one more forward pass.
+            Without a virtual step (L2RW, GDW's default ``stage_one="l2rw"``)
+            it has no effect: u = ∇_θ L_meta(θ) is computed before the real
+            forward (see :meth:`meta_before_forward`), so the two graphs are
+            never alive together anyway.
     """
 
     needs_meta = True
@@ -468,11 +481,27 @@ class MetaMethod(Method):
             raise UserError(f"fd_scale must be below 1, got {fd_scale!r}")
         self.head_only = head_only or head is not None
         self.head = HeadCapture(model, self.num_classes, head) if self.head_only else None
-        self.recompute = bool(low_memory) and meta_grad != "double" and self.head is None
+        self.low_memory = low_memory
 
-    def forward_needs_graph(self) -> bool:
-        # recomputing: the first graph only serves the virtual step's backward
-        return not self.recompute or self.virtual_step
+    @property
+    def recompute(self) -> bool:
+        """Free the training graph after the virtual step and re-run the
+        forward for the real backward (``low_memory``, with a virtual step)."""
+        return self.low_memory and self.virtual_step and self.meta_grad != "double" and self.head is None
+
+    def meta_before_forward(self, x, x_meta, y_meta) -> Optional[MetaGradient]:
+        """Without a virtual step, u = ∇_θ L_meta(θ) does not depend on the
+        training batch: the meta forward and backward at θ run here, before
+        the real forward, and their graph is freed before the training
+        batch's is built (``"double"`` differentiates through the training
+        graph and head-only needs no meta graph: both compute it later). The
+        random state is read before the real forward reads it, and the meta
+        pass leaves it as it was (:meth:`gdw.engine.RngState.meta_stream`)."""
+        if self.virtual_step or self.head is not None or self.meta_grad == "double":
+            return None
+        return meta_gradient(self.model, x_meta, y_meta, RngState(x.device),
+                             comm=self.comm if self.comm is not None else Comm(), output=self.output,
+                             num_classes=self.num_classes)
 
     def forward(self, x):
         fwd = super().forward(x)

@@ -2,11 +2,12 @@
 
 The baseline a meta-set method must beat to be worth its cost: it uses the
 same clean meta set, but only to continue plain cross-entropy training. For
-the last ⌈fraction · epochs⌉ epochs (at least one; set by ``on_epoch_start``)
-``backward`` forwards the META batch instead of the training batch and
-back-propagates its mean cross-entropy; before that, and before
-``on_epoch_start`` is ever called, it is exactly :class:`~gdw.methods.ce.CE`
-on the training batch.
+the last ⌈fraction · epochs⌉ epochs (at least one, never the first; set by
+``on_epoch_start``) ``backward`` forwards the META batch instead of the
+training batch and back-propagates its mean cross-entropy; before that, and
+before ``on_epoch_start`` is ever called, it is exactly
+:class:`~gdw.methods.ce.CE` on the training batch. An epoch of fine-tuning is
+one pass over the meta set (``gdw.fit`` and ``gdw.batches`` do that).
 
 In the fine-tuning phase the returned :class:`Stats` describe the batch that
 was trained on, the meta batch: ``loss`` and ``meta_loss`` are its mean
