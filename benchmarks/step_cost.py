@@ -2,27 +2,49 @@
 
 Run from the repository root::
 
-    python benchmarks/step_cost.py                      # everything (~8 min on 2 CPU cores)
-    python benchmarks/step_cost.py --model mlp --reps 3 --no-sweep --no-data-path
+    python benchmarks/step_cost.py --model resnet32 --classes 10 --no-sweep --no-data-path   # the targets' table
+    python benchmarks/step_cost.py                      # everything
+    python benchmarks/step_cost.py --model mlp --reps 3 --repeats 3 --no-sweep --no-data-path
     python benchmarks/step_cost.py --device cuda --out step_cost.md
 
 Every variant is one full step (``optimizer.zero_grad()``, the method's
 ``backward``, ``optimizer.step()`` with SGD lr 0.1, momentum 0.9, weight decay
 5e-4) on fixed random data. Each variant owns one model copy, all built from
-the same seeded initial state; variants are timed interleaved round-robin
-(sample 1 of every variant, then sample 2, ...) after warm-up, so load from
-other processes hits all of them alike. A sample is k consecutive steps, k
-chosen so that a plain step sample lasts at least ``SAMPLE_SECONDS``; the
-table shows the median seconds per step. Progress goes to stderr, the
-Markdown tables to stdout (and to ``--out``).
+the same seeded initial state. GDW's default ends training with fine-tuning on
+the meta set (``finetune_fraction=0.2``); no epoch is started here, so every
+step measured is the weighted step.
+
+Timing. One *repeat* is the whole measurement: ``--warmup`` untimed rounds,
+then ``--reps`` samples of every variant and of every pass (below), taken
+interleaved round-robin (sample 1 of everything, then sample 2, ...), so that
+load from other processes hits all of them alike; it gives one median per
+variant, and that median's ratio to the same repeat's plain step. The
+repeats (``--repeats``, at least 3) run one after the other; the tables give
+the median over the repeats and, as the spread, the min–max of the repeats'
+ratios. A sample is k consecutive steps, k chosen once so that a plain step
+sample lasts at least ``SAMPLE_SECONDS`` (k = 1 for ResNet-32 on a CPU).
+
+Floor. The passes a step is made of are timed in the same rounds on a model of
+their own: the forward with graph (F), the backward (B = (F+B) − F), the
+forward without graph (N) and the forward-mode JVP in all parameters (J), on
+the training batch and (when its size differs) on the meta batch. A variant's
+floor is the sum of its passes (e.g. GDW's default: the meta forward and
+backward at θ, the real forward, the JVP and the real backward, 2F + 2B + J),
+per repeat in units of that repeat's plain step; ``"double"`` has none.
 
 Peak memory of one step: on CUDA, ``torch.cuda.max_memory_allocated`` minus
 the memory allocated just before the step. On CPU (tracemalloc does not see
-torch's allocations) each variant runs in a fresh spawned process with glibc's
-mmap threshold fixed at 64 KiB, so freed tensors go back to the OS; after
-warm-up the process resets its peak RSS (``/proc/self/clear_refs``), runs one
-step, and reports VmHWM minus the VmRSS just before the step. Where that reset
-is not allowed, it reports the growth of ``ru_maxrss`` over a cold first step.
+torch's allocations) every variant runs in a fresh spawned process of its own
+(so nothing another variant allocated or freed can hide or add to its peak),
+with glibc's mmap threshold fixed at 64 KiB, so freed tensors go back to the
+OS; after warm-up the process resets its peak RSS (``/proc/self/clear_refs``),
+runs one step, and reports VmHWM minus the VmRSS just before the step. Where
+that reset is not allowed, it reports the growth of ``ru_maxrss`` over a cold
+first step. The ratio is to the plain step's.
+
+Targets (``TARGETS``) apply to ResNet-32, C = 10, batch 100; that table gets
+a pass/fail table of its own. Progress goes to stderr, the Markdown tables to
+stdout (and to ``--out``).
 """
 
 from __future__ import annotations
@@ -47,6 +69,7 @@ import gdw
 from gdw.data import prepare
 from gdw.data.batches import TensorStore, View
 from gdw.data.split import Split
+from gdw.methods.base import MetaMethod
 from gdw.models import create_model
 
 LR, MOMENTUM, WEIGHT_DECAY = 0.1, 0.9, 5e-4
@@ -55,24 +78,31 @@ SEED = 0
 INPUT_SHAPES = {"resnet32": (3, 32, 32), "mlp": (784,)}
 DEFAULT_CLASSES = {"resnet32": [10, 100], "mlp": [10]}
 SWEEP_CLASSES = (10, 100, 1000)
+PLAIN = "plain CE (loss.backward)"
 # (label, method name for gdw.make, or None for a bare loss.backward(), hyper-parameters)
 VARIANTS = [
-    ("plain CE (loss.backward)", None, {}),
+    (PLAIN, None, {}),
     ("gdw CE method", "ce", {}),
-    ("GDW jvp", "gdw", {"meta_grad": "jvp"}),
-    ("GDW double", "gdw", {"meta_grad": "double"}),
-    ("GDW jvp low_memory", "gdw", {"meta_grad": "jvp", "low_memory": True}),
-    ("GDW fd", "gdw", {"meta_grad": "fd"}),
-    ("GDW fd_central", "gdw", {"meta_grad": "fd_central"}),
+    ("GDW default", "gdw", {}),
+    ("GDW default fd", "gdw", {"meta_grad": "fd"}),
     ("GDW head_only", "gdw", {"head_only": True}),
-    ("MW-Net jvp", "mwnet", {"meta_grad": "jvp"}),
-    ("MW-Net double", "mwnet", {"meta_grad": "double"}),
-    ("L2RW jvp", "l2rw", {"meta_grad": "jvp"}),
-    ("L2RW jvp low_memory", "l2rw", {"meta_grad": "jvp", "low_memory": True}),
+    ("GDW paper jvp", "gdw", {"stage_one": "mwnet"}),
+    ("GDW paper fd", "gdw", {"stage_one": "mwnet", "meta_grad": "fd"}),
+    ("GDW paper jvp low_memory", "gdw", {"stage_one": "mwnet", "low_memory": True}),
+    ("GDW paper double", "gdw", {"stage_one": "mwnet", "meta_grad": "double"}),
+    ("MW-Net jvp", "mwnet", {}),
+    ("L2RW jvp", "l2rw", {}),
     ("L2RW fd", "l2rw", {"meta_grad": "fd"}),
-    ("L2RW double", "l2rw", {"meta_grad": "double"}),
     ("DM", "dm", {}),
 ]
+# (what, variant label, "time" or "memory", the largest ratio to the plain step that meets it)
+TARGETS = [
+    ("GDW default (no virtual step)", "GDW default", "time", 2.5),
+    ("GDW paper mode (stage_one=\"mwnet\"), meta_grad=\"fd\"", "GDW paper fd", "time", 3.0),
+    ("GDW head_only=True", "GDW head_only", "time", 1.45),
+    ("GDW default: peak memory of one step", "GDW default", "memory", 1.5),
+]
+TARGET_SETTING = ("resnet32", 10, 100)  # model, C, batch the targets are set for
 
 
 def sync(device: torch.device) -> None:
@@ -91,7 +121,8 @@ def make_data(shape, classes, batch, meta_batch, device):
 
 def build_step(model_name, shape, classes, variant, device):
     """A fresh model (same seeded initial state for every call), its optimizer
-    and method, and ``step(x, y, xm, ym)``: one full training step."""
+    and method, and ``step(x, y, xm, ym)``: one full training step. Returns
+    ``(step, method)`` (``method`` is None for the bare loss.backward())."""
     _, name, hparams = variant
     torch.manual_seed(SEED)
     model = create_model(model_name, shape, classes).to(device).train()
@@ -106,7 +137,7 @@ def build_step(model_name, shape, classes, variant, device):
             method.backward(x, y, xm, ym, inner_lr=LR)
         opt.step()
 
-    return step
+    return step, method
 
 
 def timed(fn, n, device) -> float:
@@ -119,14 +150,16 @@ def timed(fn, n, device) -> float:
     return (time.perf_counter() - t0) / n
 
 
-def time_interleaved(fns: dict, reps: int, warmup: int, device):
+def time_interleaved(fns: dict, reps: int, warmup: int, device, k: int | None = None):
     """Median seconds per call of every function in ``fns`` (the first is the
-    baseline), sampled round-robin. Returns ``(medians, min/max, k)``."""
+    baseline), sampled round-robin after ``warmup`` rounds; a sample is ``k``
+    calls (chosen from the baseline when None). Returns ``(medians, min/max, k)``."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
-    first = next(iter(fns.values()))
-    k = max(1, math.ceil(SAMPLE_SECONDS / min(timed(first, 1, device) for _ in range(3))))
+    if k is None:
+        first = next(iter(fns.values()))
+        k = max(1, math.ceil(SAMPLE_SECONDS / min(timed(first, 1, device) for _ in range(3))))
     samples = {key: [] for key in fns}
     for r in range(reps):
         for key, fn in fns.items():
@@ -136,6 +169,107 @@ def time_interleaved(fns: dict, reps: int, warmup: int, device):
     return medians, {key: (min(s), max(s)) for key, s in samples.items()}, k
 
 
+def repeated(fns: dict, args, device, what: str):
+    """``args.repeats`` whole interleaved measurements of ``fns`` (the first is
+    the baseline). Returns ``(per-repeat medians, k)``."""
+    per, k = [], None
+    for r in range(args.repeats):
+        log(f"  {what}: repeat {r + 1}/{args.repeats}")
+        med, _, k = time_interleaved(fns, args.reps, args.warmup, device, k)
+        per.append(med)
+    return per, k
+
+
+def summary(values):
+    """``(median, min, max)`` of a list of numbers."""
+    return statistics.median(values), min(values), max(values)
+
+
+# -- the passes a step is made of, and the floor they imply ---------------------------
+PASS_NAMES = {"F": "forward with graph", "B": "backward, (F+B) − F", "N": "forward without graph",
+              "J": "JVP (forward-mode, all parameters)"}
+
+
+def pass_functions(model_name, shape, classes, args, device) -> dict:
+    """Functions timing one pass each, on a model of their own: ``F+B``, ``F``,
+    ``N``, ``J`` on the training batch and, when the meta batch has another
+    size, ``Fm+Bm``, ``Fm``, ``Nm`` on it (the meta batch's JVP is never needed)."""
+    import torch.autograd.forward_ad as fwAD
+    from torch.func import functional_call
+
+    torch.manual_seed(SEED)
+    model = create_model(model_name, shape, classes).to(device).train()
+    x, y, xm, ym = make_data(shape, classes, args.batch, args.meta_batch, device)
+    params = {n: p for n, p in model.named_parameters()}
+    tangents = {n: torch.randn_like(p) for n, p in params.items()}
+
+    def forward_backward(a, b):
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(model(a), b).backward()
+
+    def forward(a):
+        model(a)
+
+    def forward_no_grad(a):
+        with torch.no_grad():
+            model(a)
+
+    def jvp(a):
+        buffers = {n: b.clone() for n, b in model.named_buffers()}
+        with fwAD.dual_level():
+            duals = {n: fwAD.make_dual(p.detach(), tangents[n]) for n, p in params.items()}
+            fwAD.unpack_dual(functional_call(model, {**buffers, **duals}, (a,))).tangent
+
+    fns = {"F+B": lambda: forward_backward(x, y), "F": lambda: forward(x), "N": lambda: forward_no_grad(x),
+           "J": lambda: jvp(x)}
+    if args.meta_batch != args.batch:
+        fns.update({"Fm+Bm": lambda: forward_backward(xm, ym), "Fm": lambda: forward(xm),
+                    "Nm": lambda: forward_no_grad(xm)})
+    return fns
+
+
+def passes_of(method) -> dict | None:
+    """The passes one step of ``method`` is made of, ``{pass: count}`` (meta
+    batch: ``Fm``, ``Bm``, ``Nm``), or None when it has no floor of that kind
+    (``meta_grad="double"`` differentiates through a backward)."""
+    if not isinstance(method, MetaMethod):
+        return {"F": 1, "B": 1}
+    if method.head is not None:  # closed form: the meta batch through the backbone, without a graph
+        return {"F": 1, "B": 1, "Nm": 1}
+    if method.meta_grad == "double":
+        return None
+    counts = {"F": 1, "B": 1, "Fm": 1, "Bm": 1}  # real forward and backward; meta forward and backward
+    if method.virtual_step:
+        counts["B"] += 1  # the virtual step's backward J_zᵀA through the training graph
+        counts["F"] += method.recompute  # low_memory: the forward again for the real backward
+    tangent, n = {"jvp": ("J", 1), "fd": ("N", 1), "fd_central": ("N", 2)}[method.meta_grad]
+    counts[tangent] = counts.get(tangent, 0) + n
+    return counts
+
+
+def pass_seconds(med: dict) -> dict:
+    """Seconds of every pass symbol from one repeat's medians of the pass functions."""
+    t = {"F": med["F"], "B": med["F+B"] - med["F"], "N": med["N"], "J": med["J"]}
+    if "Fm" in med:
+        t.update({"Fm": med["Fm"], "Bm": med["Fm+Bm"] - med["Fm"], "Nm": med["Nm"]})
+    else:
+        t.update({"Fm": t["F"], "Bm": t["B"], "Nm": t["N"]})
+    return t
+
+
+def formula(counts: dict, same_batch: bool) -> str:
+    """E.g. ``2F + 3B + J`` (meta passes merged with the training ones when
+    the two batches have the same size)."""
+    if same_batch:
+        merged = {}
+        for key, n in counts.items():
+            merged[key.rstrip("m")] = merged.get(key.rstrip("m"), 0) + n
+        counts = merged
+    order = ["F", "Fm", "B", "Bm", "N", "Nm", "J"]
+    return " + ".join(f"{'' if counts[k] == 1 else counts[k]}{k}" for k in order if counts.get(k))
+
+
+# -- peak memory --------------------------------------------------------------------
 def _status_kib(field: str) -> int:
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
@@ -152,32 +286,25 @@ def peak_resettable() -> bool:
         return False
 
 
-def rss_worker(model_name, shape, classes, variants, batch, meta_batch, warmup, threads):
-    """In a fresh process: {label: MiB by which one step raises the resident set}.
-
-    With a resettable peak, variants run one after the other, each on its own
-    model: warm-up, reset the peak, one step, VmHWM − VmRSS before the step.
-    Otherwise (one variant per process) the growth of ru_maxrss over a cold
-    first step."""
+def rss_worker(model_name, shape, classes, variant, batch, meta_batch, warmup, threads):
+    """In a fresh process, for one variant: MiB by which one step raises the
+    resident set. With a resettable peak: warm-up, reset the peak, one step,
+    VmHWM − VmRSS before the step. Otherwise the growth of ru_maxrss over a
+    cold first step."""
     torch.set_num_threads(threads)
     cpu = torch.device("cpu")
     data = make_data(shape, classes, batch, meta_batch, cpu)
-    out = {}
-    for v in variants:
-        step = build_step(model_name, shape, classes, v, cpu)
-        if not peak_resettable():
-            before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-            step(*data)
-            out[v[0]] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
-            continue
-        for _ in range(max(1, warmup)):
-            step(*data)
-        peak_resettable()
-        before = _status_kib("VmRSS")
+    step, _ = build_step(model_name, shape, classes, variant, cpu)
+    if not peak_resettable():
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         step(*data)
-        out[v[0]] = (_status_kib("VmHWM") - before) / 1024
-        del step
-    return out
+        return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    for _ in range(max(1, warmup)):
+        step(*data)
+    peak_resettable()
+    before = _status_kib("VmRSS")
+    step(*data)
+    return (_status_kib("VmHWM") - before) / 1024
 
 
 def step_memories(model_name, shape, classes, variants, args, device, steps, data):
@@ -194,121 +321,143 @@ def step_memories(model_name, shape, classes, variants, args, device, steps, dat
             out[label] = (torch.cuda.max_memory_allocated(device) - before) / 2**20
         return out, "CUDA `max_memory_allocated` − `memory_allocated` just before the step, after warm-up"
     resettable = peak_resettable()
-    groups = [variants] if resettable else [[v] for v in variants]
     old = os.environ.get("MALLOC_MMAP_THRESHOLD_")
     os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # freed tensors go back to the OS
     out = {}
     try:
         ctx = multiprocessing.get_context("spawn")
-        for group in groups:
+        for v in variants:  # one fresh process per variant: no high-water mark or free list carries over
+            log(f"    memory: {v[0]}")
             with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as ex:
-                out.update(ex.submit(rss_worker, model_name, shape, classes, group, args.batch,
-                                     args.meta_batch, args.warmup, torch.get_num_threads()).result())
+                out[v[0]] = ex.submit(rss_worker, model_name, shape, classes, v, args.batch, args.meta_batch,
+                                      args.warmup, torch.get_num_threads()).result()
     finally:
         if old is None:
             del os.environ["MALLOC_MMAP_THRESHOLD_"]
         else:
             os.environ["MALLOC_MMAP_THRESHOLD_"] = old
-    how = ("resident set: a fresh process (glibc mmap threshold 64 KiB, so freed tensors return to the OS) "
-           "runs the variants one by one, each on its own model: warm-up, reset of the peak "
-           "(`/proc/self/clear_refs`), one step; VmHWM − VmRSS before the step") if resettable else \
+    how = ("resident set: one fresh process per variant (glibc mmap threshold 64 KiB, so freed tensors return "
+           "to the OS): warm-up, reset of the peak (`/proc/self/clear_refs`), one step; VmHWM − VmRSS before "
+           "the step") if resettable else \
         ("resident set: one fresh process per variant; growth of `ru_maxrss` over its cold first step "
          "(includes one-off allocations such as the momentum buffers)")
     return out, how
 
 
+# -- the tables -----------------------------------------------------------------------
 def variant_table(model_name, classes, variants, args, device) -> list[str]:
-    """Time and measure every variant on one (model, C); return Markdown lines."""
+    """Time and measure every variant (and, with --floor, the passes) on one
+    (model, C); return Markdown lines."""
     shape = INPUT_SHAPES[model_name]
-    log(f"{model_name}, C={classes}: timing {len(variants)} variants")
+    log(f"{model_name}, C={classes}: timing {len(variants)} variants, {args.repeats} repeats")
     data = make_data(shape, classes, args.batch, args.meta_batch, device)
-    steps = {v[0]: build_step(model_name, shape, classes, v, device) for v in variants}
+    built = {v[0]: build_step(model_name, shape, classes, v, device) for v in variants}
+    steps = {label: b[0] for label, b in built.items()}
     fns = {label: (lambda s=s: s(*data)) for label, s in steps.items()}
-    med, spread, k = time_interleaved(fns, args.reps, args.warmup, device)
-    base = med[variants[0][0]]
-    lines = [f"### {model_name}, C = {classes}, batch {args.batch}, meta batch {args.meta_batch}",
-             "", f"{args.reps} samples of {k} step(s) each, interleaved; median.", "",
-             "| variant | s / step | × plain | min–max s | peak MiB, one step |",
-             "|---|---:|---:|---:|---:|"]
+    passes = pass_functions(model_name, shape, classes, args, device) if args.floor else {}
+    fns.update({("pass", key): fn for key, fn in passes.items()})
+    per, k = repeated(fns, args, device, f"{model_name}, C={classes}")
+    plain = [m[PLAIN] for m in per]
+    same = args.meta_batch == args.batch
+
     log(f"  memory of one step, {len(variants)} variants")
     mem, how = step_memories(model_name, shape, classes, variants, args, device, steps, data)
+    secs = [pass_seconds({key[1]: m[key] for key in m if isinstance(key, tuple)}) for m in per] if passes else None
+    rows = {}
     for v in variants:
-        label, mib = v[0], mem[v[0]]
-        lo, hi = spread[label]
-        lines.append(f"| {label} | {med[label]:.4f} | {med[label] / base:.2f} | {lo:.4f}–{hi:.4f} | {mib:.1f} |")
-    return lines + ["", f"Peak memory of one step: {how}.", ""]
+        label = v[0]
+        ratio = summary([m[label] / p for m, p in zip(per, plain)])
+        counts = passes_of(built[label][1]) if passes else None
+        floor = None
+        if counts is not None:  # per repeat: the passes' seconds over that repeat's plain step
+            floor = summary([sum(n * t[key] for key, n in counts.items()) / p for t, p in zip(secs, plain)])
+        rows[label] = {"s": statistics.median(m[label] for m in per), "ratio": ratio, "floor": floor,
+                       "formula": formula(counts, same) if counts else "—", "mib": mem[label],
+                       "mem_ratio": mem[label] / mem[PLAIN] if mem[PLAIN] > 0 else float("nan")}
+
+    lines = [f"### {model_name}, C = {classes}, batch {args.batch}, meta batch {args.meta_batch}", "",
+             f"{args.repeats} repeats of the whole measurement, each {args.reps} interleaved samples of {k} step(s) "
+             "of every variant and pass; × plain = median over the repeats of (the variant's median / the plain "
+             "step's median in the same repeat), spread = min–max of those ratios; floor = the variant's passes "
+             "(timed in the same rounds), in the same units.", "",
+             "| variant | s / step | × plain | spread × | floor × | floor passes | peak MiB, one step | peak × plain |",
+             "|---|---:|---:|---:|---:|---|---:|---:|"]
+    for v in variants:
+        r = rows[v[0]]
+        med, lo, hi = r["ratio"]
+        floor = "—" if r["floor"] is None else f"{r['floor'][0]:.2f}"
+        lines.append(f"| {v[0]} | {r['s']:.4f} | {med:.2f} | {lo:.2f}–{hi:.2f} | {floor} | {r['formula']} | "
+                     f"{r['mib']:.1f} | {r['mem_ratio']:.2f} |")
+    lines += ["", f"Peak memory of one step: {how}.", ""]
+    if passes:
+        lines += pass_table(secs, plain, same)
+    if (model_name, classes, args.batch) == TARGET_SETTING:
+        lines += target_table(rows)
+    return lines
 
 
-def floor_table(model_name, classes, args, device) -> list[str]:
-    """The passes a meta step is made of, timed interleaved on one model, and
-    the cost they imply for GDW (jvp) and head-only GDW, as multiples of a
-    plain step. Floor of GDW: the real forward, the virtual backward, the meta
-    forward and backward, the JVP, the real backward = 2F + 3B + JVP."""
-    import torch.autograd.forward_ad as fwAD
-    from torch.func import functional_call
+def pass_table(secs, plain, same) -> list[str]:
+    """Seconds of every pass (median over the repeats) and × the plain step;
+    ``secs``: per repeat, :func:`pass_seconds`."""
+    keys = ["F", "B", "N", "J"] + ([] if same else ["Fm", "Bm", "Nm"])
+    lines = ["Where a step's time goes (passes timed in the same rounds as the steps, on a model of their own; "
+             + ("meta batch passes = training batch passes, same size" if same else "m: on the meta batch") + "):",
+             "", "| pass | s | × plain step |", "|---|---:|---:|"]
+    for key in keys:
+        name = PASS_NAMES.get(key.rstrip("m"), key) + (" (meta batch)" if key.endswith("m") else "")
+        s = statistics.median(t[key] for t in secs)
+        ratio = statistics.median(t[key] / p for t, p in zip(secs, plain))
+        lines.append(f"| {name} ({key}) | {s:.4f} | {ratio:.2f} |")
+    return lines + [""]
 
-    shape = INPUT_SHAPES[model_name]
-    torch.manual_seed(SEED)
-    model = create_model(model_name, shape, classes).to(device).train()
-    x, y, _, _ = make_data(shape, classes, args.batch, args.meta_batch, device)
-    params = {n: p for n, p in model.named_parameters()}
-    tangents = {n: torch.randn_like(p) for n, p in params.items()}
-    buffers = {n: b.clone() for n, b in model.named_buffers()}
 
-    def forward():
-        model(x)
-
-    def forward_no_grad():
-        with torch.no_grad():
-            model(x)
-
-    def forward_backward():
-        F.cross_entropy(model(x), y).backward()
-
-    def jvp():
-        with fwAD.dual_level():
-            duals = {n: fwAD.make_dual(p.detach(), tangents[n]) for n, p in params.items()}
-            fwAD.unpack_dual(functional_call(model, {**buffers, **duals}, (x,))).tangent
-
-    med, _, _ = time_interleaved(
-        {"F+B": forward_backward, "F": forward, "F no grad": forward_no_grad, "JVP": jvp}, args.reps, args.warmup, device
-    )
-    step, f, b = med["F+B"], med["F"], med["F+B"] - med["F"]
-    rows = [
-        f"### Where a meta step's time goes: {model_name}, C = {classes}, batch {args.batch}",
-        "",
-        "| pass | s | × plain step (F+B) |",
-        "|---|---:|---:|",
-        f"| plain step: forward + backward (F+B) | {step:.4f} | 1.00 |",
-        f"| forward with graph (F) | {f:.4f} | {f / step:.2f} |",
-        f"| backward (B = (F+B) − F) | {b:.4f} | {b / step:.2f} |",
-        f"| forward without graph | {med['F no grad']:.4f} | {med['F no grad'] / step:.2f} |",
-        f"| JVP (forward-mode, all parameters) | {med['JVP']:.4f} | {med['JVP'] / step:.2f} ({med['JVP'] / f:.1f} F) |",
-        f"| **floor of GDW jvp**: 2F + 3B + JVP | {2 * f + 3 * b + med['JVP']:.4f} | {(2 * f + 3 * b + med['JVP']) / step:.2f} |",
-        f"| **floor of GDW head_only**: F + B + forward without graph | {step + med['F no grad']:.4f} | {(step + med['F no grad']) / step:.2f} |",
-        "",
-    ]
-    return rows
+def target_table(rows) -> list[str]:
+    """The targets, the measured medians with their spread and floor, and pass/fail."""
+    lines = [f"Targets ({TARGET_SETTING[0]}, C = {TARGET_SETTING[1]}, batch {TARGET_SETTING[2]}; ratios to the "
+             "plain step; pass = median within the target, \"every repeat\" when the whole spread is):", "",
+             "| target | variant | limit | measured × (median) | spread × | floor × | result |",
+             "|---|---|---:|---:|---:|---:|---|"]
+    for what, label, kind, limit in TARGETS:
+        r = rows.get(label)
+        if r is None:
+            lines.append(f"| {what} | {label} | ≤ {limit:.2f}× | not measured | | | — |")
+            continue
+        if kind == "memory":
+            value = r["mem_ratio"]
+            result = "pass" if value <= limit else "fail"
+            lines.append(f"| {what} | {label} | ≤ {limit:.2f}× | {value:.2f} ({r['mib']:.0f} MiB) | — | — | {result} |")
+            continue
+        med, lo, hi = r["ratio"]
+        floor = r["floor"][0] if r["floor"] else None
+        if med > limit:
+            result = "fail" + (" (its floor is above the limit)" if floor is not None and floor > limit else "")
+        else:
+            result = "pass, every repeat" if hi <= limit else "pass (median; not every repeat)"
+        floor_cell = "—" if floor is None else f"{floor:.2f}"
+        lines.append(f"| {what} | {label} | ≤ {limit:.2f}× | {med:.2f} | {lo:.2f}–{hi:.2f} | {floor_cell} | {result} |")
+    return lines + [""]
 
 
 def class_sweep(args, device) -> list[str]:
-    """How plain CE, GDW (jvp) and MW-Net (jvp) on the MLP grow with C."""
-    picked = [v for v in VARIANTS if v[0] in ("plain CE (loss.backward)", "GDW jvp", "MW-Net jvp")]
+    """How plain CE, GDW's default and GDW's paper mode on the MLP grow with C."""
+    picked = [v for v in VARIANTS if v[0] in (PLAIN, "GDW default", "GDW paper jvp")]
     fns = {}
     for c in SWEEP_CLASSES:
         data = make_data(INPUT_SHAPES["mlp"], c, args.batch, args.meta_batch, device)
         for v in picked:
-            step = build_step("mlp", INPUT_SHAPES["mlp"], c, v, device)
+            step, _ = build_step("mlp", INPUT_SHAPES["mlp"], c, v, device)
             fns[(v[0], c)] = lambda s=step, d=data: s(*d)
     log(f"class sweep: timing {len(fns)} (variant, C) pairs")
-    med, _, k = time_interleaved(fns, args.reps, args.warmup, device)
+    per, k = repeated(fns, args, device, "class sweep")
+    med = {key: statistics.median(m[key] for m in per) for key in fns}
     names = [v[0] for v in picked]
     lines = [f"### Class-count sweep: mlp (784 → 256 → 256 → C), batch {args.batch}, meta batch {args.meta_batch}",
-             "", f"{args.reps} samples of {k} step(s) each, interleaved; s / step (× the same variant at C = 10).", "",
-             "| C | " + " | ".join(names) + " | GDW / CE |", "|---:|" + "---:|" * (len(names) + 1)]
+             "", f"{args.repeats} repeats of {args.reps} interleaved samples of {k} step(s) each; s / step, median "
+             "over the repeats (× the same variant at C = 10).", "",
+             "| C | " + " | ".join(names) + " | GDW default / CE |", "|---:|" + "---:|" * (len(names) + 1)]
     for c in SWEEP_CLASSES:
         cells = [f"{med[(n, c)]:.4f} (×{med[(n, c)] / med[(n, SWEEP_CLASSES[0])]:.2f})" for n in names]
-        lines.append(f"| {c} | " + " | ".join(cells) + f" | {med[('GDW jvp', c)] / med[(names[0], c)]:.2f} |")
+        lines.append(f"| {c} | " + " | ".join(cells) + f" | {med[('GDW default', c)] / med[(names[0], c)]:.2f} |")
     return lines + [""]
 
 
@@ -394,14 +543,16 @@ def parse_args(argv=None):
     p.add_argument("--classes", type=int, nargs="+", default=None,
                    help="class counts of the main tables (default: 10 and 100 for resnet32, 10 for mlp)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--reps", type=int, default=5, help="timed samples per variant (median reported)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed rounds of every variant before timing")
+    p.add_argument("--reps", type=int, default=5, help="timed samples per variant in one repeat (its median)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="whole interleaved measurements (at least 3); the median over them is reported, with the spread")
+    p.add_argument("--warmup", type=int, default=1, help="untimed rounds of every variant before each repeat")
     p.add_argument("--sweep", action=argparse.BooleanOptionalAction, default=True,
                    help="class-count sweep C = 10, 100, 1000 on the MLP")
     p.add_argument("--data-path", action=argparse.BooleanOptionalAction, default=True,
                    help="share of an epoch spent producing batches")
     p.add_argument("--floor", action=argparse.BooleanOptionalAction, default=True,
-                   help="time the passes a meta step is made of, and the floor they imply")
+                   help="time the passes a step is made of (in the same rounds) and give each variant's floor")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--out", help="also write the Markdown to this file")
     return p.parse_args(argv)
@@ -409,6 +560,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.repeats < 3:
+        raise SystemExit("--repeats must be at least 3 (the spread of the repeats' medians is part of the result)")
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -416,7 +569,7 @@ def main(argv=None) -> None:
     models = ["resnet32", "mlp"] if args.model == "all" else [args.model]
     variants = [v for v in VARIANTS if v[1] is None or v[1] in gdw.METHODS]
     if args.variants:
-        variants = [v for v in variants if v[1] is None and v is VARIANTS[0] or v[0] in args.variants]
+        variants = [v for v in variants if v[0] == PLAIN or v[0] in args.variants]
     skipped = [v[0] for v in VARIANTS if v not in variants]
     lines = header(device)
     if skipped:
@@ -424,9 +577,6 @@ def main(argv=None) -> None:
     for m in models:
         for c in args.classes or DEFAULT_CLASSES[m]:
             lines += variant_table(m, c, variants, args, device)
-    if args.floor:
-        for m in models:
-            lines += floor_table(m, 10, args, device)
     if args.sweep:
         lines += class_sweep(args, device)
     if args.data_path:
