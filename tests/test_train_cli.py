@@ -391,3 +391,20 @@ def test_a_changed_default_is_a_changed_setting(tmp_path, capsys):
     assert code == 2 and "method parameter stage_one is l2rw here but mwnet" in err and "--force" in err, err
     code, err = run_cli(["train", "--out", str(cell), "--resume"], capsys)
     assert code == 2 and "method parameter stage_one" in err, err
+
+
+def test_resume_refuses_data_edited_since_the_run_started(tmp_path, capsys):
+    """A user who fixes labels in their CSV and resumes must not get a run
+    that silently mixes the two versions of the file."""
+    rng = np.random.default_rng(0)
+    path = tmp_path / "data.csv"
+    lines = ["a,b,label"] + [f"{rng.normal():.4f},{rng.normal():.4f},{['x', 'y'][i % 2]}" for i in range(200)]
+    path.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "run"
+    assert main(["train", "--dataset", f"csv:{path}", "--method", "ce", "--epochs", "1", "--no-progress",
+                 "--out", str(out)]) == 0
+    path.write_text("\n".join(lines[:1] + [line[:-1] + "y" for line in lines[1:50]] + lines[50:]) + "\n")
+    before = _snapshot(out)
+    code, err = run_cli(["train", "--out", str(out), "--resume"], capsys)
+    assert code == 2 and "changed since the run started" in err and len(err.strip().splitlines()) == 1, err
+    assert _snapshot(out) == before

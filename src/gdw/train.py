@@ -296,6 +296,22 @@ def load_checkpoint(out: Path, device, fingerprint: str) -> dict:
     return ckpt
 
 
+def check_same_data(out: Path, data) -> None:
+    """UserError unless ``data`` is the split saved in ``out/split.npz``
+    (same training, meta and test examples, same labels): a resumed run must
+    not continue on a file that was edited since it started."""
+    from .data import load_split
+
+    saved = load_split(out / "split.npz")
+    now = {"train_index": data.train.index, "train_labels": data.train.labels,
+           "meta_labels": data.meta.labels if data.meta is not None else torch.zeros(0, dtype=torch.long),
+           "test_labels": data.test.labels}
+    for key, tensor in now.items():
+        if key in saved and not np.array_equal(np.asarray(saved[key]), tensor.numpy()):
+            raise UserError(f"the data of {out} changed since the run started ({key.replace('_', ' ')} differ from "
+                            f"{out / 'split.npz'}); a run keeps its data: start a new run with another --out")
+
+
 class RunDir:
     """Creates the run directory on entry and, if the run fails or is
     interrupted before its first checkpoint, removes everything it created."""
@@ -395,6 +411,8 @@ def train(cfg: TrainConfig, log=print, comm: Optional[Comm] = None) -> dict:
     cfg.out = str(out)
     ckpt = load_checkpoint(out, device, cfg.fingerprint()) if cfg.resume else None
     data, model, opt, method = build(cfg, device, comm)
+    if ckpt is not None:
+        check_same_data(out, data)
     callbacks, stateful = _callbacks(cfg, data, out, device, log if main else (lambda *a, **k: None))
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
