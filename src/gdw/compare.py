@@ -12,7 +12,7 @@ import json
 import re
 import shutil
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 from .errors import UserError
 from .methods import METHODS
@@ -32,9 +32,17 @@ def cell_name(noise: str, imbalance: str, method: str, seed: int) -> str:
     return re.sub(r"[^A-Za-z0-9_.+-]", "", raw.replace(":", ""))
 
 
-def _refusal(run_dir: Path, diff) -> str:
-    text = describe_difference(diff, str(run_dir))
-    return f"cell {run_dir.name}: " + text[: text.rindex("(")] + "(pass --force to rerun such cells, or use another --out)"
+def stale_cell(cfg: TrainConfig) -> Optional[str]:
+    """Why the cell ``cfg.out`` cannot be reused for ``cfg`` (its saved
+    settings differ), or None when it can (or does not exist yet)."""
+    run_dir = Path(cfg.out)
+    if not (run_dir / "config.json").exists():
+        return None
+    diff = cfg.first_difference(TrainConfig.load(run_dir))
+    if diff is None:
+        return None
+    return f"cell {run_dir.name}: " + describe_difference(diff, str(run_dir),
+                                                          "pass --force to rerun such cells, or use another --out")
 
 
 def run_cell(cfg: TrainConfig, *, force: bool = False, log=print) -> tuple[dict, str]:
@@ -46,13 +54,11 @@ def run_cell(cfg: TrainConfig, *, force: bool = False, log=print) -> tuple[dict,
     then the cell is deleted and trained again.
     """
     run_dir = Path(cfg.out)
-    if (run_dir / "config.json").exists():
-        saved = TrainConfig.load(run_dir)
-        diff = cfg.first_difference(saved)
-        if diff and not force:
-            raise UserError(_refusal(run_dir, diff))
-        if diff:
-            shutil.rmtree(run_dir)
+    stale = stale_cell(cfg)
+    if stale and not force:
+        raise UserError(stale)
+    if stale:
+        shutil.rmtree(run_dir)
     summary_path = run_dir / "summary.json"
     if summary_path.exists():
         return json.loads(summary_path.read_text()), "finished"
@@ -101,11 +107,9 @@ def compare(
             out=str(root / cell_name(noise, imbalance, label, seed)), resume=False, progress=base.progress and not quiet,
         )
         configs.append((label, cfg.validate()))
-    for label, cfg in configs:  # refuse a changed grid before training anything
-        if (Path(cfg.out) / "config.json").exists() and not force:
-            diff = cfg.first_difference(TrainConfig.load(cfg.out))
-            if diff:
-                raise UserError(_refusal(Path(cfg.out), diff))
+    stale = None if force else next(filter(None, (stale_cell(cfg) for _, cfg in configs)), None)
+    if stale:  # refuse a changed grid before training anything
+        raise UserError(stale)
     root.mkdir(parents=True, exist_ok=True)
     rows = []
     for k, (label, cfg) in enumerate(configs, 1):

@@ -263,13 +263,15 @@ def check_run_dir(cfg: TrainConfig) -> Path:
     return out
 
 
-def describe_difference(diff, where: str) -> str:
+def describe_difference(diff, where: str, remedy: Optional[str] = None) -> str:
+    """One line for ``TrainConfig.first_difference``'s result, ending with
+    what to do (``remedy``; by default: drop the flag or use another --out)."""
     name, mine, theirs = diff
     if name.startswith("method parameter "):
         return (f"the {name} is {_show(mine)} here but {_show(theirs)} in {where} (a default changed since "
-                "it was made); a run keeps its settings (use another --out)")
+                f"it was made); a run keeps its settings ({remedy or 'use another --out'})")
     return (f"--{name.replace('_', '-')} {_show(mine)} differs from {_show(theirs)} saved in {where}; "
-            "a run keeps its settings (drop the flag, or use another --out)")
+            f"a run keeps its settings ({remedy or 'drop the flag, or use another --out'})")
 
 
 def _show(v) -> str:
