@@ -160,3 +160,13 @@ def test_a_fine_tuning_epoch_is_one_pass_over_the_meta_set(digits):
     sizes = {e: [c[2] for c in rec.calls if c[0] == "step" and c[1] == e] for e in (0, 1)}
     assert sum(sizes[0]) == len(digits.train)  # a training epoch
     assert sum(sizes[1]) == len(digits.meta) and max(sizes[1]) == 30  # one pass over the meta set
+
+
+def test_each_row_counts_its_steps(digits):
+    """steps: training batches in a training epoch, meta batches in a
+    fine-tuning epoch (the summary's steps_per_second is built on them)."""
+    model = small_model()
+    history = gdw.fit(model, gdw.make("ce", model, 10, finetune_fraction=0.5), digits,
+                      torch.optim.SGD(model.parameters(), lr=0.1), epochs=2, lr=0.1, batch_size=100,
+                      meta_batch_size=30)
+    assert [h["steps"] for h in history] == [-(-len(digits.train) // 100), -(-len(digits.meta) // 30)]

@@ -212,7 +212,7 @@ def fit(
                            leave=False, dynamic_ncols=True)
         loss_sum = torch.zeros((), device=device)
         meta_sum = torch.zeros((), device=device)
-        meta_steps = 0
+        meta_steps = step = 0
         t0 = time.perf_counter()
         for step, (x, y, pos) in enumerate(batches, 1):
             xm, ym = next(meta)[:2] if meta is not None else (x, y) if finetuning else (None, None)
@@ -230,7 +230,7 @@ def fit(
         comm.sum_([loss_sum])
         _check_finite(loss_sum, epoch)
         seconds = time.perf_counter() - t0
-        state.row.update(lr=lr_now, train_loss=float(loss_sum) / len(source),
+        state.row.update(lr=lr_now, steps=step, train_loss=float(loss_sum) / len(source),
                          meta_loss=float(meta_sum) / meta_steps if meta_steps else None, seconds=seconds)
         state.history.append(state.row)
         _call(callbacks, "on_epoch_end", state)

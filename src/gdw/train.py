@@ -535,7 +535,7 @@ def _summary(cfg, data, history, train_seconds, steps_per_epoch, world) -> dict:
         "per_class_test_accuracy": history[-1]["per_class_test_accuracy"],
         "realised_noise_rate": data.record.get("realised_noise_rate"),
         "train_seconds": train_seconds,
-        "steps_per_second": steps_per_epoch * len(history) / max(train_seconds, 1e-9),
+        "steps_per_second": sum(h.get("steps", steps_per_epoch) for h in history) / max(train_seconds, 1e-9),
         "mean_weight_clean": history[-1].get("mean_weight_clean"),
         "mean_weight_noisy": history[-1].get("mean_weight_noisy"),
         "world_size": world,
