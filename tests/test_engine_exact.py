@@ -32,10 +32,12 @@ def virtual_params(model, params, surrogate):
 
 
 def reference(name, model, vnet, x, y, xm, ym, *, head_only=False, eta=None, clip=0.2, omega_min=1e-6,
-              omega_max=1e6, p_max=0.999, zero_mean=True, stage_one="mwnet", info=None):
+              omega_max=1e6, p_max=0.999, zero_mean=True, stage_one="mwnet", shift=None, info=None):
     """One step of ``name`` computed independently. Returns (weights, grads, vnet').
 
     GDW's options (η, c, ω clamp, p_max, zero-mean) are those of the paper;
+    ``shift`` (C,) is the logit adjustment τ·log π added to the logits
+    inside GDW's softmax (default none);
     ``info`` (a dict) receives, for GDW, the meta loss, the stage-one v and
     how many entries the clip, the ω clamp and the p clamp changed, so that a
     test can check that an option was really in effect.
@@ -71,7 +73,7 @@ def reference(name, model, vnet, x, y, xm, ym, *, head_only=False, eta=None, cli
 
     # gdw
     eta = 10.0 * C if eta is None else eta
-    p_raw = F.softmax(z.detach(), 1)
+    p_raw = F.softmax(z.detach() + (0 if shift is None else shift), 1)
     p = p_raw.clamp(max=p_max)
     e = p - onehot
 
@@ -162,6 +164,59 @@ def test_gdw_on_l2rw_stage_one_matches_reference(kind, mode, head_only, low_memo
         torch.testing.assert_close(p.grad, g, rtol=1e-10, atol=1e-10, msg=f"gradient of {n}")
     if eta is None:
         assert info["clipped"] > 0  # at the default η the clip is in effect
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+@pytest.mark.parametrize("tau", [1.0, 0.5])
+def test_gdw_logit_adjustment_matches_reference(kind, tau):
+    """The default GDW with imbalanced class counts: e = softmax(z + τ log π)
+    − onehot(y) throughout (stage one, class-level step, real gradient),
+    against the reference given the shift τ log π computed here by hand."""
+    counts = [40, 1, 7, 0, 12][:C] + [3] * max(0, C - 5)
+    model = make_model(kind)
+    x, y = make_batch(kind, B, 1)
+    xm, ym = make_batch(kind, BM, 2)
+    before = copy.deepcopy(model)
+    method, _, stats = run_method("gdw", model, x, y, xm, ym, class_counts=counts, tau=tau, meta_grad="jvp")
+    n = torch.tensor([max(c, 1) for c in counts], dtype=torch.float64)  # an empty class counts as one example
+    shift = tau * torch.log(n / n.sum())
+    info = {}
+    w_ref, g_ref, _ = reference("gdw", before, None, x, y, xm, ym, stage_one="l2rw", shift=shift, info=info)
+    torch.testing.assert_close(stats.weights, w_ref.detach(), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(stats.instance_weights, info["v"], rtol=1e-10, atol=1e-10)
+    for (name, p), g in zip(model.named_parameters(), g_ref):
+        torch.testing.assert_close(p.grad, g, rtol=1e-10, atol=1e-10, msg=f"gradient of {name}")
+    # and the shift made a difference: without it the reference's gradient is another one
+    _, g_plain, _ = reference("gdw", before, None, x, y, xm, ym, stage_one="l2rw")
+    assert max(float((a - b).abs().max()) for a, b in zip(g_ref, g_plain)) > 1e-4
+
+
+@pytest.mark.parametrize("counts,kw", [
+    ([5] * C, {}),  # balanced labels: log π is the same for every class, softmax does not see it
+    (None, {}),  # no counts given: nothing to adjust by
+    ([40, 1, 7, 0, 12][:C] + [3] * max(0, C - 5), {"tau": 0.0}),
+])
+def test_gdw_logit_adjustment_is_a_no_op(counts, kw):
+    """Balanced counts, no counts and τ = 0 give the unadjusted GDW, whose
+    own reference test is above."""
+    grads = []
+    for extra in ({"class_counts": counts, **kw}, {"tau": 0.0}):
+        model = make_model("mlp")
+        x, y = make_batch("mlp", B, 1)
+        xm, ym = make_batch("mlp", BM, 2)
+        run_method("gdw", model, x, y, xm, ym, **extra)
+        grads.append([p.grad for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_gdw_paper_mode_takes_no_adjustment_by_default():
+    """stage_one="mwnet" is the paper's algorithm: τ defaults to 0 even when
+    the training loop passes class counts."""
+    method = gdw.make("gdw", make_model("mlp"), C, stage_one="mwnet", class_counts=[40, 1, 7, 2, 12][:C] + [3] * (C - 5))
+    assert method.tau == 0 and method.log_prior is None
+    default = gdw.make("gdw", make_model("mlp"), C, class_counts=[40, 1, 7, 2, 12][:C] + [3] * (C - 5))
+    assert default.tau == 1 and default.log_prior is not None
 
 
 @pytest.mark.parametrize("name,kind,mode,head_only,low_memory", CASES)

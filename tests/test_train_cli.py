@@ -408,3 +408,20 @@ def test_resume_refuses_data_edited_since_the_run_started(tmp_path, capsys):
     code, err = run_cli(["train", "--out", str(out), "--resume"], capsys)
     assert code == 2 and "changed since the run started" in err and len(err.strip().splitlines()) == 1, err
     assert _snapshot(out) == before
+
+
+def test_gdw_train_adjusts_by_the_training_labels_counts():
+    """gdw train gives GDW (and la) the counts of the training labels as
+    drawn (after the imbalance and the meta draw), so τ log π is the log of
+    the training set's own class shares; the paper mode takes none."""
+    from gdw.distributed import Comm
+    from gdw.train import TrainConfig, build
+
+    cfg = TrainConfig(dataset="digits", imbalance="longtail:10", method="gdw", epochs=1)
+    data, _, _, method = build(cfg, torch.device("cpu"), Comm())
+    counts = np.bincount(data.train.labels.numpy(), minlength=10)
+    assert counts.max() >= 5 * counts.min()  # the long tail is there
+    np.testing.assert_allclose(method.log_prior.numpy(), np.log(counts / counts.sum()), rtol=1e-12)
+    paper = build(TrainConfig(dataset="digits", imbalance="longtail:10", method="gdw", epochs=1,
+                              method_args={"stage_one": "mwnet"}), torch.device("cpu"), Comm())[3]
+    assert paper.log_prior is None

@@ -33,7 +33,7 @@ def resolved_params(name: str, hparams: dict) -> dict:
                 if v.kind == v.KEYWORD_ONLY and p not in NOT_HYPER_PARAMETERS:
                     out[p] = v.default
     out.update({k: v for k, v in hparams.items() if k not in NOT_HYPER_PARAMETERS})
-    return out
+    return cls.resolve_params(out)
 
 
 def make(name: str, model, num_classes: int, **hparams) -> Method:

@@ -83,7 +83,10 @@ class Stats:
               the component of G_i orthogonal to e_i is not described.
             * GDW: e is computed from p clamped at ``p_max``
               (``G = ω' ⊙ (min(p, p_max) − onehot(y)) / B``); in rows where
-              some p_ij > p_max this differs from the softmax convention.
+              some p_ij > p_max this differs from the softmax convention;
+              with the logit adjustment (τ > 0 and class counts, the
+              default of ``gdw train``) p is the softmax of z + τ log π,
+              and ``weights`` are the ω' of that e, not a projection.
             * every method under autocast: G is rounded to the logits'
               dtype (e.g. bfloat16) before it is back-propagated.
 
@@ -261,6 +264,13 @@ class Method:
         self._values_checked = False  # set after the first backward: value checks on accelerators stop
 
     # -- what subclasses implement -------------------------------------------------
+    @classmethod
+    def resolve_params(cls, params: dict) -> dict:
+        """``params`` with the defaults that depend on other parameters
+        filled in (a ``None`` default resolved), as the constructor resolves
+        them; so that config.json records the values a run really used."""
+        return params
+
     def logit_grad(self, fwd: TrainForward, y: torch.Tensor, x_meta, y_meta, lr) -> dict[str, Any]:
         """Return at least ``G`` (B×C, float32, the gradient to back-propagate
         from the logits) and ``weights``; may add ``meta_loss`` and

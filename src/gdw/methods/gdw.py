@@ -20,6 +20,15 @@ G = ω ⊙ e / B, with p clamped at 0.999 in e = p − onehot(y). Per step:
 
 With ``stage_one="l2rw"`` one meta-gradient serves both stages and a step
 costs what an L2RW step costs.
+
+Logit adjustment (``tau``, default 1 with ``stage_one="l2rw"``, 0 with
+``"mwnet"``): p is the softmax of z + τ log π, π the share of each class among
+the training labels (``class_counts``), in every step above, so that the
+training loss is the logit-adjusted loss (``la``) weighted by ω; the meta
+loss and predictions use z itself. With balanced labels log π is the same for
+every class and the softmax does not see it; under class imbalance it
+corrects the prior shift that L2RW's weights would otherwise correct by
+moving weight from the frequent classes' examples to the rare ones'.
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ import torch.nn.functional as F
 from ..errors import UserError
 from ..engine import full
 from .base import METHODS, check_bool, check_positive, logit_error
+from .cb import check_class_counts
 from .mwnet import WeightNetMethod
 
 
@@ -55,10 +65,11 @@ STAGE_ONE = ("mwnet", "l2rw")
 class GDW(WeightNetMethod):
     """Generalized Data Weighting: class-level weights learned on a meta set.
 
-    The default is GDW on L2RW's stage one, ending with fine-tuning on the
-    meta set: it holds up where the network memorises fast and under class
-    imbalance (README, "Which method when"). ``stage_one="mwnet"`` is the
-    paper's algorithm exactly (and then no fine-tuning unless asked for).
+    The default is GDW on L2RW's stage one, with the logit-adjusted loss and
+    ending with fine-tuning on the meta set: it holds up where the network
+    memorises fast and under class imbalance (README, "Which method when").
+    ``stage_one="mwnet"`` is the paper's algorithm exactly (and then no
+    adjustment and no fine-tuning unless asked for).
 
     Args (besides those of MetaMethod and the weighting network):
         stage_one: where the instance weights come from: ``"l2rw"``
@@ -75,16 +86,34 @@ class GDW(WeightNetMethod):
         omega_min, omega_max: clamp of ω' (1e-6, 1e6).
         p_max: clamp of the probabilities (0.999).
         zero_mean: apply the zero-mean constraint (True; False is an ablation).
+        tau: τ ≥ 0, the strength of the logit adjustment (default 1 with
+            ``stage_one="l2rw"``, 0 with ``"mwnet"``, the paper); it needs
+            ``class_counts``.
+        class_counts: training examples per class, C whole numbers ≥ 0 (an
+            empty class counts as one); ``gdw train`` passes the training
+            labels' counts. Without it there is no adjustment, whatever τ.
     """
+
+    needs_class_counts = True  # for the logit adjustment (tau); optional when calling it directly
+    # the defaults that follow stage_one: the paper's algorithm with "mwnet", gdw's own with "l2rw"
+    STAGE_DEFAULTS = {"l2rw": {"finetune_fraction": 0.2, "tau": 1.0, "meta_grad": "fd"},
+                      "mwnet": {"finetune_fraction": 0.0, "tau": 0.0, "meta_grad": "jvp"}}
+
+    @classmethod
+    def resolve_params(cls, params: dict) -> dict:
+        defaults = cls.STAGE_DEFAULTS.get(params.get("stage_one", "l2rw"), {})
+        return {**params, **{k: v for k, v in defaults.items() if params.get(k) is None}}
 
     def __init__(self, model, num_classes, *, stage_one: str = "l2rw", eta: float | None = None, clip: float = 0.2,
                  omega_min: float = 1e-6, omega_max: float = 1e6, p_max: float = 0.999,
-                 zero_mean: bool = True, finetune_fraction: float | None = None, **kw):
+                 zero_mean: bool = True, finetune_fraction: float | None = None, tau: float | None = None,
+                 meta_grad: str | None = None, class_counts=None, **kw):
         if stage_one not in STAGE_ONE:
             raise UserError(f"stage_one must be one of {', '.join(STAGE_ONE)}, got {stage_one!r}")
-        if finetune_fraction is None:
-            finetune_fraction = 0.2 if stage_one == "l2rw" else 0.0
-        super().__init__(model, num_classes, finetune_fraction=finetune_fraction, **kw)
+        resolved = self.resolve_params({"stage_one": stage_one, "finetune_fraction": finetune_fraction,
+                                        "tau": tau, "meta_grad": meta_grad})
+        finetune_fraction, tau, meta_grad = (resolved[k] for k in ("finetune_fraction", "tau", "meta_grad"))
+        super().__init__(model, num_classes, finetune_fraction=finetune_fraction, meta_grad=meta_grad, **kw)
         self.stage_one = stage_one
         if stage_one == "l2rw":
             self.virtual_step = False
@@ -99,6 +128,11 @@ class GDW(WeightNetMethod):
         if self.p_max >= 1:
             raise UserError(f"p_max must be below 1, got {p_max!r}")
         self.zero_mean = check_bool("zero_mean", zero_mean)
+        self.tau = check_positive("tau", tau, allow_zero=True)
+        self.log_prior = None  # no adjustment without class counts
+        if class_counts is not None and self.tau > 0:
+            counts = check_class_counts(class_counts, self.num_classes).clamp(min=1)
+            self.log_prior = (counts / counts.sum()).log()
 
     def _constrain(self, omega, p, y):
         return zero_mean(omega, p, y) if self.zero_mean else omega
@@ -113,7 +147,11 @@ class GDW(WeightNetMethod):
     def logit_grad(self, fwd, y, x_meta, y_meta, lr):
         B, C = y.shape[0], self.num_classes
         n = fwd.B  # the whole batch, over all ranks
-        p, e = logit_error(fwd.logits, y, C, self.p_max)
+        z = fwd.logits.detach()
+        if self.log_prior is not None:
+            z = full(z)
+            z = z + self.tau * self.log_prior.to(z.device, z.dtype)
+        p, e = logit_error(z, y, C, self.p_max)
         if self.stage_one == "l2rw":
             meta_loss, dA = self.meta_step(fwd, None, x_meta, y_meta, lr)
             g = dA * e / n
@@ -122,7 +160,7 @@ class GDW(WeightNetMethod):
             v = torch.where(total > 0, n * w / total.clamp(min=torch.finfo(w.dtype).tiny), torch.zeros_like(w))
             omega = self._constrain(v[:, None].expand(B, C), p, y)
         else:
-            losses = F.cross_entropy(full(fwd.logits.detach()), y, reduction="none")
+            losses = F.cross_entropy(full(z), y, reduction="none")
             v = self.vnet(losses)
             omega = self._constrain(v[:, None].expand(B, C), p, y)
             meta_loss, dA = self.meta_step(fwd, omega.detach() * e / n, x_meta, y_meta, lr)
