@@ -314,3 +314,19 @@ def test_fd_scale_reaches_the_engine():
     exact = gdw.make("l2rw", model, C).backward(x, y, xm, ym, inner_lr=LR).weights
     assert rel(results[None], exact) < 1e-6
     assert rel(results[1e-2], exact) > 1e-4
+
+
+def test_gdw_default_meta_gradient_is_fd_and_the_paper_mode_exact():
+    """GDW's defaults follow stage_one: the finite difference with its own
+    stage one (whose agreement with jvp is test_methods_fd_close_to_jvp),
+    the exact JVP in the paper's mode; either can be asked for, and
+    config.json records the resolved value."""
+    from gdw.methods import resolved_params
+
+    assert gdw.make("gdw", make_model("mlp"), C).meta_grad == "fd"
+    assert gdw.make("gdw", make_model("mlp"), C, stage_one="mwnet").meta_grad == "jvp"
+    assert gdw.make("gdw", make_model("mlp"), C, meta_grad="jvp").meta_grad == "jvp"
+    assert gdw.make("gdw", make_model("mlp"), C, stage_one="mwnet", meta_grad="fd").meta_grad == "fd"
+    assert resolved_params("gdw", {})["meta_grad"] == "fd"
+    assert resolved_params("gdw", {"stage_one": "mwnet"})["meta_grad"] == "jvp"
+    assert gdw.make("l2rw", make_model("mlp"), C).meta_grad == "jvp"  # L2RW itself stays exact
