@@ -12,7 +12,9 @@ gradient ``A = (softmax(z) − onehot(y)) / B`` and a meta batch; then
 rounding) and with the finite-difference modes at several relative steps c.
 The table gives ‖dA_fd − dA_jvp‖ / ‖dA_jvp‖ (Frobenius norms). "default" is
 the c that :func:`gdw.engine.default_fd_scale` picks for that dtype and
-scheme. Markdown on stdout.
+scheme. A second table gives, under bfloat16 autocast, the errors of the JVP
+and of the one-sided difference against the float32 JVP, next to how much
+the float32 JVP result changes with another meta batch. Markdown on stdout.
 """
 
 from __future__ import annotations
@@ -83,6 +85,30 @@ def rel_errors(spec, dtype):
     return out, defaults
 
 
+def autocast_errors(spec):
+    """Relative errors against the float32 JVP under bfloat16 autocast (CPU):
+    {"jvp": ..., "fd": ...} at the default step, and "meta batch": the
+    relative difference between the float32 JVP results of two meta batches
+    (the sampling noise the meta-gradient has anyway). Without a virtual
+    step (A = None, GDW's default and L2RW)."""
+    build, data, classes, B, BM = spec
+    model = build(torch.float32)
+    x, y = data(B, 1, torch.float32)
+
+    def dA(mode, amp, meta_seed=2):
+        xm, ym = data(BM, meta_seed, torch.float32)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            torch.manual_seed(3)
+            rng = RngState(x.device)
+            fwd = TrainForward(model, x, model(x), rng)
+            torch.manual_seed(4)
+            return meta_logit_grad(fwd, None, xm, ym, LR, mode=mode)[1].float()
+
+    ref = dA("jvp", False)
+    rel = lambda a: float((a - ref).norm() / ref.norm())  # noqa: E731
+    return {"jvp": rel(dA("jvp", True)), "fd": rel(dA("fd", True)), "meta batch": rel(dA("jvp", False, 5))}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--resnet", action=argparse.BooleanOptionalAction, default=True,
@@ -110,6 +136,11 @@ def main(argv=None):
                 lines.append(f"| {name} | {str(dtype).replace('torch.', '')} | {scheme} | " + " | ".join(cells)
                              + f" | {d:.1e} | **{errs[(scheme, d)]:.1e}** |")
             print(f"{name} {dtype} done", file=sys.stderr, flush=True)
+    lines += ["", "### Under bfloat16 autocast: ‖dA − dA_jvp,float32‖ / ‖dA_jvp,float32‖", "",
+              "| model | jvp, bf16 | fd, bf16 (default c) | another meta batch, float32 jvp |", "|---|---:|---:|---:|"]
+    for name, spec in specs.items():
+        e = autocast_errors(spec)
+        lines.append(f"| {name} | {e['jvp']:.1e} | {e['fd']:.1e} | {e['meta batch']:.1e} |")
     lines += ["", f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
               f"{time.perf_counter() - start:.1f} s."]
     print("\n".join(lines))

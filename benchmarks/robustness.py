@@ -37,7 +37,10 @@ Settings: ``flip:0.4``, ``uniform:0.6``, ``none`` + ``longtail:100`` and
 ``uniform:0.4`` + ``longtail:10`` (``--settings`` takes them as
 ``flip:0.4,none+longtail:100``). Methods: the labels of ``METHODS`` (``la``
 only under imbalance); ``gdw-paper`` is GDW whose first stage is MW-Net's
-weighting network, as in the paper, ``gdw`` is GDW with gdw's defaults.
+weighting network, as in the paper, ``gdw`` is GDW with gdw's defaults
+spelled out, and ``gdw-jvp``, ``gdw-tau0`` and ``gdw-l2rw`` are the default
+with one or more of its parts changed (the exact JVP; no logit adjustment;
+none of fine-tuning, logit adjustment and finite difference).
 Seeds 0 and 1.
 
 Hyper-parameters are the same for every method and regime and nothing is
@@ -63,19 +66,16 @@ one resumed, and a process marks the cell it trains with a lock file in
 the exit code is then 1. ``--prune`` deletes from finished cells all but
 ``summary.json``, ``metrics.jsonl`` and ``config.json``, which are committed.
 
-The grid has 240 cells (4 regimes × (2 noisy settings × 7 methods + 2
-imbalanced settings × 8 methods) × 2 seeds). Measured on 2 CPU cores of an
+The grid has 368 cells (4 regimes × (2 noisy settings × 11 methods + 2
+imbalanced settings × 12 methods) × 2 seeds). Measured on 2 CPU cores of an
 AMD EPYC shared with other work, one process at a time with
 OMP_NUM_THREADS=1, torch 2.13.0+cpu, one flip:0.4 cell of 40 epochs took
 (wall-clock, data loading and evaluation included) ``ce`` / ``l2rw``: digits
 2 s / 4 s, tabular 5 s / 14 s, fashion-mnist-5k 8 s / 17 s,
-fashion-mnist-10k 12 s / 27 s. Scaled by the other methods' and settings'
-training-time ratios in the Fashion-MNIST grid (``benchmarks/results/
-fashion_mnist/results.csv``: MW-Net 1.15× L2RW, GDW 1.02×, fine-tuning 1.2×
-CE, DM 1.07×; the two long-tailed settings 0.22× and 0.40× a balanced one),
-that estimates the whole grid at about 35 minutes of one core, so about 20
-minutes with one process on each of the two cores. This is an estimate from
-those eight cells, not a timing of the grid.
+fashion-mnist-10k 12 s / 27 s; the 128 GDW cells of ``gdw``, ``gdw-jvp``,
+``gdw-l2rw`` and ``gdw-tau0`` took about 16 minutes with one process on each
+of the two cores (2026-11-25), so the whole grid takes about 45 minutes that
+way.
 
 ``--report`` (also run at the end of a pass) writes ``results.csv`` (one row
 per run; ``dataset`` is the regime, ``method`` the label), ``results.md`` (a
@@ -112,12 +112,13 @@ METHODS = {  # label -> (gdw method, method_args, head_only); GDW's variants spe
     "l2rw-ft": ("l2rw", {"finetune_fraction": 0.2}, False),
     "mwnet": ("mwnet", {}, False),
     "gdw-paper": ("gdw", {"stage_one": "mwnet", "finetune_fraction": 0.0}, False),  # the paper's algorithm
-    "gdw-l2rw": ("gdw", {"stage_one": "l2rw", "finetune_fraction": 0.0}, False),  # GDW on L2RW, no fine-tuning
-    "gdw": ("gdw", {"stage_one": "l2rw", "finetune_fraction": 0.2}, False),  # GDW's default
-    "gdw-fd": ("gdw", {"stage_one": "l2rw", "finetune_fraction": 0.2, "meta_grad": "fd"}, False),
+    "gdw-l2rw": ("gdw", {"stage_one": "l2rw", "finetune_fraction": 0.0, "tau": 0.0, "meta_grad": "jvp"}, False),
+    "gdw-tau0": ("gdw", {"stage_one": "l2rw", "finetune_fraction": 0.2, "tau": 0.0, "meta_grad": "fd"}, False),
+    "gdw": ("gdw", {"stage_one": "l2rw", "finetune_fraction": 0.2, "tau": 1.0, "meta_grad": "fd"}, False),  # default
+    "gdw-jvp": ("gdw", {"stage_one": "l2rw", "finetune_fraction": 0.2, "tau": 1.0, "meta_grad": "jvp"}, False),
 }
 IMBALANCE_ONLY = {"la"}
-RUN_ORDER = ["ce", "gdw", "l2rw", "mwnet", "gdw-paper", "gdw-l2rw", "finetune", "l2rw-ft", "gdw-fd", "dm", "la"]
+RUN_ORDER = ["ce", "gdw", "l2rw", "mwnet", "gdw-paper", "gdw-l2rw", "finetune", "l2rw-ft", "gdw-jvp", "gdw-tau0", "dm", "la"]
 SETTINGS = [  # (noise, imbalance)
     ("flip:0.4", "none"),
     ("uniform:0.6", "none"),
