@@ -167,6 +167,10 @@ def test_command_line_subsets(rb):
     args = rb.parse_args(["--settings", "none+longtail:100, flip:0.4", "--methods", "gdw-paper,la"])
     assert args.settings == [("none", "longtail:100"), ("flip:0.4", "none")]
     assert rb.METHODS["gdw-paper"] == ("gdw", {"stage_one": "mwnet", "finetune_fraction": 0.0}, False)
+    from gdw.methods import resolved_params  # "gdw" spells out gdw's defaults, "gdw-paper" the paper's
+
+    assert resolved_params("gdw", rb.METHODS["gdw"][1]) == resolved_params("gdw", {})
+    assert resolved_params("gdw", rb.METHODS["gdw-paper"][1]) == resolved_params("gdw", {"stage_one": "mwnet"})
     # la only under imbalance, seed 0 of everything before seed 1, cheap regimes first
     assert list(rb.cells(["tabular", "digits"], args.methods, args.settings, [0, 1])) == [
         (regime, noise, imbalance, label, seed)
