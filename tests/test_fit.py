@@ -139,7 +139,7 @@ def test_the_readme_own_loop_runs_and_sees_every_batch():
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, 2)
     before = [p.detach().clone() for p in model.parameters()]
     scope = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "epochs": 2,
-             "train_loader": train_loader, "meta_loader": meta_loader, "print": lambda *a: None}
+             "train_loader": train_loader, "meta_loader": meta_loader, "train_labels": y, "print": lambda *a: None}
     exec(code, scope)
     # every training example in the first epoch, not 2 batches (the meta loader's length); the second
     # epoch is GDW's fine-tuning epoch: one pass over the meta loader, no training batch
@@ -147,6 +147,8 @@ def test_the_readme_own_loop_runs_and_sees_every_batch():
     # GDW's default ends with fine-tuning on the meta set: the last epoch's Stats describe meta batches
     assert scope["w"].finetuning and scope["stats"].trained_on == "meta" and scope["stats"].weights.shape == (10,)
     assert not torch.equal(before[0], model[0].weight)
+    counts = torch.bincount(y, minlength=10).double()  # the logit adjustment took the counts given
+    torch.testing.assert_close(scope["w"].log_prior, (counts / counts.sum()).log())
 
 
 def test_a_fine_tuning_epoch_is_one_pass_over_the_meta_set(digits):
