@@ -21,10 +21,11 @@ Methods: the labels of ``METHODS``, each a gdw method with its arguments and
 whether it weights the output layer only. ``gdw-paper`` is the paper's
 algorithm (MW-Net's weighting network as stage one, no fine-tuning),
 ``gdw-paper-head`` the same on the output layer only, ``gdw`` is GDW with
-gdw's defaults (L2RW's instance weights as stage one, the last 20% of epochs
-fine-tuned on the meta set); ``cb`` and ``la`` run only in the settings with
-imbalance, and ``gdw-fd`` (``gdw`` with the finite-difference meta-gradient)
-only in ``flip:0.4``, as a check of that meta-gradient on one setting. The
+gdw's defaults (L2RW's instance weights as stage one, the logit-adjusted
+loss, the finite-difference meta-gradient, the last 20% of epochs fine-tuned
+on the meta set); ``cb`` and ``la`` run only in the settings with imbalance,
+and ``gdw-jvp`` (``gdw`` with the exact forward-mode meta-gradient) only in
+the three balanced noisy settings, as a check of the finite difference. The
 cell directories are named after the labels (``uniform0.4_none_gdw-paper_s0``).
 
 Hyper-parameters are the papers' defaults throughout (nothing is tuned, on
@@ -63,13 +64,14 @@ METHODS = {  # label -> (gdw method, method_args, head_only), in the order of th
     "dm": ("dm", {}, False),
     "gdw-paper": ("gdw", {"stage_one": "mwnet"}, False),  # the paper's algorithm
     "gdw-paper-head": ("gdw", {"stage_one": "mwnet"}, True),  # the same, weighting the output layer only
-    "gdw": ("gdw", {"stage_one": "l2rw", "finetune_fraction": 0.2}, False),  # GDW's defaults, spelled out
-    "gdw-fd": ("gdw", {"stage_one": "l2rw", "finetune_fraction": 0.2, "meta_grad": "fd"}, False),
+    "gdw": ("gdw", {"stage_one": "l2rw", "finetune_fraction": 0.2, "tau": 1.0, "meta_grad": "fd"}, False),  # defaults
+    "gdw-jvp": ("gdw", {"stage_one": "l2rw", "finetune_fraction": 0.2, "tau": 1.0, "meta_grad": "jvp"}, False),
     "cb": ("cb", {}, False),  # the class-balanced loss
     "la": ("la", {}, False),  # logit-adjusted CE
 }
 IMBALANCE_ONLY = {"cb", "la"}  # the long-tail baselines run only in the settings with imbalance
-ONLY_IN = {"gdw-fd": {("flip:0.4", "none")}}  # the finite-difference meta-gradient, checked on one setting
+# the exact meta-gradient (forward mode), checked against the default's finite difference on the balanced noisy settings
+ONLY_IN = {"gdw-jvp": {("uniform:0.4", "none"), ("uniform:0.6", "none"), ("flip:0.4", "none")}}
 
 
 def runs_in(label: str, noise: str, imbalance: str) -> bool:
