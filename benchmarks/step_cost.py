@@ -12,7 +12,9 @@ Every variant is one full step (``optimizer.zero_grad()``, the method's
 5e-4) on fixed random data. Each variant owns one model copy, all built from
 the same seeded initial state. GDW's default ends training with fine-tuning on
 the meta set (``finetune_fraction=0.2``); no epoch is started here, so every
-step measured is the weighted step.
+step measured is the weighted step. GDW's default meta-gradient is the
+finite difference (``meta_grad="fd"``); "GDW default jvp" is the same step
+with the exact forward-mode JVP.
 
 Timing. One *repeat* is the whole measurement: ``--warmup`` untimed rounds,
 then ``--reps`` samples of every variant and of every pass (below), taken
@@ -29,7 +31,8 @@ their own: the forward with graph (F), the backward (B = (F+B) − F), the
 forward without graph (N) and the forward-mode JVP in all parameters (J), on
 the training batch and (when its size differs) on the meta batch. A variant's
 floor is the sum of its passes (e.g. GDW's default: the meta forward and
-backward at θ, the real forward, the JVP and the real backward, 2F + 2B + J),
+backward at θ, the real forward, the finite difference's forward and the real
+backward, 2F + 2B + N),
 per repeat in units of that repeat's plain step; ``"double"`` has none.
 
 Peak memory of one step: on CUDA, ``torch.cuda.max_memory_allocated`` minus
@@ -84,7 +87,7 @@ VARIANTS = [
     (PLAIN, None, {}),
     ("gdw CE method", "ce", {}),
     ("GDW default", "gdw", {}),
-    ("GDW default fd", "gdw", {"meta_grad": "fd"}),
+    ("GDW default jvp", "gdw", {"meta_grad": "jvp"}),
     ("GDW head_only", "gdw", {"head_only": True}),
     ("GDW paper jvp", "gdw", {"stage_one": "mwnet"}),
     ("GDW paper fd", "gdw", {"stage_one": "mwnet", "meta_grad": "fd"}),
