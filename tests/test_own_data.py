@@ -450,3 +450,29 @@ def test_load_new_npz_on_digits(tmp_path):
     with pytest.raises(UserError) as e:
         load_new(f"npz:{path}", d.preprocess, d.classes)
     one_line_error(e, "uint8", "float32")
+
+
+def test_files_digest_follows_the_files(tmp_path):
+    """A CSV's digest is its bytes' SHA-256; a folder's changes with any
+    file's name, size or modification time; built-in datasets have none."""
+    import hashlib
+    import os
+
+    from gdw.data.sources import files_digest
+
+    f = tmp_path / "a.csv"
+    f.write_text("x,label\n1,a\n")
+    assert files_digest(f"csv:{f}") == "sha256:" + hashlib.sha256(f.read_bytes()).hexdigest()
+    f.write_text("x,label\n2,a\n")  # same size, other bytes
+    assert files_digest(f"csv:{f}") == "sha256:" + hashlib.sha256(f.read_bytes()).hexdigest()
+    folder = tmp_path / "imgs"
+    (folder / "cat").mkdir(parents=True)
+    (folder / "cat" / "1.png").write_bytes(b"12345")
+    first = files_digest(f"folder:{folder}")
+    assert files_digest(str(folder)) == first  # a bare path is the same folder
+    (folder / "cat" / "2.png").write_bytes(b"1")
+    second = files_digest(f"folder:{folder}")
+    os.utime(folder / "cat" / "1.png", ns=(1, 1))
+    third = files_digest(f"folder:{folder}")
+    assert len({first, second, third}) == 3
+    assert files_digest("digits") is None and files_digest("fashion-mnist") is None

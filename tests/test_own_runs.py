@@ -249,3 +249,29 @@ def test_the_readme_example_data(tmp_path):
     assert "digit" not in new[0] and len(new[0]) == 64
     wrong = np.mean([t["true_digit"] != d["digit"] for t, d in zip(truth, data)])
     assert 0.27 < wrong < 0.33
+
+
+def test_compare_refuses_a_finished_cell_whose_data_file_changed(birds, tmp_path, capsys):
+    """A cell is reused only while the user's files are those it was trained
+    on: editing the CSV (or the --meta file) after the run is exit 2 naming
+    the file, and --force trains it again on the new data."""
+    import shutil
+
+    data, checked = tmp_path / "birds.csv", tmp_path / "checked.csv"
+    shutil.copy(birds["dir"] / "birds.csv", data)
+    shutil.copy(birds["dir"] / "checked.csv", checked)
+    args = ["compare", "--dataset", f"csv:{data}", "--label-column", "species", "--meta", f"csv:{checked}",
+            "--methods", "ce", "--epochs", "1", "--no-progress", "--out", str(tmp_path / "cmp")]
+    assert main(args) == 0
+    config = json.loads((tmp_path / "cmp" / "none_none_ce_s0" / "config.json").read_text())
+    assert set(config["data_files"]) == {"dataset", "meta"}
+    assert main(args) == 0 and "finished, skipped" in capsys.readouterr().out  # unchanged: reused
+    for edited in (checked, data):
+        rows = edited.read_text().splitlines()
+        edited.write_text("\n".join(rows[:-1]) + "\n")  # one row fewer
+        capsys.readouterr()
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert f"the data of --{'meta' if edited == checked else 'dataset'} csv:{edited} changed" in err, err
+        assert "--force" in err and len(err.strip().splitlines()) == 1
+        assert main(args + ["--force"]) == 0

@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 from .errors import UserError
 from .methods import METHODS
 from .report import VAL_FIELDS, plot_compare, results_markdown, validation_markdown, write_results_csv
-from .train import RunInterrupted, TrainConfig, describe_difference, train
+from .train import RunInterrupted, TrainConfig, changed_data_files, describe_difference, train
 
 
 def method_variant(spec: str) -> tuple[str, bool]:
@@ -38,11 +38,14 @@ def stale_cell(cfg: TrainConfig) -> Optional[str]:
     run_dir = Path(cfg.out)
     if not (run_dir / "config.json").exists():
         return None
+    remedy = "pass --force to rerun such cells, or use another --out"
     diff = cfg.first_difference(TrainConfig.load(run_dir))
-    if diff is None:
-        return None
-    return f"cell {run_dir.name}: " + describe_difference(diff, str(run_dir),
-                                                          "pass --force to rerun such cells, or use another --out")
+    if diff is not None:
+        return f"cell {run_dir.name}: " + describe_difference(diff, str(run_dir), remedy)
+    changed = changed_data_files(cfg, run_dir)
+    if changed is not None:
+        return f"cell {run_dir.name}: the data of {changed} changed since the cell was trained; {remedy}"
+    return None
 
 
 def run_cell(cfg: TrainConfig, *, force: bool = False, log=print) -> tuple[dict, str]:

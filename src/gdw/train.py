@@ -493,6 +493,30 @@ def _interrupts(out: Path, cfg: TrainConfig):
         raise TrainingDiverged(f"{err}; stopped, {kept}; try a lower --lr") from None
 
 
+def data_files(cfg: TrainConfig) -> dict:
+    """``{setting: digest}`` of the user's files the run reads (``dataset``
+    and ``meta`` when they name a CSV, npz or folder; see
+    :func:`gdw.data.sources.files_digest`), so that a reused run can be
+    checked against the files as they are now."""
+    from .data.sources import files_digest
+
+    specs = {"dataset": cfg.dataset, "meta": cfg.meta}
+    digests = {k: files_digest(v) for k, v in specs.items() if v is not None}
+    return {k: v for k, v in digests.items() if v is not None}
+
+
+def changed_data_files(cfg: TrainConfig, run_dir) -> Optional[str]:
+    """Which of the files recorded in ``run_dir/config.json`` changed since
+    (e.g. ``"--dataset csv:data.csv"``), or None (also for runs that recorded
+    none)."""
+    saved = json.loads((Path(run_dir) / "config.json").read_text()).get("data_files") or {}
+    now = data_files(cfg) if saved else {}
+    for key, digest in saved.items():
+        if now.get(key) != digest:
+            return f"--{key} {getattr(cfg, key)}"
+    return None
+
+
 def _config_record(cfg: TrainConfig, data, device, comm: Comm) -> dict:
     """config.json: the settings with paths relative to the run directory,
     plus what was resolved from them."""
@@ -508,6 +532,7 @@ def _config_record(cfg: TrainConfig, data, device, comm: Comm) -> dict:
         "input_shape": list(data.input_shape),
         "preprocess": getattr(data, "preprocess", None),
         "data": data.record,
+        "data_files": data_files(cfg),
         "method_params": cfg.method_params(),
         "fingerprint": cfg.fingerprint(),
         "versions": {"gdw": __version__, "torch": torch.__version__, "numpy": np.__version__,
