@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from ..errors import UserError
 from ..engine import full
 from .base import METHODS, check_bool, check_positive, logit_error
-from .cb import check_class_counts
+from .la import log_prior
 from .mwnet import WeightNetMethod
 
 
@@ -131,8 +131,7 @@ class GDW(WeightNetMethod):
         self.tau = check_positive("tau", tau, allow_zero=True)
         self.log_prior = None  # no adjustment without class counts
         if class_counts is not None and self.tau > 0:
-            counts = check_class_counts(class_counts, self.num_classes).clamp(min=1)
-            self.log_prior = (counts / counts.sum()).log()
+            self.log_prior = log_prior(class_counts, self.num_classes)
 
     def _constrain(self, omega, p, y):
         return zero_mean(omega, p, y) if self.zero_mean else omega

@@ -31,6 +31,13 @@ from .cb import check_class_counts
 from .focal import LossMethod
 
 
+def log_prior(class_counts, num_classes: int) -> torch.Tensor:
+    """log π: the log share of each class among the training labels, float64
+    (C,), a class with no example counted as one. UserError for bad counts."""
+    counts = check_class_counts(class_counts, num_classes).clamp(min=1)
+    return (counts / counts.sum()).log()
+
+
 @METHODS.register("la")
 class LogitAdjusted(LossMethod):
     """Cross-entropy on z + τ log π (training only), batch mean.
@@ -46,8 +53,7 @@ class LogitAdjusted(LossMethod):
     def __init__(self, model, num_classes, *, class_counts=None, tau: float = 1.0, **kw):
         super().__init__(model, num_classes, **kw)
         self.tau = check_positive("tau", tau, allow_zero=True)
-        counts = check_class_counts(class_counts, self.num_classes).clamp(min=1)
-        self.log_prior = (counts / counts.sum()).log()
+        self.log_prior = log_prior(class_counts, self.num_classes)
 
     def loss(self, z, y):
         return F.cross_entropy(z + self.tau * self.log_prior.to(z.device, z.dtype), y)
