@@ -21,6 +21,7 @@ import dataclasses
 import json
 import os
 import socket
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
@@ -264,3 +265,19 @@ def prune(out: Path, pattern: str = "*/summary.json", spare: Iterable[str] = ())
         for f in path.parent.iterdir():
             if f.name not in KEEP:
                 f.unlink()
+
+
+def run_and_report(args, run: Callable, report: Callable, pattern: str = "*/*/summary.json") -> int:
+    """A grid script's main: ``run(args)`` (the failed cells) unless
+    ``--report`` or ``--prune``, then ``report(args)`` (results.md's text,
+    printed), then with ``--prune`` :func:`prune`. 1 if a cell failed, else 0."""
+    args.out.mkdir(parents=True, exist_ok=True)
+    failed = [] if args.report or args.prune else run(args)
+    md = report(args)
+    if md:
+        print(md)
+    if args.prune:
+        prune(args.out, pattern=pattern)
+    for name, message in failed:
+        print(f"failed: {name}: {message}", file=sys.stderr)
+    return 1 if failed else 0

@@ -64,8 +64,10 @@ METHODS = {  # label -> (gdw method, method_args, head_only), in the order of th
     "dm": ("dm", {}, False),
     "gdw-paper": ("gdw", {"stage_one": "mwnet"}, False),  # the paper's algorithm
     "gdw-paper-head": ("gdw", {"stage_one": "mwnet"}, True),  # the same, weighting the output layer only
-    "gdw": ("gdw", {"stage_one": "l2rw", "finetune_fraction": 0.2, "tau": 1.0, "meta_grad": "fd"}, False),  # defaults
-    "gdw-jvp": ("gdw", {"stage_one": "l2rw", "finetune_fraction": 0.2, "tau": 1.0, "meta_grad": "jvp"}, False),
+    "gdw": ("gdw", {"stage_one": "l2rw", "finetune_fraction": 0.2, "tau": 1.0, "meta_grad": "fd",
+                    "weight_norm": "kept"}, False),  # gdw's defaults
+    "gdw-jvp": ("gdw", {"stage_one": "l2rw", "finetune_fraction": 0.2, "tau": 1.0, "meta_grad": "jvp",
+                        "weight_norm": "kept"}, False),
     "cb": ("cb", {}, False),  # the class-balanced loss
     "la": ("la", {}, False),  # logit-adjusted CE
 }

@@ -38,9 +38,12 @@ Settings: ``flip:0.4``, ``uniform:0.6``, ``none`` + ``longtail:100`` and
 ``flip:0.4,none+longtail:100``). Methods: the labels of ``METHODS`` (``la``
 only under imbalance); ``gdw-paper`` is GDW whose first stage is MW-Net's
 weighting network, as in the paper, ``gdw`` is GDW with gdw's defaults
-spelled out, and ``gdw-jvp``, ``gdw-tau0`` and ``gdw-l2rw`` are the default
-with one or more of its parts changed (the exact JVP; no logit adjustment;
-none of fine-tuning, logit adjustment and finite difference).
+spelled out, and ``gdw-jvp``, ``gdw-tau0``, ``gdw-batch`` and ``gdw-l2rw``
+are the default with one or more of its parts changed (the exact JVP; no
+logit adjustment; L2RW's weights scaled to mean one over the batch, the
+default before the design study of ``design_study.py``; none of
+fine-tuning, logit adjustment, finite difference and that scaling change,
+i.e. the class-level step on L2RW alone).
 Seeds 0 and 1.
 
 Hyper-parameters are the same for every method and regime and nothing is
@@ -66,8 +69,8 @@ one resumed, and a process marks the cell it trains with a lock file in
 the exit code is then 1. ``--prune`` deletes from finished cells all but
 ``summary.json``, ``metrics.jsonl`` and ``config.json``, which are committed.
 
-The grid has 368 cells (4 regimes × (2 noisy settings × 11 methods + 2
-imbalanced settings × 12 methods) × 2 seeds). Measured on 2 CPU cores of an
+The grid has 400 cells (4 regimes × (2 noisy settings × 12 methods + 2
+imbalanced settings × 13 methods) × 2 seeds). Measured on 2 CPU cores of an
 AMD EPYC shared with other work, one process at a time with
 OMP_NUM_THREADS=1, torch 2.13.0+cpu, one flip:0.4 cell of 40 epochs took
 (wall-clock, data loading and evaluation included) ``ce`` / ``l2rw``: digits
@@ -112,13 +115,20 @@ METHODS = {  # label -> (gdw method, method_args, head_only); GDW's variants spe
     "l2rw-ft": ("l2rw", {"finetune_fraction": 0.2}, False),
     "mwnet": ("mwnet", {}, False),
     "gdw-paper": ("gdw", {"stage_one": "mwnet", "finetune_fraction": 0.0}, False),  # the paper's algorithm
-    "gdw-l2rw": ("gdw", {"stage_one": "l2rw", "finetune_fraction": 0.0, "tau": 0.0, "meta_grad": "jvp"}, False),
-    "gdw-tau0": ("gdw", {"stage_one": "l2rw", "finetune_fraction": 0.2, "tau": 0.0, "meta_grad": "fd"}, False),
-    "gdw": ("gdw", {"stage_one": "l2rw", "finetune_fraction": 0.2, "tau": 1.0, "meta_grad": "fd"}, False),  # default
-    "gdw-jvp": ("gdw", {"stage_one": "l2rw", "finetune_fraction": 0.2, "tau": 1.0, "meta_grad": "jvp"}, False),
+    "gdw-l2rw": ("gdw", {"stage_one": "l2rw", "finetune_fraction": 0.0, "tau": 0.0, "meta_grad": "jvp",
+                         "weight_norm": "batch"}, False),  # the class-level step on L2RW exactly
+    "gdw-tau0": ("gdw", {"stage_one": "l2rw", "finetune_fraction": 0.2, "tau": 0.0, "meta_grad": "fd",
+                         "weight_norm": "kept"}, False),
+    "gdw-batch": ("gdw", {"stage_one": "l2rw", "finetune_fraction": 0.2, "tau": 1.0, "meta_grad": "fd",
+                          "weight_norm": "batch"}, False),  # the default before weight_norm="kept"
+    "gdw": ("gdw", {"stage_one": "l2rw", "finetune_fraction": 0.2, "tau": 1.0, "meta_grad": "fd",
+                    "weight_norm": "kept"}, False),  # gdw's defaults
+    "gdw-jvp": ("gdw", {"stage_one": "l2rw", "finetune_fraction": 0.2, "tau": 1.0, "meta_grad": "jvp",
+                        "weight_norm": "kept"}, False),
 }
 IMBALANCE_ONLY = {"la"}
-RUN_ORDER = ["ce", "gdw", "l2rw", "mwnet", "gdw-paper", "gdw-l2rw", "finetune", "l2rw-ft", "gdw-jvp", "gdw-tau0", "dm", "la"]
+RUN_ORDER = ["ce", "gdw", "l2rw", "mwnet", "gdw-paper", "gdw-l2rw", "finetune", "l2rw-ft", "gdw-batch", "gdw-jvp",
+             "gdw-tau0", "dm", "la"]
 SETTINGS = [  # (noise, imbalance)
     ("flip:0.4", "none"),
     ("uniform:0.6", "none"),
@@ -277,18 +287,24 @@ def run_dir_name(regime, noise, imbalance, label, seed) -> str:
 
 def run_grid(args) -> list[tuple[str, str]]:
     """Train the selected cells (see :func:`grid.run_grid`); the failed ones."""
+    data = {regime: prepare_regime(regime, args.data, args.out) for regime in REGIMES if regime in args.datasets}
+    todo = [(run_dir_name(regime, noise, imbalance, label, seed),
+             cell_config(*data[regime], noise, imbalance, METHODS[label], seed, args.epochs, args.device))
+            for regime, noise, imbalance, label, seed in cells(args.datasets, args.methods, args.settings, args.seeds)]
+    return grid.run_grid(args.out, todo, args.shard, keep_going=True, verify=True)
+
+
+def cell_config(dataset, meta_per_class, noise, imbalance, method, seed, epochs, device, val_per_class=0):
+    """The ``TrainConfig`` of one cell: ``method`` is a ``METHODS`` value
+    ``(gdw method, method_args, head_only)``; every other hyper-parameter is
+    the grid's own."""
     from gdw.train import TrainConfig
 
-    data = {regime: prepare_regime(regime, args.data, args.out) for regime in REGIMES if regime in args.datasets}
-    todo = []
-    for regime, noise, imbalance, label, seed in cells(args.datasets, args.methods, args.settings, args.seeds):
-        method, method_args, head = METHODS[label]
-        dataset, mpc = data[regime]
-        todo.append((run_dir_name(regime, noise, imbalance, label, seed), TrainConfig(
-            dataset=dataset, noise=noise, imbalance=imbalance, method=method, method_args=dict(method_args),
-            head_only=head, seed=seed, model="mlp", epochs=args.epochs, batch_size=100, meta_batch_size=100, lr=0.1,
-            meta_per_class=mpc, progress=False, device=args.device)))
-    return grid.run_grid(args.out, todo, args.shard, keep_going=True, verify=True)
+    name, method_args, head = method
+    return TrainConfig(dataset=dataset, noise=noise, imbalance=imbalance, method=name, method_args=dict(method_args),
+                       head_only=head, seed=seed, model="mlp", epochs=epochs, batch_size=100, meta_batch_size=100,
+                       lr=0.1, meta_per_class=meta_per_class, val_per_class=val_per_class, progress=False,
+                       device=device)
 
 
 # ----------------------------------------------------------------------------- the report
@@ -624,19 +640,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
-    failed = []
-    if not args.report and not args.prune:
-        failed = run_grid(args)
-    md = report(args)
-    if md:
-        print(md)
-    if args.prune:
-        grid.prune(args.out, pattern="*/*/summary.json")
-    for name, message in failed:
-        print(f"failed: {name}: {message}", file=sys.stderr)
-    return 1 if failed else 0
+    return grid.run_and_report(parse_args(argv), run_grid, report)
 
 
 if __name__ == "__main__":

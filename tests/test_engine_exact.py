@@ -32,12 +32,15 @@ def virtual_params(model, params, surrogate):
 
 
 def reference(name, model, vnet, x, y, xm, ym, *, head_only=False, eta=None, clip=0.2, omega_min=1e-6,
-              omega_max=1e6, p_max=0.999, zero_mean=True, stage_one="mwnet", shift=None, info=None):
+              omega_max=1e6, p_max=0.999, zero_mean=True, stage_one="mwnet", weight_norm="kept", shift=None,
+              info=None):
     """One step of ``name`` computed independently. Returns (weights, grads, vnet').
 
     GDW's options (η, c, ω clamp, p_max, zero-mean) are those of the paper;
     ``shift`` (C,) is the logit adjustment τ·log π added to the logits
-    inside GDW's softmax (default none);
+    inside GDW's softmax (default none); ``weight_norm`` the scaling of
+    stage one's L2RW weights (``"batch"``: to mean one over the batch,
+    ``"kept"``: to mean one over the examples with a positive weight);
     ``info`` (a dict) receives, for GDW, the meta loss, the stage-one v and
     how many entries the clip, the ω clamp and the p clamp changed, so that a
     test can check that an option was really in effect.
@@ -91,7 +94,8 @@ def reference(name, model, vnet, x, y, xm, ym, *, head_only=False, eta=None, cli
         L = meta_loss_at(m, {**params, **virtual_params(m, virt, (omega0 * e * z).sum() / B)}, xm, ym)
         (g,) = torch.autograd.grad(L, [omega0])
         w = (-g.sum(1)).clamp(min=0)  # L2RW's weights, then scaled to mean one
-        v = B * w / w.sum() if w.sum() > 0 else w
+        k = B if weight_norm == "batch" else int((w > 0).sum())  # ... over the batch or over those kept
+        v = k * w / w.sum() if w.sum() > 0 else w
         omega, V = constrain(v[:, None].expand(B, C)), None
     else:
         v = V(losses)
@@ -144,26 +148,57 @@ CASES = [
 @pytest.mark.parametrize("mode,head_only,low_memory", [("jvp", False, False), ("double", False, False),
                                                        ("jvp", True, False), ("jvp", False, True)])
 @pytest.mark.parametrize("eta", [3.0, None])
-def test_gdw_on_l2rw_stage_one_matches_reference(kind, mode, head_only, low_memory, eta):
+@pytest.mark.parametrize("weight_norm", [None, "batch"])
+def test_gdw_on_l2rw_stage_one_matches_reference(kind, mode, head_only, low_memory, eta, weight_norm):
     """GDW with L2RW's instance weights as stage one, against the reference
-    (the meta-gradient of per-logit weights at θ' = θ by create_graph)."""
+    (the meta-gradient of per-logit weights at θ' = θ by create_graph), with
+    the default scaling (mean one over the kept examples) and L2RW's own."""
     model = make_model(kind)
     x, y = make_batch(kind, B, 1)
     xm, ym = make_batch(kind, BM, 2)
     before = copy.deepcopy(model)
-    kw = {"meta_grad": mode, "head_only": head_only, "low_memory": low_memory, "stage_one": "l2rw", "eta": eta}
+    kw = {"meta_grad": mode, "head_only": head_only, "low_memory": low_memory, "stage_one": "l2rw", "eta": eta,
+          **({"weight_norm": weight_norm} if weight_norm else {})}
     method, _, stats = run_method("gdw", model, x, y, xm, ym, **kw)
     assert not hasattr(method, "vnet") and method.state_dict() == {}
+    assert method.weight_norm == (weight_norm or "kept")
     info = {}
     w_ref, g_ref, _ = reference("gdw", before, None, x, y, xm, ym, head_only=head_only, eta=eta,
-                                stage_one="l2rw", info=info)
+                                stage_one="l2rw", weight_norm=weight_norm or "kept", info=info)
     torch.testing.assert_close(stats.weights, w_ref.detach(), rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(stats.instance_weights.mean(), torch.tensor(1.0, dtype=torch.float64))
+    v = stats.instance_weights
+    mean = v.mean() if weight_norm == "batch" else v[v > 0].mean()
+    torch.testing.assert_close(mean, torch.tensor(1.0, dtype=torch.float64))
     torch.testing.assert_close(stats.instance_weights, info["v"], rtol=1e-10, atol=1e-10)
     for (n, p), g in zip(model.named_parameters(), g_ref):
         torch.testing.assert_close(p.grad, g, rtol=1e-10, atol=1e-10, msg=f"gradient of {n}")
     if eta is None:
         assert info["clipped"] > 0  # at the default η the clip is in effect
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+@pytest.mark.parametrize("mode", ["jvp", "double"])
+def test_gdw_weights_scaled_over_the_kept_examples_matches_reference(kind, mode):
+    """weight_norm="kept": L2RW's weights scaled to mean one over the examples
+    whose weight is positive, against the reference; the batch must have
+    examples at zero for the two scalings to differ (checked)."""
+    model = make_model(kind)
+    x, y = make_batch(kind, B, 1)
+    xm, ym = make_batch(kind, BM, 2)
+    before = copy.deepcopy(model)
+    method, _, stats = run_method("gdw", model, x, y, xm, ym, meta_grad=mode, weight_norm="kept", tau=0.0)
+    info = {}
+    w_ref, g_ref, _ = reference("gdw", before, None, x, y, xm, ym, stage_one="l2rw", weight_norm="kept", info=info)
+    v = stats.instance_weights
+    kept = v > 0
+    assert 0 < int(kept.sum()) < B  # some examples are dropped, so "kept" is not "batch"
+    torch.testing.assert_close(v[kept].mean(), torch.tensor(1.0, dtype=torch.float64))
+    torch.testing.assert_close(v, info["v"], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(stats.weights, w_ref.detach(), rtol=1e-10, atol=1e-10)
+    for (n, p), g in zip(model.named_parameters(), g_ref):
+        torch.testing.assert_close(p.grad, g, rtol=1e-10, atol=1e-10, msg=f"gradient of {n}")
+    _, g_batch, _ = reference("gdw", before, None, x, y, xm, ym, stage_one="l2rw", weight_norm="batch")
+    assert max(float((a - b).abs().max()) for a, b in zip(g_ref, g_batch)) > 1e-6
 
 
 @pytest.mark.parametrize("kind", ["mlp", "cnn"])

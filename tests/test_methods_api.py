@@ -151,6 +151,8 @@ def test_make_rejects_unknown_names_and_parameters():
         gdw.make("gdw", model, C, clip=-1)
     with pytest.raises(ValueError, match="stage_one must be one of mwnet, l2rw, got 'dm'"):
         gdw.make("gdw", model, C, stage_one="dm")
+    with pytest.raises(ValueError, match="weight_norm must be one of batch, kept, got 'mean'"):
+        gdw.make("gdw", model, C, weight_norm="mean")
 
 
 def test_head_only_needs_a_head_that_produces_the_logits():

@@ -81,6 +81,7 @@ def test_own_csv_adds_no_noise_and_issues_point_at_the_users_rows(birds, birds_r
     metrics = [json.loads(line) for line in (birds_run / "metrics.jsonl").read_text().splitlines()]
     assert summary["test_accuracy_at_best_val"] == metrics[summary["best_val_epoch"] - 1]["test_accuracy"]
     assert summary["best_val_accuracy"] == max(m["val_accuracy"] for m in metrics)
+    assert summary["final_val_accuracy"] == pytest.approx(np.mean([m["val_accuracy"] for m in metrics[-5:]]))
     best = torch.load(birds_run / "best.pt", weights_only=False)
     assert best["epoch"] == summary["best_val_epoch"]
 

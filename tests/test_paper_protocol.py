@@ -31,7 +31,7 @@ def test_grid_skips_finished_cells_and_tabulates_the_csv(protocol, tmp_path, cap
     assert (tmp_path / "uniform0.4_none_gdw-paper_s0").is_dir() and (tmp_path / "uniform0.4_none_gdw_s0").is_dir()
     for cell, method_args in (("uniform0.4_none_gdw-paper_s1", {"stage_one": "mwnet"}),
                               ("uniform0.4_none_gdw_s1", {"stage_one": "l2rw", "finetune_fraction": 0.2, "tau": 1.0,
-                                                          "meta_grad": "fd"})):
+                                                          "meta_grad": "fd", "weight_norm": "kept"})):
         config = json.loads((tmp_path / cell / "config.json").read_text())
         assert config["method"] == "gdw" and config["method_args"] == method_args
     stamps = {p: p.stat().st_mtime_ns for p in summaries}
@@ -123,7 +123,7 @@ def test_the_grid_of_the_paper_protocol():
         assert labels == [m for m in common + extra for _ in (0, 1)]
     assert module.METHODS["gdw-paper"] == ("gdw", {"stage_one": "mwnet"}, False)
     assert module.METHODS["gdw-paper-head"] == ("gdw", {"stage_one": "mwnet"}, True)
-    default = {"stage_one": "l2rw", "finetune_fraction": 0.2, "tau": 1.0, "meta_grad": "fd"}
+    default = {"stage_one": "l2rw", "finetune_fraction": 0.2, "tau": 1.0, "meta_grad": "fd", "weight_norm": "kept"}
     assert module.METHODS["gdw"] == ("gdw", default, False)
     assert module.METHODS["gdw-jvp"] == ("gdw", {**default, "meta_grad": "jvp"}, False)
     from gdw.methods import resolved_params  # "gdw" spells out gdw's defaults

@@ -425,3 +425,28 @@ def test_gdw_train_adjusts_by_the_training_labels_counts():
     paper = build(TrainConfig(dataset="digits", imbalance="longtail:10", method="gdw", epochs=1,
                               method_args={"stage_one": "mwnet"}), torch.device("cpu"), Comm())[3]
     assert paper.log_prior is None
+
+
+@pytest.mark.parametrize("stage_one,default,same", [
+    ("mwnet", "batch", True),  # the paper's mode: what older runs did
+    ("l2rw", "batch", True),  # the scaling runs made before weight_norm existed used
+    ("l2rw", "kept", False),  # a default that differs from it: another result
+])
+def test_a_parameter_added_since_a_run_is_judged_by_the_value_that_run_used(monkeypatch, stage_one, default, same):
+    """A run recorded before a method parameter existed (its config.json
+    lacks it) equals a new run only if the new run's value is the one the old
+    run had in effect (``Method.ADDED_PARAMS``), so adding a parameter does
+    not make every earlier result stale, and a default that differs does."""
+    from gdw.methods import GDW
+    from gdw.train import TrainConfig
+
+    old = TrainConfig(dataset="digits", method="gdw", method_args={"stage_one": stage_one})
+    saved = old.method_params()
+    del saved["weight_norm"]
+    old.saved_method_params = saved
+    stages = {k: dict(v) for k, v in GDW.STAGE_DEFAULTS.items()}
+    stages[stage_one]["weight_norm"] = default
+    monkeypatch.setattr(GDW, "STAGE_DEFAULTS", stages)
+    new = TrainConfig(dataset="digits", method="gdw", method_args={"stage_one": stage_one})
+    assert new.method_params()["weight_norm"] == default
+    assert new.first_difference(old) == (None if same else ("method parameter weight_norm", "kept", "batch"))

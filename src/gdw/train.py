@@ -175,7 +175,9 @@ class TrainConfig:
         a, b = self.result_settings(), other.result_settings()
         saved = getattr(other, "saved_method_params", None)
         if saved is not None:
-            b["method_params"] = saved
+            from .methods import recorded_params
+
+            b["method_params"] = recorded_params(other.method, saved)
         for k in a:
             if k != "method_params" and (only is None or k in only) and a[k] != b.get(k):
                 return k, a[k], b.get(k)
@@ -577,4 +579,5 @@ def _best_val(history) -> dict:
         return {}
     k = int(np.argmax(vals))
     return {"best_val_epoch": k + 1, "best_val_accuracy": vals[k],
-            "test_accuracy_at_best_val": history[k]["test_accuracy"]}
+            "test_accuracy_at_best_val": history[k]["test_accuracy"],
+            "final_val_accuracy": float(np.mean(vals[-min(5, len(vals)):]))}

@@ -238,6 +238,9 @@ class Method:
     needs_meta = False  # True: backward needs x_meta, y_meta
     needs_inner_lr = False  # True: backward needs the learning rate of a virtual step
     needs_class_counts = False  # True: the constructor takes class_counts= (training-label counts)
+    # parameters added after runs were recorded without them -> the value those runs used, so that
+    # an older run whose behaviour the new parameter leaves unchanged is still recognised as equal
+    ADDED_PARAMS: dict = {}
 
     def __init__(self, model: nn.Module, num_classes: int, *, optimizer: Optional[torch.optim.Optimizer] = None,
                  output: Optional[Callable[[Any], torch.Tensor]] = None, comm: Optional[Comm] = None,

@@ -5,9 +5,11 @@ G = ω ⊙ e / B, with p clamped at 0.999 in e = p − onehot(y). Per step:
 
 1. Stage one, instance weights v copied to every class, ω_ij = v_i:
    ``stage_one="mwnet"`` (the paper): v_i = V(ℓ_i) from the weighting
-   network; ``stage_one="l2rw"``: v_i = B · max(−Σ_j g_ij, 0) / Σ_k max(·)
-   from the meta-gradient at θ itself (Learning to Reweight's weights, mean
-   one), so there is no virtual step at all.
+   network; ``stage_one="l2rw"``: w_i = max(−Σ_j g_ij, 0) from the
+   meta-gradient at θ itself (Learning to Reweight's weights), so there is no
+   virtual step at all, scaled by ``weight_norm``: ``"batch"`` v_i = B·w_i/Σ_k w_k
+   (mean one over the batch, L2RW's own scaling), ``"kept"`` v_i = K·w_i/Σ_k w_k
+   with K the number of examples with w_k > 0 (mean one over the examples kept).
 2. Zero-mean constraint: Σ_j ω_ij e_ij = 0 for every example, by setting
    only the labelled column: ω_{i,y_i} = Σ_{j≠y_i} ω_ij p_ij / (1 − p_{i,y_i}).
 3. mwnet: virtual step θ' = θ − α J_zᵀ (ω ⊙ e) / B; L_meta on the meta batch.
@@ -59,6 +61,7 @@ def zero_mean(omega: torch.Tensor, p: torch.Tensor, y: torch.Tensor) -> torch.Te
 
 
 STAGE_ONE = ("mwnet", "l2rw")
+WEIGHT_NORM = ("batch", "kept")
 
 
 @METHODS.register("gdw")
@@ -77,6 +80,11 @@ class GDW(WeightNetMethod):
             meta-gradient at θ; no virtual step, no V: ``hidden``,
             ``meta_lr`` and ``meta_weight_decay`` are then unused) or
             ``"mwnet"`` (the paper: MW-Net's weighting network V).
+        weight_norm: how L2RW's weights are scaled (``stage_one="l2rw"``
+            only): ``"kept"`` (default), to mean one over the examples whose
+            weight is above zero, so that dropping examples shrinks the step
+            rather than inflating the weights of the rest; or ``"batch"``,
+            to mean one over the batch (L2RW's own scaling).
         finetune_fraction: the share of the last epochs trained with plain
             cross-entropy on the meta set (see :class:`Method`); default 0.2
             with ``stage_one="l2rw"``, 0 with ``"mwnet"`` (the paper).
@@ -96,25 +104,31 @@ class GDW(WeightNetMethod):
 
     needs_class_counts = True  # for the logit adjustment (tau); optional when calling it directly
     # the defaults that follow stage_one: the paper's algorithm with "mwnet", gdw's own with "l2rw"
-    STAGE_DEFAULTS = {"l2rw": {"finetune_fraction": 0.2, "tau": 1.0, "meta_grad": "fd"},
-                      "mwnet": {"finetune_fraction": 0.0, "tau": 0.0, "meta_grad": "jvp"}}
+    STAGE_DEFAULTS = {"l2rw": {"finetune_fraction": 0.2, "tau": 1.0, "meta_grad": "fd", "weight_norm": "kept"},
+                      "mwnet": {"finetune_fraction": 0.0, "tau": 0.0, "meta_grad": "jvp", "weight_norm": "batch"}}
+    ADDED_PARAMS = {"weight_norm": "batch"}  # what runs recorded before weight_norm existed used
 
     @classmethod
     def resolve_params(cls, params: dict) -> dict:
         defaults = cls.STAGE_DEFAULTS.get(params.get("stage_one", "l2rw"), {})
         return {**params, **{k: v for k, v in defaults.items() if params.get(k) is None}}
 
-    def __init__(self, model, num_classes, *, stage_one: str = "l2rw", eta: float | None = None, clip: float = 0.2,
+    def __init__(self, model, num_classes, *, stage_one: str = "l2rw", weight_norm: str | None = None,
+                 eta: float | None = None, clip: float = 0.2,
                  omega_min: float = 1e-6, omega_max: float = 1e6, p_max: float = 0.999,
                  zero_mean: bool = True, finetune_fraction: float | None = None, tau: float | None = None,
                  meta_grad: str | None = None, class_counts=None, **kw):
         if stage_one not in STAGE_ONE:
             raise UserError(f"stage_one must be one of {', '.join(STAGE_ONE)}, got {stage_one!r}")
         resolved = self.resolve_params({"stage_one": stage_one, "finetune_fraction": finetune_fraction,
-                                        "tau": tau, "meta_grad": meta_grad})
-        finetune_fraction, tau, meta_grad = (resolved[k] for k in ("finetune_fraction", "tau", "meta_grad"))
+                                        "tau": tau, "meta_grad": meta_grad, "weight_norm": weight_norm})
+        finetune_fraction, tau, meta_grad, weight_norm = (
+            resolved[k] for k in ("finetune_fraction", "tau", "meta_grad", "weight_norm"))
         super().__init__(model, num_classes, finetune_fraction=finetune_fraction, meta_grad=meta_grad, **kw)
         self.stage_one = stage_one
+        if weight_norm not in WEIGHT_NORM:
+            raise UserError(f"weight_norm must be one of {', '.join(WEIGHT_NORM)}, got {weight_norm!r}")
+        self.weight_norm = weight_norm
         if stage_one == "l2rw":
             self.virtual_step = False
             del self.vnet, self.vopt  # no weighting network
@@ -156,7 +170,9 @@ class GDW(WeightNetMethod):
             g = dA * e / n
             w = (-g.sum(1)).clamp(min=0)
             total = fwd.comm.sum(w.sum())
-            v = torch.where(total > 0, n * w / total.clamp(min=torch.finfo(w.dtype).tiny), torch.zeros_like(w))
+            # mean one over the batch, or over the examples that keep a weight (summed over ranks)
+            k = n if self.weight_norm == "batch" else fwd.comm.sum((w > 0).sum().to(w.dtype))
+            v = torch.where(total > 0, k * w / total.clamp(min=torch.finfo(w.dtype).tiny), torch.zeros_like(w))
             omega = self._constrain(v[:, None].expand(B, C), p, y)
         else:
             losses = F.cross_entropy(full(z), y, reduction="none")

@@ -1,0 +1,66 @@
+"""The design study decides from validation accuracy alone: its table and
+decision checked against a hand-worked example, and one real cell end to end."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "design_study.py"
+
+
+@pytest.fixture
+def ds():
+    sys.path.insert(0, str(SCRIPT.parent))
+    spec = importlib.util.spec_from_file_location("design_study", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def rows_for(ds, values):
+    """Rows as results.csv has them: ``values[(regime, setting)] = (batch
+    seeds, kept seeds)`` as fractions; test accuracies opposite to them."""
+    rows = []
+    for (regime, (noise, imbalance)), pair in values.items():
+        for label, accs in zip(ds.CANDIDATES, pair):
+            for seed, a in enumerate(accs):
+                rows.append({"dataset": regime, "noise": noise, "imbalance": imbalance, "method": label,
+                             "seed": seed, "final_val_accuracy": str(a), "final_test_accuracy": str(1 - a)})
+    return rows
+
+
+def test_decision_is_the_higher_mean_validation_accuracy(ds):
+    flip, tail = ("flip:0.4", "none"), ("none", "longtail:100")
+    rows = rows_for(ds, {("digits", flip): ((0.90, 0.80), (0.70, 0.72)),  # batch 85, kept 71: −14
+                         ("tabular", tail): ((0.50, 0.52), (0.60, 0.64))})  # batch 51, kept 62: +11
+    table, cells, overall = ds.decide(rows)
+    assert cells == [pytest.approx([85.0, 71.0]), pytest.approx([51.0, 62.0])]
+    assert overall == pytest.approx({"gdw-batch": 68.0, "gdw-kept": 66.5})  # test accuracy is not read
+    assert "| digits · flip:0.4 | 85.00 | 71.00 | -14.00 |" in table
+    assert "| tabular · longtail:100 | 51.00 | 62.00 | +11.00 |" in table
+    assert "higher in 1 of 2 cells (differences from -14.00 to +11.00 points)" in table
+
+
+def test_a_cell_with_a_missing_seed_is_left_out(ds):
+    rows = rows_for(ds, {("digits", ("flip:0.4", "none")): ((0.9, 0.8), (0.7,))})
+    _, cells, overall = ds.decide(rows)
+    assert cells == [] and overall == {}
+
+
+def test_study_trains_with_a_validation_split_and_labels_its_runs(ds, tmp_path):
+    """One regime for one epoch: every run has a clean validation split of
+    the meta set's size and is reported under its candidate label."""
+    out = tmp_path / "out"
+    assert ds.main(["--datasets", "digits", "--epochs", "1", "--out", str(out)]) == 0
+    summaries = sorted(out.glob("digits/*/summary.json"))
+    assert len(summaries) == 16
+    for path in summaries:
+        config = json.loads((path.parent / "config.json").read_text())
+        assert config["val_per_class"] == config["meta_per_class"] == 13
+        assert config["method_params"]["weight_norm"] in ("batch", "kept")
+        assert path.parent.name.split("_")[-2] == f"gdw-{config['method_params']['weight_norm']}"
+    md = (out / "results.md").read_text()
+    assert "No decision yet: 16 of 64 runs finished." in md
