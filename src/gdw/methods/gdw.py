@@ -7,9 +7,10 @@ G = ω ⊙ e / B, with p clamped at 0.999 in e = p − onehot(y). Per step:
    ``stage_one="mwnet"`` (the paper): v_i = V(ℓ_i) from the weighting
    network; ``stage_one="l2rw"``: w_i = max(−Σ_j g_ij, 0) from the
    meta-gradient at θ itself (Learning to Reweight's weights), so there is no
-   virtual step at all, scaled by ``weight_norm``: ``"batch"`` v_i = B·w_i/Σ_k w_k
-   (mean one over the batch, L2RW's own scaling), ``"kept"`` v_i = K·w_i/Σ_k w_k
-   with K the number of examples with w_k > 0 (mean one over the examples kept).
+   virtual step at all, scaled by ``weight_norm``: ``"kept"`` (default)
+   v_i = K·w_i/Σ_k w_k with K the number of examples with w_k > 0 (mean one
+   over the examples kept), ``"batch"`` v_i = B·w_i/Σ_k w_k (mean one over
+   the batch, L2RW's own scaling).
 2. Zero-mean constraint: Σ_j ω_ij e_ij = 0 for every example, by setting
    only the labelled column: ω_{i,y_i} = Σ_{j≠y_i} ω_ij p_ij / (1 − p_{i,y_i}).
 3. mwnet: virtual step θ' = θ − α J_zᵀ (ω ⊙ e) / B; L_meta on the meta batch.
@@ -68,8 +69,9 @@ WEIGHT_NORM = ("batch", "kept")
 class GDW(WeightNetMethod):
     """Generalized Data Weighting: class-level weights learned on a meta set.
 
-    The default is GDW on L2RW's stage one, with the logit-adjusted loss and
-    ending with fine-tuning on the meta set: it holds up where the network
+    The default is GDW on L2RW's stage one (its weights scaled to mean one
+    over the examples they keep), with the logit-adjusted loss and ending
+    with fine-tuning on the meta set: it holds up where the network
     memorises fast and under class imbalance (README, "Which method when").
     ``stage_one="mwnet"`` is the paper's algorithm exactly (and then no
     adjustment and no fine-tuning unless asked for).
