@@ -50,17 +50,20 @@ def test_a_cell_with_a_missing_seed_is_left_out(ds):
     assert cells == [] and overall == {}
 
 
-def test_study_trains_with_a_validation_split_and_labels_its_runs(ds, tmp_path):
-    """One regime for one epoch: every run has a clean validation split of
-    the meta set's size and is reported under its candidate label."""
+def test_study_trains_with_a_validation_split_and_labels_its_runs(ds, tmp_path, monkeypatch):
+    """One regime, setting and seed for one epoch: every run has a clean
+    validation split of the meta set's size and is reported under its
+    candidate label."""
+    monkeypatch.setattr(ds.rb, "SETTINGS", [("flip:0.4", "none")])
+    monkeypatch.setattr(ds.rb, "SEEDS", [0])
     out = tmp_path / "out"
     assert ds.main(["--datasets", "digits", "--epochs", "1", "--out", str(out)]) == 0
     summaries = sorted(out.glob("digits/*/summary.json"))
-    assert len(summaries) == 16
+    assert len(summaries) == 2
     for path in summaries:
         config = json.loads((path.parent / "config.json").read_text())
         assert config["val_per_class"] == config["meta_per_class"] == 13
         assert config["method_params"]["weight_norm"] in ("batch", "kept")
         assert path.parent.name.split("_")[-2] == f"gdw-{config['method_params']['weight_norm']}"
     md = (out / "results.md").read_text()
-    assert "No decision yet: 16 of 64 runs finished." in md
+    assert "No decision yet: 2 of 8 runs finished." in md  # 4 regimes × 1 setting × 1 seed × 2 candidates
