@@ -1,5 +1,5 @@
 """Write a small "own data" example: a CSV whose labels are partly wrong, a
-hand-checked CSV, and a CSV of new unlabelled rows.
+hand-checked CSV, a CSV of new unlabelled rows and the same rows labelled.
 
     python examples/noisy_csv.py DIR
 
@@ -7,7 +7,9 @@ From scikit-learn's bundled digits (no download): 1,497 rows in random order
 with string labels ("zero" … "nine"), 30% of them changed to another digit
 (``DIR/data.csv``; the truth is kept apart in ``DIR/truth.csv`` only so that
 the walkthrough in the README can check the results), 20 correct rows per
-class (``DIR/checked.csv``) and 100 unlabelled rows (``DIR/new.csv``).
+class (``DIR/checked.csv``), 100 unlabelled rows (``DIR/new.csv``) and the
+same 100 rows with their correct labels (``DIR/test.csv``: a test set you
+checked by hand, for ``--test``).
 """
 
 import csv
@@ -43,10 +45,11 @@ def main(out: Path) -> None:
     write(out / "data.csv", x[data], [NAMES[k] for k in given])
     write(out / "checked.csv", x[checked], [NAMES[k] for k in y[checked]])
     write(out / "new.csv", x[new])
+    write(out / "test.csv", x[new], [NAMES[k] for k in y[new]])
     with open(out / "truth.csv", "w", newline="") as f:
         csv.writer(f).writerows([["row", "true_digit"]] + [[i, NAMES[k]] for i, k in enumerate(y[data])])
     print(f"wrote {out}/data.csv ({len(data)} rows, {wrong.mean():.0%} wrong labels), checked.csv "
-          f"({len(checked)} rows), new.csv ({len(new)} rows), truth.csv")
+          f"({len(checked)} rows), new.csv and test.csv ({len(new)} rows), truth.csv")
 
 
 if __name__ == "__main__":

@@ -139,7 +139,7 @@ def test_torchrun_equals_one_process_end_to_end(tmp_path, meta_grad):
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                           "-m", "gdw", *flags, "--out", str(tmp_path / "two")],
                          capture_output=True, text=True, env=env, timeout=600)
-    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.returncode == 0, two.stderr[:3000] + "\n...\n" + two.stderr[-3000:]  # the cause is near the top
     one = subprocess.run([sys.executable, "-m", "gdw", *flags, "--out", str(tmp_path / "one")],
                          capture_output=True, text=True, env=env, timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]

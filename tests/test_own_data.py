@@ -476,3 +476,78 @@ def test_files_digest_follows_the_files(tmp_path):
     third = files_digest(f"folder:{folder}")
     assert len({first, second, third}) == 3
     assert files_digest("digits") is None and files_digest("fashion-mnist") is None
+
+
+# ------------------------------------------------------------------ your own test set (test=)
+
+def test_a_given_test_csv_is_the_test_split_and_the_whole_file_trains(tmp_path):
+    """test=: the hand-checked CSV is the test split, row by row, labels by
+    name; the training CSV is not split, so every row is training, meta or
+    validation."""
+    rows = noisy_csv(tmp_path / "data.csv")
+    clean_csv(tmp_path / "checked.csv")
+    test_rows = clean_csv(tmp_path / "test.csv", per_class=(3, 2, 4), seed=5)
+    d = prepare(f"csv:{tmp_path / 'data.csv'}", meta=f"csv:{tmp_path / 'checked.csv'}",
+                test=f"csv:{tmp_path / 'test.csv'}", val_per_class=1, seed=2)
+    read = read_csv_rows(tmp_path / "test.csv")
+    assert len(d.test) == len(test_rows) == 9
+    assert d.test.source_file == str(tmp_path / "test.csv")
+    for i, r in enumerate(d.test.source_rows):
+        np.testing.assert_array_equal(d.test.store.x[d.test.index[i]].numpy(), features(read[r]))
+        assert d.classes[int(d.test.labels[i])] == read[r]["label"]
+    # preprocessed with the training statistics, like the meta set
+    xt, _ = all_batches(d.test)
+    raw = np.stack([features(r) for r in read])
+    np.testing.assert_allclose(xt.numpy(), (raw - d.train.view.mean.numpy()) / d.train.view.std.numpy(), atol=1e-5)
+    assert sorted(d.train.source_rows.tolist()) == list(range(len(rows)))  # no test split taken out
+    assert d.record["test"] == f"csv:{tmp_path / 'test.csv'}" and d.record["counts"]["test"] == [3, 2, 4]
+    assert d.record["source_files"]["test"] == str(tmp_path / "test.csv")
+    assert d.record["n_train_left_out_as_in_test"] == 0 and d.record["warnings"] == []
+    assert d.record["order"].startswith("test set given")
+    # without test=: the usual stratified split of the file
+    plain = prepare(f"csv:{tmp_path / 'data.csv'}", meta=f"csv:{tmp_path / 'checked.csv'}", seed=2)
+    assert plain.record["test"] is None and plain.test.source_file == str(tmp_path / "data.csv")
+    assert len(plain.train) + len(plain.test) == len(rows)
+
+
+def test_training_rows_equal_to_test_rows_are_left_out_of_every_other_split(tmp_path):
+    """Rows copied from the training file into the test set (labels
+    corrected) must not be trained on, nor drawn for the meta or validation
+    sets: the test accuracy would be measured on examples seen in training."""
+    rows = noisy_csv(tmp_path / "data.csv", n_per_class=30)
+    copied = [0, 4, 9, 17, 25, 38, 52, 60, 71, 88]
+    write_csv(tmp_path / "test.csv", ["a", "label", "b", "c"],
+              [[rows[i][0], NAMES[k % 3], rows[i][2], rows[i][3]] for k, i in enumerate(copied)])
+    for seed in range(3):  # meta and validation drawn from the training file itself
+        d = prepare(f"csv:{tmp_path / 'data.csv'}", test=f"csv:{tmp_path / 'test.csv'}", meta_per_class=5,
+                    val_per_class=3, seed=seed)
+        for split in (d.train, d.meta, d.val):
+            assert not set(copied) & set(split.source_rows.tolist())
+        used = set(d.train.source_rows.tolist()) | set(d.meta.source_rows.tolist()) | set(d.val.source_rows.tolist())
+        assert used == set(range(len(rows))) - set(copied)
+        assert d.record["n_train_left_out_as_in_test"] == len(copied)
+        assert any("10 training examples" in w and "test set" in w for w in d.record["warnings"])
+
+
+def test_a_given_test_set_with_an_unknown_class_or_no_labels_is_refused(tmp_path):
+    noisy_csv(tmp_path / "data.csv")
+    clean_csv(tmp_path / "wolf.csv", labels=["cat", "dog", "wolf"])
+    with pytest.raises(UserError) as e:
+        prepare(f"csv:{tmp_path / 'data.csv'}", test=f"csv:{tmp_path / 'wolf.csv'}")
+    one_line_error(e, "'wolf'", "wolf.csv")
+    write_csv(tmp_path / "nolabel.csv", ["a", "b", "c"], [["1", "2", "3"]])
+    with pytest.raises(UserError) as e:
+        prepare(f"csv:{tmp_path / 'data.csv'}", test=f"csv:{tmp_path / 'nolabel.csv'}")
+    one_line_error(e, "no label column 'label'")
+    with pytest.raises(UserError) as e:
+        prepare(f"csv:{tmp_path / 'data.csv'}", test=f"csv:{tmp_path / 'missing.csv'}")
+    one_line_error(e, "missing.csv")
+
+
+def test_a_given_test_folder_replaces_the_split_of_an_image_folder(tmp_path):
+    image_folder(tmp_path / "imgs", per_class=(6, 5, 7))
+    image_folder(tmp_path / "held", per_class=(2, 2, 3), seed=4)
+    d = prepare(f"folder:{tmp_path / 'imgs'}", test=f"folder:{tmp_path / 'held'}", meta_per_class=1, seed=0)
+    assert len(d.train) + len(d.meta) == 18 and len(d.test) == 7
+    assert d.test.labels.tolist() == [0, 0, 1, 1, 2, 2, 2]
+    assert all(p.split("/")[0] == NAMES[int(c)] for p, c in zip(d.test.source_paths, d.test.labels))

@@ -244,10 +244,19 @@ def test_the_readme_example_data(tmp_path):
 
     script = Path(__file__).resolve().parents[1] / "examples" / "noisy_csv.py"
     subprocess.run([sys.executable, str(script), str(tmp_path)], check=True, capture_output=True)
-    data, checked, new = (read_rows(tmp_path / f) for f in ("data.csv", "checked.csv", "new.csv"))
+    data, checked, new, test = (read_rows(tmp_path / f) for f in ("data.csv", "checked.csv", "new.csv", "test.csv"))
     truth = read_rows(tmp_path / "truth.csv")
-    assert (len(data), len(checked), len(new), len(truth)) == (1497, 200, 100, 1497)
+    assert (len(data), len(checked), len(new), len(test), len(truth)) == (1497, 200, 100, 100, 1497)
     assert "digit" not in new[0] and len(new[0]) == 64
+    assert [{k: v for k, v in r.items() if k != "digit"} for r in test] == new  # the same rows, labelled
+    from sklearn.datasets import load_digits  # ... with their true labels, looked up independently
+
+    x, y = load_digits(return_X_y=True)
+    names = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+    by_pixels = {}
+    for row, label in zip(x.astype(int), y):
+        by_pixels.setdefault(tuple(row), set()).add(names[label])
+    assert all(r["digit"] in by_pixels[tuple(int(r[f"px{i}"]) for i in range(64))] for r in test)
     wrong = np.mean([t["true_digit"] != d["digit"] for t, d in zip(truth, data)])
     assert 0.27 < wrong < 0.33
 

@@ -410,6 +410,38 @@ def test_resume_refuses_data_edited_since_the_run_started(tmp_path, capsys):
     assert _snapshot(out) == before
 
 
+def test_train_with_your_own_test_set_measures_on_it_and_keeps_it(tmp_path, capsys):
+    """--test csv:PATH: the run's test accuracy is on that file (here its
+    labels are the truth, so a model that learnt anything scores far above
+    the noisy-label ceiling), config.json records it with its digest, and a
+    resume after the test file was edited is refused."""
+    rng = np.random.default_rng(0)
+
+    def rows(n, flip):
+        out = []
+        for i in range(n):
+            c = i % 2
+            label = ["x", "y"][1 - c if flip and i % 5 == 0 else c]
+            out.append(f"{rng.normal(3 * c):.4f},{rng.normal():.4f},{label}")
+        return out
+
+    data, test = tmp_path / "data.csv", tmp_path / "test.csv"
+    data.write_text("\n".join(["a,b,label"] + rows(300, flip=True)) + "\n")
+    test_lines = ["label,b,a"] + [",".join(reversed(line.split(","))) for line in rows(60, flip=False)]
+    test.write_text("\n".join(test_lines) + "\n")
+    out = tmp_path / "run"
+    assert main(["train", "--dataset", f"csv:{data}", "--test", f"csv:{test}", "--method", "ce", "--epochs", "10",
+                 "--no-progress", "--out", str(out)]) == 0
+    assert "(270 train, 30 meta, 60 test" in capsys.readouterr().out  # no test split taken out of data.csv
+    config = json.loads((out / "config.json").read_text())
+    assert config["test"] == "csv:../test.csv" and set(config["data_files"]) == {"dataset", "test"}  # relative to the run
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["final_test_accuracy"] > 0.85  # against labels with 20% flipped it could not exceed ~0.8
+    test.write_text("\n".join(test_lines[:1] + ["y" + line[1:] if line[0] == "x" else line for line in test_lines[1:]]) + "\n")
+    code, err = run_cli(["train", "--out", str(out), "--resume"], capsys)
+    assert code == 2 and "test" in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_gdw_train_adjusts_by_the_training_labels_counts():
     """gdw train gives GDW (and la) the counts of the training labels as
     drawn (after the imbalance and the meta draw), so τ log π is the log of

@@ -117,6 +117,8 @@ def _add_train_flags(p: argparse.ArgumentParser, grid: bool = False) -> None:
                        "or npz:PATH (arrays x, y); labels matched to the training classes by name")
     add("--meta-per-class", type=int, help="clean meta examples per class (default: all of --meta; else 100 when "
                                            "C <= 10, else 10, at most a tenth of the smallest class)")
+    add("--test", help="your own labelled test set (e.g. hand-checked), used as the test split: csv:PATH, "
+                       "folder:PATH or npz:PATH, read like --meta; the dataset is then not split, all of it trains")
     add("--val-per-class", type=int, help="clean validation examples per class, taken from the clean source and "
                                           "kept apart: val_accuracy per epoch, best.pt, the epoch chosen on it (default 0)")
     add("--early-stop", type=int, metavar="K", help="stop after K epochs without a better validation accuracy")

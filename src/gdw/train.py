@@ -79,6 +79,7 @@ class TrainConfig:
     meta: Optional[str] = None
     meta_per_class: Optional[int] = None
     val_per_class: int = 0
+    test: Optional[str] = None
     early_stop: Optional[int] = None
     label_column: str = "label"
     test_fraction: float = 0.2
@@ -129,8 +130,10 @@ class TrainConfig:
                 raise UserError(f"{flag(name)} must be a non-empty string, got {getattr(self, name)!r}")
         if self.early_stop is not None and not self.val_per_class and not self.meta:
             raise UserError("--early-stop needs a validation split: give --val-per-class N")
-        if self.meta is not None and (not isinstance(self.meta, str) or not self.meta):
-            raise UserError(f"--meta must be a dataset spec such as csv:PATH, got {self.meta!r}")
+        for name in ("meta", "test"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise UserError(f"--{name} must be a dataset spec such as csv:PATH, got {value!r}")
         if not isinstance(self.method_args, dict):
             raise UserError(f"--method-args must be key=value pairs, got {self.method_args!r}")
         reserved = sorted(set(self.method_args) & set(RESERVED_METHOD_ARGS))
@@ -211,7 +214,7 @@ class TrainConfig:
 def _map_paths(cfg: TrainConfig, fn) -> dict:
     """The path-bearing settings of ``cfg`` with ``fn`` applied to each path."""
     out = {}
-    for name in ("dataset", "noise", "meta"):
+    for name in ("dataset", "noise", "meta", "test"):
         value = getattr(cfg, name)
         for prefix in PATH_PREFIXES:
             if isinstance(value, str) and value.startswith(prefix) and len(value) > len(prefix):
@@ -352,7 +355,7 @@ def build(cfg: TrainConfig, device: torch.device, comm: Comm):
     torch.manual_seed(cfg.seed)
     data = prepare(cfg.dataset, noise=cfg.noise, imbalance=cfg.imbalance, meta_per_class=cfg.meta_per_class,
                    seed=cfg.seed, data_root=cfg.data_root, download=cfg.download, label_column=cfg.label_column,
-                   test_fraction=cfg.test_fraction, meta=cfg.meta, val_per_class=cfg.val_per_class)
+                   test_fraction=cfg.test_fraction, meta=cfg.meta, val_per_class=cfg.val_per_class, test=cfg.test)
     C = data.num_classes
     method_cls = METHODS.get(cfg.method)
     model = create_model(cfg.model, data.input_shape, C).to(device)
@@ -496,13 +499,13 @@ def _interrupts(out: Path, cfg: TrainConfig):
 
 
 def data_files(cfg: TrainConfig) -> dict:
-    """``{setting: digest}`` of the user's files the run reads (``dataset``
-    and ``meta`` when they name a CSV, npz or folder; see
+    """``{setting: digest}`` of the user's files the run reads (``dataset``,
+    ``meta`` and ``test`` when they name a CSV, npz or folder; see
     :func:`gdw.data.sources.files_digest`), so that a reused run can be
     checked against the files as they are now."""
     from .data.sources import files_digest
 
-    specs = {"dataset": cfg.dataset, "meta": cfg.meta}
+    specs = {"dataset": cfg.dataset, "meta": cfg.meta, "test": cfg.test}
     digests = {k: files_digest(v) for k, v in specs.items() if v is not None}
     return {k: v for k, v in digests.items() if v is not None}
 

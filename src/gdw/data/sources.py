@@ -134,10 +134,13 @@ def search_dirs(name: str, data_root=None) -> list[Path]:
 
 def stratified_split(labels: np.ndarray, fraction: float, seed: int = SPLIT_SEED):
     """Split positions into (train, test), sorted int64: round(fraction * n_c) of each
-    class c go to test, keeping at least one example of every class in train."""
+    class c go to test, keeping at least one example of every class in train. Fraction 0
+    (the test set is given separately): everything is train."""
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float, np.floating)) \
-            or not 0 < fraction < 1:
-        raise UserError(f"test_fraction must be strictly between 0 and 1, got {fraction!r}")
+            or not 0 <= fraction < 1:
+        raise UserError(f"test_fraction must be in [0, 1), got {fraction!r}")
+    if fraction == 0:
+        return np.arange(len(labels), dtype=np.int64), np.zeros(0, dtype=np.int64)
     rng = np.random.default_rng(seed)
     test = []
     for c in np.unique(labels):

@@ -284,7 +284,7 @@ def _count(x: int, noun: str) -> str:
 
 
 def prepare(dataset="digits", noise="none", imbalance="none", meta_per_class=None, seed=0, *,
-            meta=None, val_per_class=0, data_root=None, download=False, label_column="label",
+            meta=None, val_per_class=0, test=None, data_root=None, download=False, label_column="label",
             test_fraction=0.2, image_size=None, stream=None, num_workers=0,
             mirror=None) -> Prepared:
     """Read a dataset and build noisy/imbalanced training, clean meta (and validation) and
@@ -310,6 +310,12 @@ def prepare(dataset="digits", noise="none", imbalance="none", meta_per_class=Non
             array). Labels are matched to the training classes by name; every class needs
             an example. Preprocessed exactly like the training data (its normalisation).
             Training examples with the very same inputs are left out of training.
+        test: your own labelled test set (``csv:PATH``, ``folder:PATH``, ``npz:PATH``, read
+            and matched to the classes like ``meta``), e.g. hand-checked examples, used as the
+            test split instead of the dataset's own: a csv / folder / digits dataset is then
+            not split (``test_fraction`` unused) and all of it is for training. Training
+            examples with the very same inputs as a test example are left out of training
+            and of the meta and validation draws.
         val_per_class: examples per class in a validation set (``Prepared.val``), taken
             from the clean source -- ``meta`` when given, the meta set shipped with the
             data, else the training array by true label -- disjoint from the meta and
@@ -345,9 +351,11 @@ def prepare(dataset="digits", noise="none", imbalance="none", meta_per_class=Non
         raise UserError(f"noise {nspec.text!r} is for dataset {CIFAR_N[nspec.kind][0]!r}, "
                         f"not {dataset!r}")
     src = load_source(dataset, data_root=data_root, download=download, mirror=mirror,
-                      label_column=label_column, test_fraction=test_fraction,
+                      label_column=label_column, test_fraction=0 if test is not None else test_fraction,
                       image_size=image_size, stream=stream)
     C = len(src.classes)
+    given_test = None if test is None else read_examples(
+        test, source_format(src), src.classes, what="the test set", need_labels=True)
     nspec = parse_noise(nspec, C)
     rng_meta, rng_imb, rng_noise, rng_val = (np.random.default_rng(s)
                                              for s in np.random.SeedSequence(int(seed)).spawn(4))
@@ -356,6 +364,10 @@ def prepare(dataset="digits", noise="none", imbalance="none", meta_per_class=Non
     n = len(src.y_train)
     observed = src.y_train
     true = src.y_train if src.y_train_true is None else src.y_train_true
+    in_test = np.zeros(n, dtype=bool)  # training examples with the inputs of a given test example
+    if given_test is not None:
+        in_test = _same_inputs(src.x_train, np.arange(n), given_test.store, np.arange(len(given_test.labels)))
+        true = np.where(in_test, -1, true)  # never drawn for the meta / validation sets
     record_extra = {}
     if nspec.kind in CIFAR_N:
         observed, key, file = read_cifar_n(nspec.kind, nspec.key, nspec.path, data_root, n, C)
@@ -380,7 +392,7 @@ def prepare(dataset="digits", noise="none", imbalance="none", meta_per_class=Non
         source, all_mode, what = "provided clean pool", False, "the provided clean set"
     else:
         pool, source, all_mode, what = None, "train", False, "the training set"
-    train_pos = np.arange(n)
+    train_pos = np.flatnonzero(~in_test)
     meta_idx = val_idx = None
     if pool is None:
         k = int(K)
@@ -454,8 +466,11 @@ def prepare(dataset="digits", noise="none", imbalance="none", meta_per_class=Non
         meta_split = make("meta", store, meta_idx, labels[meta_idx], labels[meta_idx], origin)
     if val_idx is not None:
         val_split = make("val", store, val_idx, labels[val_idx], labels[val_idx], origin)
-    test_pos = np.arange(len(src.y_test))
-    test = make("test", src.x_test, test_pos, src.y_test, src.y_test, src.origin("test"))
+    if given_test is None:
+        test = make("test", src.x_test, np.arange(len(src.y_test)), src.y_test, src.y_test, src.origin("test"))
+    else:
+        g = given_test
+        test = make("test", g.store, np.arange(len(g.labels)), g.labels, g.labels, g.origin)
 
     clean = pool is not None or src.clean or src.y_train_true is not None
     warnings = []
@@ -473,6 +488,11 @@ def prepare(dataset="digits", noise="none", imbalance="none", meta_per_class=Non
         warnings.append(f"{_count(removed, 'training example')} with exactly the inputs of an "
                         f"example of {given.name} {'was' if removed == 1 else 'were'} left out "
                         f"of the training set.")
+    if in_test.any():
+        k = int(in_test.sum())
+        warnings.append(f"{_count(k, 'training example')} with exactly the inputs of an example of "
+                        f"the test set {given_test.name} {'was' if k == 1 else 'were'} left out of the "
+                        f"training set.")
     if given is not None and not used:
         warnings.append(f"The meta set {given.name} was not used (meta_per_class=0, "
                         f"val_per_class=0).")
@@ -485,7 +505,7 @@ def prepare(dataset="digits", noise="none", imbalance="none", meta_per_class=Non
         "train_noisy": _ints(np.bincount(noisy_tr, minlength=C)),
         "train_true": _ints(np.bincount(true_tr[known], minlength=C)),
         "meta": counts_of(meta_split), "val": counts_of(val_split),
-        "test": _ints(np.bincount(src.y_test, minlength=C)),
+        "test": _ints(np.bincount(test.labels.numpy(), minlength=C)),
     }
     meta_source = "none" if meta_split is None else source
     val_source = "none" if val_split is None else source
@@ -503,12 +523,14 @@ def prepare(dataset="digits", noise="none", imbalance="none", meta_per_class=Non
         "n_val": 0 if val_split is None else len(val_split),
         "n_test": len(test), "n_train_true_unknown": int((~known).sum()),
         "n_train_left_out_as_in_meta": removed,
+        "test": None if given_test is None else given_test.name,
+        "n_train_left_out_as_in_test": int(in_test.sum()),
         "realised_noise_rate": realised_noise_rate(true_tr, noisy_tr) if known.any() else None,
         "requested_transition": None if T is None else T.tolist(),
         "realised_transition": realised_transition(true_tr, noisy_tr, C).tolist()
         if known.any() else None,
         "counts": counts,
-        "order": "test split (fixed) -> meta (" + {
+        "order": ("test set given" if given_test is not None else "test split (fixed)") + " -> meta (" + {
             "given": "given", "provided": "provided", "provided clean pool": "provided pool",
             "train": "by true class" if clean else "by the given labels"}[source]
         + (") -> val (same source" if val_split is not None else "")
