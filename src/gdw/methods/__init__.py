@@ -58,13 +58,14 @@ def make(name: str, model, num_classes: int, **hparams) -> Method:
     return cls(model, num_classes, **hparams)
 
 
-__all__ = ["METHODS", "Method", "MetaMethod", "Stats", "resolved_params", "CE", "GDW", "L2RW", "MWNet", "WeightNet", "make", "zero_mean",
-           "CB", "DM", "Finetune", "Focal", "GCE", "LDAM", "LogitAdjusted", "LossMethod", "SCE"]
-
-
 def recorded_params(name: str, saved: dict) -> dict:
     """The method parameters saved in a run's config.json, completed with the
     values that parameters added since then had in such a run
     (``Method.ADDED_PARAMS``); ``saved`` itself when the method is unknown."""
     cls = METHODS.get(name) if name in METHODS else None
     return {**getattr(cls, "ADDED_PARAMS", {}), **saved}
+
+
+__all__ = ["METHODS", "Method", "MetaMethod", "Stats", "resolved_params", "CE", "GDW", "L2RW", "MWNet", "WeightNet", "make", "zero_mean",
+           "CB", "DM", "Finetune", "Focal", "GCE", "LDAM", "LogitAdjusted", "LossMethod", "SCE"]
+

@@ -171,9 +171,9 @@ class GDW(WeightNetMethod):
             meta_loss, dA = self.meta_step(fwd, None, x_meta, y_meta, lr)
             g = dA * e / n
             w = (-g.sum(1)).clamp(min=0)
-            total = fwd.comm.sum(w.sum())
-            # mean one over the batch, or over the examples that keep a weight (summed over ranks)
-            k = n if self.weight_norm == "batch" else fwd.comm.sum((w > 0).sum().to(w.dtype))
+            # mean one over the batch, or over the examples that keep a weight (both sums over ranks, one collective)
+            total, kept = fwd.comm.sum(torch.stack([w.sum(), (w > 0).sum().to(w.dtype)]))
+            k = n if self.weight_norm == "batch" else kept
             v = torch.where(total > 0, k * w / total.clamp(min=torch.finfo(w.dtype).tiny), torch.zeros_like(w))
             omega = self._constrain(v[:, None].expand(B, C), p, y)
         else:
