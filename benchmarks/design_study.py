@@ -13,18 +13,28 @@ digits; drawn by true label, disjoint from the meta and training sets, so
 training has that many fewer examples than in the suite), and decides from
 the validation accuracy alone.
 
-The question (``CANDIDATES``): how L2RW's instance weights are scaled in
-GDW's stage one. ``"batch"`` (mean one over the batch, L2RW's own scaling)
-gives the few examples that keep a weight a large one when most of a batch
-is dropped -- late in training under class imbalance most examples of the
-frequent classes are; ``"kept"`` (mean one over the examples with a weight
-above zero) leaves their scale at one, so that dropping examples shrinks
-the step instead of inflating the rest. Everything else is gdw's default.
+The questions (``QUESTIONS``, each a pair of ``CANDIDATES`` that differ in
+one choice; everything else is gdw's default of the time, spelled out):
 
-The rule, fixed before the runs: the candidate with the higher mean
-validation accuracy (last 5 epochs, mean over seeds 0 and 1, then over the
-16 regime × setting cells) becomes the default. The per-cell differences are
-reported alongside, so that a mean carried by a few cells is visible.
+1. ``weight_norm``: how L2RW's instance weights are scaled in GDW's stage
+   one. ``"batch"`` (mean one over the batch, L2RW's own scaling) gives the
+   few examples that keep a weight a large one when most of a batch is
+   dropped -- late in training under class imbalance most examples of the
+   frequent classes are; ``"kept"`` (mean one over the examples with a
+   weight above zero) leaves their scale at one, so that dropping examples
+   shrinks the step instead of inflating the rest. Decided: ``"kept"``.
+2. ``class_grad``: which gradient the class-level step follows. ``"raw"``
+   (the paper's) is ∂L_meta/∂ω of the constrained ω; the zero-mean
+   constraint then overwrites the labelled column, so the step is taken
+   along a gradient that includes a part the constraint removes (a shift of
+   an example's row of g by a multiple of e_i, from the softmax-invariant
+   common shift of its logits). ``"constrained"`` is the gradient with
+   respect to the weights the step can change, through the constraint.
+
+The rule, fixed before each question's runs: the candidate with the higher
+mean validation accuracy (last 5 epochs, mean over seeds 0 and 1, then over
+the 16 regime × setting cells) becomes the default. The per-cell differences
+are reported alongside, so that a mean carried by a few cells is visible.
 ``results.csv`` also has the test accuracies; they play no part here.
 """
 
@@ -41,11 +51,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import grid  # noqa: E402
 import robustness as rb  # noqa: E402
 
-DEFAULT = rb.METHODS["gdw"][1]  # gdw's defaults, spelled out (weight_norm set below)
+BASE = {"stage_one": "l2rw", "finetune_fraction": 0.2, "tau": 1.0, "meta_grad": "fd"}  # common to all
 CANDIDATES = {  # label -> (gdw method, method_args, head_only), as in robustness.METHODS
-    "gdw-batch": ("gdw", {**DEFAULT, "weight_norm": "batch"}, False),
-    "gdw-kept": ("gdw", {**DEFAULT, "weight_norm": "kept"}, False),
+    "gdw-batch": ("gdw", {**BASE, "weight_norm": "batch", "class_grad": "raw"}, False),
+    "gdw-kept": ("gdw", {**BASE, "weight_norm": "kept", "class_grad": "raw"}, False),
+    "gdw-constrained": ("gdw", {**BASE, "weight_norm": "kept", "class_grad": "constrained"}, False),
 }
+QUESTIONS = [  # (the choice, the incumbent, the challenger)
+    ("weight_norm", "gdw-batch", "gdw-kept"),
+    ("class_grad", "gdw-kept", "gdw-constrained"),
+]
 DEFAULT_OUT = Path(__file__).parent / "results" / "design"
 
 
@@ -63,17 +78,17 @@ def label(summary: dict, run_dir: Path) -> str:
     return grid.method_label(CANDIDATES, summary, run_dir)
 
 
-def decide(rows: list[dict]) -> tuple[str, list[tuple], dict]:
-    """``(markdown table, cells, means)``: per regime and setting the mean
-    over seeds of each candidate's last-5-epoch validation accuracy (%),
-    ``means`` over the cells every candidate finished."""
+def decide(rows: list[dict], names: tuple[str, str]) -> tuple[str, list[tuple], dict]:
+    """``(markdown table, cells, means)`` for the two candidates ``names``:
+    per regime and setting the mean over seeds of each one's last-5-epoch
+    validation accuracy (%), ``means`` over the cells both finished."""
     from gdw.report import setting_label
 
     acc = {}
     for r in rows:
         acc.setdefault((r["dataset"], r["noise"], r["imbalance"], r["method"]), []).append(
             100 * float(r["final_val_accuracy"]))
-    names = list(CANDIDATES)
+    names = list(names)
     lines = ["| regime · setting | " + " | ".join(names) + f" | {names[1]} − {names[0]} |",
              "|---|" + "---|" * (len(names) + 1)]
     cells = []
@@ -107,20 +122,26 @@ def report(args) -> str:
     tmp = args.out / f".results.{os.getpid()}.csv"
     write_results_csv(rows, tmp, extra_fields=["final_val_accuracy", "best_val_accuracy", "best_val_epoch"])
     os.replace(tmp, args.out / "results.csv")
-    table, cells, overall = decide(rows)
-    expected = len(rb.SEEDS) * len(rb.REGIMES) * len(rb.SETTINGS) * len(CANDIDATES)
-    if len(rows) == expected and len(cells) == len(rb.REGIMES) * len(rb.SETTINGS):
-        winner = max(overall, key=overall.get)
-        verdict = (f"Decision by the rule: **{winner}** (mean validation accuracy {overall[winner]:.2f}% against "
-                   + ", ".join(f"{m} {v:.2f}%" for m, v in overall.items() if m != winner) + ").")
-    else:
-        verdict = f"No decision yet: {len(rows)} of {expected} runs finished."
+    sections = []
+    for choice, *names in QUESTIONS:
+        table, cells, overall = decide(rows, names)
+        expected = len(rb.SEEDS) * len(rb.REGIMES) * len(rb.SETTINGS) * len(names)
+        finished = sum(r["method"] in names for r in rows)
+        if finished == expected and len(cells) == len(rb.REGIMES) * len(rb.SETTINGS):
+            winner = max(overall, key=overall.get)
+            verdict = (f"Decision by the rule: **{winner}** (mean validation accuracy {overall[winner]:.2f}% against "
+                       + ", ".join(f"{m} {v:.2f}%" for m, v in overall.items() if m != winner) + ").")
+        else:
+            verdict = f"No decision yet: {finished} of {expected} runs finished."
+        sections += [f"## `{choice}`: {names[0]} against {names[1]}\n", table, verdict + "\n"]
     md = "\n".join([
-        "# Design study: GDW's stage-one weight scaling, on validation accuracy\n",
+        "# Design study: choices in GDW's default, on validation accuracy\n",
         "Regimes, settings, seeds and hyper-parameters of the robustness suite, with a clean validation split of "
         "the meta set's size per class taken out of the training data. Validation accuracy (%): mean of the last "
-        "5 epochs, mean over seeds 0 and 1. Test accuracy played no part (it is in results.csv).\n",
-        table, verdict + "\n",
+        "5 epochs, mean over seeds 0 and 1. Test accuracy played no part (it is in results.csv). Each question "
+        "compares two candidates that differ in one choice; the rule (the higher mean validation accuracy) was "
+        "fixed before its runs.\n",
+        *sections,
         "## Provenance\n",
         grid.provenance(args.out, "python benchmarks/design_study.py", pattern="*/*/config.json",
                         note=" (in any number of processes at once; `--report` writes this file)"),

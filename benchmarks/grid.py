@@ -145,10 +145,21 @@ def method_label(table: dict, summary: dict, run: Path) -> str:
     run's summary records them; a run that matches no entry gets its plain
     label with its arguments, e.g. ``gdw(stage_one=mwnet)``, so that it is
     never reported under a label it was not run as."""
+    from gdw.methods import METHODS, recorded_params, resolved_params
+
     key = (summary["method"], summary.get("method_args") or {}, bool(summary.get("head_only")))
     for label, (method, method_args, head) in table.items():
         if (method, method_args, head) == key:
             return label
+    # arguments spelled otherwise (e.g. a parameter added since the run spelled out at the value the run had):
+    # the entry whose parameters, defaults resolved, are those the run's config.json records
+    config = run / "config.json"
+    saved = json.loads(config.read_text()).get("method_params") if config.is_file() else None
+    if saved is not None and key[0] in METHODS:
+        have = recorded_params(key[0], saved)
+        for label, (method, method_args, head) in table.items():
+            if (method, head) == (key[0], key[2]) and resolved_params(method, {**method_args, "head_only": head}) == have:
+                return label
     args = ",".join(f"{k}={v}" for k, v in key[1].items())
     return plain_label(summary, run) + (f"({args})" if args else "")
 

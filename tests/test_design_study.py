@@ -20,12 +20,13 @@ def ds():
     return module
 
 
-def rows_for(ds, values):
-    """Rows as results.csv has them: ``values[(regime, setting)] = (batch
-    seeds, kept seeds)`` as fractions; test accuracies opposite to them."""
+def rows_for(ds, values, labels=("gdw-batch", "gdw-kept")):
+    """Rows as results.csv has them: ``values[(regime, setting)] = (first
+    label's seeds, second label's seeds)`` as fractions; test accuracies
+    opposite to them."""
     rows = []
     for (regime, (noise, imbalance)), pair in values.items():
-        for label, accs in zip(ds.CANDIDATES, pair):
+        for label, accs in zip(labels, pair):
             for seed, a in enumerate(accs):
                 rows.append({"dataset": regime, "noise": noise, "imbalance": imbalance, "method": label,
                              "seed": seed, "final_val_accuracy": str(a), "final_test_accuracy": str(1 - a)})
@@ -36,7 +37,7 @@ def test_decision_is_the_higher_mean_validation_accuracy(ds):
     flip, tail = ("flip:0.4", "none"), ("none", "longtail:100")
     rows = rows_for(ds, {("digits", flip): ((0.90, 0.80), (0.70, 0.72)),  # batch 85, kept 71: −14
                          ("tabular", tail): ((0.50, 0.52), (0.60, 0.64))})  # batch 51, kept 62: +11
-    table, cells, overall = ds.decide(rows)
+    table, cells, overall = ds.decide(rows, ("gdw-batch", "gdw-kept"))
     assert cells == [pytest.approx([85.0, 71.0]), pytest.approx([51.0, 62.0])]
     assert overall == pytest.approx({"gdw-batch": 68.0, "gdw-kept": 66.5})  # test accuracy is not read
     assert "| digits · flip:0.4 | 85.00 | 71.00 | -14.00 |" in table
@@ -46,8 +47,21 @@ def test_decision_is_the_higher_mean_validation_accuracy(ds):
 
 def test_a_cell_with_a_missing_seed_is_left_out(ds):
     rows = rows_for(ds, {("digits", ("flip:0.4", "none")): ((0.9, 0.8), (0.7,))})
-    _, cells, overall = ds.decide(rows)
+    _, cells, overall = ds.decide(rows, ("gdw-batch", "gdw-kept"))
     assert cells == [] and overall == {}
+
+
+def test_each_question_compares_its_own_pair(ds):
+    """Rows of a third candidate do not enter the other question's table,
+    and each question's pair differs in the one choice it names."""
+    flip = ("flip:0.4", "none")
+    rows = (rows_for(ds, {("digits", flip): ((0.90, 0.80), (0.70, 0.72))})
+            + rows_for(ds, {("digits", flip): ((0.10, 0.20),)}, labels=("gdw-constrained",)))
+    _, cells, overall = ds.decide(rows, ("gdw-kept", "gdw-constrained"))
+    assert cells == [pytest.approx([71.0, 15.0])] and overall == pytest.approx({"gdw-kept": 71.0, "gdw-constrained": 15.0})
+    for choice, a, b in ds.QUESTIONS:
+        args_a, args_b = ds.CANDIDATES[a][1], ds.CANDIDATES[b][1]
+        assert {k for k in args_a if args_a[k] != args_b.get(k)} == {choice}
 
 
 def test_study_trains_with_a_validation_split_and_labels_its_runs(ds, tmp_path, monkeypatch):
@@ -59,11 +73,13 @@ def test_study_trains_with_a_validation_split_and_labels_its_runs(ds, tmp_path, 
     out = tmp_path / "out"
     assert ds.main(["--datasets", "digits", "--epochs", "1", "--out", str(out)]) == 0
     summaries = sorted(out.glob("digits/*/summary.json"))
-    assert len(summaries) == 2
+    assert len(summaries) == 3
     for path in summaries:
         config = json.loads((path.parent / "config.json").read_text())
         assert config["val_per_class"] == config["meta_per_class"] == 13
-        assert config["method_params"]["weight_norm"] in ("batch", "kept")
-        assert path.parent.name.split("_")[-2] == f"gdw-{config['method_params']['weight_norm']}"
+        params = config["method_params"]
+        label = {("batch", "raw"): "gdw-batch", ("kept", "raw"): "gdw-kept",
+                 ("kept", "constrained"): "gdw-constrained"}[params["weight_norm"], params["class_grad"]]
+        assert path.parent.name.split("_")[-2] == label
     md = (out / "results.md").read_text()
-    assert "No decision yet: 2 of 8 runs finished." in md  # 4 regimes × 1 setting × 1 seed × 2 candidates
+    assert md.count("No decision yet: 2 of 8 runs finished.") == 2  # 4 regimes × 1 setting × 1 seed × 2 candidates

@@ -33,7 +33,7 @@ def virtual_params(model, params, surrogate):
 
 def reference(name, model, vnet, x, y, xm, ym, *, head_only=False, eta=None, clip=0.2, omega_min=1e-6,
               omega_max=1e6, p_max=0.999, zero_mean=True, stage_one="mwnet", weight_norm="kept", shift=None,
-              info=None):
+              class_grad="raw", info=None):
     """One step of ``name`` computed independently. Returns (weights, grads, vnet').
 
     GDW's options (η, c, ω clamp, p_max, zero-mean) are those of the paper;
@@ -41,6 +41,10 @@ def reference(name, model, vnet, x, y, xm, ym, *, head_only=False, eta=None, cli
     inside GDW's softmax (default none); ``weight_norm`` the scaling of
     stage one's L2RW weights (``"batch"``: to mean one over the batch,
     ``"kept"``: to mean one over the examples with a positive weight);
+    ``class_grad`` what the class-level step follows (``"raw"``: the
+    gradient with respect to the constrained ω; ``"constrained"``: with
+    respect to the unconstrained weights that the constraint maps to ω, by
+    autograd through ``constrain``);
     ``info`` (a dict) receives, for GDW, the meta loss, the stage-one v and
     how many entries the clip, the ω clamp and the p clamp changed, so that a
     test can check that an option was really in effect.
@@ -97,12 +101,17 @@ def reference(name, model, vnet, x, y, xm, ym, *, head_only=False, eta=None, cli
         k = B if weight_norm == "batch" else int((w > 0).sum())  # ... over the batch or over those kept
         v = k * w / w.sum() if w.sum() > 0 else w
         omega, V = constrain(v[:, None].expand(B, C)), None
+        if class_grad == "constrained":  # L_meta is linear in ω at θ' = θ: the gradient at zero serves
+            free = torch.zeros(B, C, dtype=torch.float64, requires_grad=True)
+            Lc = meta_loss_at(m, {**params, **virtual_params(m, virt, (constrain(free) * e * z).sum() / B)}, xm, ym)
+            (g,) = torch.autograd.grad(Lc, [free])
     else:
         v = V(losses)
-        omega = constrain(v[:, None].expand(B, C))
+        free = v[:, None].expand(B, C)
+        omega = constrain(free)
         surrogate = (omega * e * z).sum() / B  # ∇_θ = J_zᵀ (ω ⊙ e) / B
         L = meta_loss_at(m, {**params, **virtual_params(m, virt, surrogate)}, xm, ym)
-        out = torch.autograd.grad(L, [omega] + list(V.parameters()))
+        out = torch.autograd.grad(L, [omega if class_grad == "raw" else free] + list(V.parameters()))
         g, vgrads = out[0], out[1:]
         adam_step(V, vgrads)
     raw = eta * g / g.abs().sum()
@@ -174,6 +183,70 @@ def test_gdw_on_l2rw_stage_one_matches_reference(kind, mode, head_only, low_memo
         torch.testing.assert_close(p.grad, g, rtol=1e-10, atol=1e-10, msg=f"gradient of {n}")
     if eta is None:
         assert info["clipped"] > 0  # at the default η the clip is in effect
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+@pytest.mark.parametrize("mode,head_only", [("jvp", False), ("double", False), ("jvp", True), ("fd_central", False)])
+def test_gdw_constrained_class_grad_on_l2rw_matches_reference(kind, mode, head_only):
+    """class_grad="constrained" on L2RW's stage one: the class-level step
+    follows the gradient with respect to the weights the constraint leaves
+    free (the reference differentiates through its own ``constrain``), the
+    instance weights are L2RW's as before, and the step differs from the
+    raw one (so the option is in effect)."""
+    model = make_model(kind)
+    x, y = make_batch(kind, B, 1)
+    xm, ym = make_batch(kind, BM, 2)
+    before = copy.deepcopy(model)
+    method, _, stats = run_method("gdw", model, x, y, xm, ym, meta_grad=mode, head_only=head_only, tau=0.0,
+                                  class_grad="constrained")
+    assert method.class_grad == "constrained"
+    info = {}
+    w_ref, g_ref, _ = reference("gdw", before, None, x, y, xm, ym, head_only=head_only, stage_one="l2rw",
+                                class_grad="constrained", info=info)
+    tol = 1e-10 if mode != "fd_central" else 1e-5  # a finite difference: its own error, measured in test_meta_grad_fd
+    torch.testing.assert_close(stats.instance_weights, info["v"], rtol=tol, atol=tol)
+    torch.testing.assert_close(stats.weights, w_ref.detach(), rtol=tol, atol=tol)
+    for (n, p), g in zip(model.named_parameters(), g_ref):
+        torch.testing.assert_close(p.grad, g, rtol=tol, atol=tol, msg=f"gradient of {n}")
+    raw_w, _, _ = reference("gdw", before, None, x, y, xm, ym, head_only=head_only, stage_one="l2rw")
+    assert float((raw_w - w_ref).abs().max()) > 1e-3
+
+
+def test_zero_mean_grad_is_the_gradient_through_the_constraint():
+    """zero_mean_grad(g) = ∂⟨g, Z(ω)⟩/∂ω by autograd through an independent
+    Z (ω_{i,y_i} = −Σ_{j≠y_i} ω_ij e_ij / e_{i,y_i}); it vanishes on the
+    labelled column and does not see a shift of a row of g by a multiple of
+    e_i (the part of the meta-gradient the constraint removes)."""
+    from gdw.methods.gdw import zero_mean_grad
+
+    gen = torch.Generator().manual_seed(0)
+    Bn, Cn = 7, 5
+    y = torch.randint(0, Cn, (Bn,), generator=gen)
+    p = F.softmax(3 * torch.randn(Bn, Cn, generator=gen, dtype=torch.float64), 1).clamp(max=0.9)
+    g = torch.randn(Bn, Cn, generator=gen, dtype=torch.float64)
+    onehot = F.one_hot(y, Cn).double()
+    e = p - onehot
+    omega = torch.rand(Bn, Cn, generator=gen, dtype=torch.float64, requires_grad=True)
+    label = -(omega * e * (1 - onehot)).sum(1) / (e * onehot).sum(1)
+    constrained = omega * (1 - onehot) + label[:, None] * onehot
+    (expected,) = torch.autograd.grad((g * constrained).sum(), [omega])
+    got = zero_mean_grad(g, p, y)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    assert float((got * onehot).abs().max()) == 0.0
+    k = torch.randn(Bn, 1, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(zero_mean_grad(g + k * e, p, y), got, rtol=1e-12, atol=1e-12)
+    assert float((g - expected).abs().max()) > 1e-2  # and it is not g itself
+
+
+def test_gdw_class_grad_defaults_and_errors():
+    """The paper mode keeps the raw gradient; a run recorded before the
+    parameter existed counts as raw; an unknown value is a one-line error."""
+    from gdw.methods import recorded_params
+
+    assert gdw.make("gdw", make_model("mlp"), C, stage_one="mwnet").class_grad == "raw"
+    assert recorded_params("gdw", {"stage_one": "l2rw"})["class_grad"] == "raw"
+    with pytest.raises(gdw.UserError, match="class_grad must be one of raw, constrained"):
+        gdw.make("gdw", make_model("mlp"), C, class_grad="projected")
 
 
 @pytest.mark.parametrize("kind", ["mlp", "cnn"])
@@ -371,6 +444,9 @@ GDW_SETTINGS = [
     ("confident-defaults", {}, 30.0, ("p_clamped",)),  # the default p_max = 0.999 acts
     ("confident-no-zero-mean", {"zero_mean": False}, 30.0, ("p_clamped",)),
     ("no-zero-mean", {"zero_mean": False}, 0.0, ("clipped",)),
+    ("class-grad-constrained", {"class_grad": "constrained"}, 0.0, ("clipped", "unclipped")),
+    ("class-grad-constrained-confident", {"class_grad": "constrained"}, 30.0, ("p_clamped",)),
+    ("class-grad-constrained-no-zero-mean", {"class_grad": "constrained", "zero_mean": False}, 0.0, ("clipped",)),
     ("all-options", {"eta": 7.0, "clip": 0.1, "omega_min": "window", "omega_max": "window", "p_max": 0.7,
                      "zero_mean": False}, 4.0, ("clipped", "unclipped", "p_clamped")),
 ]

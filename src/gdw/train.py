@@ -174,19 +174,23 @@ class TrainConfig:
         that differs (among ``only`` if given), or None. Then the method's
         parameters with their defaults are compared (always): a run loaded
         from its directory brings those it was trained with, so a default
-        that changed since is a difference too (name ``method parameter P``)."""
+        that changed since is a difference too (name ``method parameter P``),
+        and ``method_args`` that spell the same parameters otherwise (a
+        default written out) are not."""
         a, b = self.result_settings(), other.result_settings()
         saved = getattr(other, "saved_method_params", None)
         if saved is not None:
             from .methods import recorded_params
 
             b["method_params"] = recorded_params(other.method, saved)
-        for k in a:
-            if k != "method_params" and (only is None or k in only) and a[k] != b.get(k):
+        for k in a:  # method_args are compared by their effect, in method_params below
+            if k not in ("method_params", "method_args") and (only is None or k in only) and a[k] != b.get(k):
                 return k, a[k], b.get(k)
         pa, pb = a["method_params"], b["method_params"]
         for p in sorted(set(pa) | set(pb)):
             if p not in pa or p not in pb or pa[p] != pb[p]:
+                if a["method_args"] != b.get("method_args") and (only is None or "method_args" in only):
+                    return "method_args", a["method_args"], b.get("method_args")
                 return f"method parameter {p}", pa.get(p, "(none)"), pb.get(p, "(none)")
         return None
 

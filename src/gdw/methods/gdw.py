@@ -61,8 +61,31 @@ def zero_mean(omega: torch.Tensor, p: torch.Tensor, y: torch.Tensor) -> torch.Te
     return omega * (1 - onehot) + target[:, None] * onehot
 
 
+def zero_mean_grad(g: torch.Tensor, p: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The gradient through the zero-mean constraint: the vector-Jacobian
+    product of :func:`zero_mean` with ``g``.
+
+    If ``g`` is the gradient of a loss with respect to ``zero_mean(ω)``, the
+    result is its gradient with respect to ω: off the labelled column
+    ``g_ij + g_{i,y_i} p_ij / (1 − p_{i,y_i})``, and 0 on it (the constraint
+    overwrites that column). It does not see a shift of ``g``'s row i by a
+    multiple of e_i, i.e. the part of the meta-gradient that the zero-mean
+    constraint removes.
+
+    Args:
+        g: B×C; p: B×C probabilities with p_{i,y_i} < 1; y: (B,).
+    Returns:
+        A new B×C tensor, zero in the labelled column.
+    """
+    onehot = F.one_hot(y, g.shape[1]).to(g.dtype)
+    g_y = (g * onehot).sum(1)
+    p_y = (p * onehot).sum(1)
+    return (g + (g_y / (1 - p_y))[:, None] * p) * (1 - onehot)
+
+
 STAGE_ONE = ("mwnet", "l2rw")
 WEIGHT_NORM = ("batch", "kept")
+CLASS_GRAD = ("raw", "constrained")
 
 
 @METHODS.register("gdw")
@@ -96,6 +119,12 @@ class GDW(WeightNetMethod):
         omega_min, omega_max: clamp of ω' (1e-6, 1e6).
         p_max: clamp of the probabilities (0.999).
         zero_mean: apply the zero-mean constraint (True; False is an ablation).
+        class_grad: the gradient the class-level step follows: ``"raw"``
+            (the paper's: ∂L_meta/∂ω of the constrained ω, whose labelled
+            column the constraint then overwrites) or ``"constrained"``
+            (∂L_meta with respect to the weights the step can change, through
+            the zero-mean constraint; see :func:`zero_mean_grad`). Without
+            the constraint (``zero_mean=False``) the two are the same.
         tau: τ ≥ 0, the strength of the logit adjustment (default 1 with
             ``stage_one="l2rw"``, 0 with ``"mwnet"``, the paper); it needs
             ``class_counts``.
@@ -106,9 +135,11 @@ class GDW(WeightNetMethod):
 
     needs_class_counts = True  # for the logit adjustment (tau); optional when calling it directly
     # the defaults that follow stage_one: the paper's algorithm with "mwnet", gdw's own with "l2rw"
-    STAGE_DEFAULTS = {"l2rw": {"finetune_fraction": 0.2, "tau": 1.0, "meta_grad": "fd", "weight_norm": "kept"},
-                      "mwnet": {"finetune_fraction": 0.0, "tau": 0.0, "meta_grad": "jvp", "weight_norm": "batch"}}
-    ADDED_PARAMS = {"weight_norm": "batch"}  # what runs recorded before weight_norm existed used
+    STAGE_DEFAULTS = {"l2rw": {"finetune_fraction": 0.2, "tau": 1.0, "meta_grad": "fd", "weight_norm": "kept",
+                               "class_grad": "raw"},
+                      "mwnet": {"finetune_fraction": 0.0, "tau": 0.0, "meta_grad": "jvp", "weight_norm": "batch",
+                                "class_grad": "raw"}}
+    ADDED_PARAMS = {"weight_norm": "batch", "class_grad": "raw"}  # what runs recorded before these existed used
 
     @classmethod
     def resolve_params(cls, params: dict) -> dict:
@@ -118,14 +149,15 @@ class GDW(WeightNetMethod):
     def __init__(self, model, num_classes, *, stage_one: str = "l2rw", weight_norm: str | None = None,
                  eta: float | None = None, clip: float = 0.2,
                  omega_min: float = 1e-6, omega_max: float = 1e6, p_max: float = 0.999,
-                 zero_mean: bool = True, finetune_fraction: float | None = None, tau: float | None = None,
-                 meta_grad: str | None = None, class_counts=None, **kw):
+                 zero_mean: bool = True, class_grad: str | None = None, finetune_fraction: float | None = None,
+                 tau: float | None = None, meta_grad: str | None = None, class_counts=None, **kw):
         if stage_one not in STAGE_ONE:
             raise UserError(f"stage_one must be one of {', '.join(STAGE_ONE)}, got {stage_one!r}")
         resolved = self.resolve_params({"stage_one": stage_one, "finetune_fraction": finetune_fraction,
-                                        "tau": tau, "meta_grad": meta_grad, "weight_norm": weight_norm})
-        finetune_fraction, tau, meta_grad, weight_norm = (
-            resolved[k] for k in ("finetune_fraction", "tau", "meta_grad", "weight_norm"))
+                                        "tau": tau, "meta_grad": meta_grad, "weight_norm": weight_norm,
+                                        "class_grad": class_grad})
+        finetune_fraction, tau, meta_grad, weight_norm, class_grad = (
+            resolved[k] for k in ("finetune_fraction", "tau", "meta_grad", "weight_norm", "class_grad"))
         super().__init__(model, num_classes, finetune_fraction=finetune_fraction, meta_grad=meta_grad, **kw)
         self.stage_one = stage_one
         if weight_norm not in WEIGHT_NORM:
@@ -144,6 +176,9 @@ class GDW(WeightNetMethod):
         if self.p_max >= 1:
             raise UserError(f"p_max must be below 1, got {p_max!r}")
         self.zero_mean = check_bool("zero_mean", zero_mean)
+        if class_grad not in CLASS_GRAD:
+            raise UserError(f"class_grad must be one of {', '.join(CLASS_GRAD)}, got {class_grad!r}")
+        self.class_grad = class_grad
         self.tau = check_positive("tau", tau, allow_zero=True)
         self.log_prior = None  # no adjustment without class counts
         if class_counts is not None and self.tau > 0:
@@ -184,6 +219,8 @@ class GDW(WeightNetMethod):
             g = dA * e / n
             self.update_vnet(omega, g, fwd.comm)
         with torch.no_grad():
+            if self.class_grad == "constrained" and self.zero_mean:
+                g = zero_mean_grad(g, p, y)
             total = fwd.comm.sum(g.abs().sum())
             step = torch.where(total > 0, self.eta * g / total.clamp(min=torch.finfo(g.dtype).tiny), torch.zeros_like(g))
             omega = (omega.detach() - step.clamp(-self.clip, self.clip)).clamp(self.omega_min, self.omega_max)
