@@ -23,7 +23,9 @@ algorithm (MW-Net's weighting network as stage one, no fine-tuning),
 ``gdw-paper-head`` the same on the output layer only, ``gdw`` is GDW with
 gdw's defaults (L2RW's instance weights as stage one, the logit-adjusted
 loss, the finite-difference meta-gradient, the last 20% of epochs fine-tuned
-on the meta set); ``cb`` and ``la`` run only in the settings with imbalance,
+on the meta set, the class-level step along the gradient through the
+zero-mean constraint), ``gdw-raw`` the same along the paper's raw gradient
+(the default before ``class_grad``); ``cb`` and ``la`` run only in the settings with imbalance,
 and ``gdw-jvp`` (``gdw`` with the exact forward-mode meta-gradient) only in
 the three balanced noisy settings, as a check of the finite difference. The
 cell directories are named after the labels (``uniform0.4_none_gdw-paper_s0``).
@@ -64,10 +66,12 @@ METHODS = {  # label -> (gdw method, method_args, head_only), in the order of th
     "dm": ("dm", {}, False),
     "gdw-paper": ("gdw", {"stage_one": "mwnet"}, False),  # the paper's algorithm
     "gdw-paper-head": ("gdw", {"stage_one": "mwnet"}, True),  # the same, weighting the output layer only
+    "gdw-raw": ("gdw", {"stage_one": "l2rw", "finetune_fraction": 0.2, "tau": 1.0, "meta_grad": "fd",
+                        "weight_norm": "kept", "class_grad": "raw"}, False),  # the default before class_grad
     "gdw": ("gdw", {"stage_one": "l2rw", "finetune_fraction": 0.2, "tau": 1.0, "meta_grad": "fd",
-                    "weight_norm": "kept"}, False),  # gdw's defaults
+                    "weight_norm": "kept", "class_grad": "constrained"}, False),  # gdw's defaults
     "gdw-jvp": ("gdw", {"stage_one": "l2rw", "finetune_fraction": 0.2, "tau": 1.0, "meta_grad": "jvp",
-                        "weight_norm": "kept"}, False),
+                        "weight_norm": "kept", "class_grad": "constrained"}, False),
     "cb": ("cb", {}, False),  # the class-balanced loss
     "la": ("la", {}, False),  # logit-adjusted CE
 }

@@ -38,12 +38,15 @@ Settings: ``flip:0.4``, ``uniform:0.6``, ``none`` + ``longtail:100`` and
 ``flip:0.4,none+longtail:100``). Methods: the labels of ``METHODS`` (``la``
 only under imbalance); ``gdw-paper`` is GDW whose first stage is MW-Net's
 weighting network, as in the paper, ``gdw`` is GDW with gdw's defaults
-spelled out, and ``gdw-jvp``, ``gdw-tau0``, ``gdw-batch`` and ``gdw-l2rw``
-are the default with one or more of its parts changed (the exact JVP; no
-logit adjustment; L2RW's weights scaled to mean one over the batch, the
-default before the design study of ``design_study.py``; none of
-fine-tuning, logit adjustment, finite difference and that scaling change,
-i.e. the class-level step on L2RW alone).
+spelled out, ``gdw-jvp`` the default with the exact JVP, ``gdw-raw`` the
+default with the paper's raw class-level gradient (the default before the
+second question of ``design_study.py``), ``gdw-tau0`` and ``gdw-batch``
+``gdw-raw`` without the logit adjustment and with L2RW's weights scaled to
+mean one over the batch (the default before the first question);
+``gdw-l2rw`` is the class-level step on L2RW alone (none of fine-tuning,
+logit adjustment, finite difference and the scaling change, the raw
+gradient), ``gdw-l2rw-c`` the same along the gradient through the
+zero-mean constraint.
 Seeds 0 and 1.
 
 Hyper-parameters are the same for every method and regime and nothing is
@@ -69,8 +72,8 @@ one resumed, and a process marks the cell it trains with a lock file in
 the exit code is then 1. ``--prune`` deletes from finished cells all but
 ``summary.json``, ``metrics.jsonl`` and ``config.json``, which are committed.
 
-The grid has 400 cells (4 regimes × (2 noisy settings × 12 methods + 2
-imbalanced settings × 13 methods) × 2 seeds). Measured on 2 CPU cores of an
+The grid has 464 cells (4 regimes × (2 noisy settings × 14 methods + 2
+imbalanced settings × 15 methods) × 2 seeds). Measured on 2 CPU cores of an
 AMD EPYC shared with other work, one process at a time with
 OMP_NUM_THREADS=1, torch 2.13.0+cpu, one flip:0.4 cell of 40 epochs took
 (wall-clock, data loading and evaluation included) ``ce`` / ``l2rw``: digits
@@ -116,19 +119,23 @@ METHODS = {  # label -> (gdw method, method_args, head_only); GDW's variants spe
     "mwnet": ("mwnet", {}, False),
     "gdw-paper": ("gdw", {"stage_one": "mwnet", "finetune_fraction": 0.0}, False),  # the paper's algorithm
     "gdw-l2rw": ("gdw", {"stage_one": "l2rw", "finetune_fraction": 0.0, "tau": 0.0, "meta_grad": "jvp",
-                         "weight_norm": "batch"}, False),  # the class-level step on L2RW exactly
+                         "weight_norm": "batch", "class_grad": "raw"}, False),  # the class-level step on L2RW exactly
+    "gdw-l2rw-c": ("gdw", {"stage_one": "l2rw", "finetune_fraction": 0.0, "tau": 0.0, "meta_grad": "jvp",
+                           "weight_norm": "batch", "class_grad": "constrained"}, False),  # ... along the constrained gradient
     "gdw-tau0": ("gdw", {"stage_one": "l2rw", "finetune_fraction": 0.2, "tau": 0.0, "meta_grad": "fd",
-                         "weight_norm": "kept"}, False),
+                         "weight_norm": "kept", "class_grad": "raw"}, False),
     "gdw-batch": ("gdw", {"stage_one": "l2rw", "finetune_fraction": 0.2, "tau": 1.0, "meta_grad": "fd",
-                          "weight_norm": "batch"}, False),  # the default before weight_norm="kept"
+                          "weight_norm": "batch", "class_grad": "raw"}, False),  # the default before weight_norm="kept"
+    "gdw-raw": ("gdw", {"stage_one": "l2rw", "finetune_fraction": 0.2, "tau": 1.0, "meta_grad": "fd",
+                        "weight_norm": "kept", "class_grad": "raw"}, False),  # the default before class_grad
     "gdw": ("gdw", {"stage_one": "l2rw", "finetune_fraction": 0.2, "tau": 1.0, "meta_grad": "fd",
-                    "weight_norm": "kept"}, False),  # gdw's defaults
+                    "weight_norm": "kept", "class_grad": "constrained"}, False),  # gdw's defaults
     "gdw-jvp": ("gdw", {"stage_one": "l2rw", "finetune_fraction": 0.2, "tau": 1.0, "meta_grad": "jvp",
-                        "weight_norm": "kept"}, False),
+                        "weight_norm": "kept", "class_grad": "constrained"}, False),
 }
 IMBALANCE_ONLY = {"la"}
-RUN_ORDER = ["ce", "gdw", "l2rw", "mwnet", "gdw-paper", "gdw-l2rw", "finetune", "l2rw-ft", "gdw-batch", "gdw-jvp",
-             "gdw-tau0", "dm", "la"]
+RUN_ORDER = ["ce", "gdw", "l2rw", "mwnet", "gdw-paper", "gdw-l2rw", "gdw-l2rw-c", "finetune", "l2rw-ft", "gdw-raw",
+             "gdw-batch", "gdw-jvp", "gdw-tau0", "dm", "la"]
 SETTINGS = [  # (noise, imbalance)
     ("flip:0.4", "none"),
     ("uniform:0.6", "none"),

@@ -33,7 +33,7 @@ def virtual_params(model, params, surrogate):
 
 def reference(name, model, vnet, x, y, xm, ym, *, head_only=False, eta=None, clip=0.2, omega_min=1e-6,
               omega_max=1e6, p_max=0.999, zero_mean=True, stage_one="mwnet", weight_norm="kept", shift=None,
-              class_grad="raw", info=None):
+              class_grad=None, info=None):
     """One step of ``name`` computed independently. Returns (weights, grads, vnet').
 
     GDW's options (η, c, ω clamp, p_max, zero-mean) are those of the paper;
@@ -44,7 +44,8 @@ def reference(name, model, vnet, x, y, xm, ym, *, head_only=False, eta=None, cli
     ``class_grad`` what the class-level step follows (``"raw"``: the
     gradient with respect to the constrained ω; ``"constrained"``: with
     respect to the unconstrained weights that the constraint maps to ω, by
-    autograd through ``constrain``);
+    autograd through ``constrain``; by default the package's default for
+    the stage one: constrained on L2RW's, raw on MW-Net's, the paper's);
     ``info`` (a dict) receives, for GDW, the meta loss, the stage-one v and
     how many entries the clip, the ω clamp and the p clamp changed, so that a
     test can check that an option was really in effect.
@@ -80,6 +81,7 @@ def reference(name, model, vnet, x, y, xm, ym, *, head_only=False, eta=None, cli
 
     # gdw
     eta = 10.0 * C if eta is None else eta
+    class_grad = class_grad or ("constrained" if stage_one == "l2rw" else "raw")
     p_raw = F.softmax(z.detach() + (0 if shift is None else shift), 1)
     p = p_raw.clamp(max=p_max)
     e = p - onehot
@@ -187,29 +189,32 @@ def test_gdw_on_l2rw_stage_one_matches_reference(kind, mode, head_only, low_memo
 
 @pytest.mark.parametrize("kind", ["mlp", "cnn"])
 @pytest.mark.parametrize("mode,head_only", [("jvp", False), ("double", False), ("jvp", True), ("fd_central", False)])
-def test_gdw_constrained_class_grad_on_l2rw_matches_reference(kind, mode, head_only):
-    """class_grad="constrained" on L2RW's stage one: the class-level step
-    follows the gradient with respect to the weights the constraint leaves
-    free (the reference differentiates through its own ``constrain``), the
-    instance weights are L2RW's as before, and the step differs from the
-    raw one (so the option is in effect)."""
+@pytest.mark.parametrize("class_grad,other", [("constrained", "raw"), ("raw", "constrained")])
+def test_gdw_class_grad_on_l2rw_matches_reference(kind, mode, head_only, class_grad, other):
+    """class_grad on L2RW's stage one: with "constrained" (the default) the
+    class-level step follows the gradient with respect to the weights the
+    constraint leaves free (the reference differentiates through its own
+    ``constrain``), with "raw" the gradient with respect to the constrained
+    ω; the instance weights are L2RW's either way, and the two steps differ
+    (so the option is in effect)."""
     model = make_model(kind)
     x, y = make_batch(kind, B, 1)
     xm, ym = make_batch(kind, BM, 2)
     before = copy.deepcopy(model)
     method, _, stats = run_method("gdw", model, x, y, xm, ym, meta_grad=mode, head_only=head_only, tau=0.0,
-                                  class_grad="constrained")
-    assert method.class_grad == "constrained"
+                                  class_grad=class_grad)
+    assert method.class_grad == class_grad
     info = {}
     w_ref, g_ref, _ = reference("gdw", before, None, x, y, xm, ym, head_only=head_only, stage_one="l2rw",
-                                class_grad="constrained", info=info)
+                                class_grad=class_grad, info=info)
     tol = 1e-10 if mode != "fd_central" else 1e-5  # a finite difference: its own error, measured in test_meta_grad_fd
     torch.testing.assert_close(stats.instance_weights, info["v"], rtol=tol, atol=tol)
     torch.testing.assert_close(stats.weights, w_ref.detach(), rtol=tol, atol=tol)
     for (n, p), g in zip(model.named_parameters(), g_ref):
         torch.testing.assert_close(p.grad, g, rtol=tol, atol=tol, msg=f"gradient of {n}")
-    raw_w, _, _ = reference("gdw", before, None, x, y, xm, ym, head_only=head_only, stage_one="l2rw")
-    assert float((raw_w - w_ref).abs().max()) > 1e-3
+    other_w, _, _ = reference("gdw", before, None, x, y, xm, ym, head_only=head_only, stage_one="l2rw",
+                              class_grad=other)
+    assert float((other_w - w_ref).abs().max()) > 1e-3
 
 
 def test_zero_mean_grad_is_the_gradient_through_the_constraint():
@@ -239,10 +244,12 @@ def test_zero_mean_grad_is_the_gradient_through_the_constraint():
 
 
 def test_gdw_class_grad_defaults_and_errors():
-    """The paper mode keeps the raw gradient; a run recorded before the
+    """The default follows the constrained gradient, the paper mode keeps
+    the raw one; a run recorded before the
     parameter existed counts as raw; an unknown value is a one-line error."""
     from gdw.methods import recorded_params
 
+    assert gdw.make("gdw", make_model("mlp"), C).class_grad == "constrained"
     assert gdw.make("gdw", make_model("mlp"), C, stage_one="mwnet").class_grad == "raw"
     assert recorded_params("gdw", {"stage_one": "l2rw"})["class_grad"] == "raw"
     with pytest.raises(gdw.UserError, match="class_grad must be one of raw, constrained"):

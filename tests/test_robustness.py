@@ -211,3 +211,27 @@ def test_readme_shows_the_committed_overview_table(rb):
     rows = read_results_csv(root / "benchmarks" / "results" / "robustness" / "results.csv")
     regimes = ["digits", "tabular", "fashion-mnist-5k", "fashion-mnist-10k"]  # the fixture shrinks rb.REGIMES
     assert table == rb.overview_table(rows, regimes, rb.SETTINGS, list(rb.METHODS))
+
+
+def test_a_run_is_labelled_by_the_parameters_in_effect(tmp_path):
+    """grid.method_label: a run whose arguments lack a parameter added since
+    (its config.json lacks it too) gets the label that spells that parameter
+    out at the value the run had in effect, never one at another value."""
+    import sys
+
+    sys.path.insert(0, str(SCRIPT.parent))
+    import grid
+    from gdw.train import TrainConfig
+
+    args = {"stage_one": "l2rw", "tau": 1.0}
+    params = TrainConfig(dataset="digits", method="gdw", method_args=args).method_params()
+    del params["class_grad"]
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"method_params": params}))
+    summary = {"method": "gdw", "method_args": args, "head_only": False}
+    raw = {"gdw-raw": ("gdw", {**args, "class_grad": "raw"}, False)}
+    constrained = {"gdw-new": ("gdw", {**args, "class_grad": "constrained"}, False)}
+    assert grid.method_label({**constrained, **raw}, summary, run) == "gdw-raw"
+    assert grid.method_label(constrained, summary, run) == "gdw(stage_one=l2rw,tau=1.0)"
+    assert grid.method_label({"as-run": ("gdw", dict(args), False), **raw}, summary, run) == "as-run"

@@ -482,3 +482,24 @@ def test_a_parameter_added_since_a_run_is_judged_by_the_value_that_run_used(monk
     new = TrainConfig(dataset="digits", method="gdw", method_args={"stage_one": stage_one})
     assert new.method_params()["weight_norm"] == default
     assert new.first_difference(old) == (None if same else ("method parameter weight_norm", "kept", "batch"))
+
+
+@pytest.mark.parametrize("spelled,same", [
+    ({"class_grad": "raw"}, True),  # the value the old run had in effect, now written out
+    ({"class_grad": "constrained"}, False),  # another value: another result, named by the arguments
+])
+def test_method_args_are_compared_by_their_effect(spelled, same):
+    """A run recorded before ``class_grad`` existed, against a new config that
+    writes the parameter out: the same parameters in effect are the same run
+    (a benchmark grid that spells out an older default still recognises its
+    finished cells); different ones are reported as differing arguments."""
+    from gdw.train import TrainConfig
+
+    args = {"stage_one": "l2rw", "weight_norm": "kept"}
+    old = TrainConfig(dataset="digits", method="gdw", method_args=dict(args))
+    saved = old.method_params()
+    del saved["class_grad"]
+    old.saved_method_params = saved
+    new = TrainConfig(dataset="digits", method="gdw", method_args={**args, **spelled})
+    expected = None if same else ("method_args", {**args, **spelled}, args)
+    assert new.first_difference(old) == expected

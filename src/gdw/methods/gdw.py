@@ -18,7 +18,14 @@ G = ω ⊙ e / B, with p clamped at 0.999 in e = p − onehot(y). Per step:
 4. g = ∂L_meta/∂ω = −(α/B) e ⊙ (J_z u), u = ∇L_meta(θ'); for mwnet it also
    reaches V (Adam step).
 5. Stage two: ω' = ω − clip(η_ω · g / Σ|g|, −c, c), clamped to
-   [1e-6, 1e6], then the zero-mean constraint again (same p).
+   [1e-6, 1e6], then the zero-mean constraint again (same p). With
+   ``class_grad="constrained"`` (the default with ``stage_one="l2rw"``) g is
+   first replaced by the gradient with respect to the weights the
+   constraint leaves free: ĝ_ij = g_ij + g_{i,y_i} p_ij / (1 − p_{i,y_i})
+   for j ≠ y_i, 0 on the labelled column (:func:`zero_mean_grad`). The
+   paper's raw g includes a part the constraint then removes (what a shift
+   of all of example i's logits by one constant does to L_meta, which its
+   softmax does not see); ĝ does not.
 6. Real step: G = ω' ⊙ e / B.
 
 With ``stage_one="l2rw"`` one meta-gradient serves both stages and a step
@@ -93,7 +100,8 @@ class GDW(WeightNetMethod):
     """Generalized Data Weighting: class-level weights learned on a meta set.
 
     The default is GDW on L2RW's stage one (its weights scaled to mean one
-    over the examples they keep), with the logit-adjusted loss and ending
+    over the examples they keep), its class-level step along the gradient
+    through the zero-mean constraint, with the logit-adjusted loss and ending
     with fine-tuning on the meta set: it holds up where the network
     memorises fast and under class imbalance (README, "Which method when").
     ``stage_one="mwnet"`` is the paper's algorithm exactly (and then no
@@ -123,8 +131,10 @@ class GDW(WeightNetMethod):
             (the paper's: ∂L_meta/∂ω of the constrained ω, whose labelled
             column the constraint then overwrites) or ``"constrained"``
             (∂L_meta with respect to the weights the step can change, through
-            the zero-mean constraint; see :func:`zero_mean_grad`). Without
-            the constraint (``zero_mean=False``) the two are the same.
+            the zero-mean constraint; see :func:`zero_mean_grad`). Default
+            ``"constrained"`` with ``stage_one="l2rw"``, ``"raw"`` with
+            ``"mwnet"`` (the paper). Without the constraint
+            (``zero_mean=False``) the two are the same.
         tau: τ ≥ 0, the strength of the logit adjustment (default 1 with
             ``stage_one="l2rw"``, 0 with ``"mwnet"``, the paper); it needs
             ``class_counts``.
@@ -136,7 +146,7 @@ class GDW(WeightNetMethod):
     needs_class_counts = True  # for the logit adjustment (tau); optional when calling it directly
     # the defaults that follow stage_one: the paper's algorithm with "mwnet", gdw's own with "l2rw"
     STAGE_DEFAULTS = {"l2rw": {"finetune_fraction": 0.2, "tau": 1.0, "meta_grad": "fd", "weight_norm": "kept",
-                               "class_grad": "raw"},
+                               "class_grad": "constrained"},
                       "mwnet": {"finetune_fraction": 0.0, "tau": 0.0, "meta_grad": "jvp", "weight_norm": "batch",
                                 "class_grad": "raw"}}
     ADDED_PARAMS = {"weight_norm": "batch", "class_grad": "raw"}  # what runs recorded before these existed used
