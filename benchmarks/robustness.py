@@ -397,8 +397,11 @@ def acceptance(rows: list[dict], regimes=None, settings=None) -> list[dict]:
     imbalance-only setting ``gdw − ce`` (≥ 0); each a dict with ``regime``,
     ``setting``, ``check``, ``gdw``, ``reference`` (the larger of the
     compared means), ``reference_method``, ``difference`` (points, rounded to
-    0.01), ``threshold``, ``passed`` (None when a cell is missing) and
-    ``missing`` (the methods without a finished run). Means over seeds of the
+    0.01), ``se`` (the standard error of that difference from the two
+    means' spreads over seeds, sqrt(s²/n + s'²/n'), in points; None with
+    fewer than two seeds), ``seeds`` (the fewer of the two seed counts),
+    ``threshold``, ``passed`` (None when a cell is missing) and ``missing``
+    (the methods without a finished run). Means over seeds of the
     last-5-epoch test accuracy, in %."""
     from gdw.report import aggregate, setting_label
 
@@ -410,6 +413,7 @@ def acceptance(rows: list[dict], regimes=None, settings=None) -> list[dict]:
         for noise, imbalance in settings:
             s = setting_label(noise, imbalance)
             mean = {m: 100 * c["final_mean"] for (ss, m), c in cells_.items() if ss == s}
+            spread = {m: (100 * c["final_std"], c["n"]) for (ss, m), c in cells_.items() if ss == s}
             if noise != "none":
                 checks = ["gdw − max(l2rw, mwnet)", "gdw − ce"]
             elif imbalance != "none":
@@ -421,25 +425,28 @@ def acceptance(rows: list[dict], regimes=None, settings=None) -> list[dict]:
                 missing = [m for m in ("gdw", *refs) if m not in mean]
                 ref = None if missing else max(refs, key=lambda m: mean[m])
                 diff = None if missing else round(mean["gdw"] - mean[ref], 2)
+                n = None if missing else min(spread["gdw"][1], spread[ref][1])
+                se = None if missing or n < 2 else float(np.sqrt(sum(sd ** 2 / k for sd, k in (spread["gdw"], spread[ref]))))
                 out.append({"regime": regime, "setting": s, "check": check, "gdw": mean.get("gdw"),
                             "reference": None if missing else mean[ref], "reference_method": ref,
-                            "difference": diff, "threshold": threshold,
+                            "difference": diff, "se": se, "seeds": n, "threshold": threshold,
                             "passed": None if missing else diff >= threshold, "missing": missing})
     return out
 
 
 def acceptance_markdown(checks: list[dict]) -> str:
-    lines = ["| regime | setting | question | gdw | compared with | difference (points) | needed | result |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| regime | setting | question | gdw | compared with | difference (points) | ± SE | needed | result |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for c in checks:
         needed = f"≥ {c['threshold']:+g}" if c["threshold"] else "≥ 0"
         if c["passed"] is None:
             gdw = "–" if c["gdw"] is None else f"{c['gdw']:.2f}"
-            lines.append(f"| {c['regime']} | {c['setting']} | {c['check']} | {gdw} | – | – | {needed} | "
+            lines.append(f"| {c['regime']} | {c['setting']} | {c['check']} | {gdw} | – | – | – | {needed} | "
                          f"missing: {', '.join(c['missing'])} |")
             continue
         lines.append(f"| {c['regime']} | {c['setting']} | {c['check']} | {c['gdw']:.2f} | "
-                     f"{c['reference']:.2f} ({c['reference_method']}) | {c['difference']:+.2f} | {needed} | "
+                     f"{c['reference']:.2f} ({c['reference_method']}) | {c['difference']:+.2f} | "
+                     f"{'–' if c['se'] is None else format(c['se'], '.2f')} | {needed} | "
                      f"{'pass' if c['passed'] else '**fail**'} |")
     totals = []
     for check in CHECKS:
@@ -516,6 +523,10 @@ def command_line(args, epochs) -> str:
                                  ("--methods", args.methods, list(METHODS)),
                                  ("--settings", args.settings, SETTINGS), ("--seeds", args.seeds, SEEDS)):
         if list(value) != list(default):
+            seeds = list(value) if flag == "--seeds" else []
+            if len(seeds) > 2 and seeds == list(range(seeds[0], seeds[-1] + 1)):
+                parts += [flag, f"{seeds[0]}-{seeds[-1]}"]
+                continue
             parts += [flag, ",".join(setting_spec(*v) if flag == "--settings" else str(v) for v in value)]
     if epochs != EPOCHS:
         parts += ["--epochs", str(epochs)]
@@ -556,7 +567,9 @@ def report(args) -> str:
         "## Acceptance questions\n",
         "For every noisy setting GDW (gdw's defaults) against the better of L2RW and MW-Net (needs ≥ −0.5 points) "
         "and against CE (needs ≥ +2 points); for the setting with imbalance alone GDW against CE (needs ≥ 0). "
-        "Differences of the means over seeds, judged as shown (rounded to 0.01 points).\n",
+        "Differences of the means over seeds, judged as shown (rounded to 0.01 points); ± SE is the standard "
+        "error of the difference from the spread over seeds, sqrt(s²/n + s'²/n'): with two seeds a difference "
+        "smaller than about two of them cannot be told from the noise of training.\n",
         acceptance_markdown(acceptance(rows, regimes, settings)),
         "## Overview\n",
         "Mean over seeds of the last-5-epoch test accuracy (%), the best of each row in bold (the README's table; "
@@ -609,6 +622,20 @@ def report(args) -> str:
 
 # ----------------------------------------------------------------------------- command line
 
+def _seeds(text: str) -> list[int]:
+    """``"0,1"`` -> [0, 1]; ``"0-3,7"`` -> [0, 1, 2, 3, 7]."""
+    out = []
+    try:
+        for part in text.split(","):
+            first, _, last = part.strip().partition("-")
+            out += range(int(first), int(last or first) + 1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of seeds such as 0,1 or 0-39") from None
+    if not out:
+        raise argparse.ArgumentTypeError(f"{text!r} names no seed")
+    return out
+
+
 def _subset(choices, parse=str.strip):
     def convert(text: str):
         values = [parse(v) for v in text.split(",") if v.strip()]
@@ -636,7 +663,7 @@ def parse_args(argv=None):
     p.add_argument("--methods", type=_subset(list(METHODS)), default=list(METHODS), help="method labels (default: all)")
     p.add_argument("--settings", type=_subset(SETTINGS, _setting), default=list(SETTINGS),
                    help="e.g. flip:0.4,none+longtail:100 (default: all four)")
-    p.add_argument("--seeds", type=lambda s: [int(v) for v in s.split(",")], default=list(SEEDS))
+    p.add_argument("--seeds", type=_seeds, default=list(SEEDS), help="e.g. 0,1 or 0-39 (default: 0,1)")
     p.add_argument("--epochs", type=int, default=EPOCHS)
     p.add_argument("--shard", type=lambda s: tuple(int(v) for v in s.split("/")), default=(0, 1),
                    help="K/N: run every N-th cell from K")

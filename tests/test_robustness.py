@@ -101,7 +101,7 @@ def test_grid_trains_skips_and_reports_from_the_csv(rb, tmp_path, capsys):
     for regime in ("digits", "tabular"):
         diff = round(means[regime, "gdw"] - means[regime, "ce"], 2)
         line = next(l for l in text.splitlines() if l.startswith(f"| {regime} | flip:0.4 | gdw − ce |"))
-        assert f"| {diff:+.2f} | ≥ +2 | {'pass' if diff >= 2 else '**fail**'} |" in line
+        assert f"| {diff:+.2f} | – | ≥ +2 | {'pass' if diff >= 2 else '**fail**'} |" in line  # one seed of ce: no SE
         line = next(l for l in text.splitlines() if l.startswith(f"| {regime} | flip:0.4 | gdw − max(l2rw, mwnet) |"))
         assert line.endswith("missing: l2rw, mwnet |")
     missing = text.split("## Missing cells")[1].split("##")[0]
@@ -112,6 +112,22 @@ def test_grid_trains_skips_and_reports_from_the_csv(rb, tmp_path, capsys):
     assert "Command: `python benchmarks/robustness.py --methods ce,gdw --settings flip:0.4 --epochs 1`" in text
     assert "Software: gdw " in text and "scikit-learn" in text
     assert (out / "accuracy.png").stat().st_size > 0
+
+
+def test_acceptance_gives_the_standard_error_of_each_difference(rb):
+    """± SE = sqrt(s²/n + s'²/n') of the two means compared, s the std over
+    seeds (n − 1 in the denominator), worked by hand: gdw 80, 82 (s² = 2),
+    l2rw 79, 80 (s² = 0.5), mwnet 60, 70, 65 (below): sqrt(2/2 + 0.5/2)."""
+    rows = [{"dataset": "C", "noise": "flip:0.4", "imbalance": "none", "method": m, "seed": k,
+             "final_test_accuracy": a / 100, "best_test_accuracy": a / 100}
+            for m, accs in {"gdw": (80, 82), "l2rw": (79, 80), "mwnet": (60, 70, 65), "ce": (50, 50)}.items()
+            for k, a in enumerate(accs)]
+    got = {c["check"]: c for c in rb.acceptance(rows, ["C"], [("flip:0.4", "none")])}
+    best = got["gdw − max(l2rw, mwnet)"]
+    assert best["reference_method"] == "l2rw" and best["seeds"] == 2
+    assert best["se"] == pytest.approx(1.25 ** 0.5)
+    assert got["gdw − ce"]["se"] == pytest.approx(1.0)  # ce's two seeds agree: only gdw's spread
+    assert "| +1.50 | 1.12 | ≥ -0.5 | pass |" in rb.acceptance_markdown(list(got.values()))
 
 
 def test_acceptance_questions_on_hand_made_rows(rb):
@@ -155,8 +171,8 @@ def test_acceptance_questions_on_hand_made_rows(rb):
     assert got[("B", "flip:0.4", "gdw − max(l2rw, mwnet)")]["reference_method"] == "mwnet"
     assert got[("B", "uniform:0.4 + longtail:10", "gdw − max(l2rw, mwnet)")]["missing"] == ["mwnet"]
     table = rb.acceptance_markdown(list(got.values()))
-    assert "| B | flip:0.4 | gdw − ce | 80.00 | 78.01 (ce) | +1.99 | ≥ +2 | **fail** |" in table
-    assert ("| A | none + longtail:100 | gdw − ce (imbalance only) | 70.00 | 70.00 (ce) | +0.00 | ≥ 0 | pass |"
+    assert "| B | flip:0.4 | gdw − ce | 80.00 | 78.01 (ce) | +1.99 | – | ≥ +2 | **fail** |" in table
+    assert ("| A | none + longtail:100 | gdw − ce (imbalance only) | 70.00 | 70.00 (ce) | +0.00 | – | ≥ 0 | pass |"
             in table)
     assert "gdw − max(l2rw, mwnet): 1 of 2 pass, 2 not answerable yet (cells missing)" in table
     assert "gdw − ce: 2 of 3 pass, 1 not answerable yet (cells missing)" in table
@@ -178,7 +194,11 @@ def test_command_line_subsets(rb):
         for noise, imbalance, label in (("flip:0.4", "none", "gdw-paper"), ("none", "longtail:100", "gdw-paper"),
                                         ("none", "longtail:100", "la"))
     ]
-    for bad in (["--settings", "flip:0.2"], ["--methods", "gdw-head"], ["--datasets", "cifar10"]):
+    assert rb.parse_args(["--seeds", "0-3,7"]).seeds == [0, 1, 2, 3, 7]
+    assert rb.command_line(rb.parse_args(["--seeds", "0-39"]), rb.EPOCHS).endswith("--seeds 0-39")
+    assert rb.command_line(rb.parse_args(["--seeds", "2,5"]), rb.EPOCHS).endswith("--seeds 2,5")
+    for bad in (["--settings", "flip:0.2"], ["--methods", "gdw-head"], ["--datasets", "cifar10"],
+                ["--seeds", "0-x"], ["--seeds", ","]):
         with pytest.raises(SystemExit):
             rb.parse_args(bad)
 
