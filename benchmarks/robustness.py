@@ -80,8 +80,9 @@ OMP_NUM_THREADS=1, torch 2.13.0+cpu, one flip:0.4 cell of 40 epochs took
 2 s / 4 s, tabular 5 s / 14 s, fashion-mnist-5k 8 s / 17 s,
 fashion-mnist-10k 12 s / 27 s; the 128 GDW cells of ``gdw``, ``gdw-jvp``,
 ``gdw-l2rw`` and ``gdw-tau0`` took about 16 minutes with one process on each
-of the two cores (2026-11-25), so the whole grid takes about 45 minutes that
-way.
+of the two cores (2026-11-25), and the 96 of ``gdw``, ``gdw-jvp`` and
+``gdw-l2rw-c`` about 15 (2026-12-06, the machine also running tests), so
+the whole grid takes about 55 minutes that way.
 
 ``--report`` (also run at the end of a pass) writes ``results.csv`` (one row
 per run; ``dataset`` is the regime, ``method`` the label), ``results.md`` (a
@@ -530,6 +531,10 @@ def command_line(args, epochs) -> str:
             parts += [flag, ",".join(setting_spec(*v) if flag == "--settings" else str(v) for v in value)]
     if epochs != EPOCHS:
         parts += ["--epochs", str(epochs)]
+    out = Path(args.out).resolve()
+    if out != DEFAULT_OUT.resolve():
+        root = Path(__file__).resolve().parents[1]
+        parts += ["--out", str(out.relative_to(root)) if out.is_relative_to(root) else str(out)]
     return shlex.join(parts)
 
 

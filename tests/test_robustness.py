@@ -109,7 +109,8 @@ def test_grid_trains_skips_and_reports_from_the_csv(rb, tmp_path, capsys):
     assert "- tabular (2): `flip0.4_none_ce_s1`, `flip0.4_none_gdw_s1`" in missing
     assert "5 of 8 runs finished" in text
     # (--datasets is left out: digits and tabular are all the regimes of this test)
-    assert "Command: `python benchmarks/robustness.py --methods ce,gdw --settings flip:0.4 --epochs 1`" in text
+    assert (f"Command: `python benchmarks/robustness.py --methods ce,gdw --settings flip:0.4 --epochs 1 --out {out}`"
+            in text)  # an --out other than the default is part of the command
     assert "Software: gdw " in text and "scikit-learn" in text
     assert (out / "accuracy.png").stat().st_size > 0
 
