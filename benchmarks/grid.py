@@ -158,7 +158,8 @@ def method_label(table: dict, summary: dict, run: Path) -> str:
     if saved is not None and key[0] in METHODS:
         have = recorded_params(key[0], saved)
         for label, (method, method_args, head) in table.items():
-            if (method, head) == (key[0], key[2]) and resolved_params(method, {**method_args, "head_only": head}) == have:
+            same = resolved_params(method, {**method_args, "head_only": head}) == have
+            if (method, head) == (key[0], key[2]) and same:
                 return label
     args = ",".join(f"{k}={v}" for k, v in key[1].items())
     return plain_label(summary, run) + (f"({args})" if args else "")
@@ -200,8 +201,8 @@ def head_tail_accuracy(run: Path) -> dict:
 COLORS = {  # one colour per method label, the same in every plot of both grids
     "ce": "#7f7f7f", "finetune": "#bcbd22", "dm": "#8c564b", "cb": "#9467bd", "la": "#e377c2",
     "l2rw": "#1f77b4", "l2rw-ft": "#aec7e8", "mwnet": "#ff7f0e", "gdw-paper": "#98df8a", "gdw-paper-head": "#d9f0d3",
-    "gdw-l2rw": "#17becf", "gdw-l2rw-c": "#9edae5", "gdw-tau0": "#c5b0d5", "gdw-batch": "#dadaeb", "gdw-raw": "#74c476", "gdw": "#2ca02c",
-    "gdw-jvp": "#006400",
+    "gdw-l2rw": "#17becf", "gdw-l2rw-c": "#9edae5", "gdw-tau0": "#c5b0d5", "gdw-batch": "#dadaeb",
+    "gdw-raw": "#74c476", "gdw": "#2ca02c", "gdw-jvp": "#006400",
 }
 
 

@@ -25,8 +25,8 @@ gdw's defaults (L2RW's instance weights as stage one, the logit-adjusted
 loss, the finite-difference meta-gradient, the last 20% of epochs fine-tuned
 on the meta set, the class-level step along the gradient through the
 zero-mean constraint), ``gdw-raw`` the same along the paper's raw gradient
-(the default before ``class_grad``); ``cb`` and ``la`` run only in the settings with imbalance,
-and ``gdw-jvp`` (``gdw`` with the exact forward-mode meta-gradient) only in
+(the default before ``class_grad``); ``cb`` and ``la`` run only in the
+settings with imbalance, and ``gdw-jvp`` (``gdw`` with the exact forward-mode meta-gradient) only in
 the three balanced noisy settings, as a check of the finite difference. The
 cell directories are named after the labels (``uniform0.4_none_gdw-paper_s0``).
 

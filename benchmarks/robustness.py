@@ -122,7 +122,7 @@ METHODS = {  # label -> (gdw method, method_args, head_only); GDW's variants spe
     "gdw-l2rw": ("gdw", {"stage_one": "l2rw", "finetune_fraction": 0.0, "tau": 0.0, "meta_grad": "jvp",
                          "weight_norm": "batch", "class_grad": "raw"}, False),  # the class-level step on L2RW exactly
     "gdw-l2rw-c": ("gdw", {"stage_one": "l2rw", "finetune_fraction": 0.0, "tau": 0.0, "meta_grad": "jvp",
-                           "weight_norm": "batch", "class_grad": "constrained"}, False),  # ... along the constrained gradient
+                           "weight_norm": "batch", "class_grad": "constrained"}, False),  # ... through the constraint
     "gdw-tau0": ("gdw", {"stage_one": "l2rw", "finetune_fraction": 0.2, "tau": 0.0, "meta_grad": "fd",
                          "weight_norm": "kept", "class_grad": "raw"}, False),
     "gdw-batch": ("gdw", {"stage_one": "l2rw", "finetune_fraction": 0.2, "tau": 1.0, "meta_grad": "fd",
@@ -427,7 +427,8 @@ def acceptance(rows: list[dict], regimes=None, settings=None) -> list[dict]:
                 ref = None if missing else max(refs, key=lambda m: mean[m])
                 diff = None if missing else round(mean["gdw"] - mean[ref], 2)
                 n = None if missing else min(spread["gdw"][1], spread[ref][1])
-                se = None if missing or n < 2 else float(np.sqrt(sum(sd ** 2 / k for sd, k in (spread["gdw"], spread[ref]))))
+                se = (None if missing or n < 2
+                      else float(np.sqrt(sum(sd ** 2 / k for sd, k in (spread["gdw"], spread[ref])))))
                 out.append({"regime": regime, "setting": s, "check": check, "gdw": mean.get("gdw"),
                             "reference": None if missing else mean[ref], "reference_method": ref,
                             "difference": diff, "se": se, "seeds": n, "threshold": threshold,

@@ -58,7 +58,8 @@ def test_each_question_compares_its_own_pair(ds):
     rows = (rows_for(ds, {("digits", flip): ((0.90, 0.80), (0.70, 0.72))})
             + rows_for(ds, {("digits", flip): ((0.10, 0.20),)}, labels=("gdw-constrained",)))
     _, cells, overall = ds.decide(rows, ("gdw-kept", "gdw-constrained"))
-    assert cells == [pytest.approx([71.0, 15.0])] and overall == pytest.approx({"gdw-kept": 71.0, "gdw-constrained": 15.0})
+    assert cells == [pytest.approx([71.0, 15.0])]
+    assert overall == pytest.approx({"gdw-kept": 71.0, "gdw-constrained": 15.0})
     for choice, a, b in ds.QUESTIONS:
         args_a, args_b = ds.CANDIDATES[a][1], ds.CANDIDATES[b][1]
         assert {k for k in args_a if args_a[k] != args_b.get(k)} == {choice}
