@@ -153,8 +153,8 @@ def method_label(table: dict, summary: dict, run: Path) -> str:
             return label
     # arguments spelled otherwise (e.g. a parameter added since the run spelled out at the value the run had):
     # the entry whose parameters, defaults resolved, are those the run's config.json records
-    config = run / "config.json"
-    saved = json.loads(config.read_text()).get("method_params") if config.is_file() else None
+    config = None if run is None else Path(run) / "config.json"
+    saved = json.loads(config.read_text()).get("method_params") if config and config.is_file() else None
     if saved is not None and key[0] in METHODS:
         have = recorded_params(key[0], saved)
         for label, (method, method_args, head) in table.items():

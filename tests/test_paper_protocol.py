@@ -31,7 +31,8 @@ def test_grid_skips_finished_cells_and_tabulates_the_csv(protocol, tmp_path, cap
     assert (tmp_path / "uniform0.4_none_gdw-paper_s0").is_dir() and (tmp_path / "uniform0.4_none_gdw_s0").is_dir()
     for cell, method_args in (("uniform0.4_none_gdw-paper_s1", {"stage_one": "mwnet"}),
                               ("uniform0.4_none_gdw_s1", {"stage_one": "l2rw", "finetune_fraction": 0.2, "tau": 1.0,
-                                                          "meta_grad": "fd", "weight_norm": "kept"})):
+                                                          "meta_grad": "fd", "weight_norm": "kept",
+                                                          "class_grad": "constrained"})):
         config = json.loads((tmp_path / cell / "config.json").read_text())
         assert config["method"] == "gdw" and config["method_args"] == method_args
     stamps = {p: p.stat().st_mtime_ns for p in summaries}
@@ -106,16 +107,16 @@ def test_processes_share_the_grid_through_lock_files(protocol, tmp_path, monkeyp
 def test_the_grid_of_the_paper_protocol():
     """Every method in every setting, the long-tail baselines only with
     imbalance, gdw-jvp only in the three balanced noisy settings it is
-    checked on: 110 cells for two seeds."""
+    checked on: 122 cells for two seeds."""
     spec = importlib.util.spec_from_file_location("paper_protocol_cells", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     cells = list(module.cells([0, 1]))
-    assert len(cells) == 110 and len(set(cells)) == 110
+    assert len(cells) == 122 and len(set(cells)) == 122
     per_setting = {}
     for noise, imbalance, label, seed in cells:
         per_setting.setdefault((noise, imbalance), []).append(label)
-    common = ["ce", "finetune", "l2rw", "mwnet", "dm", "gdw-paper", "gdw-paper-head", "gdw"]
+    common = ["ce", "finetune", "l2rw", "mwnet", "dm", "gdw-paper", "gdw-paper-head", "gdw-raw", "gdw"]
     for (noise, imbalance), labels in per_setting.items():
         checked = {("uniform:0.4", "none"), ("uniform:0.6", "none"), ("flip:0.4", "none")}
         extra = (["gdw-jvp"] if (noise, imbalance) in checked else []) + (
@@ -123,8 +124,10 @@ def test_the_grid_of_the_paper_protocol():
         assert labels == [m for m in common + extra for _ in (0, 1)]
     assert module.METHODS["gdw-paper"] == ("gdw", {"stage_one": "mwnet"}, False)
     assert module.METHODS["gdw-paper-head"] == ("gdw", {"stage_one": "mwnet"}, True)
-    default = {"stage_one": "l2rw", "finetune_fraction": 0.2, "tau": 1.0, "meta_grad": "fd", "weight_norm": "kept"}
+    default = {"stage_one": "l2rw", "finetune_fraction": 0.2, "tau": 1.0, "meta_grad": "fd", "weight_norm": "kept",
+               "class_grad": "constrained"}
     assert module.METHODS["gdw"] == ("gdw", default, False)
+    assert module.METHODS["gdw-raw"] == ("gdw", {**default, "class_grad": "raw"}, False)
     assert module.METHODS["gdw-jvp"] == ("gdw", {**default, "meta_grad": "jvp"}, False)
     from gdw.methods import resolved_params  # "gdw" spells out gdw's defaults
 
@@ -188,4 +191,4 @@ def test_readme_shows_the_committed_results_table():
     readme = (root / "README.md").read_text()
     section = readme[readme.index("## Results on Fashion-MNIST"):]
     assert first_table(section) == first_table(results)
-    assert "110 of 110 runs finished" in results
+    assert "122 of 122 runs finished" in results
