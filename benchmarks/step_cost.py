@@ -14,7 +14,8 @@ the same seeded initial state. GDW's default ends training with fine-tuning on
 the meta set (``finetune_fraction=0.2``); no epoch is started here, so every
 step measured is the weighted step. GDW's default meta-gradient is the
 finite difference (``meta_grad="fd"``); "GDW default jvp" is the same step
-with the exact forward-mode JVP.
+with the exact forward-mode JVP, "GDW default raw" the same step with the
+paper's raw class-level gradient (``class_grad="raw"``).
 
 Timing. One *repeat* is the whole measurement: ``--warmup`` untimed rounds,
 then ``--reps`` samples of every variant and of every pass (below), taken
@@ -88,6 +89,7 @@ VARIANTS = [
     ("gdw CE method", "ce", {}),
     ("GDW default", "gdw", {}),
     ("GDW default jvp", "gdw", {"meta_grad": "jvp"}),
+    ("GDW default raw", "gdw", {"class_grad": "raw"}),
     ("GDW head_only", "gdw", {"head_only": True}),
     ("GDW paper jvp", "gdw", {"stage_one": "mwnet"}),
     ("GDW paper fd", "gdw", {"stage_one": "mwnet", "meta_grad": "fd"}),
@@ -571,9 +573,9 @@ def main(argv=None) -> None:
     start = time.perf_counter()
     models = ["resnet32", "mlp"] if args.model == "all" else [args.model]
     variants = [v for v in VARIANTS if v[1] is None or v[1] in gdw.METHODS]
+    skipped = [v[0] for v in VARIANTS if v not in variants]
     if args.variants:
         variants = [v for v in variants if v[0] == PLAIN or v[0] in args.variants]
-    skipped = [v[0] for v in VARIANTS if v not in variants]
     lines = header(device)
     if skipped:
         lines += [f"Skipped (method not registered in this gdw): {', '.join(skipped)}.", ""]
