@@ -30,10 +30,24 @@ one choice; everything else is gdw's default of the time, spelled out):
    an example's row of g by a multiple of e_i, from the softmax-invariant
    common shift of its logits). ``"constrained"`` is the gradient with
    respect to the weights the step can change, through the constraint.
+   Decided: ``"constrained"``.
+3. ``max_weight``: a cap on L2RW's instance weights after their scaling.
+   Scaled to mean one over the K examples kept, one example can get a
+   weight of up to K; on a model without normalisation layers at the
+   default learning rate such steps blew the model up (its loss above
+   1,000 within five epochs). ``max_weight=1`` (``gdw-capped``): no example
+   weighs more than in plain training. Asked on every regime of the suite,
+   the two without BatchNorm (``digits-plain``, ``fashion-mnist-5k-plain``)
+   included, and on all seven settings, the clean and mildly noisy ones
+   (``none``, ``uniform:0.1``, ``uniform:0.2``) included: 42 cells. A run
+   that collapses (gdw stops it with exit 1) has no validation accuracy;
+   it counts as a candidate's loss in its cell: the cell's mean is then
+   taken as the chance level, 100/C %.
 
 The rule, fixed before each question's runs: the candidate with the higher
 mean validation accuracy (last 5 epochs, mean over seeds 0 and 1, then over
-the 16 regime × setting cells) becomes the default. The per-cell differences
+the question's regime × setting cells: 16 for questions 1 and 2, 42 for
+question 3) becomes the default. The per-cell differences
 are reported alongside, so that a mean carried by a few cells is visible.
 ``results.csv`` also has the test accuracies; they play no part here.
 """
@@ -55,22 +69,47 @@ BASE = {"stage_one": "l2rw", "finetune_fraction": 0.2, "tau": 1.0, "meta_grad": 
 CANDIDATES = {  # label -> (gdw method, method_args, head_only), as in robustness.METHODS
     "gdw-batch": ("gdw", {**BASE, "weight_norm": "batch", "class_grad": "raw"}, False),
     "gdw-kept": ("gdw", {**BASE, "weight_norm": "kept", "class_grad": "raw"}, False),
-    "gdw-constrained": ("gdw", {**BASE, "weight_norm": "kept", "class_grad": "constrained"}, False),
+    "gdw-constrained": ("gdw", {**BASE, "weight_norm": "kept", "class_grad": "constrained", "max_weight": None},
+                        False),
+    "gdw-capped": ("gdw", {**BASE, "weight_norm": "kept", "class_grad": "constrained", "max_weight": 1.0}, False),
 }
-QUESTIONS = [  # (the choice, the incumbent, the challenger)
-    ("weight_norm", "gdw-batch", "gdw-kept"),
-    ("class_grad", "gdw-kept", "gdw-constrained"),
+FIRST_REGIMES = ["digits", "tabular", "fashion-mnist-5k", "fashion-mnist-10k"]  # the cells of questions 1 and 2
+FIRST_SETTINGS = [("flip:0.4", "none"), ("uniform:0.6", "none"), ("none", "longtail:100"),
+                  ("uniform:0.4", "longtail:10")]
+QUESTIONS = [  # (the choice, the incumbent, the challenger, the regimes, the settings; None: all of the suite's)
+    ("weight_norm", "gdw-batch", "gdw-kept", FIRST_REGIMES, FIRST_SETTINGS),
+    ("class_grad", "gdw-kept", "gdw-constrained", FIRST_REGIMES, FIRST_SETTINGS),
+    ("max_weight", "gdw-constrained", "gdw-capped", FIRST_REGIMES + ["digits-plain", "fashion-mnist-5k-plain"], None),
 ]
+
+
+def question_cells(regimes, settings) -> tuple[list, list]:
+    """A question's regimes and settings among the suite's (all of them for None)."""
+    return ([r for r in rb.REGIMES if regimes is None or r in regimes],
+            [s for s in rb.SETTINGS if settings is None or s in settings])
 DEFAULT_OUT = Path(__file__).parent / "results" / "design"
+
+
+def study_cells(datasets):
+    """``(regime, noise, imbalance, label, seed)`` of every question's cells
+    among ``datasets``, each once, seed by seed."""
+    seen = {}
+    for seed in rb.SEEDS:
+        for _, *names, regimes, settings in QUESTIONS:
+            regimes, settings = question_cells(regimes, settings)
+            for regime in [r for r in regimes if r in datasets]:
+                for noise, imbalance in settings:
+                    for label in names:
+                        seen.setdefault((regime, noise, imbalance, label, seed), None)
+    return list(seen)
 
 
 def run(args) -> list:
     data = {r: rb.prepare_regime(r, args.data, args.out) for r in args.datasets}
     todo = [(rb.run_dir_name(regime, noise, imbalance, label, seed),
              rb.cell_config(*data[regime], noise, imbalance, CANDIDATES[label], seed, args.epochs, args.device,
-                            val_per_class=data[regime][1]))
-            for seed in rb.SEEDS for regime in args.datasets for noise, imbalance in rb.SETTINGS
-            for label in CANDIDATES]
+                            val_per_class=data[regime][1], model=rb.REGIMES[regime].get("model", "mlp")))
+            for regime, noise, imbalance, label, seed in study_cells(args.datasets)]
     return grid.run_grid(args.out, todo, args.shard, keep_going=True, verify=True)
 
 
@@ -78,10 +117,12 @@ def label(summary: dict, run_dir: Path) -> str:
     return grid.method_label(CANDIDATES, summary, run_dir)
 
 
-def decide(rows: list[dict], names: tuple[str, str]) -> tuple[str, list[tuple], dict]:
-    """``(markdown table, cells, means)`` for the two candidates ``names``:
-    per regime and setting the mean over seeds of each one's last-5-epoch
-    validation accuracy (%), ``means`` over the cells both finished."""
+def decide(rows: list[dict], names: tuple[str, str], regimes=FIRST_REGIMES,
+           settings=FIRST_SETTINGS) -> tuple[str, list[tuple], dict]:
+    """``(markdown table, cells, means)`` for the two candidates ``names``
+    on ``regimes`` × ``settings``: per regime and setting the mean over
+    seeds of each one's last-5-epoch validation accuracy (%), ``means`` over
+    the cells both finished."""
     from gdw.report import setting_label
 
     acc = {}
@@ -92,8 +133,8 @@ def decide(rows: list[dict], names: tuple[str, str]) -> tuple[str, list[tuple], 
     lines = ["| regime · setting | " + " | ".join(names) + f" | {names[1]} − {names[0]} |",
              "|---|" + "---|" * (len(names) + 1)]
     cells = []
-    for regime in rb.REGIMES:
-        for noise, imbalance in rb.SETTINGS:
+    for regime in regimes:
+        for noise, imbalance in settings:
             got = [acc.get((regime, noise, imbalance, m)) for m in names]
             if not all(got) or len({len(g) for g in got}) > 1:
                 continue
@@ -116,6 +157,10 @@ def report(args) -> str:
 
     rows = [{**r, "dataset": r["run_dir"].split("/")[0]}
             for r in grid.finished_rows(args.out, pattern="*/*/summary.json", label=label)]
+    # a run that collapsed counts at the chance level (question 3's rule)
+    rows += [{**r, "dataset": r["run_dir"].split("/")[0], "method": label(r, args.out / r["run_dir"]),
+              "final_val_accuracy": 1.0 / r["num_classes"], "failed": r["error"]}
+             for r in grid.failed_cells(args.out)]
     if not rows:
         print("no finished cells yet")
         return ""
@@ -123,11 +168,13 @@ def report(args) -> str:
     write_results_csv(rows, tmp, extra_fields=["final_val_accuracy", "best_val_accuracy", "best_val_epoch"])
     os.replace(tmp, args.out / "results.csv")
     sections = []
-    for choice, *names in QUESTIONS:
-        table, cells, overall = decide(rows, names)
-        expected = len(rb.SEEDS) * len(rb.REGIMES) * len(rb.SETTINGS) * len(names)
-        finished = sum(r["method"] in names for r in rows)
-        if finished == expected and len(cells) == len(rb.REGIMES) * len(rb.SETTINGS):
+    for choice, *names, regimes, settings in QUESTIONS:
+        regimes, settings = question_cells(regimes, settings)
+        table, cells, overall = decide(rows, names, regimes, settings)
+        expected = len(rb.SEEDS) * len(regimes) * len(settings) * len(names)
+        finished = sum(r["method"] in names and r["dataset"] in regimes and (r["noise"], r["imbalance"]) in settings
+                       for r in rows)
+        if finished == expected and len(cells) == len(regimes) * len(settings):
             winner = max(overall, key=overall.get)
             verdict = (f"Decision by the rule: **{winner}** (mean validation accuracy {overall[winner]:.2f}% against "
                        + ", ".join(f"{m} {v:.2f}%" for m, v in overall.items() if m != winner) + ").")

@@ -72,6 +72,24 @@ def lock_path(out: Path, name: str) -> Path:
     return out / ".running" / (name.replace("/", "__") + ".lock")
 
 
+FAILED = "failed.json"  # written into a cell whose run diverged or collapsed: {"error": the message}
+
+
+def failed_cells(out: Path, pattern: str = "*/*/failed.json") -> list[dict]:
+    """The cells under ``out`` whose run diverged or collapsed: ``run_dir``
+    (relative to ``out``), ``error`` and the run's saved settings
+    (``method``, ``method_args``, ``noise``, ``imbalance``, ``seed``,
+    ``num_classes``) from its config.json."""
+    rows = []
+    for path in sorted(out.glob(pattern)):
+        cfg = json.loads((path.parent / "config.json").read_text())
+        rows.append({**{k: cfg.get(k) for k in ("method", "method_args", "head_only", "noise", "imbalance", "seed",
+                                                   "num_classes")},
+                     "error": json.loads(path.read_text())["error"],
+                     "run_dir": path.parent.relative_to(out).as_posix()})
+    return rows
+
+
 def run_grid(out: Path, cells: Sequence[tuple[str, object]], shard: tuple[int, int] = (0, 1), *,
              keep_going: bool = False, verify: bool = False) -> list[tuple[str, str]]:
     """Train every cell of ``cells`` that is neither finished nor held by
@@ -102,6 +120,9 @@ def run_grid(out: Path, cells: Sequence[tuple[str, object]], shard: tuple[int, i
     for i, (name, cfg) in enumerate(mine, 1):
         run_dir = out / name
         cfg = dataclasses.replace(cfg, out=str(run_dir))
+        if (run_dir / FAILED).exists():  # a run that diverged or collapsed does so again: not retried
+            failed.append((name, json.loads((run_dir / FAILED).read_text())["error"]))
+            continue
         if (run_dir / "summary.json").exists():
             if verify:
                 diff = cfg.first_difference(TrainConfig.load(run_dir))
@@ -124,6 +145,8 @@ def run_grid(out: Path, cells: Sequence[tuple[str, object]], shard: tuple[int, i
                 message = str(err).splitlines()[0] if str(err) else type(err).__name__
                 print(f"    failed: {message}", flush=True)
                 failed.append((name, message))
+                if isinstance(err, TrainingDiverged) and run_dir.is_dir():
+                    (run_dir / FAILED).write_text(json.dumps({"error": message}) + "\n")
                 continue
             print(f"    final {100 * summary['final_test_accuracy']:.2f}%  "
                   f"best {100 * summary['best_test_accuracy']:.2f}%  {time.time() - t0:.0f}s", flush=True)

@@ -142,13 +142,21 @@ SETTINGS = [  # (noise, imbalance)
     ("uniform:0.6", "none"),
     ("none", "longtail:100"),
     ("uniform:0.4", "longtail:10"),
+    ("none", "none"),  # where most real data is: clean, or 10-20% wrong
+    ("uniform:0.1", "none"),
+    ("uniform:0.2", "none"),
 ]
+MILD = [s for s in SETTINGS if s[0] in ("none", "uniform:0.1", "uniform:0.2") and s[1] == "none"]
 REGIMES = {  # name -> how its data is made; cheapest first (the order the cells run in)
     "digits": {"source": "digits"},
     "tabular": {"source": "make_classification", "train": 10_000, "test": 2_000, "features": 40,
                 "informative": 20, "redundant": 10, "clusters_per_class": 2, "class_sep": 1.0, "random_state": 0},
     "fashion-mnist-5k": {"source": "fashion-mnist", "train": 5_000, "random_state": 0},
     "fashion-mnist-10k": {"source": "fashion-mnist", "train": 10_000, "random_state": 0},
+    # a model without normalisation layers, on the data of the regime named by "data"
+    "digits-plain": {"source": "digits", "model": "mlp-plain"},
+    "fashion-mnist-5k-plain": {"source": "fashion-mnist", "train": 5_000, "random_state": 0, "model": "mlp-plain",
+                               "data": "fashion-mnist-5k"},
 }
 SEEDS = [0, 1]
 EPOCHS = 40
@@ -224,12 +232,15 @@ def prepare_regime(regime: str, data_dir: Path, out: Path) -> tuple[str, int]:
 
         source = load_source("digits")
         mpc = meta_per_class(source.y_train)
-        record = {"regime": regime, "dataset": "digits", "train_before_meta": len(source.y_train),
+        record = {"regime": regime, "model": spec.get("model", "mlp"), "dataset": "digits",
+                  "train_before_meta": len(source.y_train),
                   "test": len(source.y_test), "meta_per_class": mpc}
         _write_record(out / regime / "dataset.json", record)
         return "digits", mpc
-    recipe = json.dumps({"regime": regime, **spec, "meta_per_class": META_PER_CLASS}, sort_keys=True)
-    path = data_dir.expanduser().resolve() / f"{regime}.npz"
+    file = spec.get("data", regime)  # a regime that only changes the model shares its data
+    data_spec = {k: v for k, v in REGIMES[file].items() if k != "model"}
+    recipe = json.dumps({"regime": file, **data_spec, "meta_per_class": META_PER_CLASS}, sort_keys=True)
+    path = data_dir.expanduser().resolve() / f"{file}.npz"
     if path.exists():
         with np.load(path, allow_pickle=False) as z:
             found = str(z["recipe"]) if "recipe" in z.files else None
@@ -241,14 +252,14 @@ def prepare_regime(regime: str, data_dir: Path, out: Path) -> tuple[str, int]:
         import sklearn
 
         path.parent.mkdir(parents=True, exist_ok=True)
-        arrays = (_tabular if spec["source"] == "make_classification" else _fashion_mnist)(spec, META_PER_CLASS)
+        arrays = (_tabular if spec["source"] == "make_classification" else _fashion_mnist)(data_spec, META_PER_CLASS)
         made_with = {"numpy": np.__version__, "scikit-learn": sklearn.__version__}
         _write_npz(path, {**arrays, "recipe": np.array(recipe), "made_with": np.array(json.dumps(made_with))})
     with np.load(path, allow_pickle=False) as z:
         y_train, n_test, shape = z["y_train"], len(z["y_test"]), z["x_train"].shape[1:]
         made_with = json.loads(str(z["made_with"]))
     mpc = meta_per_class(y_train)
-    record = {"regime": regime, "dataset": f"npz:{path.name}", "file": path.name,
+    record = {"regime": regime, "model": spec.get("model", "mlp"), "dataset": f"npz:{path.name}", "file": path.name,
               "sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "recipe": json.loads(recipe),
               "made_with": made_with, "train_before_meta": len(y_train), "test": n_test,
               "input_shape": list(shape), "meta_per_class": mpc}
@@ -297,12 +308,14 @@ def run_grid(args) -> list[tuple[str, str]]:
     """Train the selected cells (see :func:`grid.run_grid`); the failed ones."""
     data = {regime: prepare_regime(regime, args.data, args.out) for regime in REGIMES if regime in args.datasets}
     todo = [(run_dir_name(regime, noise, imbalance, label, seed),
-             cell_config(*data[regime], noise, imbalance, METHODS[label], seed, args.epochs, args.device))
+             cell_config(*data[regime], noise, imbalance, METHODS[label], seed, args.epochs, args.device,
+                         model=REGIMES[regime].get("model", "mlp")))
             for regime, noise, imbalance, label, seed in cells(args.datasets, args.methods, args.settings, args.seeds)]
     return grid.run_grid(args.out, todo, args.shard, keep_going=True, verify=True)
 
 
-def cell_config(dataset, meta_per_class, noise, imbalance, method, seed, epochs, device, val_per_class=0):
+def cell_config(dataset, meta_per_class, noise, imbalance, method, seed, epochs, device, val_per_class=0,
+                model="mlp"):
     """The ``TrainConfig`` of one cell: ``method`` is a ``METHODS`` value
     ``(gdw method, method_args, head_only)``; every other hyper-parameter is
     the grid's own."""
@@ -310,7 +323,7 @@ def cell_config(dataset, meta_per_class, noise, imbalance, method, seed, epochs,
 
     name, method_args, head = method
     return TrainConfig(dataset=dataset, noise=noise, imbalance=imbalance, method=name, method_args=dict(method_args),
-                       head_only=head, seed=seed, model="mlp", epochs=epochs, batch_size=100, meta_batch_size=100,
+                       head_only=head, seed=seed, model=model, epochs=epochs, batch_size=100, meta_batch_size=100,
                        lr=0.1, meta_per_class=meta_per_class, val_per_class=val_per_class, progress=False,
                        device=device)
 

@@ -60,7 +60,7 @@ def test_each_question_compares_its_own_pair(ds):
     _, cells, overall = ds.decide(rows, ("gdw-kept", "gdw-constrained"))
     assert cells == [pytest.approx([71.0, 15.0])]
     assert overall == pytest.approx({"gdw-kept": 71.0, "gdw-constrained": 15.0})
-    for choice, a, b in ds.QUESTIONS:
+    for choice, a, b, *_ in ds.QUESTIONS:
         args_a, args_b = ds.CANDIDATES[a][1], ds.CANDIDATES[b][1]
         assert {k for k in args_a if args_a[k] != args_b.get(k)} == {choice}
 
@@ -74,13 +74,15 @@ def test_study_trains_with_a_validation_split_and_labels_its_runs(ds, tmp_path, 
     out = tmp_path / "out"
     assert ds.main(["--datasets", "digits", "--epochs", "1", "--out", str(out)]) == 0
     summaries = sorted(out.glob("digits/*/summary.json"))
-    assert len(summaries) == 3
+    assert len(summaries) == 4
     for path in summaries:
         config = json.loads((path.parent / "config.json").read_text())
         assert config["val_per_class"] == config["meta_per_class"] == 13
         params = config["method_params"]
-        label = {("batch", "raw"): "gdw-batch", ("kept", "raw"): "gdw-kept",
-                 ("kept", "constrained"): "gdw-constrained"}[params["weight_norm"], params["class_grad"]]
+        label = {("batch", "raw", None): "gdw-batch", ("kept", "raw", None): "gdw-kept",
+                 ("kept", "constrained", None): "gdw-constrained", ("kept", "constrained", 1.0): "gdw-capped"}[
+            params["weight_norm"], params["class_grad"], params["max_weight"]]
         assert path.parent.name.split("_")[-2] == label
     md = (out / "results.md").read_text()
     assert md.count("No decision yet: 2 of 8 runs finished.") == 2  # 4 regimes × 1 setting × 1 seed × 2 candidates
+    assert md.count("No decision yet: 2 of 12 runs finished.") == 1  # question 3: the suite's 6 regimes

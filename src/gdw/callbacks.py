@@ -62,7 +62,7 @@ def set_rng_state(state: dict) -> None:
 
 
 class Evaluator:
-    """Adds ``test_accuracy``, ``per_class_test_accuracy`` and ``test_loss``
+    """Adds ``test_accuracy``, ``test_balanced_accuracy``, ``per_class_test_accuracy`` and ``test_loss``
     (and the same for ``val_`` when a validation split is given) to each row."""
 
     def __init__(self, splits: dict, num_classes: int, batch_size: int = 500):
@@ -75,6 +75,7 @@ class Evaluator:
         for name, split in self.splits.items():
             m = evaluate(state.model, split, self.num_classes, self.batch_size)
             state.row.update({f"{name}_loss": m["loss"], f"{name}_accuracy": m["accuracy"],
+                              f"{name}_balanced_accuracy": m["balanced_accuracy"],
                               f"per_class_{name}_accuracy": m["per_class"]})
 
 

@@ -124,7 +124,7 @@ def _add_train_flags(p: argparse.ArgumentParser, grid: bool = False) -> None:
     add("--early-stop", type=int, metavar="K", help="stop after K epochs without a better validation accuracy")
     add("--method-args", help="the method's hyper-parameters, key=value,... (e.g. lam=0.5,beta=8)")
     add("--head-only", action="store_true", default=None, help="only the classifier head takes the virtual step")
-    add("--model", help=f"mlp, cnn, resnet32 or module.path:factory (default {d.model})")
+    add("--model", help=f"mlp, mlp-plain (no BatchNorm), cnn, resnet32 or module.path:factory (default {d.model})")
     add("--epochs", type=int, help=f"default {d.epochs}")
     add("--batch-size", type=int, help=f"default {d.batch_size}")
     add("--meta-batch-size", type=int, help=f"default {d.meta_batch_size}")

@@ -127,7 +127,7 @@ def compare(
                                                       "new": "trained"}[how], flush=True)
         rows.append({**summary, "method": label, "run_dir": name})
         write_results_csv(rows, root / "results.csv", extra_fields=VAL_FIELDS)
-    table = results_markdown(rows)
+    table = results_markdown(rows) + "\n" + results_markdown(rows, "balanced")
     chosen = validation_markdown(rows)
     if chosen:
         table += "\n" + chosen

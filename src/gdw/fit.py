@@ -35,6 +35,17 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
+class TrainingCollapsed(TrainingDiverged):
+    """The model predicts one class for (nearly) every example of an epoch
+    although the labels are not one class; the last good checkpoint is kept."""
+
+
+COLLAPSE_SHARE = 0.99  # an epoch whose training predictions are this much one class has collapsed ...
+COLLAPSE_LABEL_SHARE = 0.9  # ... unless its labels are at least this much one class
+COLLAPSE_EPOCHS = 3  # a model that never predicted anything else stops after this many such epochs
+EXPLODED_LOSS = 50.0  # a mean plain cross-entropy above this many times ln C: the logits have blown up
+
+
 def cosine_lr(base: float, epoch: int, epochs: int) -> float:
     """Learning rate of epoch ``epoch`` (0-based): base · (1 + cos(π·epoch/epochs)) / 2."""
     return 0.5 * base * (1 + math.cos(math.pi * epoch / epochs))
@@ -128,15 +139,20 @@ def predict_proba(model, split, batch_size: int = 500, device=None) -> torch.Ten
 
 
 def evaluate(model, split, num_classes: int, batch_size: int = 500, device=None) -> dict:
-    """Accuracy (fraction), per-class accuracy and mean cross-entropy on ``split``."""
+    """Accuracy, balanced accuracy (the mean of the per-class accuracies over
+    the classes present in ``split``), per-class accuracy (fractions; 0 for
+    an absent class) and mean cross-entropy on ``split``."""
     prob = predict_proba(model, split, batch_size, device)
     y = split.labels.to(prob.device)
     hit = (prob.argmax(1) == y).float()
     per_class = torch.zeros(num_classes, device=prob.device).index_add_(0, y, hit)
     count = torch.zeros(num_classes, device=prob.device).index_add_(0, y, torch.ones_like(hit))
     loss = -prob.gather(1, y[:, None]).clamp(min=1e-12).log().mean()
+    rate = per_class / count.clamp(min=1)
+    present = count > 0
     return {"accuracy": float(hit.mean()) if len(y) else float("nan"),
-            "per_class": (per_class / count.clamp(min=1)).tolist(), "loss": float(loss)}
+            "balanced_accuracy": float(rate[present].mean()) if len(y) else float("nan"),
+            "per_class": rate.tolist(), "loss": float(loss)}
 
 
 def fit(
@@ -179,6 +195,8 @@ def fit(
         progress: a tqdm bar per epoch (rank 0).
     Raises:
         TrainingDiverged: the training loss became NaN or infinite.
+        TrainingCollapsed: the model came to predict one class for (nearly)
+            every example of an epoch (see :func:`_check_collapse`).
     """
     comm = comm or Comm.single()
     device = next(model.parameters()).device
@@ -212,6 +230,7 @@ def fit(
                            leave=False, dynamic_ncols=True)
         loss_sum = torch.zeros((), device=device)
         meta_sum = torch.zeros((), device=device)
+        counts = None  # per class: predictions (row 0) and labels (row 1) of the batches trained on
         meta_steps = step = 0
         t0 = time.perf_counter()
         for step, (x, y, pos) in enumerate(batches, 1):
@@ -221,14 +240,16 @@ def fit(
                 stats = method.backward(x, y, xm, ym, inner_lr=lr_now)
             optimizer.step()
             loss_sum += stats.loss * len(y)
+            counts = _count_classes(counts, stats.logits, y if stats.trained_on == "train" else ym)
             if stats.meta_loss is not None:
                 meta_sum += stats.meta_loss
                 meta_steps += 1
             _call(callbacks, "on_step", state, pos, stats)
             if step % CHECK_EVERY == 0:
                 _check_finite(loss_sum, epoch)
-        comm.sum_([loss_sum])
+        comm.sum_([loss_sum] + ([counts] if counts is not None else []))
         _check_finite(loss_sum, epoch)
+        _check_collapse(counts, float(loss_sum) / max(len(source), 1), epoch, state)
         seconds = time.perf_counter() - t0
         state.row.update(lr=lr_now, steps=step, train_loss=float(loss_sum) / len(source),
                          meta_loss=float(meta_sum) / meta_steps if meta_steps else None, seconds=seconds)
@@ -236,6 +257,55 @@ def fit(
         _call(callbacks, "on_epoch_end", state)
     _call(callbacks, "on_fit_end", state)
     return state.history
+
+
+def _count_classes(counts, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``counts`` (2×C, on the device) plus this batch's predicted classes
+    (row 0) and labels (row 1); no host synchronisation."""
+    C = logits.shape[1]
+    now = torch.stack([torch.bincount(logits.detach().argmax(1), minlength=C)[:C],
+                       torch.bincount(y, minlength=C)[:C]])
+    return now if counts is None else counts + now
+
+
+def _check_collapse(counts, mean_loss: float, epoch: int, state: FitState) -> None:
+    """Raise :class:`TrainingCollapsed` when the epoch's mean plain
+    cross-entropy is above ``EXPLODED_LOSS``·ln C (the logits blew up), or
+    when its training predictions are at least ``COLLAPSE_SHARE`` one class
+    while its labels are at most ``COLLAPSE_LABEL_SHARE`` one class and the
+    model predicted otherwise in an earlier epoch (it had learned; else after
+    ``COLLAPSE_EPOCHS`` such epochs in a row). Called before the epoch's
+    callbacks, so the checkpoint stays the last good epoch's. Records
+    ``prediction_share`` (the most predicted class's share of the epoch) in
+    ``state.row``."""
+    if counts is None:
+        return
+    counts = counts.double().cpu()
+    total = float(counts[1].sum())
+    if total == 0:
+        return
+    if mean_loss > EXPLODED_LOSS * math.log(max(counts.shape[1], 2)):
+        raise TrainingCollapsed(f"training blew up in epoch {epoch + 1}: the mean training cross-entropy is "
+                                f"{mean_loss:.4g}, over {EXPLODED_LOSS:g}·ln C")
+    share = float(counts[0].max()) / total
+    state.row["prediction_share"] = share
+    if share < COLLAPSE_SHARE or float(counts[1].max()) / total > COLLAPSE_LABEL_SHARE:
+        return
+    before = [h.get("prediction_share") for h in state.history]
+    learned = any(s is not None and s < COLLAPSE_SHARE for s in before)
+    streak = 1
+    for s in reversed(before):
+        if s is None or s < COLLAPSE_SHARE:
+            break
+        streak += 1
+    if learned or streak >= COLLAPSE_EPOCHS:
+        cls = int(counts[0].argmax())
+        names = getattr(state.data, "classes", None)
+        name = repr(str(names[cls])) if names is not None and cls < len(names) else f"{cls}"
+        raise TrainingCollapsed(
+            f"training collapsed in epoch {epoch + 1}: the model predicts class {name} for {100 * share:.1f}% of "
+            f"the examples trained on, whose labels are at most {100 * float(counts[1].max()) / total:.0f}% one "
+            "class" + (" (it had learned before)" if learned else f" ({streak} epochs in a row)"))
 
 
 def _check_finite(loss_sum: torch.Tensor, epoch: int) -> None:

@@ -1,6 +1,7 @@
 """Model registry: ``create_model(name, input_shape, num_classes)``.
 
-Built in: ``mlp`` (two hidden layers of 256 with BatchNorm), ``cnn`` (a small
+Built in: ``mlp`` (two hidden layers of 256 with BatchNorm), ``mlp-plain``
+(the same without BatchNorm), ``cnn`` (a small
 conv net), ``resnet32`` (the CIFAR ResNet of He et al. 2016 used by the GDW
 and MW-Net papers). A user's own model is ``"package.module:factory"``, where
 ``factory(input_shape, num_classes)`` — or ``factory(num_classes=...)`` —
@@ -27,14 +28,22 @@ MODELS: Registry = Registry("model")
 
 
 @MODELS.register("mlp")
-def mlp(input_shape, num_classes, hidden: int = 256, depth: int = 2) -> nn.Module:
-    """Flatten → [Linear(hidden) → BatchNorm → ReLU] × depth → Linear(C)."""
+def mlp(input_shape, num_classes, hidden: int = 256, depth: int = 2, norm: bool = True) -> nn.Module:
+    """Flatten → [Linear(hidden) → BatchNorm → ReLU] × depth → Linear(C)
+    (without the BatchNorm when ``norm`` is False)."""
     layers, width = [nn.Flatten()], math.prod(input_shape)
     for _ in range(depth):
-        layers += [nn.Linear(width, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True)]
+        layers += [nn.Linear(width, hidden), *([nn.BatchNorm1d(hidden)] if norm else []), nn.ReLU(inplace=True)]
         width = hidden
     layers.append(nn.Linear(width, num_classes))
     return nn.Sequential(*layers)
+
+
+@MODELS.register("mlp-plain")
+def mlp_plain(input_shape, num_classes, hidden: int = 256, depth: int = 2) -> nn.Module:
+    """``mlp`` without normalisation layers: Flatten → [Linear(hidden) → ReLU]
+    × depth → Linear(C), the kind of model many users bring."""
+    return mlp(input_shape, num_classes, hidden, depth, norm=False)
 
 
 def _image_shape(input_shape, name):

@@ -60,7 +60,8 @@ def plot_weights(weights: np.ndarray, noisy: Optional[np.ndarray], path: Path, t
 
 
 RESULT_FIELDS = [
-    "dataset", "noise", "imbalance", "method", "seed", "final_test_accuracy", "best_test_accuracy",
+    "dataset", "noise", "imbalance", "method", "seed", "final_test_accuracy", "final_test_balanced_accuracy",
+    "best_test_accuracy",
     "best_epoch", "realised_noise_rate", "train_seconds", "run_dir",
 ]
 
@@ -79,7 +80,8 @@ def read_results_csv(path: Path) -> list[dict]:
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     for r in rows:
-        for k in ("final_test_accuracy", "best_test_accuracy", "realised_noise_rate", "train_seconds"):
+        for k in ("final_test_accuracy", "final_test_balanced_accuracy", "best_test_accuracy", "realised_noise_rate",
+                  "train_seconds"):
             r[k] = float(r[k]) if r.get(k) not in (None, "") else math.nan
     return rows
 
@@ -95,8 +97,10 @@ def aggregate(rows: Sequence[dict], extra: Sequence[str] = ()) -> tuple[list[str
 
     Returns ``(settings, methods, cells)`` where ``cells[(setting, method)]``
     is a dict with mean and std (over seeds) of the final and best test
-    accuracy (fractions; keys ``final_mean``, ``final_std``, ``best_mean``,
-    ``best_std``), ``NAME_mean`` / ``NAME_std`` for each column NAME in
+    accuracy and the final balanced accuracy (fractions; keys ``final_mean``,
+    ``final_std``, ``best_mean``, ``best_std``, ``balanced_mean``,
+    ``balanced_std``: NaN for runs that did not record it),
+    ``NAME_mean`` / ``NAME_std`` for each column NAME in
     ``extra``, and the number of seeds ``n``.
     """
     groups = defaultdict(list)
@@ -108,15 +112,20 @@ def aggregate(rows: Sequence[dict], extra: Sequence[str] = ()) -> tuple[list[str
         if r["method"] not in methods:
             methods.append(r["method"])
         groups[(setting, r["method"])].append(r)
-    columns = {"final": "final_test_accuracy", "best": "best_test_accuracy", **{name: name for name in extra}}
+    columns = {"final": "final_test_accuracy", "best": "best_test_accuracy",
+               "balanced": "final_test_balanced_accuracy", **{name: name for name in extra}}
     cells = {}
     for key, rs in groups.items():
         cells[key] = {"n": len(rs)}
         for name, column in columns.items():
-            values = np.array([r[column] for r in rs], dtype=float)
+            values = np.array([r.get(column, math.nan) for r in rs], dtype=float)
             cells[key][f"{name}_mean"] = values.mean()
             cells[key][f"{name}_std"] = values.std(ddof=1) if len(values) > 1 else 0.0
     return settings, methods, cells
+
+
+METRICS = {"final": "Test accuracy, mean of the last 5 epochs", "best": "Test accuracy, best epoch",
+           "balanced": "Test balanced accuracy (mean of the per-class accuracies), mean of the last 5 epochs"}
 
 
 def results_markdown(rows: Sequence[dict], metric: str = "final") -> str:
@@ -125,10 +134,12 @@ def results_markdown(rows: Sequence[dict], metric: str = "final") -> str:
 
     ``metric="final"`` is the mean test accuracy of the last 5 epochs (the
     papers' main number); ``metric="best"`` the highest test accuracy of any
-    epoch. Raises ValueError for another ``metric``.
+    epoch; ``metric="balanced"`` the mean balanced accuracy (the mean of the
+    per-class accuracies) of the last 5 epochs. Raises ValueError for
+    another ``metric``.
     """
-    if metric not in ("final", "best"):
-        raise ValueError(f"metric must be 'final' or 'best', not {metric!r}")
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {', '.join(map(repr, METRICS))}, not {metric!r}")
     settings, methods, cells = aggregate(rows)
     mean, std = f"{metric}_mean", f"{metric}_std"
     lines = [
@@ -147,11 +158,8 @@ def results_markdown(rows: Sequence[dict], metric: str = "final") -> str:
             row.append(f"**{text}**" if c[mean] == best[s] else text)
         lines.append(f"| {m} | " + " | ".join(row) + " |")
     n = sorted({c["n"] for c in cells.values()})
-    what = "mean of the last 5 epochs" if metric == "final" else "best epoch"
     lines.append("")
-    lines.append(
-        f"Test accuracy (%), {what}, mean ± std over {', '.join(map(str, n))} seed(s); best per setting in bold."
-    )
+    lines.append(f"{METRICS[metric]} (%), mean ± std over {', '.join(map(str, n))} seed(s); best per setting in bold.")
     return "\n".join(lines) + "\n"
 
 

@@ -51,7 +51,7 @@ from .callbacks import (BestModel, Checkpointer, EpochLog, Evaluator, LabelIssue
                         WeightStats, atomic_write, set_rng_state)
 from .distributed import Comm, init_from_env, launched_by_torchrun
 from .errors import UserError
-from .fit import TrainingDiverged, cosine_lr, fit  # noqa: F401 - re-exported
+from .fit import TrainingCollapsed, TrainingDiverged, cosine_lr, fit  # noqa: F401 - re-exported
 from .methods import METHODS, make
 from .models import check_logits, create_model
 
@@ -499,7 +499,9 @@ def _interrupts(out: Path, cfg: TrainConfig):
     except TrainingDiverged as err:
         kept = (f"the last good checkpoint is {out / 'checkpoint.pt'}" if (out / "checkpoint.pt").exists()
                 else "nothing was kept (it failed in the first epoch)")
-        raise TrainingDiverged(f"{err}; stopped, {kept}; try a lower --lr") from None
+        fix = ("try a lower --lr, or a model with normalisation layers (BatchNorm, LayerNorm)"
+               if isinstance(err, TrainingCollapsed) else "try a lower --lr")
+        raise type(err)(f"{err}; stopped, {kept}; {fix}") from None
 
 
 def data_files(cfg: TrainConfig) -> dict:
@@ -553,6 +555,7 @@ def _config_record(cfg: TrainConfig, data, device, comm: Comm) -> dict:
 def _summary(cfg, data, history, train_seconds, steps_per_epoch, world) -> dict:
     accs = [h["test_accuracy"] for h in history]
     last = accs[-min(5, len(accs)):]
+    balanced = [h.get("test_balanced_accuracy", math.nan) for h in history][-len(last):]
     return {
         "method": cfg.method,
         "dataset": cfg.dataset,
@@ -564,6 +567,7 @@ def _summary(cfg, data, history, train_seconds, steps_per_epoch, world) -> dict:
         "head_only": cfg.head_only,
         "method_args": cfg.method_args,
         "final_test_accuracy": float(np.mean(last)),
+        "final_test_balanced_accuracy": float(np.mean(balanced)),
         "best_test_accuracy": float(max(accs)),
         "best_epoch": int(np.argmax(accs)) + 1,
         "per_class_test_accuracy": history[-1]["per_class_test_accuracy"],

@@ -127,6 +127,12 @@ class GDW(WeightNetMethod):
         omega_min, omega_max: clamp of ω' (1e-6, 1e6).
         p_max: clamp of the probabilities (0.999).
         zero_mean: apply the zero-mean constraint (True; False is an ablation).
+        max_weight: a cap on the stage-one instance weights v_i after their
+            scaling (``stage_one="l2rw"`` only; None: no cap). With 1 no
+            example weighs more than in plain training, however few examples
+            a batch keeps: scaled to mean one over K kept examples, one
+            example can otherwise get a weight of up to K, a step that can
+            blow up a model without normalisation layers.
         class_grad: the gradient the class-level step follows: ``"raw"``
             (the paper's: ∂L_meta/∂ω of the constrained ω, whose labelled
             column the constraint then overwrites) or ``"constrained"``
@@ -149,7 +155,8 @@ class GDW(WeightNetMethod):
                                "class_grad": "constrained"},
                       "mwnet": {"finetune_fraction": 0.0, "tau": 0.0, "meta_grad": "jvp", "weight_norm": "batch",
                                 "class_grad": "raw"}}
-    ADDED_PARAMS = {"weight_norm": "batch", "class_grad": "raw"}  # what runs recorded before these existed used
+    ADDED_PARAMS = {"weight_norm": "batch", "class_grad": "raw",
+                    "max_weight": None}  # what runs recorded before these existed used
 
     @classmethod
     def resolve_params(cls, params: dict) -> dict:
@@ -160,7 +167,8 @@ class GDW(WeightNetMethod):
                  eta: float | None = None, clip: float = 0.2,
                  omega_min: float = 1e-6, omega_max: float = 1e6, p_max: float = 0.999,
                  zero_mean: bool = True, class_grad: str | None = None, finetune_fraction: float | None = None,
-                 tau: float | None = None, meta_grad: str | None = None, class_counts=None, **kw):
+                 tau: float | None = None, meta_grad: str | None = None, class_counts=None,
+                 max_weight: float | None = None, **kw):
         if stage_one not in STAGE_ONE:
             raise UserError(f"stage_one must be one of {', '.join(STAGE_ONE)}, got {stage_one!r}")
         resolved = self.resolve_params({"stage_one": stage_one, "finetune_fraction": finetune_fraction,
@@ -173,6 +181,7 @@ class GDW(WeightNetMethod):
         if weight_norm not in WEIGHT_NORM:
             raise UserError(f"weight_norm must be one of {', '.join(WEIGHT_NORM)}, got {weight_norm!r}")
         self.weight_norm = weight_norm
+        self.max_weight = None if max_weight is None else check_positive("max_weight", max_weight)
         if stage_one == "l2rw":
             self.virtual_step = False
             del self.vnet, self.vopt  # no weighting network
@@ -220,6 +229,8 @@ class GDW(WeightNetMethod):
             total, kept = fwd.comm.sum(torch.stack([w.sum(), (w > 0).sum().to(w.dtype)]))
             k = n if self.weight_norm == "batch" else kept
             v = torch.where(total > 0, k * w / total.clamp(min=torch.finfo(w.dtype).tiny), torch.zeros_like(w))
+            if self.max_weight is not None:
+                v = v.clamp(max=self.max_weight)
             omega = self._constrain(v[:, None].expand(B, C), p, y)
         else:
             losses = F.cross_entropy(full(z), y, reduction="none")
