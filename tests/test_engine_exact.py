@@ -33,7 +33,7 @@ def virtual_params(model, params, surrogate):
 
 def reference(name, model, vnet, x, y, xm, ym, *, head_only=False, eta=None, clip=0.2, omega_min=1e-6,
               omega_max=1e6, p_max=0.999, zero_mean=True, stage_one="mwnet", weight_norm="kept", shift=None,
-              class_grad=None, info=None):
+              class_grad=None, max_weight=None, info=None):
     """One step of ``name`` computed independently. Returns (weights, grads, vnet').
 
     GDW's options (η, c, ω clamp, p_max, zero-mean) are those of the paper;
@@ -41,6 +41,7 @@ def reference(name, model, vnet, x, y, xm, ym, *, head_only=False, eta=None, cli
     inside GDW's softmax (default none); ``weight_norm`` the scaling of
     stage one's L2RW weights (``"batch"``: to mean one over the batch,
     ``"kept"``: to mean one over the examples with a positive weight);
+    ``max_weight`` a cap on the scaled stage-one weights (none by default);
     ``class_grad`` what the class-level step follows (``"raw"``: the
     gradient with respect to the constrained ω; ``"constrained"``: with
     respect to the unconstrained weights that the constraint maps to ω, by
@@ -102,6 +103,8 @@ def reference(name, model, vnet, x, y, xm, ym, *, head_only=False, eta=None, cli
         w = (-g.sum(1)).clamp(min=0)  # L2RW's weights, then scaled to mean one
         k = B if weight_norm == "batch" else int((w > 0).sum())  # ... over the batch or over those kept
         v = k * w / w.sum() if w.sum() > 0 else w
+        if max_weight is not None:
+            v = torch.minimum(v, torch.full_like(v, max_weight))
         omega, V = constrain(v[:, None].expand(B, C)), None
         if class_grad == "constrained":  # L_meta is linear in ω at θ' = θ: the gradient at zero serves
             free = torch.zeros(B, C, dtype=torch.float64, requires_grad=True)
@@ -279,6 +282,30 @@ def test_gdw_weights_scaled_over_the_kept_examples_matches_reference(kind, mode)
         torch.testing.assert_close(p.grad, g, rtol=1e-10, atol=1e-10, msg=f"gradient of {n}")
     _, g_batch, _ = reference("gdw", before, None, x, y, xm, ym, stage_one="l2rw", weight_norm="batch")
     assert max(float((a - b).abs().max()) for a, b in zip(g_ref, g_batch)) > 1e-6
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+@pytest.mark.parametrize("mode", ["jvp", "double"])
+def test_gdw_capped_weights_match_reference(kind, mode):
+    """max_weight=1: the scaled stage-one weights are capped at one, against
+    the reference; the batch must have a weight above one before the cap for
+    the cap to act (checked), and none is above one after it."""
+    model = make_model(kind)
+    x, y = make_batch(kind, B, 1)
+    xm, ym = make_batch(kind, BM, 2)
+    before = copy.deepcopy(model)
+    method, _, stats = run_method("gdw", model, x, y, xm, ym, meta_grad=mode, max_weight=1.0, tau=0.0)
+    info, uncapped = {}, {}
+    w_ref, g_ref, _ = reference("gdw", before, None, x, y, xm, ym, stage_one="l2rw", max_weight=1.0, info=info)
+    reference("gdw", before, None, x, y, xm, ym, stage_one="l2rw", info=uncapped)
+    assert float(uncapped["v"].max()) > 1.0  # the cap has something to cut
+    assert float(stats.instance_weights.max()) <= 1.0
+    torch.testing.assert_close(stats.instance_weights, info["v"], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(stats.weights, w_ref.detach(), rtol=1e-10, atol=1e-10)
+    for (n, p), g in zip(model.named_parameters(), g_ref):
+        torch.testing.assert_close(p.grad, g, rtol=1e-10, atol=1e-10, msg=f"gradient of {n}")
+    with pytest.raises(gdw.UserError, match="max_weight"):
+        gdw.make("gdw", make_model("mlp"), C, max_weight=0)
 
 
 @pytest.mark.parametrize("kind", ["mlp", "cnn"])

@@ -63,17 +63,18 @@ def set_rng_state(state: dict) -> None:
 
 class Evaluator:
     """Adds ``test_accuracy``, ``test_balanced_accuracy``, ``per_class_test_accuracy`` and ``test_loss``
-    (and the same for ``val_`` when a validation split is given) to each row."""
+    (and the same for ``val_`` when a validation split is given) to each row,
+    of the predictions shifted by ``shift`` (the run's target prior)."""
 
-    def __init__(self, splits: dict, num_classes: int, batch_size: int = 500):
+    def __init__(self, splits: dict, num_classes: int, batch_size: int = 500, shift=None):
         self.splits = {k: v for k, v in splits.items() if v is not None}
-        self.num_classes, self.batch_size = num_classes, max(batch_size, 500)
+        self.num_classes, self.batch_size, self.shift = num_classes, max(batch_size, 500), shift
 
     def on_epoch_end(self, state: FitState) -> None:
         if not state.is_main:
             return
         for name, split in self.splits.items():
-            m = evaluate(state.model, split, self.num_classes, self.batch_size)
+            m = evaluate(state.model, split, self.num_classes, self.batch_size, shift=self.shift)
             state.row.update({f"{name}_loss": m["loss"], f"{name}_accuracy": m["accuracy"],
                               f"{name}_balanced_accuracy": m["balanced_accuracy"],
                               f"per_class_{name}_accuracy": m["per_class"]})

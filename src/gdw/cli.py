@@ -113,6 +113,10 @@ def _add_train_flags(p: argparse.ArgumentParser, grid: bool = False) -> None:
         add("--resume", action="store_true", default=None,
             help="continue the run in --out from its checkpoint, with the settings saved there")
         add("--nproc", type=int, help="data-parallel processes on this machine (launches torchrun; one per GPU)")
+    add("--target-prior", choices=["auto", "train", "balanced"],
+        help="the class prior predictions aim at: train (the training labels' shares: plain accuracy), balanced "
+             "(every class alike: balanced accuracy) or auto (balanced under --imbalance or when the classes are "
+             f"about equally frequent, else train; default {d.target_prior})")
     add("--meta", help="your own clean (hand-checked) labelled set, used as the meta set: csv:PATH, folder:PATH "
                        "or npz:PATH (arrays x, y); labels matched to the training classes by name")
     add("--meta-per-class", type=int, help="clean meta examples per class (default: all of --meta; else 100 when "

@@ -122,27 +122,31 @@ class FitState:
 
 
 @torch.no_grad()
-def predict_proba(model, split, batch_size: int = 500, device=None) -> torch.Tensor:
+def predict_proba(model, split, batch_size: int = 500, device=None, shift=None) -> torch.Tensor:
     """Softmax probabilities (N, C) of ``model`` in eval mode on every example
-    of ``split``, in split order, on ``device``; the model's mode is restored."""
+    of ``split``, in split order, on ``device``; the model's mode is restored.
+    ``shift``: (C,) added to the logits first (a run's prediction shift
+    towards its target prior, :func:`gdw.prior.prediction_shift`)."""
     device = device or next(model.parameters()).device
     from .engine import logits_of
 
     was_training = model.training
     model.eval()
+    b = 0.0 if shift is None else torch.as_tensor(shift, dtype=torch.float32, device=device)
     try:
-        parts = [torch.softmax(logits_of(model(x)).float(), 1)
+        parts = [torch.softmax(logits_of(model(x)).float() + b, 1)
                  for x, _, _ in split.batches(max(batch_size, 1), shuffle=False, device=device, augment=False)]
     finally:
         model.train(was_training)
     return torch.cat(parts) if parts else torch.zeros(0, 0, device=device)
 
 
-def evaluate(model, split, num_classes: int, batch_size: int = 500, device=None) -> dict:
+def evaluate(model, split, num_classes: int, batch_size: int = 500, device=None, shift=None) -> dict:
     """Accuracy, balanced accuracy (the mean of the per-class accuracies over
     the classes present in ``split``), per-class accuracy (fractions; 0 for
-    an absent class) and mean cross-entropy on ``split``."""
-    prob = predict_proba(model, split, batch_size, device)
+    an absent class) and mean cross-entropy on ``split``, of the
+    predictions shifted by ``shift`` (see :func:`predict_proba`)."""
+    prob = predict_proba(model, split, batch_size, device, shift)
     y = split.labels.to(prob.device)
     hit = (prob.argmax(1) == y).float()
     per_class = torch.zeros(num_classes, device=prob.device).index_add_(0, y, hit)

@@ -84,7 +84,8 @@ def predict(run_dir, data: str, out_csv, *, model_file: Optional[str] = None, de
         raise UserError(f"--out {out} is a directory; give a file name such as predictions.csv")
     if not out.parent.exists():
         raise UserError(f"--out {out}: the folder {out.parent} does not exist")
-    prob = predict_proba(model, new.split, batch_size).cpu().numpy().astype(np.float64)
+    shift = (config.get("target") or {}).get("prediction_shift")  # towards the run's target prior
+    prob = predict_proba(model, new.split, batch_size, shift=shift).cpu().numpy().astype(np.float64)
     pred = prob.argmax(1) if len(prob) else np.zeros(0, dtype=np.int64)
     key = "path" if new.source_paths is not None else "index"
     where = new.source_paths if new.source_paths is not None else [int(r) for r in new.source_rows]

@@ -76,6 +76,7 @@ class TrainConfig:
     download: bool = False
     noise: str = "none"
     imbalance: str = "none"
+    target_prior: str = "auto"
     meta: Optional[str] = None
     meta_per_class: Optional[int] = None
     val_per_class: int = 0
@@ -125,6 +126,10 @@ class TrainConfig:
         for name in ("download", "head_only", "amp", "sync_bn", "resume", "progress"):
             if not isinstance(getattr(self, name), bool):
                 raise UserError(f"{flag(name)} must be true or false, got {getattr(self, name)!r}")
+        from .prior import TARGET_PRIORS
+
+        if self.target_prior not in TARGET_PRIORS:
+            raise UserError(f"--target-prior must be one of {', '.join(TARGET_PRIORS)}, got {self.target_prior!r}")
         for name in ("dataset", "noise", "imbalance", "method", "model", "label_column"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise UserError(f"{flag(name)} must be a non-empty string, got {getattr(self, name)!r}")
@@ -424,7 +429,8 @@ def train(cfg: TrainConfig, log=print, comm: Optional[Comm] = None) -> dict:
     data, model, opt, method = build(cfg, device, comm)
     if ckpt is not None:
         check_same_data(out, data)
-    callbacks, stateful = _callbacks(cfg, data, out, device, log if main else (lambda *a, **k: None))
+    target, shift = target_prior(cfg, data, method)
+    callbacks, stateful = _callbacks(cfg, data, out, device, log if main else (lambda *a, **k: None), shift)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
@@ -440,11 +446,14 @@ def train(cfg: TrainConfig, log=print, comm: Optional[Comm] = None) -> dict:
         + f"{len(data.test)} test, {data.num_classes} classes), noise {cfg.noise}, imbalance {cfg.imbalance}, "
         + ("true labels unknown" if rate is None else f"realised noise {rate:.3f}") + f", device {device} → {out}"
         + (f" (resuming after epoch {start})" if ckpt else ""))
+    log("gdw train: " + target["line"])
     for warning in data.record.get("warnings", []):
         log(f"gdw train: warning: {warning}")
     with RunDir(out, main), _interrupts(out, cfg):
         if main and ckpt is None:
-            atomic_write(out / "config.json", json.dumps(_config_record(cfg, data, device, comm), indent=2, default=str))
+            record = {**_config_record(cfg, data, device, comm), "target": {k: v for k, v in target.items()
+                                                                              if k != "line"}}
+            atomic_write(out / "config.json", json.dumps(record, indent=2, default=str))
             data.save_split(out / "split.npz")
         history = fit(model, method, data, opt, epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size,
                       meta_batch_size=cfg.meta_batch_size, seed=cfg.seed, callbacks=callbacks, comm=comm,
@@ -453,12 +462,36 @@ def train(cfg: TrainConfig, log=print, comm: Optional[Comm] = None) -> dict:
     if main:
         seconds = sum(row["seconds"] for row in history)
         summary = _summary(cfg, data, history, seconds, math.ceil(len(data.train) / cfg.batch_size), comm.world)
+        summary["target_prior"] = target["prior"]
         atomic_write(out / "summary.json", json.dumps(summary, indent=2))
     comm.barrier()
     return summary
 
 
-def _callbacks(cfg: TrainConfig, data, out: Path, device, log):
+def target_prior(cfg: TrainConfig, data, method) -> tuple[dict, Optional[torch.Tensor]]:
+    """``(record, shift)``: the run's target prior resolved (``record``:
+    ``prior`` "train" | "balanced", ``setting``, the method's ``fits``,
+    ``prediction_shift`` (C floats, or None) and ``line``, the sentence
+    printed at the start) and the shift added to the logits of every
+    prediction (:mod:`gdw.prior`)."""
+    from .prior import describe, prediction_shift, resolve_target_prior
+
+    C = data.num_classes
+    true = data.train.true_labels
+    labels = true if true is not None and bool((true >= 0).all()) else data.train.labels
+    counts = torch.bincount(labels, minlength=C).tolist()
+    meta = None if data.meta is None else torch.bincount(data.meta.labels, minlength=C).tolist()
+    prior = resolve_target_prior(cfg.target_prior, counts, cfg.imbalance)
+    shift = prediction_shift(method.fits_prior, prior, counts, meta)
+    how = "set" if cfg.target_prior != "auto" else (
+        "auto: --imbalance keeps the test split balanced" if cfg.imbalance != "none" else
+        "auto: the classes are about equally frequent" if prior == "balanced" else "auto: the classes' shares differ")
+    return ({"prior": prior, "setting": cfg.target_prior, "fits": method.fits_prior,
+             "prediction_shift": None if shift is None else [round(float(v), 6) for v in shift],
+             "line": describe(prior, counts, [str(c) for c in data.classes], how)}, shift)
+
+
+def _callbacks(cfg: TrainConfig, data, out: Path, device, log, shift=None):
     """The callbacks of a ``gdw train`` run, in the order they must run at an
     epoch end: rows are complete before the checkpoint, the checkpoint is
     saved before metrics.jsonl is rewritten from it."""
@@ -474,7 +507,7 @@ def _callbacks(cfg: TrainConfig, data, out: Path, device, log):
     title = f"{cfg.method} on {cfg.dataset}, {cfg.noise}"
     return [
         recorder,
-        Evaluator({"val": val, "test": data.test}, data.num_classes, cfg.batch_size),
+        Evaluator({"val": val, "test": data.test}, data.num_classes, cfg.batch_size, shift),
         WeightStats(recorder, out, noisy),
         *([stateful["best_model"]] if val is not None else []),
         Checkpointer(out / "checkpoint.pt", cfg.fingerprint(), stateful),

@@ -266,6 +266,17 @@ class Method:
         self.finetuning = False
         self._values_checked = False  # set after the first backward: value checks on accelerators stop
 
+    @property
+    def fits_prior(self) -> str:
+        """The class prior this method's training aims its predictions at:
+        ``"train"`` (the training labels' shares: plain training),
+        ``"meta"`` (the meta set's: methods that learn from a meta set, by
+        weights or by fine-tuning on it) or ``"balanced"`` (every class
+        alike: logit adjustment, class-balanced losses). ``gdw train``
+        shifts the predictions of a method that does not aim at the run's
+        target prior (:mod:`gdw.prior`)."""
+        return "meta" if self.needs_meta else "train"
+
     # -- what subclasses implement -------------------------------------------------
     @classmethod
     def resolve_params(cls, params: dict) -> dict:

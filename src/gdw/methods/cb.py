@@ -78,6 +78,10 @@ class CB(LossMethod):
 
     needs_class_counts = True
 
+    @property
+    def fits_prior(self) -> str:  # class-balanced weights aim at balanced error
+        return "balanced" if self.beta > 0 else super().fits_prior
+
     def __init__(self, model, num_classes, *, class_counts=None, beta: float = 0.9999, **kw):
         super().__init__(model, num_classes, **kw)
         self.beta = check_beta(beta)

@@ -203,6 +203,11 @@ class GDW(WeightNetMethod):
         if class_counts is not None and self.tau > 0:
             self.log_prior = log_prior(class_counts, self.num_classes)
 
+    @property
+    def fits_prior(self) -> str:
+        """Balanced with the logit adjustment (τ > 0 and class counts), else the meta set's."""
+        return "balanced" if self.log_prior is not None else "meta"
+
     def _constrain(self, omega, p, y):
         return zero_mean(omega, p, y) if self.zero_mean else omega
 

@@ -50,6 +50,10 @@ class LogitAdjusted(LossMethod):
 
     needs_class_counts = True
 
+    @property
+    def fits_prior(self) -> str:  # the adjusted loss aims at balanced error
+        return "balanced" if self.tau > 0 else super().fits_prior
+
     def __init__(self, model, num_classes, *, class_counts=None, tau: float = 1.0, **kw):
         super().__init__(model, num_classes, **kw)
         self.tau = check_positive("tau", tau, allow_zero=True)

@@ -56,6 +56,10 @@ class LDAM(LossMethod):
 
     needs_class_counts = True
 
+    @property
+    def fits_prior(self) -> str:  # deferred re-weighting aims at balanced error
+        return "balanced" if self.drw else super().fits_prior
+
     def __init__(self, model, num_classes, *, class_counts=None, max_margin: float = 0.5, s: float = 30.0,
                  drw: bool = False, drw_epoch: Optional[int] = None, **kw):
         super().__init__(model, num_classes, **kw)
