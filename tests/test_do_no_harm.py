@@ -218,3 +218,21 @@ def test_plain_mlp_is_registered_without_normalisation():
     model = gdw.models.create_model("mlp-plain", (8,), 3)
     assert not any(isinstance(m, (nn.BatchNorm1d, nn.LayerNorm)) for m in model.modules())
     assert model(torch.zeros(2, 8)).shape == (2, 3)
+
+
+@pytest.mark.parametrize("vals, n, want", [
+    ([0.70, 0.90, 0.80], 50, "final"),  # 10 points on 50 examples: within 2 SE (11.3 points)
+    ([0.70, 0.95, 0.80], 500, "best"),  # 15 points on 500 examples: beyond 2 SE (3.6 points)
+    ([0.70, 0.80, 0.80], 5000, "final"),  # the best epoch is the last one's accuracy
+])
+def test_predict_uses_best_pt_only_when_it_clearly_beats_the_final_model(tmp_path, vals, n, want):
+    from gdw.predict import choose_model_file
+
+    (tmp_path / "best.pt").write_bytes(b"")
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"epoch": k + 1, "val_accuracy": v}) + "\n"
+                                                    for k, v in enumerate(vals)))
+    (tmp_path / "config.json").write_text(json.dumps({"data": {"n_val": n}}))
+    got, why = choose_model_file(tmp_path)
+    assert got == want and f"on {n} examples" in why
+    (tmp_path / "best.pt").unlink()
+    assert choose_model_file(tmp_path) == ("final", "the run has no validation split")

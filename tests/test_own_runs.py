@@ -117,7 +117,9 @@ def test_predict_reproduces_the_test_accuracy_and_takes_unlabelled_data(birds, b
     out = tmp_path / "new.csv"
     assert main(["predict", str(birds_run), "--data", f"csv:{birds['dir'] / 'new.csv'}", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "best.pt" in printed and "accuracy" not in printed
+    # the default: best.pt only when it beats the final model by more than twice the standard error
+    assert "with checkpoint.pt" in printed and "within twice the standard error" in printed
+    assert "accuracy against" not in printed
     rows = read_rows(out)
     assert len(rows) == 40 and set(rows[0]) == {"index", "predicted_label", "confidence", *(f"p_{c}" for c in
                                                                                            sorted(NAMES))}

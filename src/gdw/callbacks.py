@@ -157,10 +157,12 @@ class MetricsWriter:
 
 
 class EpochLog:
-    """One line per epoch through ``log`` (rank 0)."""
+    """One line per epoch through ``log`` (rank 0). ``test_clean=False``: the
+    test labels are the user's own, not known to be clean, and the line says
+    so; fine-tuning epochs are marked."""
 
-    def __init__(self, log: Callable[[str], Any] = print):
-        self.log = log
+    def __init__(self, log: Callable[[str], Any] = print, test_clean: bool = True):
+        self.log, self.test_clean = log, test_clean
 
     def on_epoch_end(self, state: FitState) -> None:
         if not state.is_main:
@@ -172,7 +174,10 @@ class EpochLog:
         if "val_accuracy" in row:
             parts.append(f"val acc {100 * row['val_accuracy']:.2f}%")
         if "test_accuracy" in row:
-            parts.append(f"test acc {100 * row['test_accuracy']:.2f}%")
+            parts.append(f"test acc {100 * row['test_accuracy']:.2f}%"
+                         + ("" if self.test_clean else " (on labels not known to be clean)"))
+        if row.get("finetuning"):
+            parts.append("fine-tuning on the meta set")
         parts.append(f"{row['seconds']:.1f}s")
         if "mean_weight_clean" in row:
             parts.append(f"weight clean {row['mean_weight_clean']:.3f} / mislabelled {row['mean_weight_noisy']:.3f}")

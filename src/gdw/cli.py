@@ -158,8 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="csv:PATH (label column optional), folder:PATH (class "
                    "sub-folders, or images directly in it) or npz:PATH (x, optional y)")
     p.add_argument("--out", required=True, help="the CSV file to write")
-    p.add_argument("--model-file", choices=("best", "final"), help="best.pt (the epoch chosen on validation; "
-                   "default when the run has one) or the final model")
+    p.add_argument("--model-file", choices=("best", "final"), help="best.pt (the epoch chosen on validation) or "
+                   "the final model (default: best.pt only when its validation accuracy beats the final model's by "
+                   "more than twice its standard error)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: CUDA when present)")
     return parser
 
@@ -267,7 +268,7 @@ def cmd_predict(args) -> int:
 
     result = predict(args.run_dir, args.data, args.out, model_file=args.model_file, device=args.device)
     print(f"gdw predict: {result['n']} examples of {args.data} with {result['model_file']} of {args.run_dir} "
-          f"→ {args.out}")
+          f"({result['why']}) → {args.out}")
     if result["accuracy"] is not None:
         print(f"accuracy against the labels in the data: {100 * result['accuracy']:.2f}% "
               f"({result['n_labelled']} labelled examples)")

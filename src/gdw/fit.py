@@ -255,7 +255,7 @@ def fit(
         _check_finite(loss_sum, epoch)
         _check_collapse(counts, float(loss_sum) / max(len(source), 1), epoch, state)
         seconds = time.perf_counter() - t0
-        state.row.update(lr=lr_now, steps=step, train_loss=float(loss_sum) / len(source),
+        state.row.update(lr=lr_now, steps=step, finetuning=finetuning, train_loss=float(loss_sum) / len(source),
                          meta_loss=float(meta_sum) / meta_steps if meta_steps else None, seconds=seconds)
         state.history.append(state.row)
         _call(callbacks, "on_epoch_end", state)

@@ -1,9 +1,10 @@
 """``gdw predict``: the model of a finished run on new data.
 
 The run directory holds everything needed: the settings (``config.json``:
-the model, the class names, the preprocessing of the inputs) and the weights
-(``best.pt``, the epoch chosen on the validation split, when the run had
-one; else the final model in ``checkpoint.pt``). New data is read with the
+the model, the class names, the preprocessing of the inputs, the shift
+towards the run's target prior) and the weights: the final model in
+``checkpoint.pt``, or ``best.pt`` (the epoch chosen on the validation split)
+when the choice is trustworthy (:func:`choose_model_file`). New data is read with the
 run's own preprocessing (:func:`gdw.data.load_new`), so a CSV's feature
 columns, an image folder's size and channels and the normalisation
 statistics are those of training.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 from typing import Optional
 
@@ -25,11 +27,35 @@ from .models import create_model
 from .train import TrainConfig, pick_device
 
 
+def choose_model_file(run_dir) -> tuple[str, str]:
+    """``("best" | "final", why)``: best.pt only when its validation accuracy
+    beats the final model's by more than twice the standard error of an
+    accuracy on the validation split (sqrt(a(1 − a)/n), at least 1/n): with
+    a few validation examples per class the best epoch is mostly noise, and
+    the final model (fine-tuned, trained longest) is the better bet."""
+    run = Path(run_dir)
+    if not (run / "best.pt").exists():
+        return "final", "the run has no validation split"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    vals = [r.get("val_accuracy") for r in rows]
+    n = int((json.loads((run / "config.json").read_text()).get("data") or {}).get("n_val") or 0)
+    if not rows or vals[-1] is None or n == 0:
+        return "final", "no validation accuracy was recorded"
+    k = int(np.argmax(vals))
+    best, final = vals[k], vals[-1]
+    margin = max(2 * math.sqrt(final * (1 - final) / n), 1 / n)
+    if best - final > margin:
+        return "best", (f"its validation accuracy {100 * best:.1f}% (epoch {k + 1}) beats the final model's "
+                        f"{100 * final:.1f}% by more than twice its standard error on {n} examples")
+    return "final", (f"best.pt's validation accuracy {100 * best:.1f}% (epoch {k + 1}) is within twice the standard "
+                     f"error ({100 * margin:.1f} points on {n} examples) of the final model's {100 * final:.1f}%")
+
+
 def load_model(run_dir, model_file: Optional[str] = None, device=None) -> tuple[torch.nn.Module, dict, str]:
     """``(model in eval mode, config.json as a dict, "best.pt" | "checkpoint.pt")``.
 
     ``model_file``: ``"best"`` (best.pt; an error when the run has none),
-    ``"final"`` (checkpoint.pt) or None (best.pt when present, else final).
+    ``"final"`` (checkpoint.pt) or None (:func:`choose_model_file`).
     """
     run = Path(run_dir)
     cfg = TrainConfig.load(run)
@@ -39,7 +65,9 @@ def load_model(run_dir, model_file: Optional[str] = None, device=None) -> tuple[
     best = run / "best.pt"
     if model_file == "best" and not best.exists():
         raise UserError(f"{run} has no best.pt (it was trained without --val-per-class or --meta)")
-    path = best if model_file != "final" and best.exists() else run / "checkpoint.pt"
+    if model_file is None:
+        model_file = choose_model_file(run)[0]
+    path = best if model_file == "best" else run / "checkpoint.pt"
     if not path.exists():
         raise UserError(f"{run} has no trained model yet (no checkpoint.pt)")
     device = pick_device(device)
@@ -100,4 +128,4 @@ def predict(run_dir, data: str, out_csv, *, model_file: Optional[str] = None, de
     known = labels >= 0
     accuracy = float((pred[known] == labels[known]).mean()) if new.has_labels and known.any() else None
     return {"n": len(pred), "accuracy": accuracy, "n_labelled": int(known.sum()) if new.has_labels else 0,
-            "model_file": used}
+            "model_file": used, "why": "asked for" if model_file is not None else choose_model_file(run_dir)[1]}

@@ -21,13 +21,22 @@ def _plt():
 
 
 def plot_curves(history: Sequence[dict], path: Path, title: str = "") -> None:
-    """Test accuracy (left) and train / meta / test loss (right) per epoch."""
+    """Test (and validation) accuracy (left) and train / meta / test loss
+    (right) per epoch; the fine-tuning epochs shaded."""
     plt = _plt()
     epochs = [h["epoch"] for h in history]
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
-    a.plot(epochs, [100 * h["test_accuracy"] for h in history], marker="o", ms=3)
-    a.set(xlabel="epoch", ylabel="test accuracy (%)", title="test accuracy")
+    a.plot(epochs, [100 * h["test_accuracy"] for h in history], marker="o", ms=3, label="test")
+    if any("val_accuracy" in h for h in history):
+        a.plot(epochs, [100 * h.get("val_accuracy", math.nan) for h in history], marker="s", ms=3,
+               label="validation")
+    a.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
     a.grid(alpha=0.3)
+    tuned = [h["epoch"] for h in history if h.get("finetuning")]
+    for ax in (a, b):
+        if tuned:
+            ax.axvspan(min(tuned) - 0.5, max(tuned) + 0.5, color="0.85", zorder=0, label="fine-tuning on the meta set")
+    a.legend(fontsize=8)
     b.plot(epochs, [h["train_loss"] for h in history], label="train (noisy labels)")
     if any(h.get("meta_loss") is not None for h in history):
         b.plot(epochs, [h.get("meta_loss") or math.nan for h in history], label="meta (after virtual step)")

@@ -512,7 +512,7 @@ def _callbacks(cfg: TrainConfig, data, out: Path, device, log, shift=None):
         *([stateful["best_model"]] if val is not None else []),
         Checkpointer(out / "checkpoint.pt", cfg.fingerprint(), stateful),
         MetricsWriter(out / "metrics.jsonl"),
-        EpochLog(log),
+        EpochLog(log, test_clean=data.record.get("test_known_clean", True)),
         Plots(out, title, noisy),
         LabelIssues(recorder, out, data, cfg.method),
     ], stateful

@@ -524,6 +524,8 @@ def prepare(dataset="digits", noise="none", imbalance="none", meta_per_class=Non
         "n_test": len(test), "n_train_true_unknown": int((~known).sum()),
         "n_train_left_out_as_in_meta": removed,
         "test": None if given_test is None else given_test.name,
+        # a test split drawn from the user's own labels is as noisy as they are; --test is the user's checked set
+        "test_known_clean": given_test is not None or kind not in ("csv", "npz", "folder"),
         "n_train_left_out_as_in_test": int(in_test.sum()),
         "realised_noise_rate": realised_noise_rate(true_tr, noisy_tr) if known.any() else None,
         "requested_transition": None if T is None else T.tolist(),
