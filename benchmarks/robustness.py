@@ -286,6 +286,11 @@ def prepare_regime(regime: str, data_dir: Path, out: Path) -> tuple[str, int]:
         make = {"make_classification": _tabular, "fashion-mnist": _fashion_mnist, "reviews": _reviews}[spec["source"]]
         arrays = make(data_spec, META_PER_CLASS)
         made_with = {"numpy": np.__version__, "scikit-learn": sklearn.__version__}
+        if spec["source"] == "reviews":  # the embedding depends on the encoder's code too
+            import sentence_transformers
+            import torch
+
+            made_with.update({"sentence-transformers": sentence_transformers.__version__, "torch": torch.__version__})
         _write_npz(path, {**arrays, "recipe": np.array(recipe), "made_with": np.array(json.dumps(made_with))})
     with np.load(path, allow_pickle=False) as z:
         y_train, n_test, shape = z["y_train"], len(z["y_test"]), z["x_train"].shape[1:]
