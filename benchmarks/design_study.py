@@ -55,6 +55,7 @@ are reported alongside, so that a mean carried by a few cells is visible.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -67,9 +68,9 @@ import robustness as rb  # noqa: E402
 
 BASE = {"stage_one": "l2rw", "finetune_fraction": 0.2, "tau": 1.0, "meta_grad": "fd"}  # common to all
 CANDIDATES = {  # label -> (gdw method, method_args, head_only), as in robustness.METHODS
-    "gdw-batch": ("gdw", {**BASE, "weight_norm": "batch", "class_grad": "raw"}, False),
-    "gdw-kept": ("gdw", {**BASE, "weight_norm": "kept", "class_grad": "raw"}, False),
-    "gdw-constrained": ("gdw", {**BASE, "weight_norm": "kept", "class_grad": "constrained", "max_weight": None},
+    "gdw-batch": ("gdw", {**BASE, "weight_norm": "batch", "class_grad": "raw", "max_weight": math.inf}, False),
+    "gdw-kept": ("gdw", {**BASE, "weight_norm": "kept", "class_grad": "raw", "max_weight": math.inf}, False),
+    "gdw-constrained": ("gdw", {**BASE, "weight_norm": "kept", "class_grad": "constrained", "max_weight": math.inf},
                         False),
     "gdw-capped": ("gdw", {**BASE, "weight_norm": "kept", "class_grad": "constrained", "max_weight": 1.0}, False),
 }

@@ -40,6 +40,7 @@ BatchNorm.
 from __future__ import annotations
 
 import argparse
+import math
 import json
 import sys
 from pathlib import Path
@@ -67,11 +68,15 @@ METHODS = {  # label -> (gdw method, method_args, head_only), in the order of th
     "gdw-paper": ("gdw", {"stage_one": "mwnet"}, False),  # the paper's algorithm
     "gdw-paper-head": ("gdw", {"stage_one": "mwnet"}, True),  # the same, weighting the output layer only
     "gdw-raw": ("gdw", {"stage_one": "l2rw", "finetune_fraction": 0.2, "tau": 1.0, "meta_grad": "fd",
-                        "weight_norm": "kept", "class_grad": "raw"}, False),  # the default before class_grad
+                        "weight_norm": "kept", "class_grad": "raw",
+                        "max_weight": math.inf}, False),  # the default before class_grad
     "gdw": ("gdw", {"stage_one": "l2rw", "finetune_fraction": 0.2, "tau": 1.0, "meta_grad": "fd",
-                    "weight_norm": "kept", "class_grad": "constrained"}, False),  # gdw's defaults
+                    "weight_norm": "kept", "class_grad": "constrained", "max_weight": 1.0}, False),  # gdw's defaults
+    "gdw-uncapped": ("gdw", {"stage_one": "l2rw", "finetune_fraction": 0.2, "tau": 1.0, "meta_grad": "fd",
+                             "weight_norm": "kept", "class_grad": "constrained",
+                             "max_weight": math.inf}, False),  # the default before max_weight
     "gdw-jvp": ("gdw", {"stage_one": "l2rw", "finetune_fraction": 0.2, "tau": 1.0, "meta_grad": "jvp",
-                        "weight_norm": "kept", "class_grad": "constrained"}, False),
+                        "weight_norm": "kept", "class_grad": "constrained", "max_weight": 1.0}, False),
     "cb": ("cb", {}, False),  # the class-balanced loss
     "la": ("la", {}, False),  # logit-adjusted CE
 }

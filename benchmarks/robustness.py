@@ -97,6 +97,7 @@ for every noisy cell, ``gdw`` − max(``l2rw``, ``mwnet``) ≥ −0.5 and
 from __future__ import annotations
 
 import argparse
+import math
 import hashlib
 import json
 import os
@@ -120,23 +121,30 @@ METHODS = {  # label -> (gdw method, method_args, head_only); GDW's variants spe
     "mwnet": ("mwnet", {}, False),
     "gdw-paper": ("gdw", {"stage_one": "mwnet", "finetune_fraction": 0.0}, False),  # the paper's algorithm
     "gdw-l2rw": ("gdw", {"stage_one": "l2rw", "finetune_fraction": 0.0, "tau": 0.0, "meta_grad": "jvp",
-                         "weight_norm": "batch", "class_grad": "raw"}, False),  # the class-level step on L2RW exactly
+                         "weight_norm": "batch", "class_grad": "raw",
+                         "max_weight": math.inf}, False),  # the class-level step on L2RW exactly
     "gdw-l2rw-c": ("gdw", {"stage_one": "l2rw", "finetune_fraction": 0.0, "tau": 0.0, "meta_grad": "jvp",
-                           "weight_norm": "batch", "class_grad": "constrained"}, False),  # ... through the constraint
+                           "weight_norm": "batch", "class_grad": "constrained",
+                           "max_weight": math.inf}, False),  # ... through the constraint
     "gdw-tau0": ("gdw", {"stage_one": "l2rw", "finetune_fraction": 0.2, "tau": 0.0, "meta_grad": "fd",
-                         "weight_norm": "kept", "class_grad": "raw"}, False),
+                         "weight_norm": "kept", "class_grad": "raw", "max_weight": math.inf}, False),
     "gdw-batch": ("gdw", {"stage_one": "l2rw", "finetune_fraction": 0.2, "tau": 1.0, "meta_grad": "fd",
-                          "weight_norm": "batch", "class_grad": "raw"}, False),  # the default before weight_norm="kept"
+                          "weight_norm": "batch", "class_grad": "raw",
+                          "max_weight": math.inf}, False),  # the default before weight_norm="kept"
     "gdw-raw": ("gdw", {"stage_one": "l2rw", "finetune_fraction": 0.2, "tau": 1.0, "meta_grad": "fd",
-                        "weight_norm": "kept", "class_grad": "raw"}, False),  # the default before class_grad
+                        "weight_norm": "kept", "class_grad": "raw",
+                        "max_weight": math.inf}, False),  # the default before class_grad
     "gdw": ("gdw", {"stage_one": "l2rw", "finetune_fraction": 0.2, "tau": 1.0, "meta_grad": "fd",
-                    "weight_norm": "kept", "class_grad": "constrained"}, False),  # gdw's defaults
+                    "weight_norm": "kept", "class_grad": "constrained", "max_weight": 1.0}, False),  # gdw's defaults
+    "gdw-uncapped": ("gdw", {"stage_one": "l2rw", "finetune_fraction": 0.2, "tau": 1.0, "meta_grad": "fd",
+                             "weight_norm": "kept", "class_grad": "constrained",
+                             "max_weight": math.inf}, False),  # the default before max_weight
     "gdw-jvp": ("gdw", {"stage_one": "l2rw", "finetune_fraction": 0.2, "tau": 1.0, "meta_grad": "jvp",
-                        "weight_norm": "kept", "class_grad": "constrained"}, False),
+                        "weight_norm": "kept", "class_grad": "constrained", "max_weight": 1.0}, False),
 }
 IMBALANCE_ONLY = {"la"}
-RUN_ORDER = ["ce", "gdw", "l2rw", "mwnet", "gdw-paper", "gdw-l2rw", "gdw-l2rw-c", "finetune", "l2rw-ft", "gdw-raw",
-             "gdw-batch", "gdw-jvp", "gdw-tau0", "dm", "la"]
+RUN_ORDER = ["ce", "gdw", "l2rw", "mwnet", "gdw-paper", "gdw-l2rw", "gdw-l2rw-c", "finetune", "l2rw-ft", "gdw-uncapped",
+             "gdw-raw", "gdw-batch", "gdw-jvp", "gdw-tau0", "dm", "la"]
 SETTINGS = [  # (noise, imbalance)
     ("flip:0.4", "none"),
     ("uniform:0.6", "none"),

@@ -79,8 +79,9 @@ def test_study_trains_with_a_validation_split_and_labels_its_runs(ds, tmp_path, 
         config = json.loads((path.parent / "config.json").read_text())
         assert config["val_per_class"] == config["meta_per_class"] == 13
         params = config["method_params"]
-        label = {("batch", "raw", None): "gdw-batch", ("kept", "raw", None): "gdw-kept",
-                 ("kept", "constrained", None): "gdw-constrained", ("kept", "constrained", 1.0): "gdw-capped"}[
+        inf = float("inf")
+        label = {("batch", "raw", inf): "gdw-batch", ("kept", "raw", inf): "gdw-kept",
+                 ("kept", "constrained", inf): "gdw-constrained", ("kept", "constrained", 1.0): "gdw-capped"}[
             params["weight_norm"], params["class_grad"], params["max_weight"]]
         assert path.parent.name.split("_")[-2] == label
     md = (out / "results.md").read_text()

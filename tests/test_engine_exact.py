@@ -7,6 +7,7 @@ loss through it (L2RW: explicit per-example gradient inner products).
 """
 
 import copy
+import math
 
 import pytest
 import torch
@@ -41,7 +42,8 @@ def reference(name, model, vnet, x, y, xm, ym, *, head_only=False, eta=None, cli
     inside GDW's softmax (default none); ``weight_norm`` the scaling of
     stage one's L2RW weights (``"batch"``: to mean one over the batch,
     ``"kept"``: to mean one over the examples with a positive weight);
-    ``max_weight`` a cap on the scaled stage-one weights (none by default);
+    ``max_weight`` a cap on the scaled stage-one weights (by default the
+    package's default: 1 on L2RW's stage one; ``math.inf``: none);
     ``class_grad`` what the class-level step follows (``"raw"``: the
     gradient with respect to the constrained ω; ``"constrained"``: with
     respect to the unconstrained weights that the constraint maps to ω, by
@@ -103,8 +105,9 @@ def reference(name, model, vnet, x, y, xm, ym, *, head_only=False, eta=None, cli
         w = (-g.sum(1)).clamp(min=0)  # L2RW's weights, then scaled to mean one
         k = B if weight_norm == "batch" else int((w > 0).sum())  # ... over the batch or over those kept
         v = k * w / w.sum() if w.sum() > 0 else w
-        if max_weight is not None:
-            v = torch.minimum(v, torch.full_like(v, max_weight))
+        cap = 1.0 if max_weight is None else max_weight
+        if cap != float("inf"):
+            v = torch.minimum(v, torch.full_like(v, cap))
         omega, V = constrain(v[:, None].expand(B, C)), None
         if class_grad == "constrained":  # L_meta is linear in ω at θ' = θ: the gradient at zero serves
             free = torch.zeros(B, C, dtype=torch.float64, requires_grad=True)
@@ -172,13 +175,13 @@ def test_gdw_on_l2rw_stage_one_matches_reference(kind, mode, head_only, low_memo
     xm, ym = make_batch(kind, BM, 2)
     before = copy.deepcopy(model)
     kw = {"meta_grad": mode, "head_only": head_only, "low_memory": low_memory, "stage_one": "l2rw", "eta": eta,
-          **({"weight_norm": weight_norm} if weight_norm else {})}
+          "max_weight": math.inf, **({"weight_norm": weight_norm} if weight_norm else {})}  # the scaling uncapped
     method, _, stats = run_method("gdw", model, x, y, xm, ym, **kw)
     assert not hasattr(method, "vnet") and method.state_dict() == {}
     assert method.weight_norm == (weight_norm or "kept")
     info = {}
     w_ref, g_ref, _ = reference("gdw", before, None, x, y, xm, ym, head_only=head_only, eta=eta,
-                                stage_one="l2rw", weight_norm=weight_norm or "kept", info=info)
+                                stage_one="l2rw", weight_norm=weight_norm or "kept", max_weight=math.inf, info=info)
     torch.testing.assert_close(stats.weights, w_ref.detach(), rtol=1e-10, atol=1e-10)
     v = stats.instance_weights
     mean = v.mean() if weight_norm == "batch" else v[v > 0].mean()
@@ -269,9 +272,11 @@ def test_gdw_weights_scaled_over_the_kept_examples_matches_reference(kind, mode)
     x, y = make_batch(kind, B, 1)
     xm, ym = make_batch(kind, BM, 2)
     before = copy.deepcopy(model)
-    method, _, stats = run_method("gdw", model, x, y, xm, ym, meta_grad=mode, weight_norm="kept", tau=0.0)
+    method, _, stats = run_method("gdw", model, x, y, xm, ym, meta_grad=mode, weight_norm="kept", tau=0.0,
+                                  max_weight=math.inf)
     info = {}
-    w_ref, g_ref, _ = reference("gdw", before, None, x, y, xm, ym, stage_one="l2rw", weight_norm="kept", info=info)
+    w_ref, g_ref, _ = reference("gdw", before, None, x, y, xm, ym, stage_one="l2rw", weight_norm="kept",
+                                max_weight=math.inf, info=info)
     v = stats.instance_weights
     kept = v > 0
     assert 0 < int(kept.sum()) < B  # some examples are dropped, so "kept" is not "batch"
@@ -280,7 +285,8 @@ def test_gdw_weights_scaled_over_the_kept_examples_matches_reference(kind, mode)
     torch.testing.assert_close(stats.weights, w_ref.detach(), rtol=1e-10, atol=1e-10)
     for (n, p), g in zip(model.named_parameters(), g_ref):
         torch.testing.assert_close(p.grad, g, rtol=1e-10, atol=1e-10, msg=f"gradient of {n}")
-    _, g_batch, _ = reference("gdw", before, None, x, y, xm, ym, stage_one="l2rw", weight_norm="batch")
+    _, g_batch, _ = reference("gdw", before, None, x, y, xm, ym, stage_one="l2rw", weight_norm="batch",
+                              max_weight=math.inf)
     assert max(float((a - b).abs().max()) for a, b in zip(g_ref, g_batch)) > 1e-6
 
 
@@ -297,7 +303,7 @@ def test_gdw_capped_weights_match_reference(kind, mode):
     method, _, stats = run_method("gdw", model, x, y, xm, ym, meta_grad=mode, max_weight=1.0, tau=0.0)
     info, uncapped = {}, {}
     w_ref, g_ref, _ = reference("gdw", before, None, x, y, xm, ym, stage_one="l2rw", max_weight=1.0, info=info)
-    reference("gdw", before, None, x, y, xm, ym, stage_one="l2rw", info=uncapped)
+    reference("gdw", before, None, x, y, xm, ym, stage_one="l2rw", max_weight=math.inf, info=uncapped)
     assert float(uncapped["v"].max()) > 1.0  # the cap has something to cut
     assert float(stats.instance_weights.max()) <= 1.0
     torch.testing.assert_close(stats.instance_weights, info["v"], rtol=1e-10, atol=1e-10)

@@ -4,6 +4,7 @@ results table is computed from results.csv."""
 import csv
 import importlib.util
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -32,7 +33,7 @@ def test_grid_skips_finished_cells_and_tabulates_the_csv(protocol, tmp_path, cap
     for cell, method_args in (("uniform0.4_none_gdw-paper_s1", {"stage_one": "mwnet"}),
                               ("uniform0.4_none_gdw_s1", {"stage_one": "l2rw", "finetune_fraction": 0.2, "tau": 1.0,
                                                           "meta_grad": "fd", "weight_norm": "kept",
-                                                          "class_grad": "constrained"})):
+                                                          "class_grad": "constrained", "max_weight": 1.0})):
         config = json.loads((tmp_path / cell / "config.json").read_text())
         assert config["method"] == "gdw" and config["method_args"] == method_args
     stamps = {p: p.stat().st_mtime_ns for p in summaries}
@@ -107,16 +108,16 @@ def test_processes_share_the_grid_through_lock_files(protocol, tmp_path, monkeyp
 def test_the_grid_of_the_paper_protocol():
     """Every method in every setting, the long-tail baselines only with
     imbalance, gdw-jvp only in the three balanced noisy settings it is
-    checked on: 122 cells for two seeds."""
+    checked on: 134 cells for two seeds."""
     spec = importlib.util.spec_from_file_location("paper_protocol_cells", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     cells = list(module.cells([0, 1]))
-    assert len(cells) == 122 and len(set(cells)) == 122
+    assert len(cells) == 134 and len(set(cells)) == 134
     per_setting = {}
     for noise, imbalance, label, seed in cells:
         per_setting.setdefault((noise, imbalance), []).append(label)
-    common = ["ce", "finetune", "l2rw", "mwnet", "dm", "gdw-paper", "gdw-paper-head", "gdw-raw", "gdw"]
+    common = ["ce", "finetune", "l2rw", "mwnet", "dm", "gdw-paper", "gdw-paper-head", "gdw-raw", "gdw", "gdw-uncapped"]
     for (noise, imbalance), labels in per_setting.items():
         checked = {("uniform:0.4", "none"), ("uniform:0.6", "none"), ("flip:0.4", "none")}
         extra = (["gdw-jvp"] if (noise, imbalance) in checked else []) + (
@@ -125,9 +126,10 @@ def test_the_grid_of_the_paper_protocol():
     assert module.METHODS["gdw-paper"] == ("gdw", {"stage_one": "mwnet"}, False)
     assert module.METHODS["gdw-paper-head"] == ("gdw", {"stage_one": "mwnet"}, True)
     default = {"stage_one": "l2rw", "finetune_fraction": 0.2, "tau": 1.0, "meta_grad": "fd", "weight_norm": "kept",
-               "class_grad": "constrained"}
+               "class_grad": "constrained", "max_weight": 1.0}
     assert module.METHODS["gdw"] == ("gdw", default, False)
-    assert module.METHODS["gdw-raw"] == ("gdw", {**default, "class_grad": "raw"}, False)
+    assert module.METHODS["gdw-uncapped"] == ("gdw", {**default, "max_weight": math.inf}, False)
+    assert module.METHODS["gdw-raw"] == ("gdw", {**default, "class_grad": "raw", "max_weight": math.inf}, False)
     assert module.METHODS["gdw-jvp"] == ("gdw", {**default, "meta_grad": "jvp"}, False)
     from gdw.methods import resolved_params  # "gdw" spells out gdw's defaults
 

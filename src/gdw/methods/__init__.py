@@ -63,7 +63,9 @@ def recorded_params(name: str, saved: dict) -> dict:
     values that parameters added since then had in such a run
     (``Method.ADDED_PARAMS``); ``saved`` itself when the method is unknown."""
     cls = METHODS.get(name) if name in METHODS else None
-    return {**getattr(cls, "ADDED_PARAMS", {}), **saved}
+    added = getattr(cls, "ADDED_PARAMS", {})
+    # a parameter recorded as None before it had a default meant the value it had then
+    return {**added, **{k: added[k] if v is None and added.get(k) is not None else v for k, v in saved.items()}}
 
 
 __all__ = ["METHODS", "Method", "MetaMethod", "Stats", "resolved_params", "CE", "GDW", "L2RW", "MWNet", "WeightNet", "make", "zero_mean",

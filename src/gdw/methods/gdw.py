@@ -43,6 +43,8 @@ moving weight from the frequent classes' examples to the rare ones'.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -51,6 +53,13 @@ from ..engine import full
 from .base import METHODS, check_bool, check_positive, logit_error
 from .la import log_prior
 from .mwnet import WeightNetMethod
+
+
+def _is_inf(value) -> bool:
+    try:
+        return math.isinf(float(value)) and float(value) > 0
+    except (TypeError, ValueError):
+        return False
 
 
 def zero_mean(omega: torch.Tensor, p: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -128,11 +137,13 @@ class GDW(WeightNetMethod):
         p_max: clamp of the probabilities (0.999).
         zero_mean: apply the zero-mean constraint (True; False is an ablation).
         max_weight: a cap on the stage-one instance weights v_i after their
-            scaling (``stage_one="l2rw"`` only; None: no cap). With 1 no
-            example weighs more than in plain training, however few examples
-            a batch keeps: scaled to mean one over K kept examples, one
-            example can otherwise get a weight of up to K, a step that can
-            blow up a model without normalisation layers.
+            scaling (``stage_one="l2rw"`` only; ``math.inf``, or ``inf`` on
+            the command line: no cap). Default 1 with ``stage_one="l2rw"``:
+            no example weighs more than in plain training, however few
+            examples a batch keeps (scaled to mean one over K kept examples,
+            one example could otherwise get a weight of up to K, a step that
+            blew up models without normalisation layers); no cap with
+            ``"mwnet"``.
         class_grad: the gradient the class-level step follows: ``"raw"``
             (the paper's: ∂L_meta/∂ω of the constrained ω, whose labelled
             column the constraint then overwrites) or ``"constrained"``
@@ -152,11 +163,11 @@ class GDW(WeightNetMethod):
     needs_class_counts = True  # for the logit adjustment (tau); optional when calling it directly
     # the defaults that follow stage_one: the paper's algorithm with "mwnet", gdw's own with "l2rw"
     STAGE_DEFAULTS = {"l2rw": {"finetune_fraction": 0.2, "tau": 1.0, "meta_grad": "fd", "weight_norm": "kept",
-                               "class_grad": "constrained"},
+                               "class_grad": "constrained", "max_weight": 1.0},
                       "mwnet": {"finetune_fraction": 0.0, "tau": 0.0, "meta_grad": "jvp", "weight_norm": "batch",
-                                "class_grad": "raw"}}
+                                "class_grad": "raw", "max_weight": math.inf}}
     ADDED_PARAMS = {"weight_norm": "batch", "class_grad": "raw",
-                    "max_weight": None}  # what runs recorded before these existed used
+                    "max_weight": math.inf}  # what runs recorded before these existed used
 
     @classmethod
     def resolve_params(cls, params: dict) -> dict:
@@ -173,15 +184,16 @@ class GDW(WeightNetMethod):
             raise UserError(f"stage_one must be one of {', '.join(STAGE_ONE)}, got {stage_one!r}")
         resolved = self.resolve_params({"stage_one": stage_one, "finetune_fraction": finetune_fraction,
                                         "tau": tau, "meta_grad": meta_grad, "weight_norm": weight_norm,
-                                        "class_grad": class_grad})
-        finetune_fraction, tau, meta_grad, weight_norm, class_grad = (
-            resolved[k] for k in ("finetune_fraction", "tau", "meta_grad", "weight_norm", "class_grad"))
+                                        "class_grad": class_grad, "max_weight": max_weight})
+        finetune_fraction, tau, meta_grad, weight_norm, class_grad, max_weight = (
+            resolved[k] for k in ("finetune_fraction", "tau", "meta_grad", "weight_norm", "class_grad", "max_weight"))
         super().__init__(model, num_classes, finetune_fraction=finetune_fraction, meta_grad=meta_grad, **kw)
         self.stage_one = stage_one
         if weight_norm not in WEIGHT_NORM:
             raise UserError(f"weight_norm must be one of {', '.join(WEIGHT_NORM)}, got {weight_norm!r}")
         self.weight_norm = weight_norm
-        self.max_weight = None if max_weight is None else check_positive("max_weight", max_weight)
+        # inf: no cap
+        self.max_weight = None if _is_inf(max_weight) else check_positive("max_weight", max_weight)
         if stage_one == "l2rw":
             self.virtual_step = False
             del self.vnet, self.vopt  # no weighting network
