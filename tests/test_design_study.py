@@ -74,16 +74,17 @@ def test_study_trains_with_a_validation_split_and_labels_its_runs(ds, tmp_path, 
     out = tmp_path / "out"
     assert ds.main(["--datasets", "digits", "--epochs", "1", "--out", str(out)]) == 0
     summaries = sorted(out.glob("digits/*/summary.json"))
-    assert len(summaries) == 4
+    assert len(summaries) == 5
     for path in summaries:
         config = json.loads((path.parent / "config.json").read_text())
         assert config["val_per_class"] == config["meta_per_class"] == 13
         params = config["method_params"]
         inf = float("inf")
         label = {("batch", "raw", inf): "gdw-batch", ("kept", "raw", inf): "gdw-kept",
-                 ("kept", "constrained", inf): "gdw-constrained", ("kept", "constrained", 1.0): "gdw-capped"}[
+                 ("kept", "constrained", inf): "gdw-constrained", ("kept", "constrained", 1.0): "gdw-capped",
+                 ("binary", "constrained", 1.0): "gdw-binary"}[
             params["weight_norm"], params["class_grad"], params["max_weight"]]
         assert path.parent.name.split("_")[-2] == label
     md = (out / "results.md").read_text()
     assert md.count("No decision yet: 2 of 8 runs finished.") == 2  # 4 regimes × 1 setting × 1 seed × 2 candidates
-    assert md.count("No decision yet: 2 of 12 runs finished.") == 1  # question 3: the suite's 6 regimes
+    assert md.count("No decision yet: 2 of 12 runs finished.") == 2  # questions 3 and 4: the suite's 6 regimes

@@ -105,6 +105,8 @@ def reference(name, model, vnet, x, y, xm, ym, *, head_only=False, eta=None, cli
         w = (-g.sum(1)).clamp(min=0)  # L2RW's weights, then scaled to mean one
         k = B if weight_norm == "batch" else int((w > 0).sum())  # ... over the batch or over those kept
         v = k * w / w.sum() if w.sum() > 0 else w
+        if weight_norm == "binary":  # ... or one for each example kept
+            v = (w > 0).double()
         cap = 1.0 if max_weight is None else max_weight
         if cap != float("inf"):
             v = torch.minimum(v, torch.full_like(v, cap))
@@ -288,6 +290,27 @@ def test_gdw_weights_scaled_over_the_kept_examples_matches_reference(kind, mode)
     _, g_batch, _ = reference("gdw", before, None, x, y, xm, ym, stage_one="l2rw", weight_norm="batch",
                               max_weight=math.inf)
     assert max(float((a - b).abs().max()) for a, b in zip(g_ref, g_batch)) > 1e-6
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+@pytest.mark.parametrize("mode", ["jvp", "double"])
+def test_gdw_binary_weights_match_reference(kind, mode):
+    """weight_norm="binary": one for each example L2RW keeps, zero for the
+    rest, against the reference; the batch keeps some and drops some
+    (checked)."""
+    model = make_model(kind)
+    x, y = make_batch(kind, B, 1)
+    xm, ym = make_batch(kind, BM, 2)
+    before = copy.deepcopy(model)
+    method, _, stats = run_method("gdw", model, x, y, xm, ym, meta_grad=mode, weight_norm="binary", tau=0.0)
+    info = {}
+    w_ref, g_ref, _ = reference("gdw", before, None, x, y, xm, ym, stage_one="l2rw", weight_norm="binary", info=info)
+    v = stats.instance_weights
+    assert set(v.tolist()) == {0.0, 1.0}
+    torch.testing.assert_close(v, info["v"], rtol=0, atol=0)
+    torch.testing.assert_close(stats.weights, w_ref.detach(), rtol=1e-10, atol=1e-10)
+    for (n, p), g in zip(model.named_parameters(), g_ref):
+        torch.testing.assert_close(p.grad, g, rtol=1e-10, atol=1e-10, msg=f"gradient of {n}")
 
 
 @pytest.mark.parametrize("kind", ["mlp", "cnn"])

@@ -100,7 +100,7 @@ def zero_mean_grad(g: torch.Tensor, p: torch.Tensor, y: torch.Tensor) -> torch.T
 
 
 STAGE_ONE = ("mwnet", "l2rw")
-WEIGHT_NORM = ("batch", "kept")
+WEIGHT_NORM = ("batch", "kept", "binary")
 CLASS_GRAD = ("raw", "constrained")
 
 
@@ -125,8 +125,10 @@ class GDW(WeightNetMethod):
         weight_norm: how L2RW's weights are scaled (``stage_one="l2rw"``
             only): ``"kept"`` (default), to mean one over the examples whose
             weight is above zero, so that dropping examples shrinks the step
-            rather than inflating the weights of the rest; or ``"batch"``,
-            to mean one over the batch (L2RW's own scaling).
+            rather than inflating the weights of the rest; ``"batch"``,
+            to mean one over the batch (L2RW's own scaling); or
+            ``"binary"``: one for every example kept, zero for the others
+            (the step of plain training on the examples kept).
         finetune_fraction: the share of the last epochs trained with plain
             cross-entropy on the meta set (see :class:`Method`); default 0.2
             with ``stage_one="l2rw"``, 0 with ``"mwnet"`` (the paper).
@@ -245,7 +247,10 @@ class GDW(WeightNetMethod):
             # mean one over the batch, or over the examples that keep a weight (both sums over ranks, one collective)
             total, kept = fwd.comm.sum(torch.stack([w.sum(), (w > 0).sum().to(w.dtype)]))
             k = n if self.weight_norm == "batch" else kept
-            v = torch.where(total > 0, k * w / total.clamp(min=torch.finfo(w.dtype).tiny), torch.zeros_like(w))
+            if self.weight_norm == "binary":  # one for every example kept: its plain-training weight
+                v = (w > 0).to(w.dtype)
+            else:
+                v = torch.where(total > 0, k * w / total.clamp(min=torch.finfo(w.dtype).tiny), torch.zeros_like(w))
             if self.max_weight is not None:
                 v = v.clamp(max=self.max_weight)
             omega = self._constrain(v[:, None].expand(B, C), p, y)
