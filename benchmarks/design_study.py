@@ -172,7 +172,8 @@ def report(args) -> str:
             for r in grid.finished_rows(args.out, pattern="*/*/summary.json", label=label)]
     # a run that collapsed counts at the chance level (question 3's rule)
     rows += [{**r, "dataset": r["run_dir"].split("/")[0], "method": label(r, args.out / r["run_dir"]),
-              "final_val_accuracy": 1.0 / r["num_classes"], "failed": r["error"]}
+              "final_val_accuracy": 1.0 / (r["num_classes"] or rb.regime_classes(args.out, r["run_dir"].split("/")[0])),
+              "failed": r["error"]}
              for r in grid.failed_cells(args.out)]
     if not rows:
         print("no finished cells yet")

@@ -77,16 +77,17 @@ FAILED = "failed.json"  # written into a cell whose run diverged or collapsed: {
 
 def failed_cells(out: Path, pattern: str = "*/*/failed.json") -> list[dict]:
     """The cells under ``out`` whose run diverged or collapsed: ``run_dir``
-    (relative to ``out``), ``error`` and the run's saved settings
-    (``method``, ``method_args``, ``noise``, ``imbalance``, ``seed``,
-    ``num_classes``) from its config.json."""
+    (relative to ``out``), ``error`` and the run's settings (``method``,
+    ``method_args``, ``head_only``, ``noise``, ``imbalance``, ``seed``, and
+    ``num_classes`` when the run saved its config.json)."""
     rows = []
     for path in sorted(out.glob(pattern)):
-        cfg = json.loads((path.parent / "config.json").read_text())
-        rows.append({**{k: cfg.get(k) for k in ("method", "method_args", "head_only", "noise", "imbalance", "seed",
-                                                   "num_classes")},
-                     "error": json.loads(path.read_text())["error"],
-                     "run_dir": path.parent.relative_to(out).as_posix()})
+        record = json.loads(path.read_text())
+        config = path.parent / "config.json"
+        cfg = json.loads(config.read_text()) if config.exists() else {}
+        rows.append({**{k: cfg.get(k, record.get(k)) for k in ("method", "method_args", "head_only", "noise",
+                                                                  "imbalance", "seed", "num_classes")},
+                     "error": record["error"], "run_dir": path.parent.relative_to(out).as_posix()})
     return rows
 
 
@@ -145,8 +146,11 @@ def run_grid(out: Path, cells: Sequence[tuple[str, object]], shard: tuple[int, i
                 message = str(err).splitlines()[0] if str(err) else type(err).__name__
                 print(f"    failed: {message}", flush=True)
                 failed.append((name, message))
-                if isinstance(err, TrainingDiverged) and run_dir.is_dir():
-                    (run_dir / FAILED).write_text(json.dumps({"error": message}) + "\n")
+                if isinstance(err, TrainingDiverged):  # the cell's settings with it: a run that failed in its
+                    run_dir.mkdir(parents=True, exist_ok=True)  # first epoch leaves no config.json
+                    record = {"error": message, **{k: getattr(cfg, k) for k in (
+                        "method", "method_args", "head_only", "noise", "imbalance", "seed")}}
+                    (run_dir / FAILED).write_text(json.dumps(record) + "\n")
                 continue
             print(f"    final {100 * summary['final_test_accuracy']:.2f}%  "
                   f"best {100 * summary['best_test_accuracy']:.2f}%  {time.time() - t0:.0f}s", flush=True)

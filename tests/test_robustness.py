@@ -219,19 +219,26 @@ def test_a_failing_cell_is_reported_and_the_grid_goes_on(rb, tmp_path, monkeypat
     assert "- digits (1): `flip0.4_none_broken_s0`" in (out / "results.md").read_text()
 
 
-def test_readme_shows_the_committed_overview_table(rb):
-    """The README's robustness table is results.md's overview table, which
-    --report computes from results.csv."""
+def test_readme_shows_the_committed_headline_table(rb):
+    """The README's robustness table is results.md's headline table, and
+    results.md's headline and overview tables are what --report computes
+    from results.csv."""
     root = Path(__file__).resolve().parents[1]
     md = (root / "benchmarks" / "results" / "robustness" / "results.md").read_text()
-    start = md.index("| regime · setting |")
-    table = md[start: md.index("\n\n", start) + 1]
-    assert table in (root / "README.md").read_text()
+
+    def table_at(marker):
+        start = md.index(marker)
+        return md[start: md.index("\n\n", start) + 1]
+
+    headline, overview = table_at("| data (cells) |"), table_at("| regime · setting |")
+    assert headline in (root / "README.md").read_text()
     from gdw.report import read_results_csv
 
     rows = read_results_csv(root / "benchmarks" / "results" / "robustness" / "results.csv")
-    regimes = ["digits", "tabular", "fashion-mnist-5k", "fashion-mnist-10k"]  # the fixture shrinks rb.REGIMES
-    assert table == rb.overview_table(rows, regimes, rb.SETTINGS, list(rb.METHODS))
+    assert headline == rb.headline_table(rows)
+    regimes = [r for r in ["digits", "tabular", "fashion-mnist-5k", "fashion-mnist-10k", "digits-plain",
+                           "fashion-mnist-5k-plain", "reviews"] if any(row["dataset"] == r for row in rows)]
+    assert overview == rb.overview_table(rows, regimes, rb.SETTINGS, list(rb.METHODS))
 
 
 def test_a_run_is_labelled_by_the_parameters_in_effect(tmp_path):

@@ -15,9 +15,10 @@ from .errors import UserError
 from .detect import read_label_issues
 from .fit import batches, cycle, fit
 from .methods import CE, GDW, L2RW, METHODS, Method, MetaMethod, MWNet, Stats, WeightNet, make
+from .prior import prediction_shift
 
 __version__ = "0.1.0"
 
 __all__ = ["CE", "GDW", "L2RW", "MWNet", "METHODS", "Method", "MetaMethod", "Stats", "UserError", "WeightNet", "cycle",
-           "batches", "read_label_issues",
+           "batches", "read_label_issues", "prediction_shift",
            "fit", "make", "__version__"]
