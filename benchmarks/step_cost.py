@@ -90,6 +90,7 @@ VARIANTS = [
     ("GDW default", "gdw", {}),
     ("GDW default jvp", "gdw", {"meta_grad": "jvp"}),
     ("GDW default raw", "gdw", {"class_grad": "raw"}),
+    ("GDW default uncapped", "gdw", {"max_weight": float("inf")}),
     ("GDW head_only", "gdw", {"head_only": True}),
     ("GDW paper jvp", "gdw", {"stage_one": "mwnet"}),
     ("GDW paper fd", "gdw", {"stage_one": "mwnet", "meta_grad": "fd"}),

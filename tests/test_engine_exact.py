@@ -34,7 +34,7 @@ def virtual_params(model, params, surrogate):
 
 def reference(name, model, vnet, x, y, xm, ym, *, head_only=False, eta=None, clip=0.2, omega_min=1e-6,
               omega_max=1e6, p_max=0.999, zero_mean=True, stage_one="mwnet", weight_norm="kept", shift=None,
-              class_grad=None, max_weight=None, info=None):
+              class_grad=None, max_weight=None, shrink=0.0, info=None):
     """One step of ``name`` computed independently. Returns (weights, grads, vnet').
 
     GDW's options (η, c, ω clamp, p_max, zero-mean) are those of the paper;
@@ -110,6 +110,7 @@ def reference(name, model, vnet, x, y, xm, ym, *, head_only=False, eta=None, cli
         cap = 1.0 if max_weight is None else max_weight
         if cap != float("inf"):
             v = torch.minimum(v, torch.full_like(v, cap))
+        v = (1 - shrink) * v + shrink  # a mix with plain training's weights
         omega, V = constrain(v[:, None].expand(B, C)), None
         if class_grad == "constrained":  # L_meta is linear in ω at θ' = θ: the gradient at zero serves
             free = torch.zeros(B, C, dtype=torch.float64, requires_grad=True)
@@ -311,6 +312,28 @@ def test_gdw_binary_weights_match_reference(kind, mode):
     torch.testing.assert_close(stats.weights, w_ref.detach(), rtol=1e-10, atol=1e-10)
     for (n, p), g in zip(model.named_parameters(), g_ref):
         torch.testing.assert_close(p.grad, g, rtol=1e-10, atol=1e-10, msg=f"gradient of {n}")
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_gdw_shrunk_weights_match_reference(kind):
+    """shrink=λ: the stage-one weights become (1 − λ)·v + λ, against the
+    reference; with λ = 1 every example has weight one."""
+    model = make_model(kind)
+    x, y = make_batch(kind, B, 1)
+    xm, ym = make_batch(kind, BM, 2)
+    before = copy.deepcopy(model)
+    for lam in (0.3, 1.0):
+        m = copy.deepcopy(before)
+        method, _, stats = run_method("gdw", m, x, y, xm, ym, meta_grad="jvp", shrink=lam, tau=0.0)
+        info = {}
+        w_ref, g_ref, _ = reference("gdw", before, None, x, y, xm, ym, stage_one="l2rw", shrink=lam, info=info)
+        torch.testing.assert_close(stats.instance_weights, info["v"], rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(stats.weights, w_ref.detach(), rtol=1e-10, atol=1e-10)
+        for (n, p), g in zip(m.named_parameters(), g_ref):
+            torch.testing.assert_close(p.grad, g, rtol=1e-10, atol=1e-10, msg=f"gradient of {n}")
+    assert bool((stats.instance_weights == 1).all())
+    with pytest.raises(gdw.UserError, match="shrink"):
+        gdw.make("gdw", make_model("mlp"), C, shrink=1.5)
 
 
 @pytest.mark.parametrize("kind", ["mlp", "cnn"])

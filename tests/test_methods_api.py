@@ -151,7 +151,7 @@ def test_make_rejects_unknown_names_and_parameters():
         gdw.make("gdw", model, C, clip=-1)
     with pytest.raises(ValueError, match="stage_one must be one of mwnet, l2rw, got 'dm'"):
         gdw.make("gdw", model, C, stage_one="dm")
-    with pytest.raises(ValueError, match="weight_norm must be one of batch, kept, got 'mean'"):
+    with pytest.raises(ValueError, match="weight_norm must be one of batch, kept, binary, got 'mean'"):
         gdw.make("gdw", model, C, weight_norm="mean")
 
 

@@ -138,6 +138,9 @@ class GDW(WeightNetMethod):
         omega_min, omega_max: clamp of ω' (1e-6, 1e6).
         p_max: clamp of the probabilities (0.999).
         zero_mean: apply the zero-mean constraint (True; False is an ablation).
+        shrink: λ in [0, 1]: the stage-one instance weights become
+            (1 − λ)·v + λ, a mix with plain training's weights of one
+            (``stage_one="l2rw"`` only; default 0).
         max_weight: a cap on the stage-one instance weights v_i after their
             scaling (``stage_one="l2rw"`` only; ``math.inf``, or ``inf`` on
             the command line: no cap). Default 1 with ``stage_one="l2rw"``:
@@ -169,7 +172,7 @@ class GDW(WeightNetMethod):
                       "mwnet": {"finetune_fraction": 0.0, "tau": 0.0, "meta_grad": "jvp", "weight_norm": "batch",
                                 "class_grad": "raw", "max_weight": math.inf}}
     ADDED_PARAMS = {"weight_norm": "batch", "class_grad": "raw",
-                    "max_weight": math.inf}  # what runs recorded before these existed used
+                    "max_weight": math.inf, "shrink": 0.0}  # what runs recorded before these existed used
 
     @classmethod
     def resolve_params(cls, params: dict) -> dict:
@@ -181,7 +184,7 @@ class GDW(WeightNetMethod):
                  omega_min: float = 1e-6, omega_max: float = 1e6, p_max: float = 0.999,
                  zero_mean: bool = True, class_grad: str | None = None, finetune_fraction: float | None = None,
                  tau: float | None = None, meta_grad: str | None = None, class_counts=None,
-                 max_weight: float | None = None, **kw):
+                 max_weight: float | None = None, shrink: float = 0.0, **kw):
         if stage_one not in STAGE_ONE:
             raise UserError(f"stage_one must be one of {', '.join(STAGE_ONE)}, got {stage_one!r}")
         resolved = self.resolve_params({"stage_one": stage_one, "finetune_fraction": finetune_fraction,
@@ -194,6 +197,9 @@ class GDW(WeightNetMethod):
         if weight_norm not in WEIGHT_NORM:
             raise UserError(f"weight_norm must be one of {', '.join(WEIGHT_NORM)}, got {weight_norm!r}")
         self.weight_norm = weight_norm
+        self.shrink = check_positive("shrink", shrink, allow_zero=True)
+        if self.shrink > 1:
+            raise UserError(f"shrink must lie in [0, 1], got {shrink!r}")
         # inf: no cap
         self.max_weight = None if _is_inf(max_weight) else check_positive("max_weight", max_weight)
         if stage_one == "l2rw":
@@ -253,6 +259,8 @@ class GDW(WeightNetMethod):
                 v = torch.where(total > 0, k * w / total.clamp(min=torch.finfo(w.dtype).tiny), torch.zeros_like(w))
             if self.max_weight is not None:
                 v = v.clamp(max=self.max_weight)
+            if self.shrink > 0:  # toward plain training's weights
+                v = (1 - self.shrink) * v + self.shrink
             omega = self._constrain(v[:, None].expand(B, C), p, y)
         else:
             losses = F.cross_entropy(full(z), y, reduction="none")
