@@ -27,6 +27,17 @@ from .models import create_model
 from .train import TrainConfig, pick_device
 
 
+def best_or_final(val_accuracies, n: int) -> tuple[str, int, float]:
+    """``("best" | "final", best epoch's index, margin)`` from the validation
+    accuracy of every epoch (fractions) on ``n`` validation examples: best
+    only when the best epoch's accuracy a* beats the last epoch's a by more
+    than ``margin`` = max(2·sqrt(a(1 − a)/n), 1/n)."""
+    k = int(np.argmax(val_accuracies))
+    final = val_accuracies[-1]
+    margin = max(2 * math.sqrt(final * (1 - final) / n), 1 / n)
+    return ("best" if val_accuracies[k] - final > margin else "final"), k, margin
+
+
 def choose_model_file(run_dir) -> tuple[str, str]:
     """``("best" | "final", why)``: best.pt only when its validation accuracy
     beats the final model's by more than twice the standard error of an
@@ -41,10 +52,9 @@ def choose_model_file(run_dir) -> tuple[str, str]:
     n = int((json.loads((run / "config.json").read_text()).get("data") or {}).get("n_val") or 0)
     if not rows or vals[-1] is None or n == 0:
         return "final", "no validation accuracy was recorded"
-    k = int(np.argmax(vals))
+    choice, k, margin = best_or_final(vals, n)
     best, final = vals[k], vals[-1]
-    margin = max(2 * math.sqrt(final * (1 - final) / n), 1 / n)
-    if best - final > margin:
+    if choice == "best":
         return "best", (f"its validation accuracy {100 * best:.1f}% (epoch {k + 1}) beats the final model's "
                         f"{100 * final:.1f}% by more than twice its standard error on {n} examples")
     return "final", (f"best.pt's validation accuracy {100 * best:.1f}% (epoch {k + 1}) is within twice the standard "
