@@ -88,3 +88,33 @@ def test_study_trains_with_a_validation_split_and_labels_its_runs(ds, tmp_path, 
     md = (out / "results.md").read_text()
     assert md.count("No decision yet: 2 of 8 runs finished.") == 2  # 4 regimes × 1 setting × 1 seed × 2 candidates
     assert md.count("No decision yet: 2 of 12 runs finished.") == 2  # questions 3 and 4: the suite's 6 regimes
+
+
+def test_a_failed_run_counts_at_chance(ds, tmp_path):
+    """A cell whose run collapsed (failed.json beside its config.json, or
+    alone with the cell's settings when the run failed in its first epoch)
+    enters the table at 100/C %, under its candidate's label."""
+    import grid
+
+    out = tmp_path / "out"
+    flip = ("flip:0.4", "none")
+    for seed, with_config in ((0, True), (1, False)):
+        run = out / "digits-plain" / f"flip0.4_none_gdw-constrained_s{seed}"
+        run.mkdir(parents=True)
+        method, args, head = ds.CANDIDATES["gdw-constrained"]
+        settings = {"method": method, "method_args": args, "head_only": head, "noise": "flip:0.4",
+                    "imbalance": "none", "seed": seed}
+        if with_config:
+            (run / "config.json").write_text(json.dumps({**settings, "num_classes": 10}))
+            (run / "failed.json").write_text(json.dumps({"error": "training collapsed in epoch 3"}))
+        else:
+            (run / "failed.json").write_text(json.dumps({"error": "training blew up in epoch 1", **settings}))
+    failed = grid.failed_cells(out)
+    assert [r["seed"] for r in failed] == [0, 1] and failed[0]["num_classes"] == 10 and failed[1]["num_classes"] is None
+    rows = [{**r, "dataset": "digits-plain", "method": ds.label(r, out / r["run_dir"]),
+             "final_val_accuracy": 1.0 / (r["num_classes"] or ds.rb.regime_classes(out, "digits-plain"))}
+            for r in failed]
+    assert {r["method"] for r in rows} == {"gdw-constrained"}
+    rows += rows_for(ds, {("digits-plain", flip): ((0.9, 0.8),)}, labels=("gdw-capped",))
+    _, cells, overall = ds.decide(rows, ("gdw-constrained", "gdw-capped"), ["digits-plain"], [flip])
+    assert cells == [pytest.approx([10.0, 85.0])]
