@@ -47,6 +47,8 @@ def choose_model_file(run_dir) -> tuple[str, str]:
     run = Path(run_dir)
     if not (run / "best.pt").exists():
         return "final", "the run has no validation split"
+    if not (run / "metrics.jsonl").is_file() or not (run / "config.json").is_file():
+        return "final", "the run records no validation accuracy"
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     vals = [r.get("val_accuracy") for r in rows]
     n = int((json.loads((run / "config.json").read_text()).get("data") or {}).get("n_val") or 0)
@@ -111,7 +113,8 @@ def predict(run_dir, data: str, out_csv, *, model_file: Optional[str] = None, de
     """
     from .data import load_new
 
-    model, config, used = load_model(run_dir, model_file, device)
+    chosen, why = (model_file, "asked for") if model_file is not None else choose_model_file(run_dir)
+    model, config, used = load_model(run_dir, chosen, device)
     pre = config.get("preprocess")
     if pre is None:
         raise UserError(f"{run_dir} records no preprocessing (made by an older gdw); train it again to predict")
@@ -138,4 +141,4 @@ def predict(run_dir, data: str, out_csv, *, model_file: Optional[str] = None, de
     known = labels >= 0
     accuracy = float((pred[known] == labels[known]).mean()) if new.has_labels and known.any() else None
     return {"n": len(pred), "accuracy": accuracy, "n_labelled": int(known.sum()) if new.has_labels else 0,
-            "model_file": used, "why": "asked for" if model_file is not None else choose_model_file(run_dir)[1]}
+            "model_file": used, "why": why}
