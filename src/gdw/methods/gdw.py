@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from ..errors import UserError
 from ..engine import full
 from .base import METHODS, check_bool, check_positive, logit_error
+from .guard import MetaGuard
 from .la import log_prior
 from .mwnet import WeightNetMethod
 
@@ -100,6 +101,7 @@ def zero_mean_grad(g: torch.Tensor, p: torch.Tensor, y: torch.Tensor) -> torch.T
 
 
 STAGE_ONE = ("mwnet", "l2rw")
+GUARD = 0.05  # ρ₀ of the held-out check (guard.py), when it is on
 WEIGHT_NORM = ("batch", "kept", "binary")
 CLASS_GRAD = ("raw", "constrained")
 
@@ -168,11 +170,11 @@ class GDW(WeightNetMethod):
     needs_class_counts = True  # for the logit adjustment (tau); optional when calling it directly
     # the defaults that follow stage_one: the paper's algorithm with "mwnet", gdw's own with "l2rw"
     STAGE_DEFAULTS = {"l2rw": {"finetune_fraction": 0.2, "tau": 1.0, "meta_grad": "fd", "weight_norm": "kept",
-                               "class_grad": "constrained", "max_weight": 1.0},
+                               "class_grad": "constrained", "max_weight": 1.0, "guard": 0.0},
                       "mwnet": {"finetune_fraction": 0.0, "tau": 0.0, "meta_grad": "jvp", "weight_norm": "batch",
-                                "class_grad": "raw", "max_weight": math.inf}}
+                                "class_grad": "raw", "max_weight": math.inf, "guard": 0.0}}
     ADDED_PARAMS = {"weight_norm": "batch", "class_grad": "raw",
-                    "max_weight": math.inf, "shrink": 0.0}  # what runs recorded before these existed used
+                    "max_weight": math.inf, "shrink": 0.0, "guard": 0.0}  # what runs recorded before these existed used
 
     @classmethod
     def resolve_params(cls, params: dict) -> dict:
@@ -184,14 +186,15 @@ class GDW(WeightNetMethod):
                  omega_min: float = 1e-6, omega_max: float = 1e6, p_max: float = 0.999,
                  zero_mean: bool = True, class_grad: str | None = None, finetune_fraction: float | None = None,
                  tau: float | None = None, meta_grad: str | None = None, class_counts=None,
-                 max_weight: float | None = None, shrink: float = 0.0, **kw):
+                 max_weight: float | None = None, shrink: float = 0.0, guard: float | None = None, **kw):
         if stage_one not in STAGE_ONE:
             raise UserError(f"stage_one must be one of {', '.join(STAGE_ONE)}, got {stage_one!r}")
         resolved = self.resolve_params({"stage_one": stage_one, "finetune_fraction": finetune_fraction,
                                         "tau": tau, "meta_grad": meta_grad, "weight_norm": weight_norm,
-                                        "class_grad": class_grad, "max_weight": max_weight})
-        finetune_fraction, tau, meta_grad, weight_norm, class_grad, max_weight = (
-            resolved[k] for k in ("finetune_fraction", "tau", "meta_grad", "weight_norm", "class_grad", "max_weight"))
+                                        "class_grad": class_grad, "max_weight": max_weight, "guard": guard})
+        finetune_fraction, tau, meta_grad, weight_norm, class_grad, max_weight, guard = (
+            resolved[k] for k in ("finetune_fraction", "tau", "meta_grad", "weight_norm", "class_grad", "max_weight",
+                                  "guard"))
         super().__init__(model, num_classes, finetune_fraction=finetune_fraction, meta_grad=meta_grad, **kw)
         self.stage_one = stage_one
         if weight_norm not in WEIGHT_NORM:
@@ -202,6 +205,10 @@ class GDW(WeightNetMethod):
             raise UserError(f"shrink must lie in [0, 1], got {shrink!r}")
         # inf: no cap
         self.max_weight = None if _is_inf(max_weight) else check_positive("max_weight", max_weight)
+        guard = check_positive("guard", guard, allow_zero=True)
+        if guard > 0 and stage_one != "l2rw":
+            raise UserError("guard needs stage_one='l2rw' (set guard=0 with stage_one='mwnet')")
+        self.guard = MetaGuard(guard) if guard > 0 else None
         if stage_one == "l2rw":
             self.virtual_step = False
             del self.vnet, self.vopt  # no weighting network
@@ -232,11 +239,49 @@ class GDW(WeightNetMethod):
         return zero_mean(omega, p, y) if self.zero_mean else omega
 
     def state_dict(self) -> dict:
-        return super().state_dict() if hasattr(self, "vnet") else {}
+        state = super().state_dict() if hasattr(self, "vnet") else {}
+        return {**state, "guard": self.guard.state_dict()} if self.guard is not None else state
 
     def load_state_dict(self, state: dict) -> None:
+        state = dict(state)
+        guard = state.pop("guard", None)
+        if self.guard is not None and guard is not None:
+            self.guard.load_state_dict(guard)
         if hasattr(self, "vnet"):
             super().load_state_dict(state)
+
+    def on_epoch_start(self, epoch: int, epochs: int) -> None:
+        """As :class:`Method`'s; with the guard the fine-tuning phase starts
+        only while the meta set's weighting carries over (guard.py)."""
+        super().on_epoch_start(epoch, epochs)
+        if self.finetuning and self.guard is not None:
+            if self.guard.finetune is None:  # decided once, when the phase would start
+                self.guard.finetune = self.guard.trusts_meta_set()
+            self.finetuning = self.guard.finetune
+
+    def _scale(self, w: torch.Tensor, total, kept, n) -> torch.Tensor:
+        """Stage-one instance weights from the clamped alignments ``w`` (B,)."""
+        if self.weight_norm == "binary":  # one for every example kept: its plain-training weight
+            v = (w > 0).to(w.dtype)
+        else:
+            k = n if self.weight_norm == "batch" else kept
+            v = torch.where(total > 0, k * w / total.clamp(min=torch.finfo(w.dtype).tiny), torch.zeros_like(w))
+        return v.clamp(max=self.max_weight) if self.max_weight is not None else v
+
+    def _guard_shrink(self, fwd, dA, e, x_meta, y_meta, lr):
+        """λ from the held-out check (guard.py); one more meta-gradient, on half the meta batch."""
+        m = x_meta.shape[0]
+        h = m // 2
+        saved, fwd.meta = fwd.meta, None
+        try:
+            _, dA_half = self.meta_step(fwd, None, x_meta[:h], y_meta[:h], lr)
+        finally:
+            fwd.meta = saved
+
+        def weights(align):
+            w = align.clamp(min=0)
+            return self._scale(w, w.sum(), (w > 0).sum().to(w.dtype), w.shape[0])
+        return self.guard.update(dA, e, dA_half, m, h, weights)
 
     def logit_grad(self, fwd, y, x_meta, y_meta, lr):
         B, C = y.shape[0], self.num_classes
@@ -252,15 +297,14 @@ class GDW(WeightNetMethod):
             w = (-g.sum(1)).clamp(min=0)
             # mean one over the batch, or over the examples that keep a weight (both sums over ranks, one collective)
             total, kept = fwd.comm.sum(torch.stack([w.sum(), (w > 0).sum().to(w.dtype)]))
-            k = n if self.weight_norm == "batch" else kept
-            if self.weight_norm == "binary":  # one for every example kept: its plain-training weight
-                v = (w > 0).to(w.dtype)
-            else:
-                v = torch.where(total > 0, k * w / total.clamp(min=torch.finfo(w.dtype).tiny), torch.zeros_like(w))
-            if self.max_weight is not None:
-                v = v.clamp(max=self.max_weight)
+            v = self._scale(w, total, kept, n)
             if self.shrink > 0:  # toward plain training's weights
                 v = (1 - self.shrink) * v + self.shrink
+            if self.guard is not None and x_meta.shape[0] >= 4:
+                due = self.guard.due()
+                lam = self._guard_shrink(fwd, dA, e, x_meta, y_meta, lr) if due else self.guard.shrink()
+                lam = lam.to(v.device, v.dtype)
+                v = (1 - lam) * v + lam
             omega = self._constrain(v[:, None].expand(B, C), p, y)
         else:
             losses = F.cross_entropy(full(z), y, reduction="none")
