@@ -178,6 +178,8 @@ class EpochLog:
                          + ("" if self.test_clean else " (on labels not known to be clean)"))
         if row.get("finetuning"):
             parts.append("fine-tuning on the meta set")
+        elif "guard_shrink" in row:
+            parts.append(f"guard λ {row['guard_shrink']:.2f}")
         parts.append(f"{row['seconds']:.1f}s")
         if "mean_weight_clean" in row:
             parts.append(f"weight clean {row['mean_weight_clean']:.3f} / mislabelled {row['mean_weight_noisy']:.3f}")

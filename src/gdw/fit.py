@@ -257,6 +257,7 @@ def fit(
         seconds = time.perf_counter() - t0
         state.row.update(lr=lr_now, steps=step, finetuning=finetuning, train_loss=float(loss_sum) / len(source),
                          meta_loss=float(meta_sum) / meta_steps if meta_steps else None, seconds=seconds)
+        state.row.update(getattr(method, "epoch_record", dict)())
         state.history.append(state.row)
         _call(callbacks, "on_epoch_end", state)
     _call(callbacks, "on_fit_end", state)

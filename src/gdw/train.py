@@ -463,6 +463,10 @@ def train(cfg: TrainConfig, log=print, comm: Optional[Comm] = None) -> dict:
         seconds = sum(row["seconds"] for row in history)
         summary = _summary(cfg, data, history, seconds, math.ceil(len(data.train) / cfg.batch_size), comm.world)
         summary["target_prior"] = target["prior"]
+        if summary.get("guard_shrink", 0) >= 0.5:
+            log(f"gdw train: note: weights learned on half of the meta set did not help its other half "
+                f"(λ = {summary['guard_shrink']:.2f} at the end): the run trained close to plain training. "
+                "The weighting needs a meta set whose labels are cleaner than the training labels (--meta)")
         atomic_write(out / "summary.json", json.dumps(summary, indent=2))
     comm.barrier()
     return summary
@@ -609,6 +613,7 @@ def _summary(cfg, data, history, train_seconds, steps_per_epoch, world) -> dict:
         "steps_per_second": sum(h.get("steps", steps_per_epoch) for h in history) / max(train_seconds, 1e-9),
         "mean_weight_clean": history[-1].get("mean_weight_clean"),
         "mean_weight_noisy": history[-1].get("mean_weight_noisy"),
+        **({"guard_shrink": history[-1]["guard_shrink"]} if "guard_shrink" in history[-1] else {}),
         "world_size": world,
         "epochs_trained": len(history),
         **_best_val(history),

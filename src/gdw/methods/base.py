@@ -305,6 +305,11 @@ class Method:
         else:
             self.finetuning = False
 
+    def epoch_record(self) -> dict:
+        """Numbers of the method's own for the epoch's row of ``metrics.jsonl``
+        (called once per epoch by the training loop; none by default)."""
+        return {}
+
     def state_dict(self) -> dict:
         return {}
 

@@ -250,6 +250,12 @@ class GDW(WeightNetMethod):
         if hasattr(self, "vnet"):
             super().load_state_dict(state)
 
+    def epoch_record(self) -> dict:
+        """With the guard: its λ and ρ at the end of the epoch (guard.py)."""
+        if self.guard is None or self.guard.rho is None:
+            return {}
+        return {"guard_shrink": float(self.guard.shrink()), "guard_rho": float(self.guard.rho)}
+
     def on_epoch_start(self, epoch: int, epochs: int) -> None:
         """As :class:`Method`'s; with the guard the fine-tuning phase starts
         only while the meta set's weighting carries over (guard.py)."""
