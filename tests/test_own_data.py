@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from gdw.data import load_new, load_split, prepare
+from gdw.data import load_new, load_split, prepare, stratified_split
 from gdw.errors import UserError
 
 from conftest import one_line_error
@@ -551,3 +551,118 @@ def test_a_given_test_folder_replaces_the_split_of_an_image_folder(tmp_path):
     assert len(d.train) + len(d.meta) == 18 and len(d.test) == 7
     assert d.test.labels.tolist() == [0, 0, 1, 1, 2, 2, 2]
     assert all(p.split("/")[0] == NAMES[int(c)] for p, c in zip(d.test.source_paths, d.test.labels))
+
+
+# ------------------------------------------------------------------ CSV columns
+
+def test_two_columns_of_one_name_are_refused(tmp_path):
+    """The second column of a name was read as the first one's values."""
+    write_csv(tmp_path / "d.csv", ["a", "b", "a", "label"], [["1", "2", "9", "cat"], ["3", "4", "8", "dog"]])
+    with pytest.raises(UserError) as e:
+        prepare(f"csv:{tmp_path / 'd.csv'}", meta_per_class=0, test_fraction=0.5)
+    one_line_error(e, "two columns named 'a'", "d.csv")
+
+
+def test_a_column_without_a_name_is_not_a_feature(tmp_path):
+    """pandas' to_csv writes its index under an empty name: it is no feature,
+    in the training file and in a clean file without it."""
+    rows = noisy_csv(tmp_path / "plain.csv")
+    write_csv(tmp_path / "indexed.csv", ["", "a", "label", "b", "c"], [[str(i), *r] for i, r in enumerate(rows)])
+    clean_csv(tmp_path / "clean.csv")
+    d = prepare(f"csv:{tmp_path / 'indexed.csv'}", meta=f"csv:{tmp_path / 'clean.csv'}")
+    plain = prepare(f"csv:{tmp_path / 'plain.csv'}", meta=f"csv:{tmp_path / 'clean.csv'}")
+    assert d.preprocess["feature_columns"] == ["a", "b", "c"] and d.input_shape == (3,)
+    for i, r in enumerate(d.train.source_rows):
+        row = dict(zip(["a", "label", "b", "c"], rows[r]))
+        np.testing.assert_array_equal(d.train.store.x[d.train.index[i]].numpy(), features(row))
+    torch.testing.assert_close(all_batches(d.meta), all_batches(plain.meta))
+
+
+@pytest.mark.parametrize("sep", [";", "\t"])
+def test_semicolon_and_tab_delimited_files_read_as_commas(tmp_path, sep):
+    rows = noisy_csv(tmp_path / "comma.csv")
+    with open(tmp_path / "other.csv", "w", newline="") as f:
+        csv.writer(f, delimiter=sep).writerows([["a", "label", "b", "c"], *rows])
+    a, b = (prepare(f"csv:{tmp_path / n}", meta_per_class=2) for n in ("comma.csv", "other.csv"))
+    torch.testing.assert_close(all_batches(a.train), all_batches(b.train))
+    assert a.classes == b.classes == NAMES
+
+
+def test_features_and_ignore_choose_the_columns(tmp_path):
+    rows = noisy_csv(tmp_path / "d.csv")
+    d = prepare(f"csv:{tmp_path / 'd.csv'}", meta_per_class=0, features="c, b")
+    e = prepare(f"csv:{tmp_path / 'd.csv'}", meta_per_class=0, ignore=["a"])
+    assert d.preprocess["feature_columns"] == ["c", "b"] and e.preprocess["feature_columns"] == ["b", "c"]
+    for i, r in enumerate(d.train.source_rows):
+        row = dict(zip(["a", "label", "b", "c"], rows[r]))
+        np.testing.assert_array_equal(d.train.store.x[d.train.index[i]].numpy(), features(row, ("c", "b")))
+        np.testing.assert_array_equal(e.train.store.x[e.train.index[i]].numpy(), features(row, ("b", "c")))
+    for kw, needle in (({"features": "b,z"}, "'z'"), ({"ignore": "label"}, "'label'")):
+        with pytest.raises(UserError) as err:
+            prepare(f"csv:{tmp_path / 'd.csv'}", meta_per_class=0, **kw)
+        one_line_error(err, needle, "not a feature column")
+    with pytest.raises(UserError) as err:
+        prepare("digits", features="a")
+    one_line_error(err, "csv: dataset")
+
+
+def test_text_columns_are_one_hot_with_the_categories_kept_for_new_data(tmp_path):
+    rng = np.random.default_rng(0)
+    colours = ["red", "green", "blue"]
+    rows = [[f"{rng.normal():.4f}", colours[i % 3], NAMES[i % 3]] for i in range(45)]
+    write_csv(tmp_path / "d.csv", ["x", "colour", "label"], rows)
+    d = prepare(f"csv:{tmp_path / 'd.csv'}", meta_per_class=2)
+    assert d.preprocess["categories"] == {"colour": ["blue", "green", "red"]} and d.input_shape == (4,)
+    for split in (d.train, d.meta, d.test):
+        for i, r in enumerate(split.source_rows):
+            x, colour = float(rows[r][0]), rows[r][1]
+            want = [x, colour == "blue", colour == "green", colour == "red"]
+            np.testing.assert_array_equal(split.store.x[split.index[i]].numpy(), np.array(want, np.float32))
+    write_csv(tmp_path / "new.csv", ["colour", "x"], [["green", "0.5"], ["purple", "1.5"]])
+    new = load_new(f"csv:{tmp_path / 'new.csv'}", d.preprocess)
+    np.testing.assert_array_equal(new.split.store.x.numpy(), [[0.5, 0, 1, 0], [1.5, 0, 0, 0]])  # unseen: zeros
+    write_csv(tmp_path / "typo.csv", ["x", "colour", "label"], [*rows[:5], ["n/a", "red", "cat"]])
+    with pytest.raises(UserError) as e:  # a column of numbers with one text value stays an error
+        prepare(f"csv:{tmp_path / 'typo.csv'}", meta_per_class=0, test_fraction=0.5)
+    one_line_error(e, "line 7", "'x'", "'n/a'")
+
+
+def test_an_npz_of_object_arrays_says_how_to_save_it(tmp_path):
+    np.savez(tmp_path / "d.npz", x_train=np.zeros((4, 2)), y_train=np.array(["a", "b", "a", "b"], dtype=object),
+             x_test=np.zeros((2, 2)), y_test=np.array(["a", "b"]))
+    with pytest.raises(UserError) as e:
+        prepare(f"npz:{tmp_path / 'd.npz'}")
+    one_line_error(e, "d.npz", ".astype(str)")
+
+
+# ------------------------------------------------------------------ one example in two places
+
+def test_clean_rows_copied_from_the_data_are_neither_trained_nor_tested_on(tmp_path):
+    """Rows of the hand-checked set that are also in the data file are left
+    out of the test split too, and rows in the file twice (one copy drawn
+    for the test split) are left out of training; the record counts both."""
+    rows = noisy_csv(tmp_path / "data.csv", n_per_class=30)
+    rows += [rows[i] for i in range(1, 60, 2)]  # 30 rows twice
+    write_csv(tmp_path / "data.csv", ["a", "label", "b", "c"], rows)
+    copied = [0, 6, 13, 21, 34, 40, 47, 55, 62, 70, 77, 85]
+    write_csv(tmp_path / "checked.csv", ["a", "label", "b", "c"], [rows[i] for i in copied])
+    d = prepare(f"csv:{tmp_path / 'data.csv'}", meta=f"csv:{tmp_path / 'checked.csv'}")
+    key = [tuple(r[k] for k in (0, 2, 3)) for r in rows]
+    meta, train, test = ({key[i] for i in copied}, [key[r] for r in d.train.source_rows],
+                         [key[r] for r in d.test.source_rows])
+    assert not meta & set(test) and not meta & set(train) and not set(train) & set(test)
+    # worked out from the rows of the file's stratified split: the test rows held back, the training rows dropped
+    tr, te = stratified_split(np.array([NAMES.index(r[1]) for r in rows]), 0.2)
+    dropped = [r for r in te if key[r] in meta]
+    assert d.record["n_test_left_out_as_in_meta"] == len(dropped) == len(te) - len(d.test) > 0
+    kept_test = {key[r] for r in te} - meta
+    assert d.record["n_train_left_out_as_in_test"] == sum(key[r] in kept_test for r in tr) > 0
+    assert len(d.train) == sum(key[r] not in meta | kept_test for r in tr)
+    assert any("test examples" in w and "left out of the test split" in w for w in d.record["warnings"])
+
+
+def test_the_training_file_as_its_own_meta_set_is_one_line(tmp_path):
+    noisy_csv(tmp_path / "data.csv")
+    with pytest.raises(UserError) as e:
+        prepare(f"csv:{tmp_path / 'data.csv'}", meta=f"csv:{tmp_path / 'data.csv'}")
+    one_line_error(e, "no training examples are left", "not the data file itself")

@@ -134,6 +134,9 @@ def _add_train_flags(p: argparse.ArgumentParser, grid: bool = False) -> None:
     add("--meta-batch-size", type=int, help=f"default {d.meta_batch_size}")
     add("--lr", type=float, help=f"initial learning rate, cosine decay (default {d.lr})")
     add("--label-column", help="label column of a csv: dataset (default label)")
+    add("--features", metavar="COLS", help="csv: the feature columns, comma-separated (default: all but the label "
+                                           "column and columns without a name; text columns are one-hot encoded)")
+    add("--ignore", metavar="COLS", help="csv: columns that are not features, comma-separated (e.g. an id)")
     add("--test-fraction", type=float, help="test split of csv: / folder: data without one (default 0.2)")
     add("--device", help="cpu, cuda or cuda:N (default: CUDA when present)")
     add("--amp", action="store_true", default=None, help="bfloat16 autocast (CUDA)")

@@ -83,6 +83,8 @@ class TrainConfig:
     test: Optional[str] = None
     early_stop: Optional[int] = None
     label_column: str = "label"
+    features: Optional[str] = None
+    ignore: Optional[str] = None
     test_fraction: float = 0.2
     method: str = "gdw"
     method_args: dict = field(default_factory=dict)
@@ -135,10 +137,11 @@ class TrainConfig:
                 raise UserError(f"{flag(name)} must be a non-empty string, got {getattr(self, name)!r}")
         if self.early_stop is not None and not self.val_per_class and not self.meta:
             raise UserError("--early-stop needs a validation split: give --val-per-class N")
-        for name in ("meta", "test"):
+        for name in ("meta", "test", "features", "ignore"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):
-                raise UserError(f"--{name} must be a dataset spec such as csv:PATH, got {value!r}")
+                raise UserError(f"--{name} must be " + ("a dataset spec such as csv:PATH" if name in ("meta", "test")
+                                                       else "column names separated by commas") + f", got {value!r}")
         if not isinstance(self.method_args, dict):
             raise UserError(f"--method-args must be key=value pairs, got {self.method_args!r}")
         reserved = sorted(set(self.method_args) & set(RESERVED_METHOD_ARGS))
@@ -364,7 +367,8 @@ def build(cfg: TrainConfig, device: torch.device, comm: Comm):
     torch.manual_seed(cfg.seed)
     data = prepare(cfg.dataset, noise=cfg.noise, imbalance=cfg.imbalance, meta_per_class=cfg.meta_per_class,
                    seed=cfg.seed, data_root=cfg.data_root, download=cfg.download, label_column=cfg.label_column,
-                   test_fraction=cfg.test_fraction, meta=cfg.meta, val_per_class=cfg.val_per_class, test=cfg.test)
+                   test_fraction=cfg.test_fraction, meta=cfg.meta, val_per_class=cfg.val_per_class, test=cfg.test,
+                   features=cfg.features, ignore=cfg.ignore)
     C = data.num_classes
     method_cls = METHODS.get(cfg.method)
     model = create_model(cfg.model, data.input_shape, C).to(device)

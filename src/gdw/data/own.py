@@ -114,7 +114,7 @@ def _read_csv(path, pre, classes, what, need_labels, name) -> Examples:
                         f"training data read from a CSV (its feature columns)")
     t = read_csv_table(path)
     label_column = pre["label_column"]
-    x = t.features(list(pre["feature_columns"]))
+    x = t.features(list(pre["feature_columns"]), pre.get("categories"))
     has = label_column in t.header
     if need_labels and not has:
         raise UserError(f"CSV file {path} has no label column {label_column!r} "

@@ -224,9 +224,11 @@ def _file_digest(path: str, size: int, mtime_ns: int) -> str:
 
 
 def load_source(dataset, *, data_root=None, download=False, mirror=None, label_column="label",
-                test_fraction=0.2, image_size=None, stream=None) -> Source:
+                test_fraction=0.2, image_size=None, stream=None, features=None, ignore=None) -> Source:
     """Read a dataset (see :func:`gdw.data.prepare` for the names) into a :class:`Source`."""
     kind, arg = resolve(dataset)
+    if kind != "csv" and (features or ignore):
+        raise UserError(f"--features and --ignore choose the columns of a csv: dataset, not of {dataset!r}")
     if kind == "digits":
         return read_digits(test_fraction)
     if kind in ("mnist", "fashion-mnist"):
@@ -239,7 +241,7 @@ def load_source(dataset, *, data_root=None, download=False, mirror=None, label_c
         return read_folder(arg, image_size, test_fraction, stream)
     if kind == "npz":
         return read_npz(arg)
-    return read_csv(arg, label_column, test_fraction)
+    return read_csv(arg, label_column, test_fraction, features, ignore)
 
 
 # ----------------------------------------------------------------------------- digits
@@ -724,7 +726,8 @@ def read_npz_arrays(path) -> dict:
         with np.load(path, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
-        raise UserError(f"cannot read npz file {path}: {one_line(e)}") from None
+        hint = "; save string arrays with .astype(str), numbers with .astype(float)" if "bject arrays" in str(e) else ""
+        raise UserError(f"cannot read npz file {path}: {one_line(e)}{hint}") from None
 
 
 def npz_label_ids(y: np.ndarray, classes: list, what: str, *, indices: bool,
@@ -812,30 +815,38 @@ class CsvTable:
     def column(self, name: str) -> np.ndarray:
         return np.char.strip(self.table[:, self.header.index(name)])
 
-    def features(self, names: list, cols: list | None = None) -> np.ndarray:
-        """The columns ``names`` as float32 (n, D): at positions ``cols``, else the first
-        column of each name. UserError naming the missing columns, or the line and column
-        of a non-numeric value."""
+    def features(self, names: list, categories: dict | None = None) -> np.ndarray:
+        """The columns ``names`` as float32 (n, D). A
+        column in ``categories`` ({name: [values]}) is one-hot encoded in that order (a value
+        not among them: all zeros). UserError naming the missing columns, or the line and
+        column of a non-numeric value."""
         missing = [n for n in names if n not in self.header]
         if missing:
             raise UserError(f"CSV file {self.path} lacks the feature columns {missing} of the "
                             f"training data")
-        cols = [self.header.index(n) for n in names] if cols is None else cols
-        feats = self.table[:, cols]
-        try:
-            x = np.char.strip(feats).astype(np.float64)
-        except ValueError:
-            x = None
-        if x is None or not np.isfinite(x).all():
-            for (r, c), v in np.ndenumerate(feats):
-                try:
-                    ok = np.isfinite(float(v))
-                except ValueError:
-                    ok = False
-                if not ok:
-                    raise UserError(f"{self.path}, line {self.lines[r]}, column {names[c]!r}: "
-                                    f"non-numeric value {str(v)!r}")
-        return x.astype(np.float32)
+        parts = []
+        for name in names:
+            v = self.column(name)
+            if name in (categories or {}):
+                parts.append((v[:, None] == np.array(categories[name], dtype=str)).astype(np.float32))
+                continue
+            try:
+                x = v.astype(np.float64)
+            except ValueError:
+                x = None
+            if x is None or not np.isfinite(x).all():
+                bad = next(r for r, s in enumerate(v) if not _finite(s))
+                raise UserError(f"{self.path}, line {self.lines[bad]}, column {name!r}: "
+                                f"non-numeric value {str(v[bad])!r}")
+            parts.append(x.astype(np.float32)[:, None])
+        return np.concatenate(parts, 1) if parts else np.zeros((len(self.table), 0), np.float32)
+
+
+def _finite(s: str) -> bool:
+    try:
+        return bool(np.isfinite(float(s)))
+    except ValueError:
+        return False
 
 
 def read_csv_table(path) -> CsvTable:
@@ -848,7 +859,9 @@ def read_csv_table(path) -> CsvTable:
         raise UserError(f"CSV file not found: {path}")
     try:
         with open(path, newline="", encoding="utf-8") as f:
-            numbered = [(i + 1, r) for i, r in enumerate(csv.reader(f)) if any(s.strip() for s in r)]
+            sep = max(",;\t", key=f.readline().count)  # the header's most frequent of , ; and tab
+            f.seek(0)
+            numbered = [(i + 1, r) for i, r in enumerate(csv.reader(f, delimiter=sep)) if any(s.strip() for s in r)]
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise UserError(f"cannot read CSV file {path}: {one_line(e)}") from None
     if len(numbered) < 2:
@@ -859,28 +872,46 @@ def read_csv_table(path) -> CsvTable:
     if bad is not None:
         raise UserError(f"{path}, line {numbered[bad][0]}: {len(rows[bad])} fields, "
                         f"header has {len(header)}")
+    twice = next((h for k, h in enumerate(header) if h and h in header[:k]), None)
+    if twice is not None:
+        raise UserError(f"CSV file {path} has two columns named {twice!r}; give each column its own name")
     return CsvTable(path, header, np.array(rows[1:], dtype=str), [n for n, _ in numbered[1:]])
 
 
-def read_csv(path, label_column="label", test_fraction=0.2) -> Source:
-    """A CSV file with a header: numeric feature columns and a label column.
+def read_csv(path, label_column="label", test_fraction=0.2, features=None, ignore=None) -> Source:
+    """A CSV file with a header (comma-, semicolon- or tab-delimited): feature columns and
+    a label column.
 
+    Feature columns: ``features`` (names, a list or comma-separated), else every column
+    but the label column, those in ``ignore`` and those without a name (pandas' index). A
+    column none of whose values is a number is one-hot encoded (one 0/1 feature per
+    distinct value, sorted; ``preprocess["categories"]`` keeps the values for new data).
     Labels that are all integers become classes in increasing numeric order (names are
     the values); otherwise classes are the sorted distinct strings. Features are float32
     (N, D), normalised per feature with training statistics. Test split: stratified
     ``test_fraction``, seed SPLIT_SEED. Source rows: the 0-based data row
-    (:func:`read_csv_table`). UserError for a missing label column, a row with the wrong
-    number of fields, an empty label, or a non-numeric / non-finite feature value (naming
-    line and column).
+    (:func:`read_csv_table`). UserError for a missing label or named column, two columns
+    of one name, a row with the wrong number of fields, an empty label, or a non-numeric /
+    non-finite value in a numeric column (naming line and column).
     """
     t = read_csv_table(path)
     path = t.path
     if label_column not in t.header:
         raise UserError(f"CSV file {path} has no column {label_column!r} (columns: {t.header})")
-    li = t.header.index(label_column)
-    cols = [i for i in range(len(t.header)) if i != li]
-    names = [t.header[i] for i in cols]
-    x = t.features(names, cols)
+    chosen, ignored = (_names(v) for v in (features, ignore))
+    for flag, given in (("--features", chosen), ("--ignore", ignored)):
+        unknown = [n for n in given or [] if n not in t.header or n == label_column]
+        if unknown:
+            raise UserError(f"{flag}: {unknown[0]!r} is not a feature column of {path} (columns: {t.header})")
+    names = [h for h in (chosen or t.header) if h and h != label_column and h not in (ignored or [])]
+    if not names:
+        raise UserError(f"CSV file {path} has no feature columns left (columns: {t.header})")
+    categories = {}
+    for n in names:  # a column without a single number holds categories
+        v = t.column(n)
+        if not any(_finite(s) for s in v):
+            categories[n] = sorted(set(v.tolist()))
+    x = t.features(names, categories)
     raw = t.column(label_column)
     if (raw == "").any():
         raise UserError(f"{path}, line {t.lines[int(np.argmax(raw == ''))]}: empty label")
@@ -897,4 +928,11 @@ def read_csv(path, label_column="label", test_fraction=0.2) -> Source:
                   clean=False,
                   origins={"train": Origin(file, tr), "test": Origin(file, te)},
                   preprocess={"kind": "csv", "input": "tabular", "feature_columns": names,
-                              "label_column": label_column})
+                              "categories": categories, "label_column": label_column})
+
+
+def _names(value) -> list | None:
+    """``"a, b"`` or ``["a", "b"]`` -> ``["a", "b"]``; None stays None."""
+    if value is None:
+        return None
+    return [v.strip() for v in (value.split(",") if isinstance(value, str) else value) if v.strip()]

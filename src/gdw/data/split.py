@@ -13,7 +13,10 @@ Order of operations (fixed):
    the user's labels, which may be noisy (``record["warnings"]`` says so);
 3. validation set (``val_per_class``): drawn from the same source as the meta set,
    disjoint from it and from the training set; training examples with exactly the same
-   inputs as a given meta/validation example are left out of training;
+   inputs as a given meta/validation example are left out of training; in a test split drawn
+   from the user's CSV file or image folder, so are test examples with the inputs of a
+   meta/validation example (left out of the test split) and training examples with those
+   of a test example;
 4. imbalance: applied by TRUE class to what is left of the training array;
 5. noise: synthetic noise injected into the true labels of the kept examples, or the
    real noisy labels (CIFAR-N label file, Clothing1M, npz ``y_train`` with
@@ -286,7 +289,7 @@ def _count(x: int, noun: str) -> str:
 def prepare(dataset="digits", noise="none", imbalance="none", meta_per_class=None, seed=0, *,
             meta=None, val_per_class=0, test=None, data_root=None, download=False, label_column="label",
             test_fraction=0.2, image_size=None, stream=None, num_workers=0,
-            mirror=None) -> Prepared:
+            mirror=None, features=None, ignore=None) -> Prepared:
     """Read a dataset and build noisy/imbalanced training, clean meta (and validation) and
     test splits.
 
@@ -324,6 +327,8 @@ def prepare(dataset="digits", noise="none", imbalance="none", meta_per_class=Non
         data_root: folder searched first for official datasets.
         download: fetch missing official files (MNIST, Fashion-MNIST, CIFAR) into the cache.
         label_column, test_fraction: for csv (and digits/folder test splits).
+        features, ignore: csv: the feature columns, or the columns left out (names, a list
+            or comma-separated; :func:`gdw.data.sources.read_csv`).
         image_size: int or (h, w): folder images are resized to it; Clothing1M crop size.
         stream: folders: True/False forces streaming from disk / loading to memory.
         num_workers: DataLoader workers for streamed datasets.
@@ -352,7 +357,7 @@ def prepare(dataset="digits", noise="none", imbalance="none", meta_per_class=Non
                         f"not {dataset!r}")
     src = load_source(dataset, data_root=data_root, download=download, mirror=mirror,
                       label_column=label_column, test_fraction=0 if test is not None else test_fraction,
-                      image_size=image_size, stream=stream)
+                      image_size=image_size, stream=stream, features=features, ignore=ignore)
     C = len(src.classes)
     given_test = None if test is None else read_examples(
         test, source_format(src), src.classes, what="the test set", need_labels=True)
@@ -440,6 +445,20 @@ def prepare(dataset="digits", noise="none", imbalance="none", meta_per_class=Non
             drop = np.zeros(len(train_pos), dtype=bool)
         removed = int(drop.sum()) if given is not None else 0
         train_pos = train_pos[~drop]
+    test_pos, out_of_test = np.arange(len(src.y_test)), 0
+    drawn = given_test is None and kind in ("csv", "folder") and src.notes["test_split"].startswith("stratified")
+    if drawn:  # a test split drawn from the user's file:
+        if pool is not None and used:  # not the inputs of a clean example
+            dup = _same_inputs(src.x_test, test_pos, store, np.concatenate(used))
+            test_pos, out_of_test = test_pos[~dup], int(dup.sum())
+        dup = _same_inputs(src.x_train, train_pos, src.x_test, test_pos)  # nor trained on
+        in_test[train_pos[dup]] = True
+        train_pos = train_pos[~dup]
+    empty = "training" if not len(train_pos) else "test" if out_of_test and not len(test_pos) else None
+    if empty:
+        raise UserError(f"no {empty} examples are left: each has exactly the inputs of an example of another split "
+                        "(meta, validation or test); --meta and --test must be examples apart from the training "
+                        "data, not the data file itself")
 
     # 4. imbalance by true class, 5. noise
     train_pos = train_pos[apply_imbalance(true[train_pos], C, ispec, rng_imb)]
@@ -467,7 +486,7 @@ def prepare(dataset="digits", noise="none", imbalance="none", meta_per_class=Non
     if val_idx is not None:
         val_split = make("val", store, val_idx, labels[val_idx], labels[val_idx], origin)
     if given_test is None:
-        test = make("test", src.x_test, np.arange(len(src.y_test)), src.y_test, src.y_test, src.origin("test"))
+        test = make("test", src.x_test, test_pos, src.y_test[test_pos], src.y_test[test_pos], src.origin("test"))
     else:
         g = given_test
         test = make("test", g.store, np.arange(len(g.labels)), g.labels, g.labels, g.origin)
@@ -491,8 +510,12 @@ def prepare(dataset="digits", noise="none", imbalance="none", meta_per_class=Non
     if in_test.any():
         k = int(in_test.sum())
         warnings.append(f"{_count(k, 'training example')} with exactly the inputs of an example of "
-                        f"the test set {given_test.name} {'was' if k == 1 else 'were'} left out of the "
-                        f"training set.")
+                        f"the test set {given_test.name if given_test else 'split'} {'was' if k == 1 else 'were'} "
+                        f"left out of the training set.")
+    if out_of_test:
+        warnings.append(f"{_count(out_of_test, 'test example')} with exactly the inputs of an example of "
+                        f"{given.name if given else 'the clean set'} {'was' if out_of_test == 1 else 'were'} "
+                        f"left out of the test split.")
     if given is not None and not used:
         warnings.append(f"The meta set {given.name} was not used (meta_per_class=0, "
                         f"val_per_class=0).")
@@ -526,7 +549,7 @@ def prepare(dataset="digits", noise="none", imbalance="none", meta_per_class=Non
         "test": None if given_test is None else given_test.name,
         # a test split drawn from the user's own labels is as noisy as they are; --test is the user's checked set
         "test_known_clean": given_test is not None or kind not in ("csv", "npz", "folder"),
-        "n_train_left_out_as_in_test": int(in_test.sum()),
+        "n_train_left_out_as_in_test": int(in_test.sum()), "n_test_left_out_as_in_meta": out_of_test,
         "realised_noise_rate": realised_noise_rate(true_tr, noisy_tr) if known.any() else None,
         "requested_transition": None if T is None else T.tolist(),
         "realised_transition": realised_transition(true_tr, noisy_tr, C).tolist()
