@@ -12,13 +12,15 @@ used the same way in any PyTorch training loop::
 """
 
 from .errors import UserError
-from .detect import read_label_issues
+from .detect import LabelIssueRecorder, read_label_issues
 from .fit import batches, cycle, fit
 from .methods import CE, GDW, L2RW, METHODS, Method, MetaMethod, MWNet, Stats, WeightNet, make
+from .issues import LabelIssues, find_label_issues
 from .prior import prediction_shift
 
 __version__ = "0.1.0"
 
 __all__ = ["CE", "GDW", "L2RW", "MWNet", "METHODS", "Method", "MetaMethod", "Stats", "UserError", "WeightNet", "cycle",
-           "batches", "read_label_issues", "prediction_shift",
+           "batches", "read_label_issues", "prediction_shift", "find_label_issues", "LabelIssues",
+           "LabelIssueRecorder",
            "fit", "make", "__version__"]

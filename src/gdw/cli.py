@@ -317,7 +317,7 @@ def _add_detect_flags(p: argparse.ArgumentParser) -> None:
 def cmd_detect(args) -> int:
     import numpy as np
 
-    from .detect import evaluate, format_table, load_issues, to_cleanlab
+    from .detect import describe_pairs, evaluate, format_table, load_issues, to_cleanlab
 
     if args.top < 0:
         raise UserError(f"--top must be >= 0, got {args.top}")
@@ -347,9 +347,13 @@ def cmd_detect(args) -> int:
     flagged = issues.num_flagged if args.num_issues is None else args.num_issues
     print(f"gdw detect: {run} ({issues.method}, {len(issues)} training examples, score: {issues.score_name})")
     print(format_table(issues, args.top))
+    if issues.noise_rate is not None:
+        lo, hi = issues.noise_interval
+        print(f"estimated wrong labels: {100 * issues.noise_rate:.1f}% of the training examples "
+              f"(95% interval {100 * lo:.1f}–{100 * hi:.1f}%)" + describe_pairs(issues))
     how = "--num-issues" if args.num_issues is not None else "suggested label differs from the given one"
     print(f"flagged as label issues: {min(flagged, len(issues))} of {len(issues)} ({how})")
-    m = evaluate(issues, flagged)
+    m = evaluate(issues, args.num_issues)
     if m is None:
         print("true labels unknown: no precision / recall / AUROC")
     else:
@@ -359,7 +363,7 @@ def cmd_detect(args) -> int:
         print(f"flagged {m['num_flagged']}: precision {m['precision_flagged']:.4f}, recall {m['recall_flagged']:.4f}; "
               f"suggested label = true label for {100 * m['suggestion_accuracy']:.1f}% of the flagged mislabelled examples")
     if args.format == "cleanlab":
-        result = to_cleanlab(issues, flagged, ranked=args.ranked)
+        result = to_cleanlab(issues, args.num_issues, ranked=args.ranked)
         out = Path(args.output)
         try:
             np.save(out, result)

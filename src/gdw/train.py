@@ -467,6 +467,7 @@ def train(cfg: TrainConfig, log=print, comm: Optional[Comm] = None) -> dict:
         seconds = sum(row["seconds"] for row in history)
         summary = _summary(cfg, data, history, seconds, math.ceil(len(data.train) / cfg.batch_size), comm.world)
         summary["target_prior"] = target["prior"]
+        summary.update(getattr(stateful.get("label_issues"), "noise", {}))
         if summary.get("guard_shrink", 0) >= 0.5:
             log(f"gdw train: note: weights learned on half of the meta set did not help its other half "
                 f"(λ = {summary['guard_shrink']:.2f} at the end): the run trained close to plain training. "

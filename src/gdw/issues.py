@@ -1,0 +1,188 @@
+"""How many labels are wrong, and which: plain arrays in, ranked rows out.
+
+:func:`find_label_issues` takes the given labels and the predicted class
+probabilities of every row (from any model: a gdw run's evidence, or the
+user's own loop) and, optionally, the labels and predicted probabilities of
+a clean set the model did not train on. It estimates the noise itself, the
+number of rows with given label i whose true class is j, and flags that
+many rows, the least trusted first.
+
+The estimate. Let C_ij be the number of rows with given label i whose
+predicted class (the most likely one) is j, and M_jk the share of clean rows
+of true class j predicted as k (the model's own confusion, where the labels
+are right). If the model's mistakes depend on the true class only, not on
+whether the given label is wrong,
+
+    C = N M,
+
+with N_ij the number of rows with given label i and true class j. So
+N̂ = C M⁻¹, clipped at zero and rescaled so that each row of N̂ sums to the
+rows with given label i; the share of wrong labels is 1 − trace(N̂) / n.
+Without a clean set M is the identity: every disagreement between the model
+and a given label counts as a wrong label. That suits probabilities a model
+formed without fitting the wrong labels (a weighted method's averaged
+training evidence, or held-out predictions) and overestimates by about the
+model's own error rate otherwise. The interval is the 2.5 and 97.5
+percentiles over bootstrap resamples of both sets' rows.
+
+The flagged set. Within each given class i the rows are ranked by
+``score = 1 − p_i`` (the probability the model gives the given label), and
+the round(Σ_{j≠i} N̂_ij) highest are flagged; the suggested label of a row
+is its most likely class other than the given one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import numpy as np
+
+from .errors import UserError
+
+
+@dataclass
+class LabelIssues:
+    """What :func:`find_label_issues` found; arrays are indexed by row.
+
+    score: (n,) 1 − probability of the given label, higher = more suspicious.
+    flagged: (n,) bool, the rows estimated to be wrong.
+    suggested: (n,) the most likely class other than the given label.
+    order: (n,) row indices, most suspicious first (flagged rows first).
+    noise_rate: estimated share of wrong labels, in [0, 1];
+    noise_interval: its 95% bootstrap interval (lo, hi).
+    noise_matrix: C×C estimated counts N̂_ij, given label i, true class j.
+    """
+
+    labels: np.ndarray
+    score: np.ndarray
+    flagged: np.ndarray
+    suggested: np.ndarray
+    order: np.ndarray
+    noise_rate: float
+    noise_interval: tuple
+    noise_matrix: np.ndarray
+    class_names: list = field(default_factory=list)
+
+    def rows(self, top: Optional[int] = None, row_ids: Optional[Sequence] = None) -> list[dict]:
+        """The ranked table: ``row``, ``given_label``, ``suggested_label``
+        (equal to the given one on rows not flagged), ``score``, ``flagged``;
+        ``row_ids`` maps positions to the user's own row numbers."""
+        names = self.class_names or [str(c) for c in range(self.noise_matrix.shape[0])]
+        ids = np.arange(len(self.labels)) if row_ids is None else np.asarray(row_ids)
+        out = []
+        for i in self.order[:top]:
+            given = int(self.labels[i])
+            out.append({"row": ids[i].item(), "given_label": names[given],
+                        "suggested_label": names[int(self.suggested[i]) if self.flagged[i] else given],
+                        "score": round(float(self.score[i]), 6), "flagged": bool(self.flagged[i])})
+        return out
+
+    def pairs(self, top: int = 5) -> list[tuple[str, str, float]]:
+        """The largest off-diagonal entries of ``noise_matrix``:
+        ``(given label, likely true class, estimated rows)``."""
+        names = self.class_names or [str(c) for c in range(self.noise_matrix.shape[0])]
+        N = self.noise_matrix.copy()
+        np.fill_diagonal(N, 0)
+        idx = np.argsort(-N, axis=None)[:top]
+        return [(names[i], names[j], float(N[i, j])) for i, j in zip(*np.unravel_index(idx, N.shape)) if N[i, j] > 0]
+
+
+def _check(labels, probs, what: str) -> tuple[np.ndarray, np.ndarray]:
+    labels, probs = np.asarray(labels), np.asarray(probs, dtype=np.float64)
+    if probs.ndim != 2 or labels.ndim != 1 or len(labels) != len(probs):
+        raise UserError(f"{what}: labels must be (n,) and probabilities (n, C) with the same n, "
+                        f"got {labels.shape} and {probs.shape}")
+    if len(labels) == 0:
+        raise UserError(f"{what}: no rows")
+    if not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0 or labels.max() >= probs.shape[1]:
+        raise UserError(f"{what}: labels must be whole numbers in [0, {probs.shape[1]})")
+    if not np.isfinite(probs).all() or (probs < 0).any():
+        raise UserError(f"{what}: probabilities must be finite and non-negative")
+    return labels.astype(np.int64), probs
+
+
+def noise_matrix(labels, pred, num_classes, clean_labels=None, clean_pred=None) -> np.ndarray:
+    """N̂ (C×C): rows with given label i and estimated true class j (module
+    docstring); ``pred`` / ``clean_pred`` are predicted classes (n,)."""
+    C = num_classes
+    counts = np.zeros((C, C))
+    np.add.at(counts, (labels, pred), 1)
+    if clean_labels is None:
+        N = counts
+    else:
+        M = np.zeros((C, C))
+        np.add.at(M, (clean_labels, clean_pred), 1)
+        seen = M.sum(1) > 0
+        M[~seen] = np.eye(C)[~seen]  # a class without clean rows: taken as always right
+        M = M / M.sum(1, keepdims=True)
+        N = np.clip(counts @ np.linalg.pinv(M), 0, None)
+    given = counts.sum(1, keepdims=True)
+    total = N.sum(1, keepdims=True)
+    return np.where(total > 0, N / np.where(total > 0, total, 1) * given, np.diag(given[:, 0]))
+
+
+def find_label_issues(labels, pred_probs, *, clean_labels=None, clean_pred_probs=None,
+                      num_issues: Optional[int] = None, class_names: Optional[Sequence[str]] = None,
+                      bootstrap: int = 200, seed: int = 0) -> LabelIssues:
+    """Estimate how many labels are wrong and flag that many rows.
+
+    Args:
+        labels: (n,) given labels, whole numbers in [0, C).
+        pred_probs: (n, C) predicted probabilities of each row (each row sums
+            to one; from a model that did not fit the wrong labels: held-out
+            predictions, or a weighted method's averaged training evidence).
+        clean_labels, clean_pred_probs: (m,) and (m, C), a set whose labels
+            are right, predicted by a model that did not train on it; it
+            corrects the estimate for the model's own mistakes. Optional.
+        num_issues: flag exactly this many rows (the most suspicious overall)
+            instead of the estimate.
+        class_names: C names for :meth:`LabelIssues.rows`.
+        bootstrap: resamples for the interval (0: none, the interval is the
+            estimate itself).
+    Returns:
+        :class:`LabelIssues`.
+    Raises:
+        UserError: shapes or values that do not fit together.
+    """
+    labels, probs = _check(labels, pred_probs, "find_label_issues")
+    n, C = probs.shape
+    if class_names is not None and len(class_names) != C:
+        raise UserError(f"find_label_issues: {len(class_names)} class names for {C} classes")
+    clean = None
+    if (clean_labels is None) != (clean_pred_probs is None):
+        raise UserError("find_label_issues: give both clean_labels and clean_pred_probs, or neither")
+    if clean_labels is not None:
+        clean = _check(clean_labels, clean_pred_probs, "find_label_issues (clean set)")
+        if clean[1].shape[1] != C:
+            raise UserError(f"find_label_issues: the clean set has {clean[1].shape[1]} classes, the rows {C}")
+    pred = probs.argmax(1)
+    clean_pred = clean[1].argmax(1) if clean else None
+
+    def estimate(rows, crows):
+        N = noise_matrix(labels[rows], pred[rows], C, *((clean[0][crows], clean_pred[crows]) if clean else ()))
+        return N, 1 - np.trace(N) / max(N.sum(), 1)
+
+    N, rate = estimate(np.arange(n), np.arange(len(clean[0])) if clean else None)
+    rng = np.random.default_rng(seed)
+    rates = [estimate(rng.integers(0, n, n), rng.integers(0, len(clean[0]), len(clean[0])) if clean else None)[1]
+             for _ in range(bootstrap)]
+    interval = (float(np.percentile(rates, 2.5)), float(np.percentile(rates, 97.5))) if rates else (rate, rate)
+
+    score = 1 - probs[np.arange(n), labels]
+    other = probs.copy()
+    other[np.arange(n), labels] = -np.inf
+    suggested = other.argmax(1)
+    flagged = np.zeros(n, bool)
+    if num_issues is not None:
+        if not (isinstance(num_issues, (int, np.integer)) and 0 <= num_issues <= n):
+            raise UserError(f"num_issues must be a whole number in [0, {n}], got {num_issues!r}")
+        flagged[np.argsort(-score, kind="stable")[:num_issues]] = True
+    else:
+        for i in range(C):
+            rows = np.flatnonzero(labels == i)
+            k = int(round(N[i].sum() - N[i, i]))
+            flagged[rows[np.argsort(-score[rows], kind="stable")[:k]]] = True
+    order = np.lexsort((-score, ~flagged))  # flagged first, then by score
+    return LabelIssues(labels, score, flagged, suggested, order, float(rate), interval, N,
+                       list(class_names) if class_names is not None else [])
