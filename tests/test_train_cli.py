@@ -305,11 +305,45 @@ def test_ctrl_c_before_the_first_checkpoint_leaves_nothing(tmp_path):
     assert "Traceback" not in err and not (tmp_path / "r").exists()
 
 
-def test_ctrl_c_after_a_checkpoint_advises_a_resume_that_works(tmp_path):
+def test_a_run_killed_before_its_first_checkpoint_can_be_started_again(tmp_path, capsys):
+    """SIGKILL leaves config.json and split.npz but no checkpoint: --resume
+    says to start again, and starting again replaces the dead run."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "gdw", "train", *QUICK, "--epochs", "50", "--method", "l2rw",
+                             "--batch-size", "10", "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (out / "split.npz").exists():
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "checkpoint.pt").exists() and (out / "config.json").exists()
+    code, err = run_cli(["train", "--out", str(out), "--resume"], capsys)
+    assert code == 2 and "without --resume" in err, err
+    assert main(["train", *QUICK, "--epochs", "1", "--method", "ce", "--out", str(out)]) == 0
+    assert json.loads((out / "summary.json").read_text())["method"] == "ce"
+
+
+def test_resuming_a_finished_run_says_so_and_changes_nothing(finished_run, capsys):
+    stamps = {p: p.stat().st_mtime_ns for p in finished_run.iterdir()}
+    before = _snapshot(finished_run)
+    assert main(["train", "--out", str(finished_run), "--resume", "--no-progress"]) == 0
+    assert f"the run in {finished_run} is finished (2 of 2 epochs)" in capsys.readouterr().out
+    assert _snapshot(finished_run) == before and stamps == {p: p.stat().st_mtime_ns for p in finished_run.iterdir()}
+
+
+def test_ctrl_c_after_a_checkpoint_advises_a_resume_that_works(tmp_path, capsys):
     out = tmp_path / "run"
     code, err = _interrupt([sys.executable, "-m", "gdw", "train", *QUICK, "--epochs", "30", "--method", "ce",
                             "--out", str(out)], lambda: (out / "checkpoint.pt").exists())
     assert code == 130 and f"gdw train --out {out} --resume" in err, err
+    # predict on the unfinished run says how far it got
+    from sklearn.datasets import load_digits
+
+    np.savez(tmp_path / "new.npz", x=(load_digits().images[:5, None] / 16).astype(np.float32))
+    done = torch.load(out / "checkpoint.pt", weights_only=False)["epoch"] + 1
+    assert main(["predict", str(out), "--data", f"npz:{tmp_path / 'new.npz'}", "--out", str(tmp_path / "p.csv")]) == 0
+    assert f"the run is unfinished ({done} of 30 epochs trained)" in capsys.readouterr().out
     proc = subprocess.run([sys.executable, "-m", "gdw", "train", "--out", str(out), "--resume", "--no-progress"],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
@@ -403,6 +437,7 @@ def test_resume_refuses_data_edited_since_the_run_started(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", "--dataset", f"csv:{path}", "--method", "ce", "--epochs", "1", "--no-progress",
                  "--out", str(out)]) == 0
+    (out / "summary.json").unlink()  # as if stopped before its end: a finished run is not resumed at all
     path.write_text("\n".join(lines[:1] + [line[:-1] + "y" for line in lines[1:50]] + lines[50:]) + "\n")
     before = _snapshot(out)
     code, err = run_cli(["train", "--out", str(out), "--resume"], capsys)

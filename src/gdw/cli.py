@@ -272,6 +272,9 @@ def cmd_predict(args) -> int:
     result = predict(args.run_dir, args.data, args.out, model_file=args.model_file, device=args.device)
     print(f"gdw predict: {result['n']} examples of {args.data} with {result['model_file']} of {args.run_dir} "
           f"({result['why']}) → {args.out}")
+    if result["unfinished"]:
+        print(f"gdw predict: warning: the run is unfinished ({result['unfinished'][0]} of {result['unfinished'][1]} "
+              f"epochs trained): continue it with gdw train --out {args.run_dir} --resume")
     if result["accuracy"] is not None:
         print(f"accuracy against the labels in the data: {100 * result['accuracy']:.2f}% "
               f"({result['n_labelled']} labelled examples)")

@@ -108,8 +108,9 @@ def predict(run_dir, data: str, out_csv, *, model_file: Optional[str] = None, de
     (``p_<class>``), in the order of the data.
 
     Returns ``{"n", "accuracy" (None without labels), "n_labelled",
-    "model_file"}``. Raises UserError for a missing run, file or column, or
-    labels unknown to the run.
+    "model_file", "why", "unfinished"}`` (``unfinished``: ``(epochs
+    trained, epochs)`` of a run without summary.json, else None). Raises
+    UserError for a missing run, file or column, or labels unknown to the run.
     """
     from .data import load_new
 
@@ -140,5 +141,8 @@ def predict(run_dir, data: str, out_csv, *, model_file: Optional[str] = None, de
     labels = new.split.labels.numpy()
     known = labels >= 0
     accuracy = float((pred[known] == labels[known]).mean()) if new.has_labels and known.any() else None
+    run = Path(run_dir)
+    rows = (run / "metrics.jsonl").read_text().count("\n") if (run / "metrics.jsonl").is_file() else 0
+    unfinished = None if (run / "summary.json").is_file() else (rows, int(config["epochs"]))
     return {"n": len(pred), "accuracy": accuracy, "n_labelled": int(known.sum()) if new.has_labels else 0,
-            "model_file": used, "why": why}
+            "model_file": used, "why": why, "unfinished": unfinished}

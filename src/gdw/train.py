@@ -25,7 +25,8 @@ saved one is refused, except those in :data:`NEUTRAL`, which cannot change
 the result. All randomness is derived from the seed and the epoch or saved
 in the checkpoint, so a resumed run ends with the same parameters as an
 uninterrupted one on the same device. A run that fails or is interrupted
-before its first checkpoint leaves nothing behind.
+before its first checkpoint leaves nothing behind (one killed then is
+replaced when started again); resuming a finished run changes nothing.
 """
 
 from __future__ import annotations
@@ -273,11 +274,18 @@ def check_run_dir(cfg: TrainConfig) -> Path:
         if diff:
             raise UserError(describe_difference(diff, "the run in " + str(out)))
         if not (out / "checkpoint.pt").exists():
-            raise UserError(f"--resume: {out} has no checkpoint.pt (the run never finished an epoch); start it again")
-    elif out.exists() and any(out.iterdir()):
+            raise UserError(f"--resume: {out} has no checkpoint.pt (the run never finished an epoch); start it again "
+                            "with the same command without --resume")
+    elif out.exists() and any(out.iterdir()) and not never_checkpointed(out):
         raise UserError(f"run directory {out} already exists; continue it with gdw train --out {out} --resume, "
                         "or choose another --out")
     return out
+
+
+def never_checkpointed(out: Path) -> bool:
+    """``out`` holds a run that never finished an epoch (killed before its
+    first checkpoint): starting it again in ``out`` replaces it."""
+    return (out / "config.json").is_file() and not (out / "checkpoint.pt").exists()
 
 
 def describe_difference(diff, where: str, remedy: Optional[str] = None) -> str:
@@ -429,6 +437,11 @@ def train(cfg: TrainConfig, log=print, comm: Optional[Comm] = None) -> dict:
     main = comm.rank == 0
     out = Path(_on_rank0(comm, lambda: str(check_run_dir(cfg))))
     cfg.out = str(out)
+    if cfg.resume and (out / "summary.json").is_file():
+        summary = json.loads((out / "summary.json").read_text())
+        log(f"gdw train: the run in {out} is finished ({summary.get('epochs_trained', cfg.epochs)} of {cfg.epochs} "
+            "epochs); nothing to resume, nothing changed")
+        return summary
     ckpt = load_checkpoint(out, device, cfg.fingerprint()) if cfg.resume else None
     data, model, opt, method = build(cfg, device, comm)
     if ckpt is not None:
