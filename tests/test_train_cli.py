@@ -538,3 +538,42 @@ def test_method_args_are_compared_by_their_effect(spelled, same):
     new = TrainConfig(dataset="digits", method="gdw", method_args={**args, **spelled})
     expected = None if same else ("method_args", {**args, **spelled}, args)
     assert new.first_difference(old) == expected
+
+
+def test_version_is_the_installed_one(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out == f"gdw {version('gdw')}\n"
+
+
+def test_threads_sets_torchs_thread_count(tmp_path, capsys):
+    try:
+        assert main(["train", *QUICK, "--threads", "2", "--epochs", "1", "--method", "ce",
+                     "--out", str(tmp_path / "run")]) == 0
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(1)
+    code, err = run_cli(["predict", str(tmp_path / "run"), "--data", "x", "--out", "p.csv", "--threads", "0"], capsys)
+    assert code == 2 and "--threads must be at least 1" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_the_demo_prints_the_readmes_numbers_whatever_the_thread_count(tmp_path, monkeypatch, capsys):
+    """The demo fixes its own thread count: started with two threads it
+    prints what the README quotes (measured with one)."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    quoted = re.search(r"CE (\d+\.\d\d)%, MW-Net (\d+\.\d\d)%, GDW (\d+\.\d\d)%", readme).groups()
+    monkeypatch.chdir(tmp_path)
+    try:
+        torch.set_num_threads(2)
+        assert main(["demo"]) == 0
+    finally:
+        torch.set_num_threads(1)
+    out = capsys.readouterr().out
+    printed = tuple(re.search(rf"\| {m} \| \**(\d+\.\d\d)\**", out).group(1) for m in ("ce", "mwnet", "gdw"))
+    assert printed == quoted, out
