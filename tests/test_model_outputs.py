@@ -186,3 +186,27 @@ def test_check_logits_accepts_every_form(form):
 def test_check_logits_names_a_bad_output():
     with pytest.raises(gdw.UserError, match="got dict without a 'logits' key"):
         check_logits(Returns(lambda z: {"scores": z}).float(), (6,), C)
+
+
+class FeaturesFirst(nn.Module):
+    """Returns ``(features, logits)``: the logits are not first."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.fc = nn.Linear(6, 16).double(), nn.Linear(16, C).double()
+
+    def forward(self, x):
+        h = self.body(x)
+        return h, self.fc(h)
+
+
+@pytest.mark.parametrize("name", ["ce", "gdw"])
+def test_logits_second_in_a_tuple_name_output(name):
+    x, y = make_batch("mlp", 8, 1)
+    xm, ym = make_batch("mlp", 6, 2)
+    with pytest.raises(gdw.UserError, match=r"got \(\d+, 16\).*output=lambda out: out\[1\]") as err:
+        gdw.make(name, FeaturesFirst(), C).backward(x, y, xm, ym, inner_lr=LR)
+    assert "\n" not in str(err.value)
+    gdw.make(name, FeaturesFirst(), C, output=lambda out: out[1]).backward(x, y, xm, ym, inner_lr=LR)
+    with pytest.raises(gdw.UserError, match=r"first element of its tuple output: return the logits first.*output="):
+        check_logits(FeaturesFirst().float(), (6,), C)

@@ -577,3 +577,22 @@ def test_the_demo_prints_the_readmes_numbers_whatever_the_thread_count(tmp_path,
     out = capsys.readouterr().out
     printed = tuple(re.search(rf"\| {m} \| \**(\d+\.\d\d)\**", out).group(1) for m in ("ce", "mwnet", "gdw"))
     assert printed == quoted, out
+
+
+def test_a_model_module_in_the_current_directory_is_found(tmp_path, monkeypatch, capsys):
+    """--model my_net:make finds my_net.py where the command runs, as python -m does, without PYTHONPATH=."""
+    from sklearn.datasets import load_digits
+
+    (tmp_path / "my_net_here.py").write_text(
+        "import torch\n\n\ndef make(input_shape, num_classes):\n"
+        "    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, num_classes))\n")
+    np.savez(tmp_path / "new.npz", x=(load_digits().images[:5, None] / 16).astype(np.float32))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".", str(tmp_path))])
+    try:
+        assert main(["train", *QUICK, "--epochs", "1", "--method", "ce", "--model", "my_net_here:make",
+                     "--out", "run"]) == 0
+        assert main(["predict", "run", "--data", "npz:new.npz", "--out", "p.csv"]) == 0
+    finally:
+        sys.modules.pop("my_net_here", None)
+    assert len((tmp_path / "p.csv").read_text().splitlines()) == 6

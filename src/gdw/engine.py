@@ -269,7 +269,9 @@ def check_logits_shape(z: torch.Tensor, n: int, num_classes: int) -> None:
     """Raise a UserError unless ``z`` has shape (n, num_classes)."""
     if z.ndim != 2 or z.shape != (n, num_classes):
         raise UserError(
-            f"the model must return logits of shape (B, {num_classes}) = ({n}, {num_classes}), got {tuple(z.shape)}"
+            f"the model must return logits of shape (B, {num_classes}) = ({n}, {num_classes}), got {tuple(z.shape)}; "
+            "if its output holds them elsewhere (e.g. second in a tuple), pick them with output= "
+            "(e.g. output=lambda out: out[1])"
         )
 
 

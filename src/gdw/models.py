@@ -15,6 +15,8 @@ from __future__ import annotations
 import importlib
 import inspect
 import math
+import os
+import sys
 
 import torch
 import torch.nn as nn
@@ -121,7 +123,8 @@ def create_model(name: str, input_shape, num_classes: int, **kwargs) -> nn.Modul
 
     Args:
         name: a registered name (``mlp``, ``cnn``, ``resnet32``) or
-            ``"package.module:factory"``.
+            ``"package.module:factory"`` (found on ``sys.path`` or in the
+            current directory).
         input_shape: shape of one example, e.g. ``(1, 28, 28)`` or ``(64,)``.
         num_classes: C, the width of the logits.
     Raises:
@@ -131,10 +134,13 @@ def create_model(name: str, input_shape, num_classes: int, **kwargs) -> nn.Modul
     input_shape = tuple(int(s) for s in input_shape)
     if ":" in name and name not in MODELS:
         mod_name, _, attr = name.partition(":")
+        if os.getcwd() not in sys.path:  # a module.py in the current directory is found, as by python -m
+            sys.path.append(os.getcwd())
         try:
             factory = getattr(importlib.import_module(mod_name), attr)
         except (ImportError, AttributeError) as err:
-            raise UserError(f"cannot load model factory {name!r}: {err}") from None
+            raise UserError(f"cannot load model factory {name!r} (from the current directory or the installed "
+                            f"packages): {err}") from None
         if not callable(factory):
             raise UserError(f"model factory {name!r} is a {type(factory).__name__}, not a function or class")
         try:
@@ -180,4 +186,7 @@ def check_logits(model: nn.Module, input_shape, num_classes: int, device="cpu", 
         model.train(was_training)
     logits = logits_of(out, output)
     if tuple(logits.shape) != (2, num_classes):
-        raise UserError(f"the model must return logits of shape (B, {num_classes}), got {tuple(logits.shape)}")
+        tuple_out = output is None and isinstance(out, (tuple, list))
+        raise UserError(f"the model must return logits of shape (B, {num_classes}), got {tuple(logits.shape)}" + (
+            " as the first element of its tuple output: return the logits first, or (from Python) pick them "
+            "with output=, e.g. output=lambda out: out[1]" if tuple_out else ""))
