@@ -308,7 +308,7 @@ def cmd_demo(args) -> int:
     return 0
 
 
-DETECT_ONLY = ("run_dir", "top", "num_issues", "format", "output", "ranked", "nproc")
+DETECT_ONLY = ("run_dir", "top", "num_issues", "format", "output", "ranked", "export", "relabel", "nproc")
 
 
 def _add_detect_flags(p: argparse.ArgumentParser) -> None:
@@ -324,6 +324,10 @@ def _add_detect_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", help="the .npy file of --format cleanlab")
     p.add_argument("--ranked", action="store_true", help="--format cleanlab: the flagged positions ranked by "
                    "severity (like return_indices_ranked_by=...) instead of a boolean mask")
+    p.add_argument("--export", metavar="FILE", help="write the run's data (csv, npz) without the flagged rows, "
+                   "or for an image folder a CSV list of them")
+    p.add_argument("--relabel", action="store_true", help="--export: keep the flagged rows with their suggested "
+                   "labels (for a folder: the moves to make)")
     _add_train_flags(p)
 
 
@@ -334,6 +338,8 @@ def cmd_detect(args) -> int:
 
     if args.top < 0:
         raise UserError(f"--top must be >= 0, got {args.top}")
+    if args.relabel and not args.export:
+        raise UserError("--relabel goes with --export FILE")
     if args.num_issues is not None and args.num_issues < 0:
         raise UserError(f"--num-issues must be >= 0, got {args.num_issues}")
     if args.format == "cleanlab" and not args.output:
@@ -375,6 +381,13 @@ def cmd_detect(args) -> int:
               f"precision@{k} {m['precision_at_k']:.4f}, recall@{k} {m['recall_at_k']:.4f}")
         print(f"flagged {m['num_flagged']}: precision {m['precision_flagged']:.4f}, recall {m['recall_flagged']:.4f}; "
               f"suggested label = true label for {100 * m['suggestion_accuracy']:.1f}% of the flagged mislabelled examples")
+    if args.export:
+        from .export import export
+
+        done = export(run, args.export, relabel=args.relabel, num_issues=args.num_issues)
+        what = ("moves to make" if args.relabel else "images to remove") if done["kind"] == "folder" else (
+            f"rows ({done['flagged']} flagged " + ("relabelled)" if args.relabel else "left out)"))
+        print(f"wrote {done['out']}: {done['written']} {what}, from {done['source']}")
     if args.format == "cleanlab":
         result = to_cleanlab(issues, args.num_issues, ranked=args.ranked)
         out = Path(args.output)

@@ -1,0 +1,146 @@
+"""Act on a run's label issues: the user's data back, in its own format,
+without the flagged rows or with their suggested labels (``gdw detect RUN
+--export FILE [--relabel]``).
+
+* ``csv:``: the same columns and delimiter; flagged data rows left out, or
+  their label cell replaced by the suggested label; every other row as read.
+* ``npz:``: the same arrays; the training arrays' flagged rows left out or
+  their labels replaced (label values as the file stored them).
+* ``folder:``: images are not moved; FILE is a CSV ``path,given_label,
+  action`` (``remove``) or ``path,given_label,suggested_label`` (``move to
+  the suggested label's folder``) for the flagged images, paths relative to
+  the folder.
+
+Only the run's training examples are scored, so rows of a test split drawn
+from the same file, and of the clean set, are written unchanged.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from .detect import load_issues
+from .errors import UserError
+
+
+def _source(config: dict, run: Path) -> tuple[str, Path]:
+    """The run's data file or folder (recorded relative to the run directory)."""
+    spec = str(config.get("dataset", ""))
+    kind, _, rest = spec.partition(":")
+    if kind in ("csv", "npz", "folder") and rest:
+        return kind, run / rest  # an absolute path stays itself
+    raise UserError(f"--export works on the user's own data (csv:, npz: or folder:); this run trained on {spec!r}")
+
+
+def flagged_rows(issues, num_issues: Optional[int] = None) -> dict:
+    """``{user row: suggested class}`` of the flagged examples (the run's own
+    flagged set, or the ``num_issues`` most suspicious)."""
+    if num_issues is None:
+        picks = np.flatnonzero(issues.suggested != issues.given)
+    else:
+        picks = issues.order[: max(0, int(num_issues))]
+    rows = issues.rows if issues.rows is not None else issues.index
+    return {int(rows[i]): int(issues.suggested[i]) if issues.suggested[i] != issues.given[i] else None
+            for i in picks}
+
+
+def export(run_dir, out_file, *, relabel: bool = False, num_issues: Optional[int] = None) -> dict:
+    """Write the run's data without (or relabelling) its flagged examples.
+
+    Returns ``{"kind", "source", "out", "flagged", "written"}`` (written:
+    data rows or list entries in the output). Raises UserError for a run on
+    a built-in dataset, a source file that changed or is gone, or an output
+    that cannot be written.
+    """
+    run = Path(run_dir)
+    issues = load_issues(run)
+    config = json.loads((run / "config.json").read_text())
+    kind, source = _source(config, run)
+    if not source.exists():
+        raise UserError(f"--export: the run's data {source} is gone")
+    flagged = flagged_rows(issues, num_issues)
+    if relabel and any(v is None for v in flagged.values()):
+        raise UserError("--relabel needs a suggested label for every flagged row; drop --num-issues")
+    names = [str(c) for c in issues.classes]
+    out = Path(out_file)
+    if out.resolve() == source.resolve():
+        raise UserError("--export: refusing to overwrite the run's own data; choose another file")
+    try:
+        if kind == "csv":
+            written = _csv(source, out, flagged, names, config.get("label_column", "label"), relabel)
+        elif kind == "npz":
+            written = _npz(source, out, flagged, issues.classes, relabel)
+        else:
+            written = _folder(out, flagged, issues, names, relabel)
+    except OSError as err:
+        raise UserError(f"--export: cannot write {out}: {err.strerror or err}") from None
+    return {"kind": kind, "source": str(source), "out": str(out), "flagged": len(flagged), "written": written}
+
+
+def _csv(source: Path, out: Path, flagged: dict, names: list, label_column: str, relabel: bool) -> int:
+    with open(source, newline="") as f:
+        text = f.read()
+    dialect = csv.Sniffer().sniff(text.split("\n", 1)[0], delimiters=",;\t")
+    reader = csv.reader(text.splitlines(keepends=True), dialect)
+    header = next(reader)
+    if label_column not in header:
+        raise UserError(f"--export: {source} no longer has the label column {label_column!r}")
+    col, written = header.index(label_column), 0
+    tmp = out.with_name(out.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.writer(f, delimiter=dialect.delimiter, lineterminator="\n")
+        writer.writerow(header)
+        for r, row in enumerate(reader):
+            if r in flagged:
+                if not relabel:
+                    continue
+                row[col] = names[flagged[r]]
+            writer.writerow(row)
+            written += 1
+    os.replace(tmp, out)
+    return written
+
+
+def _npz(source: Path, out: Path, flagged: dict, classes: list, relabel: bool) -> int:
+    with np.load(source, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    xk, yk = ("x_train", "y_train") if "x_train" in arrays else ("x", "y")
+    y = arrays[yk]
+    rows = np.array(sorted(flagged), dtype=np.int64)
+    if relabel:  # the label as the file stores it: a value, or a position in its own `classes`
+        if "classes" in arrays and y.dtype.kind in "iuf":
+            values = {str(c): i for i, c in enumerate(arrays["classes"].reshape(-1))}
+        else:
+            values = {str(v): v for v in np.unique(y)}
+        y = y.copy()
+        y[rows] = [values[str(classes[flagged[r]])] for r in rows]
+        arrays[yk] = y
+    else:
+        keep = np.ones(len(y), bool)
+        keep[rows] = False
+        arrays[xk], arrays[yk] = arrays[xk][keep], y[keep]
+    tmp = out.with_name(out.name + ".tmp.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, out)
+    return int(len(arrays[yk]))
+
+
+def _folder(out: Path, flagged: dict, issues, names: list, relabel: bool) -> int:
+    rows = issues.rows if issues.rows is not None else issues.index
+    where = {int(r): i for i, r in enumerate(rows)}
+    tmp = out.with_name(out.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(["path", "given_label", "suggested_label" if relabel else "action"])
+        for r in sorted(flagged):
+            i = where[r]
+            path = issues.paths[i] if issues.paths is not None else str(r)
+            writer.writerow([path, names[int(issues.given[i])], names[flagged[r]] if relabel else "remove"])
+    os.replace(tmp, out)
+    return len(flagged)
