@@ -4,26 +4,15 @@ folder with 30% of its images in a wrong class folder. The flagged set must
 be mostly right and find most wrong labels, the estimate must be near the
 truth, and --export must give the data back without (or relabelling) them."""
 
-import csv
 import json
 
 import numpy as np
 
 from gdw.cli import main
 
+from test_own_data import read_csv_rows as read_rows, write_csv
+
 NAMES = ["cat", "dog", "emu"]
-
-
-def write_csv(path, header, rows):
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        w.writerows(rows)
-
-
-def read_rows(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def clusters(rng, n_per_class, dims=6):
