@@ -151,6 +151,30 @@ def test_the_readme_own_loop_runs_and_sees_every_batch():
     torch.testing.assert_close(scope["w"].log_prior, (counts / counts.sum()).log())
 
 
+@pytest.mark.parametrize("name", ["ce", "dm", "gce", "mwnet"])
+def test_the_readme_own_loop_runs_with_any_method(name):
+    """The README's loop with another method, those without a meta set
+    (meta_loss None) included: it prints the loss and the weights' shape."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = re.search(r"## In your own training loop\n\n```python\n(.*?)```", text, re.S).group(1)
+    made = "gdw.GDW(model, num_classes=10, optimizer=optimizer, class_counts=counts)"
+    assert made in code
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(40, 6, generator=g), torch.randint(0, 10, (40,), generator=g)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=10)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 10))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    printed = []
+    scope = {"model": model, "optimizer": optimizer, "scheduler": torch.optim.lr_scheduler.StepLR(optimizer, 1),
+             "epochs": 1, "train_loader": loader, "meta_loader": loader, "train_labels": y,
+             "print": lambda *a: printed.append(a)}
+    exec(code.replace(made, f"gdw.make({name!r}, model, 10, optimizer=optimizer)"), scope)
+    assert printed == [(float(scope["stats"].loss), (10,))]
+
+
 def test_a_fine_tuning_epoch_is_one_pass_over_the_meta_set(digits):
     """fit(): in finetune_fraction's epochs the steps are the meta set's
     batches, once each, not as many steps as the training set has."""
