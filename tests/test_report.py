@@ -37,3 +37,23 @@ def test_final_and_best_tables():
 def test_unknown_metric():
     with pytest.raises(ValueError, match="metric"):
         results_markdown(ROWS, metric="median")
+
+
+def val_run(method, setting, val, test, n_val=10):
+    return {**run(method, 0, test, test, noise=setting), "best_val_accuracy": val,
+            "test_accuracy_at_best_val": test, "n_val": n_val}
+
+
+def test_a_tie_on_validation_picks_no_method():
+    from gdw.report import validation_markdown
+
+    table = validation_markdown([
+        val_run("ce", "uniform:0.4", 1.0, 0.80), val_run("gdw", "uniform:0.4", 1.0, 0.90),
+        val_run("mwnet", "uniform:0.4", 0.9, 0.85),
+        val_run("ce", "flip:0.4", 0.7, 0.70), val_run("gdw", "flip:0.4", 0.8, 0.75),
+    ])
+    rows = {tuple(c.strip() for c in l.split("|")[1:3]): l.split("|")[5].strip()
+            for l in table.splitlines() if l.startswith("| uniform") or l.startswith("| flip")}
+    assert rows == {("uniform:0.4", "ce"): "tie: no pick", ("uniform:0.4", "gdw"): "tie: no pick",
+                    ("uniform:0.4", "mwnet"): "", ("flip:0.4", "ce"): "", ("flip:0.4", "gdw"): "← pick"}
+    assert "10 validation examples a run" in table

@@ -172,27 +172,34 @@ def results_markdown(rows: Sequence[dict], metric: str = "final") -> str:
     return "\n".join(lines) + "\n"
 
 
-VAL_FIELDS = ["best_val_accuracy", "best_val_epoch", "test_accuracy_at_best_val"]
+VAL_FIELDS = ["best_val_accuracy", "best_val_epoch", "test_accuracy_at_best_val", "n_val"]
 
 
 def validation_markdown(rows: Sequence[dict]) -> str:
     """How to choose without looking at the test set: per setting, each
     method's best validation accuracy (mean over seeds) and the test accuracy
-    at that epoch; the method with the highest validation accuracy is the
-    pick (marked ←). Empty when a run has no validation split."""
+    at that epoch; the one method with the highest validation accuracy is
+    the pick (marked ←); methods tied at the highest are marked as a tie and
+    none is picked. The footer gives the validation split's size (rows'
+    ``n_val``, examples). Empty when a run has no validation split."""
     if not rows or any(r.get("best_val_accuracy") in (None, "") for r in rows):
         return ""
     settings, methods, cells = aggregate(rows, extra=("best_val_accuracy", "test_accuracy_at_best_val"))
     lines = ["| setting | method | validation accuracy | test accuracy at that epoch | |", "|---|---|---|---|---|"]
     for s in settings:
         here = [m for m in methods if (s, m) in cells]
-        pick = max(here, key=lambda m: cells[(s, m)]["best_val_accuracy_mean"])
+        best = max(cells[(s, m)]["best_val_accuracy_mean"] for m in here)
+        top = [m for m in here if cells[(s, m)]["best_val_accuracy_mean"] == best]
         for m in here:
             c = cells[(s, m)]
+            mark = "" if m not in top else "← pick" if len(top) == 1 else "tie: no pick"
             lines.append(f"| {s} | {m} | {100 * c['best_val_accuracy_mean']:.2f} | "
-                         f"{100 * c['test_accuracy_at_best_val_mean']:.2f} | {'← pick' if m == pick else ''} |")
-    lines += ["", "Each run's epoch is chosen on its validation split (mean over seeds); the pick is the method "
-                  "with the highest validation accuracy, chosen without the test set."]
+                         f"{100 * c['test_accuracy_at_best_val_mean']:.2f} | {mark} |")
+    sizes = sorted({int(r["n_val"]) for r in rows if r.get("n_val") not in (None, "")})
+    lines += ["", "Each run's epoch is chosen on its validation split (mean over seeds"
+              + (f"; {' or '.join(map(str, sizes))} validation examples a run" if sizes else "")
+              + "); the pick is the method with the highest validation accuracy, chosen without the test set, "
+              "and none when methods tie."]
     return "\n".join(lines) + "\n"
 
 

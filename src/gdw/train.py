@@ -635,6 +635,7 @@ def _summary(cfg, data, history, train_seconds, steps_per_epoch, world) -> dict:
         "world_size": world,
         "epochs_trained": len(history),
         **_best_val(history),
+        **({"n_val": data.record["n_val"]} if data.record.get("n_val") else {}),
     }
 
 
