@@ -175,6 +175,28 @@ def test_the_readme_own_loop_runs_with_any_method(name):
     assert printed == [(float(scope["stats"].loss), (10,))]
 
 
+def test_the_epoch_line_shows_the_plain_cross_entropy_on_the_given_labels(digits):
+    """GDW's loss in the epoch line is no weighted loss: it is the mean plain
+    cross-entropy of the logits trained on against the (noisy) labels given,
+    worked out here from every step's logits, and the line says so."""
+    import re
+
+    from gdw.callbacks import EpochLog
+
+    model = small_model()
+    terms, lines = [], []
+
+    class PlainCE:
+        def on_step(self, state, pos, stats):
+            y = digits.train.labels[pos]
+            terms.append(-stats.logits.double().log_softmax(1).gather(1, y[:, None]).sum())
+
+    gdw.fit(model, gdw.make("gdw", model, 10, finetune_fraction=0), digits, torch.optim.SGD(model.parameters(), lr=0.1),
+            epochs=1, lr=0.1, callbacks=[PlainCE(), EpochLog(lines.append)])
+    shown = float(re.search(r"CE on the given labels (\d+\.\d+)", lines[0]).group(1))
+    assert shown == pytest.approx(float(sum(terms)) / len(digits.train), abs=1e-4)
+
+
 def test_a_fine_tuning_epoch_is_one_pass_over_the_meta_set(digits):
     """fit(): in finetune_fraction's epochs the steps are the meta set's
     batches, once each, not as many steps as the training set has."""

@@ -157,7 +157,10 @@ class MetricsWriter:
 
 
 class EpochLog:
-    """One line per epoch through ``log`` (rank 0). ``test_clean=False``: the
+    """One line per epoch through ``log`` (rank 0), starting with the mean
+    plain (unweighted) cross-entropy of the batches trained on against the
+    labels given, which may be noisy: it rises when a method stops fitting
+    the wrong ones. ``test_clean=False``: the
     test labels are the user's own, not known to be clean, and the line says
     so; fine-tuning epochs are marked."""
 
@@ -168,7 +171,7 @@ class EpochLog:
         if not state.is_main:
             return
         row = state.row
-        parts = [f"epoch {row['epoch']:>3}/{state.epochs}", f"loss {row['train_loss']:.4f}"]
+        parts = [f"epoch {row['epoch']:>3}/{state.epochs}", f"CE on the given labels {row['train_loss']:.4f}"]
         if row.get("meta_loss") is not None:
             parts.append(f"meta {row['meta_loss']:.4f}")
         if "val_accuracy" in row:
