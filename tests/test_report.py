@@ -57,3 +57,26 @@ def test_a_tie_on_validation_picks_no_method():
     assert rows == {("uniform:0.4", "ce"): "tie: no pick", ("uniform:0.4", "gdw"): "tie: no pick",
                     ("uniform:0.4", "mwnet"): "", ("flip:0.4", "ce"): "", ("flip:0.4", "gdw"): "← pick"}
     assert "10 validation examples a run" in table
+
+
+def test_weights_plot_clips_outliers_and_shows_each_group(tmp_path, monkeypatch):
+    """A few weights of 38 no longer stretch the axis, and clean and
+    mislabelled examples are drawn in panels of their own."""
+    import matplotlib.figure
+    import numpy as np
+
+    from gdw.report import plot_weights
+
+    figures = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda self, *a, **k: figures.append(self))
+    rng = np.random.default_rng(0)
+    weights = np.concatenate([rng.uniform(0.6, 0.9, 897), [38.0, 38.0, 38.0], rng.uniform(0.1, 0.3, 100)])
+    noisy = np.arange(1000) >= 900
+    lo, hi = plot_weights(weights, noisy, tmp_path / "w.png")
+    assert lo == weights.min() and 0.85 < hi < 0.9  # the 99th percentile lies in the clean bulk, far below 38
+    top, bottom = figures[0].axes
+    assert top.get_title() == f"clean labels: n=900, mean {weights[:900].mean():.3f}"
+    assert bottom.get_title() == f"mislabelled: n=100, mean {weights[900:].mean():.3f}"
+    assert top.get_xlim()[1] < 1
+    assert sum(p.get_height() for p in top.patches) == 900 and sum(p.get_height() for p in bottom.patches) == 100
+    assert "above" in bottom.get_xlabel()

@@ -50,22 +50,31 @@ def plot_curves(history: Sequence[dict], path: Path, title: str = "") -> None:
     plt.close(fig)
 
 
-def plot_weights(weights: np.ndarray, noisy: Optional[np.ndarray], path: Path, title: str = "") -> None:
-    """Histogram of per-example weights, split into clean and mislabelled
-    examples when the noise mask is known."""
+def plot_weights(weights: np.ndarray, noisy: Optional[np.ndarray], path: Path, title: str = "") -> tuple[float, float]:
+    """Histograms of the per-example weights (N,): one panel for the clean and
+    one for the mislabelled examples when the noise mask (N,) is known, each
+    with its mean marked. The x-axis ends at the 99th percentile, weights
+    above it counted in the last bin, so that a few outliers do not squash
+    the rest. Returns the axis' range ``(lo, hi)``."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 3.8))
-    bins = np.linspace(float(weights.min()), float(weights.max()) + 1e-9, 41)
-    if noisy is not None and noisy.any() and (~noisy).any():
-        ax.hist(weights[~noisy], bins=bins, alpha=0.6, label=f"clean labels (n={int((~noisy).sum())})", density=True)
-        ax.hist(weights[noisy], bins=bins, alpha=0.6, label=f"mislabelled (n={int(noisy.sum())})", density=True)
-        ax.legend()
-    else:
-        ax.hist(weights, bins=bins, alpha=0.8, density=True)
-    ax.set(xlabel="mean weight on the labelled class (last epoch)", ylabel="density", title=title)
+    lo, hi = float(weights.min()), float(np.quantile(weights, 0.99))
+    bins = np.linspace(lo, hi + 1e-9, 41)
+    both = noisy is not None and noisy.any() and (~noisy).any()
+    groups = [("clean labels", ~noisy), ("mislabelled", noisy)] if both else [("all examples", slice(None))]
+    fig, axes = plt.subplots(len(groups), 1, figsize=(6, 1.6 + 1.7 * len(groups)), sharex=True, squeeze=False)
+    for ax, (name, mask) in zip(axes[:, 0], groups):
+        w = weights[mask]
+        ax.hist(np.clip(w, lo, hi), bins=bins, alpha=0.8)
+        ax.axvline(float(w.mean()), color="k", ls="--", lw=1)
+        ax.set(ylabel="examples", title=f"{name}: n={len(w)}, mean {w.mean():.3f}")
+    above = int((weights > hi).sum())
+    axes[-1, 0].set_xlabel("mean weight on the labelled class (last epoch)"
+                           + (f"; {above} above {hi:.3g} counted at {hi:.3g}" if above else ""))
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return lo, hi
 
 
 RESULT_FIELDS = [
