@@ -596,3 +596,22 @@ def test_a_model_module_in_the_current_directory_is_found(tmp_path, monkeypatch,
     finally:
         sys.modules.pop("my_net_here", None)
     assert len((tmp_path / "p.csv").read_text().splitlines()) == 6
+
+
+def test_csv_columns_chosen_and_encoded_through_train_and_predict(tmp_path, capsys):
+    """--ignore leaves the id out, the text column is one-hot encoded, and
+    gdw predict encodes new rows with the categories recorded in the run."""
+    rng = np.random.default_rng(0)
+    colours = ["red", "green", "blue"]
+    lines = ["id;x;colour;label"] + [f"{1000 + i};{rng.normal():.4f};{colours[i % 3]};{'ab'[i % 3 == 0]}"
+                                     for i in range(150)]
+    (tmp_path / "d.csv").write_text("\n".join(lines) + "\n")
+    (tmp_path / "new.csv").write_text("colour,x\nblue,0.1\ngreen,0.2\nred,0.3\n")
+    out = tmp_path / "run"
+    assert main(["train", "--dataset", f"csv:{tmp_path / 'd.csv'}", "--ignore", "id", "--method", "ce", "--epochs", "3",
+                 "--no-progress", "--out", str(out)]) == 0
+    pre = json.loads((out / "config.json").read_text())["preprocess"]
+    assert pre["feature_columns"] == ["x", "colour"] and pre["categories"] == {"colour": ["blue", "green", "red"]}
+    assert main(["predict", str(out), "--data", f"csv:{tmp_path / 'new.csv'}", "--out", str(tmp_path / "p.csv")]) == 0
+    rows = (tmp_path / "p.csv").read_text().splitlines()
+    assert [r.split(",")[1] for r in rows[1:]] == ["a", "a", "b"]  # label b exactly for the red rows
