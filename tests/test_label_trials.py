@@ -32,9 +32,10 @@ def wrong_labels(rng, true, share=0.3):
     return given, wrong
 
 
-def flagged_of(run):
+def flagged_of(run, split=None):
+    """The flagged rows of label_issues.csv (of one split, or all), and all its rows."""
     rows = read_rows(run / "label_issues.csv")
-    return {int(r["index"]) for r in rows if r["is_label_issue"] == "true"}, rows
+    return {int(r["index"]) for r in rows if r["is_label_issue"] == "true" and split in (None, r["split"])}, rows
 
 
 def precision_recall(flagged, wrong_rows):
@@ -56,11 +57,14 @@ def test_csv_with_30_percent_wrong_labels_and_a_clean_csv(tmp_path, capsys):
                  "--no-progress"]) == 0
     flagged, rows = flagged_of(run)
     trained = {int(r["index"]) for r in rows}
+    assert trained == set(range(len(given)))  # every row is checked, the test split's included
+    assert {r["split"] for r in rows} == {"train", "test"}
     wrong_rows = {i for i in trained if wrong[i]}
     precision, recall = precision_recall(flagged, wrong_rows)
     assert precision >= 0.8 and recall >= 0.8, (precision, recall)
     summary = json.loads((run / "summary.json").read_text())
-    truth = len(wrong_rows) / len(trained)
+    train_rows = {int(r["index"]) for r in rows if r["split"] == "train"}
+    truth = np.mean([wrong[i] for i in train_rows])
     assert abs(summary["estimated_noise_rate"] - truth) <= 0.05
     lo, hi = summary["estimated_noise_interval"]
     assert lo <= summary["estimated_noise_rate"] <= hi
@@ -147,17 +151,21 @@ def test_npz_export_leaves_out_or_relabels_the_flagged_rows(tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["train", "--dataset", f"npz:{tmp_path / 'data.npz'}", "--epochs", "8", "--out", str(run),
                  "--no-progress"]) == 0
-    flagged, rows = flagged_of(run)
+    flagged, rows = flagged_of(run, "train")
+    test_flagged, _ = flagged_of(run, "test")
     assert flagged
-    suggested = {int(r["index"]): int(r["suggested_label"]) for r in rows}
+    suggested = {(r["split"], int(r["index"])): int(r["suggested_label"]) for r in rows}
     assert main(["detect", str(run), "--export", str(tmp_path / "kept.npz")]) == 0
     assert main(["detect", str(run), "--export", str(tmp_path / "fixed.npz"), "--relabel"]) == 0
     keep = np.array([i not in flagged for i in range(len(given))])
     with np.load(tmp_path / "kept.npz") as z:
         np.testing.assert_array_equal(z["x_train"], x.astype(np.float32)[keep])
         np.testing.assert_array_equal(z["y_train"], (given * 10)[keep])
-        np.testing.assert_array_equal(z["y_test"], tt * 10)  # the test arrays as they were
+        test_keep = np.array([i not in test_flagged for i in range(len(tt))])
+        np.testing.assert_array_equal(z["y_test"], (tt * 10)[test_keep])
     with np.load(tmp_path / "fixed.npz") as z:
         np.testing.assert_array_equal(z["x_train"], x.astype(np.float32))
-        expected = np.array([suggested[i] if i in flagged else 10 * g for i, g in enumerate(given)])
+        expected = np.array([suggested["train", i] if i in flagged else 10 * g for i, g in enumerate(given)])
         np.testing.assert_array_equal(z["y_train"], expected)
+        expected = np.array([suggested["test", i] if i in test_flagged else 10 * t for i, t in enumerate(tt)])
+        np.testing.assert_array_equal(z["y_test"], expected)

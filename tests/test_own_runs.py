@@ -70,7 +70,8 @@ def test_own_csv_adds_no_noise_and_issues_point_at_the_users_rows(birds, birds_r
     assert sorted(config["classes"]) == sorted(NAMES)
     file_rows = read_rows(birds["dir"] / "birds.csv")
     issues = read_rows(birds_run / "label_issues.csv")
-    assert list(issues[0]) == ["index", "given_label", "suggested_label", "score", "is_label_issue"]
+    assert list(issues[0]) == ["index", "given_label", "suggested_label", "score", "is_label_issue", "split"]
+    assert sorted(int(r["index"]) for r in issues) == list(range(len(file_rows)))  # every row, test split included
     for r in issues:  # every row points at the user's row, with the user's label string
         assert file_rows[int(r["index"])]["species"] == r["given_label"]
     flagged = [r for r in issues if r["is_label_issue"] == "true"]
@@ -226,7 +227,7 @@ def test_own_image_folder_issues_carry_paths(pictures, tmp_path):
                  "--val-per-class", "4", "--epochs", "8", "--batch-size", "32", "--no-progress",
                  "--out", str(out)]) == 0
     rows = read_rows(out / "label_issues.csv")
-    assert list(rows[0]) == ["index", "path", "given_label", "suggested_label", "score", "is_label_issue"]
+    assert list(rows[0]) == ["index", "path", "given_label", "suggested_label", "score", "is_label_issue", "split"]
     for r in rows:  # the path is the user's file, its folder the given label
         assert (d / "photos" / r["path"]).is_file() and r["path"].split("/")[0] == r["given_label"]
     flagged = [r for r in rows if r["is_label_issue"] == "true"]

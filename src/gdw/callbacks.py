@@ -253,4 +253,5 @@ class LabelIssues:
 
     def on_fit_end(self, state: FitState) -> None:
         if state.is_main:
-            self.recorder.write(self.out, self.data, self.method_name, model=state.model)
+            self.recorder.write(self.out, self.data, self.method_name, model=state.model,
+                                fits_meta=bool(getattr(state.method, "needs_meta", False)))

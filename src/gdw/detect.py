@@ -85,7 +85,8 @@ from .issues import find_label_issues
 WINDOW = None  # epochs averaged: None = every epoch of the run; k = the last min(k, epochs)
 CSV_NAME = "label_issues.csv"
 EVIDENCE_NAME = "label_evidence.npz"
-CSV_FIELDS = ["index", "given_label", "suggested_label", "score", "is_label_issue"]  # "path" after index for folders
+CSV_FIELDS = ["index", "given_label", "suggested_label", "score", "is_label_issue"]  # "path" after index for folders,
+# "split" (train / test) last when a test split of the user's own labels is scored too
 
 
 # ----------------------------------------------------------------------------- recording
@@ -207,16 +208,38 @@ class LabelIssueRecorder:
                 out[k] = mean.cpu().numpy().astype(np.float32)
         return out
 
-    def write(self, out, data, method: str, *, model=None, batch_size: int = 500) -> Path:
-        """Score every training example and write ``label_evidence.npz`` and
-        ``label_issues.csv`` (in the user's terms, :func:`issues_table`) into
-        the run directory ``out``.
+    def held_out(self, data, model, batch_size: int = 500) -> dict:
+        """The final model's probabilities (``prob``) and the labels
+        (``given``) of the splits it did not train on (meta, val, test;
+        those a run has), e.g. ``{"val": {"prob": (m, C), "given": (m,)}}``."""
+        if model is None:
+            return {}
+        from .fit import predict_proba
+
+        out = {}
+        for name in ("meta", "val", "test"):
+            split = getattr(data, name, None)
+            if split is not None and len(split):
+                out[name] = {"prob": predict_proba(model, split, batch_size, self.device).cpu().numpy(),
+                             "given": split.labels.numpy()}
+        return out
+
+    def write(self, out, data, method: str, *, model=None, batch_size: int = 500, fits_meta: bool = False) -> Path:
+        """Score every training example (and the rows of a test split drawn
+        from the user's data, :func:`score_test_split`) and write
+        ``label_evidence.npz`` and ``label_issues.csv`` (in the user's terms,
+        :func:`issues_table`; a ``split`` column when test rows are in it) into
+        the run directory ``out``. ``fits_meta``: the method trained
+        towards the meta set (``Method.needs_meta``), so the final model's
+        mistakes on it stand for its mistakes on clean training rows and
+        correct the estimate of how many labels are wrong.
 
         ``data``: the run's :class:`gdw.data.Prepared` (its training split
-        and class names). ``model``: used only for examples that got no
-        evidence (``finetune`` spends its last epochs on the meta set):
-        their probabilities then come from one evaluation pass of the final
-        model.
+        and class names). ``model``: the final model; it predicts the
+        splits it did not train on (:meth:`held_out`, saved as
+        ``meta_prob``, ``val_prob``, ``test_prob`` with their labels) and
+        the training examples that got no evidence (``finetune`` spends its
+        last epochs on the meta set).
         """
         out, train_split = Path(out), data.train
         ev = self.evidence()
@@ -232,20 +255,55 @@ class LabelIssueRecorder:
             if "trust" in ev:
                 ev["trust"][missing] = np.nan
         given = train_split.labels.numpy()
+        held = self.held_out(data, model, batch_size)
         score = score_examples(method, ev, given)
-        found = find_label_issues(given, ev["prob"])
+        # the model's own mistakes where labels are right: on the meta set, which a meta method fits about as
+        # well as the clean training rows (docs/algorithms.md, "How many labels are wrong")
+        meta = held.get("meta") if fits_meta else None
+        found = find_label_issues(given, ev["prob"], **({"clean_labels": meta["given"], "clean_pred_probs": meta["prob"]}
+                                                         if meta is not None else {}))
         self.noise = {"estimated_noise_rate": found.noise_rate, "estimated_noise_interval": list(found.noise_interval)}
         suggested = suggest_labels(method, ev, given, score, found.flagged)
         rows, paths = source_of(train_split)
-        np.savez(out / EVIDENCE_NAME, method=np.array(method), score_name=np.array(score_name(method)),
+        test = score_test_split(data, held.get("test"), found, given)
+        np.savez(out / EVIDENCE_NAME, **{f"test_{k}": v for k, v in test.items()}, method=np.array(method), score_name=np.array(score_name(method)),
                  noise_rate=found.noise_rate, noise_interval=np.array(found.noise_interval),
                  noise_matrix=found.noise_matrix,
+                 **{f"{name}_{k}": v for name, part in held.items() for k, v in part.items()},
                  epochs=np.array(self.epochs_seen, dtype=np.int64), given=given, index=train_split.index.numpy(),
                  suggested=suggested, score=score, source_rows=rows,
                  source_paths=np.array(paths if paths is not None else [], dtype=str),
                  **{k: (v.astype(np.float16) if v.ndim == 2 else v) for k, v in ev.items()})
         table = issues_table(given, suggested, score, list(data.classes), rows, paths)
+        if test:
+            table = [{**r, "split": "train"} for r in table] + [
+                {**r, "split": "test"} for r in issues_table(held["test"]["given"], test["suggested"], test["score"],
+                                                              list(data.classes), test["source_rows"],
+                                                              list(test["source_paths"]) or None)]
         return write_csv(out / CSV_NAME, table)
+
+
+def score_test_split(data, test: Optional[dict], found, train_given: np.ndarray) -> dict:
+    """Label issues in a test split drawn from the user's own data, labels as
+    given (as noisy as the training labels; ``{}`` for any other test split,
+    or with injected noise): the
+    final model's out-of-sample ``score`` (1 − p of the given label), and in
+    each given class the share of rows flagged that the training estimate
+    gives that class (the split is a random part of the same data);
+    ``suggested`` is the most likely other class on flagged rows."""
+    if test is None or data.record.get("test_known_clean", True) or data.record.get("realised_noise_rate") is not None:
+        return {}  # no test split of the user's own labels (injected noise leaves the test labels as they were)
+    given, prob = test["given"], test["prob"].astype(np.float64)
+    score = 1 - prob[np.arange(len(given)), given]
+    N = found.noise_matrix
+    share = (N.sum(1) - np.diag(N)) / np.maximum(np.bincount(train_given, minlength=len(N)), 1)
+    flagged = np.zeros(len(given), bool)
+    for c in range(len(N)):
+        rows = np.flatnonzero(given == c)
+        flagged[rows[np.argsort(-score[rows], kind="stable")[:int(round(share[c] * len(rows)))]]] = True
+    rows, paths = source_of(data.test)
+    return {"score": score, "suggested": np.where(flagged, _off_label(prob, given, -np.inf).argmax(1), given),
+            "source_rows": rows, "source_paths": np.array(paths or [], dtype=str)}
 
 
 def source_of(split) -> tuple[np.ndarray, Optional[list]]:
@@ -412,7 +470,7 @@ def issues_table(given, suggested, score, classes, rows, paths=None) -> list[dic
 def write_csv(path, table: list[dict]) -> Path:
     """Write :func:`issues_table`'s rows as CSV, atomically."""
     path = Path(path)
-    fields = [f for f in ("index", "path", "given_label", "suggested_label", "score", "is_label_issue")
+    fields = [f for f in ("index", "path", "given_label", "suggested_label", "score", "is_label_issue", "split")
               if not table or f in table[0]]
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", newline="") as f:
@@ -463,6 +521,7 @@ class Issues:
     noise_rate: Optional[float] = None  # the run's estimate of the share of wrong labels, and its interval
     noise_interval: Optional[tuple] = None
     noise_matrix: Optional[np.ndarray] = None  # C×C estimated rows, given label × likely true class
+    test: Optional[dict] = None  # a test split drawn from the user's data: source_rows, given, suggested, score, paths
 
     def __len__(self) -> int:
         return len(self.index)
@@ -516,6 +575,8 @@ def load_issues(run_dir) -> Issues:
         with np.load(path, allow_pickle=False) as z:
             ev = {k: z[k] for k in ("given", "suggested", "score", "source_rows", "source_paths", "score_name")}
             noise = {k: z[k] for k in ("noise_rate", "noise_interval", "noise_matrix") if k in z.files}
+            test = {k[5:]: z[k] for k in ("test_source_rows", "test_given", "test_suggested", "test_score",
+                                          "test_source_paths") if k in z.files}
     except (OSError, KeyError, ValueError) as e:
         raise UserError(f"{path} is not a label-evidence file of this gdw ({type(e).__name__}: {e}); "
                         "train the run again") from None
@@ -531,7 +592,7 @@ def load_issues(run_dir) -> Issues:
                   rows=ev["source_rows"].astype(np.int64), paths=paths,
                   noise_rate=float(noise["noise_rate"]) if "noise_rate" in noise else None,
                   noise_interval=tuple(float(v) for v in noise["noise_interval"]) if "noise_interval" in noise else None,
-                  noise_matrix=noise.get("noise_matrix"))
+                  noise_matrix=noise.get("noise_matrix"), test=test if "score" in test else None)
 
 
 # ----------------------------------------------------------------------------- metrics and cleanlab

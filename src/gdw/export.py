@@ -11,8 +11,9 @@ without the flagged rows or with their suggested labels (``gdw detect RUN
   the suggested label's folder``) for the flagged images, paths relative to
   the folder.
 
-Only the run's training examples are scored, so rows of a test split drawn
-from the same file, and of the clean set, are written unchanged.
+The training examples and the rows of a test split drawn from the same data
+are scored (``label_issues.csv``); rows of the clean set, and of a test set
+given with ``--test``, are written unchanged.
 """
 
 from __future__ import annotations
@@ -38,16 +39,21 @@ def _source(config: dict, run: Path) -> tuple[str, Path]:
     raise UserError(f"--export works on the user's own data (csv:, npz: or folder:); this run trained on {spec!r}")
 
 
-def flagged_rows(issues, num_issues: Optional[int] = None) -> dict:
-    """``{user row: suggested class}`` of the flagged examples (the run's own
-    flagged set, or the ``num_issues`` most suspicious)."""
+def flagged_rows(issues, num_issues: Optional[int] = None) -> tuple[dict, dict]:
+    """``{user row: suggested class}`` of the flagged training examples (the
+    run's own flagged set, or the ``num_issues`` most suspicious), and the
+    same for the flagged rows of a test split drawn from the user's data."""
     if num_issues is None:
         picks = np.flatnonzero(issues.suggested != issues.given)
     else:
         picks = issues.order[: max(0, int(num_issues))]
     rows = issues.rows if issues.rows is not None else issues.index
-    return {int(rows[i]): int(issues.suggested[i]) if issues.suggested[i] != issues.given[i] else None
-            for i in picks}
+    train = {int(rows[i]): int(issues.suggested[i]) if issues.suggested[i] != issues.given[i] else None
+             for i in picks}
+    t = issues.test if num_issues is None else None
+    test = {} if t is None else {int(r): int(s) for r, s, g in zip(t["source_rows"], t["suggested"], t["given"])
+                                 if s != g}
+    return train, test
 
 
 def export(run_dir, out_file, *, relabel: bool = False, num_issues: Optional[int] = None) -> dict:
@@ -64,7 +70,7 @@ def export(run_dir, out_file, *, relabel: bool = False, num_issues: Optional[int
     kind, source = _source(config, run)
     if not source.exists():
         raise UserError(f"--export: the run's data {source} is gone")
-    flagged = flagged_rows(issues, num_issues)
+    flagged, test = flagged_rows(issues, num_issues)
     if relabel and any(v is None for v in flagged.values()):
         raise UserError("--relabel needs a suggested label for every flagged row; drop --num-issues")
     names = [str(c) for c in issues.classes]
@@ -72,15 +78,16 @@ def export(run_dir, out_file, *, relabel: bool = False, num_issues: Optional[int
     if out.resolve() == source.resolve():
         raise UserError("--export: refusing to overwrite the run's own data; choose another file")
     try:
-        if kind == "csv":
-            written = _csv(source, out, flagged, names, config.get("label_column", "label"), relabel)
+        if kind == "csv":  # a test split drawn from the file: its rows are rows of the same file
+            written = _csv(source, out, {**flagged, **test}, names, config.get("label_column", "label"), relabel)
         elif kind == "npz":
-            written = _npz(source, out, flagged, issues.classes, relabel)
+            written = _npz(source, out, flagged, test, issues.classes, relabel)
         else:
-            written = _folder(out, flagged, issues, names, relabel)
+            written = _folder(out, flagged, test, issues, names, relabel)
     except OSError as err:
         raise UserError(f"--export: cannot write {out}: {err.strerror or err}") from None
-    return {"kind": kind, "source": str(source), "out": str(out), "flagged": len(flagged), "written": written}
+    return {"kind": kind, "source": str(source), "out": str(out), "flagged": len(flagged) + len(test),
+            "written": written}
 
 
 def _csv(source: Path, out: Path, flagged: dict, names: list, label_column: str, relabel: bool) -> int:
@@ -107,40 +114,46 @@ def _csv(source: Path, out: Path, flagged: dict, names: list, label_column: str,
     return written
 
 
-def _npz(source: Path, out: Path, flagged: dict, classes: list, relabel: bool) -> int:
+def _npz(source: Path, out: Path, flagged: dict, test: dict, classes: list, relabel: bool) -> int:
     with np.load(source, allow_pickle=False) as z:
         arrays = {k: z[k] for k in z.files}
-    xk, yk = ("x_train", "y_train") if "x_train" in arrays else ("x", "y")
-    y = arrays[yk]
-    rows = np.array(sorted(flagged), dtype=np.int64)
-    if relabel:  # the label as the file stores it: a value, or a position in its own `classes`
-        if "classes" in arrays and y.dtype.kind in "iuf":
-            values = {str(c): i for i, c in enumerate(arrays["classes"].reshape(-1))}
+    pairs = [("x_train", "y_train", flagged), ("x_test", "y_test", test)] if "x_train" in arrays else [
+        ("x", "y", flagged)]
+    for xk, yk, picked in pairs:
+        if xk not in arrays or not picked:
+            continue
+        y, rows = arrays[yk], np.array(sorted(picked), dtype=np.int64)
+        if relabel:  # the label as the file stores it: a value, or a position in its own `classes`
+            if "classes" in arrays and y.dtype.kind in "iuf":
+                values = {str(c): i for i, c in enumerate(arrays["classes"].reshape(-1))}
+            else:
+                values = {str(v): v for v in np.unique(y)}
+            y = y.copy()
+            y[rows] = [values[str(classes[picked[r]])] for r in rows]
+            arrays[yk] = y
         else:
-            values = {str(v): v for v in np.unique(y)}
-        y = y.copy()
-        y[rows] = [values[str(classes[flagged[r]])] for r in rows]
-        arrays[yk] = y
-    else:
-        keep = np.ones(len(y), bool)
-        keep[rows] = False
-        arrays[xk], arrays[yk] = arrays[xk][keep], y[keep]
+            keep = np.ones(len(y), bool)
+            keep[rows] = False
+            arrays[xk], arrays[yk] = arrays[xk][keep], y[keep]
     tmp = out.with_name(out.name + ".tmp.npz")
     np.savez(tmp, **arrays)
     os.replace(tmp, out)
-    return int(len(arrays[yk]))
+    return int(sum(len(arrays[yk]) for _, yk, _ in pairs if yk in arrays))
 
 
-def _folder(out: Path, flagged: dict, issues, names: list, relabel: bool) -> int:
+def _folder(out: Path, flagged: dict, test: dict, issues, names: list, relabel: bool) -> int:
     rows = issues.rows if issues.rows is not None else issues.index
-    where = {int(r): i for i, r in enumerate(rows)}
+    entries = [(issues.paths[i] if issues.paths is not None else str(int(rows[i])), int(issues.given[i]),
+                flagged[int(rows[i])]) for i in range(len(rows)) if int(rows[i]) in flagged]
+    t = issues.test
+    if test and t is not None and len(t["source_paths"]):
+        entries += [(str(p), int(g), test[int(r)]) for r, p, g in zip(t["source_rows"], t["source_paths"], t["given"])
+                    if int(r) in test]
     tmp = out.with_name(out.name + ".tmp")
     with open(tmp, "w", newline="") as f:
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(["path", "given_label", "suggested_label" if relabel else "action"])
-        for r in sorted(flagged):
-            i = where[r]
-            path = issues.paths[i] if issues.paths is not None else str(r)
-            writer.writerow([path, names[int(issues.given[i])], names[flagged[r]] if relabel else "remove"])
+        for path, given, suggested in sorted(entries):
+            writer.writerow([path, names[given], names[suggested] if relabel else "remove"])
     os.replace(tmp, out)
-    return len(flagged)
+    return len(entries)
