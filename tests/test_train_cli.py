@@ -241,6 +241,7 @@ def test_corrupt_checkpoint_is_one_line(finished_run, tmp_path, content, capsys)
 
     run = tmp_path / "copy"
     shutil.copytree(finished_run, run)
+    (run / "summary.json").unlink()  # as if stopped before its end: a finished run reads no checkpoint
     path = run / "checkpoint.pt"
     if content is None:  # a real checkpoint cut short
         path.write_bytes(path.read_bytes()[:2000])
@@ -257,6 +258,7 @@ def test_checkpoint_of_other_settings_is_refused(finished_run, tmp_path, capsys)
 
     run = tmp_path / "copy"
     shutil.copytree(finished_run, run)
+    (run / "summary.json").unlink()  # as if stopped before its end: a finished run reads no checkpoint
     ckpt = torch.load(run / "checkpoint.pt", weights_only=False)
     ckpt["fingerprint"] = "0" * 16
     torch.save(ckpt, run / "checkpoint.pt")
@@ -473,6 +475,7 @@ def test_train_with_your_own_test_set_measures_on_it_and_keeps_it(tmp_path, caps
     summary = json.loads((out / "summary.json").read_text())
     assert summary["final_test_accuracy"] > 0.85  # against labels with 20% flipped it could not exceed ~0.8
     test.write_text("\n".join(test_lines[:1] + ["y" + line[1:] if line[0] == "x" else line for line in test_lines[1:]]) + "\n")
+    (out / "summary.json").unlink()  # as if stopped before its end: a finished run is not resumed at all
     code, err = run_cli(["train", "--out", str(out), "--resume"], capsys)
     assert code == 2 and "test" in err and len(err.strip().splitlines()) == 1, err
 
