@@ -142,7 +142,10 @@ def predict(run_dir, data: str, out_csv, *, model_file: Optional[str] = None, de
     known = labels >= 0
     accuracy = float((pred[known] == labels[known]).mean()) if new.has_labels and known.any() else None
     run = Path(run_dir)
-    rows = (run / "metrics.jsonl").read_text().count("\n") if (run / "metrics.jsonl").is_file() else 0
-    unfinished = None if (run / "summary.json").is_file() else (rows, int(config["epochs"]))
+    unfinished = None
+    if not (run / "summary.json").is_file():  # the epochs its checkpoint holds (metrics.jsonl may be one ahead)
+        ckpt = run / "checkpoint.pt"
+        done = torch.load(ckpt, map_location="cpu", weights_only=False)["epoch"] + 1 if ckpt.is_file() else 0
+        unfinished = (done, int(config["epochs"]))
     return {"n": len(pred), "accuracy": accuracy, "n_labelled": int(known.sum()) if new.has_labels else 0,
             "model_file": used, "why": why, "unfinished": unfinished}
