@@ -431,3 +431,17 @@ def test_gdw_defaults_and_the_paper_one_setting_away():
         paper.on_epoch_start(epoch, 10)
         assert not paper.finetuning  # the paper never trains on the meta set
     assert gdw.make("gdw", make_model("mlp"), C, stage_one="mwnet", finetune_fraction=0.1).finetune_fraction == 0.1
+
+
+@pytest.mark.parametrize("where", ["training", "meta"])
+def test_float64_inputs_to_a_float32_model_are_one_clear_error(where):
+    """numpy arrays are float64 by default; torch alone would raise a bare
+    RuntimeError about mat1 and mat2 dtypes."""
+    model = torch.nn.Linear(3, 2)
+    x, y = torch.randn(4, 3), torch.tensor([0, 1, 0, 1])
+    xd = x.double()
+    method = gdw.make("l2rw", model, 2)
+    with pytest.raises(gdw.UserError, match=f"the {where} inputs are float64 but the model's parameters are float32"):
+        method.backward(xd if where == "training" else x, y, xd if where == "meta" else x, y, inner_lr=0.1)
+    method.backward(x, y, x, y, inner_lr=0.1)  # float32 as the model: fine
+    assert model.weight.grad is not None

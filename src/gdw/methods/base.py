@@ -446,6 +446,14 @@ class Method:
             loss = (comm.sum(F.cross_entropy(full(z.detach()), y_meta, reduction="sum")) / fwd.B).float()
         return Stats(loss=loss, meta_loss=loss, weights=ones, logits=z.detach(), trust=ones, trained_on="meta")
 
+    def _check_dtype(self, x, what: str) -> None:
+        """Floating inputs must have the model's dtype (torch would raise a bare RuntimeError)."""
+        p = next((q for q in self.model.parameters() if q.is_floating_point()), None)
+        if torch.is_tensor(x) and x.is_floating_point() and p is not None and x.dtype != p.dtype:
+            raise UserError(f"the {what} inputs are {str(x.dtype).replace('torch.', '')} but the model's parameters "
+                            f"are {str(p.dtype).replace('torch.', '')}: pass x.to({p.dtype}) (e.g. "
+                            f"torch.as_tensor(array, dtype={p.dtype})), or convert the model")
+
     def check_batch(self, x, y, x_meta=None, y_meta=None):
         """Check a training batch (and, for a method with ``needs_meta``, the
         meta batch) as ``backward`` does; return the labels as int64,
@@ -453,11 +461,13 @@ class Method:
         first call has passed them (see ``backward``)."""
         values = not self._values_checked
         _check_inputs(x, "training", values=values)
+        self._check_dtype(x, "training")
         y = _check_labels(y, x.shape[0], self.num_classes, "training", values=values)
         if self.needs_meta:
             if x_meta is None or y_meta is None:
                 raise UserError(f"{type(self).__name__} needs a meta batch: pass x_meta and y_meta")
             _check_inputs(x_meta, "meta", values=values)
+            self._check_dtype(x_meta, "meta")
             y_meta = _check_labels(y_meta, x_meta.shape[0], self.num_classes, "meta", values=values)
         self._values_checked = True
         return y, y_meta
