@@ -258,7 +258,7 @@ class LabelIssueRecorder:
         held = self.held_out(data, model, batch_size)
         score = score_examples(method, ev, given)
         # the model's own mistakes where labels are right: on the meta set, which a meta method fits about as
-        # well as the clean training rows (docs/algorithms.md, "How many labels are wrong")
+        # well as the clean training rows (docs/algorithms.md, 5c)
         meta = held.get("meta") if fits_meta else None
         found = find_label_issues(given, ev["prob"], **({"clean_labels": meta["given"], "clean_pred_probs": meta["prob"]}
                                                          if meta is not None else {}))

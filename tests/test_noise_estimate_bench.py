@@ -1,0 +1,27 @@
+"""benchmarks/noise_estimate.py's report on hand-made cells."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+
+def test_report_counts_estimates_within_three_points_and_good_flagged_sets(tmp_path):
+    ne = pytest.importorskip("noise_estimate")
+    cell = lambda tool, est, p, r, a: {"regime": "digits", "noise": "uniform:0.1", "tool": tool,  # noqa: E731
+                                       "true_rate": 0.10, "estimate": est, "auroc": a, "precision": p,
+                                       "recall": r, "seconds": 1.0}
+    (tmp_path / "digits_uniform0.1.json").write_text(json.dumps([cell("gdw (1 run)", 0.12, 0.9, 0.86, 0.99),
+                                                                 cell("cleanlab (5-fold CE)", 0.14, 0.9, 0.9, 0.94)]))
+    (tmp_path / "digits_flip0.1.json").write_text(json.dumps([{**cell("gdw (1 run)", 0.131, 0.8, 0.9, 0.96),
+                                                               "noise": "flip:0.1"}]))
+    text = ne.main(["--out", str(tmp_path), "--report"]) == 0 and (tmp_path / "results.md").read_text()
+    assert "| digits | uniform:0.1 | 10.0 | gdw (1 run) | 12.0 | +2.0 | 0.900 | 0.860 | 0.990 | 1 |" in text
+    # gdw: |+2.0| ≤ 3 yes, |+3.1| no; AUROC ≥ 0.95 in both, precision and recall ≥ 0.85 only in the first
+    assert ("- gdw (1 run): estimate within 3 points in 1 of 2 cells (largest error 3.1); where AUROC ≥ 0.95 "
+            "(2 cells) precision and recall ≥ 0.85 in 1.") in text
+    assert "- cleanlab (5-fold CE): estimate within 3 points in 0 of 1 cells" in text
+    assert (tmp_path / "results.csv").read_text().count("\n") == 4
