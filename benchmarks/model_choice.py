@@ -12,12 +12,14 @@ equals), and of ``gdw predict``'s choice (``gdw.predict.best_or_final``:
 best.pt only when its validation accuracy beats the final model's by more
 than twice the standard error of an accuracy on the validation split). Prints the mean of
 each over the runs, and how often the rule took best.pt, per validation
-size (examples per class).
+size (examples per class); ``results.csv`` under ``--out`` has one row per
+run.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 from collections import defaultdict
 from pathlib import Path
@@ -39,7 +41,7 @@ def choices(run: Path) -> dict | None:
     choice, k, _ = best_or_final(vals, n)
     took = choice == "best"
     final, best = rows[-1]["test_accuracy"], rows[k]["test_accuracy"]
-    return {"final": final, "best": best, "rule": best if took else final, "took_best": took,
+    return {"run_dir": str(run), "final": final, "best": best, "rule": best if took else final, "took_best": took,
             "val_per_class": config.get("val_per_class")}
 
 
@@ -75,6 +77,11 @@ def main(argv=None) -> int:
     if not groups:
         print(f"no finished run with a validation split under {args.out}")
         return 1
+    with open(args.out / "results.csv", "w", newline="") as f:  # one row per run: the summary kept in git
+        w = csv.DictWriter(f, fieldnames=["run_dir", "val_per_class", "final", "best", "rule", "took_best"])
+        w.writeheader()
+        for runs in groups.values():
+            w.writerows({**r, "run_dir": str(Path(r["run_dir"]).relative_to(args.out))} for r in runs)
     print("| validation examples per class | runs | final model | best.pt | rule | rule took best.pt |")
     print("|---|---:|---:|---:|---:|---:|")
     for size, runs in sorted(groups.items()):
