@@ -82,11 +82,12 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 from pathlib import Path
 
 import numpy as np
+
+from gdw.io import atomic_path, atomic_write
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import grid  # noqa: E402
@@ -197,9 +198,8 @@ def report(args) -> str:
     if not rows:
         print("no finished cells yet")
         return ""
-    tmp = args.out / f".results.{os.getpid()}.csv"
-    write_results_csv(rows, tmp, extra_fields=["final_val_accuracy", "best_val_accuracy", "best_val_epoch"])
-    os.replace(tmp, args.out / "results.csv")
+    with atomic_path(args.out / "results.csv") as tmp:
+        write_results_csv(rows, tmp, extra_fields=["final_val_accuracy", "best_val_accuracy", "best_val_epoch"])
     sections = []
     for choice, *names, regimes, settings in QUESTIONS:
         regimes, settings = question_cells(regimes, settings)
@@ -226,7 +226,7 @@ def report(args) -> str:
         grid.provenance(args.out, "python benchmarks/design_study.py", pattern="*/*/config.json",
                         note=" (in any number of processes at once; `--report` writes this file)"),
     ])
-    rb._write_text(args.out / "results.md", md)
+    atomic_write(args.out / "results.md", md)
     return md
 
 

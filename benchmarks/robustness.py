@@ -121,6 +121,8 @@ from pathlib import Path
 
 import numpy as np
 
+from gdw.io import atomic_path, atomic_write
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import grid  # noqa: E402  (benchmarks/grid.py: the grid runner shared with paper_protocol.py)
 
@@ -195,13 +197,11 @@ DEFAULT_OUT = Path(__file__).parent / "results" / "robustness"
 def _write_npz(path: Path, arrays: dict) -> None:
     """``np.savez`` with fixed zip timestamps, so the same arrays give the
     same bytes; written to a temporary file and moved into place."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as z:
+    with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as z:
         for name, a in arrays.items():
             info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
             with z.open(info, "w", force_zip64=True) as f:
                 np.lib.format.write_array(f, np.asarray(a), allow_pickle=False)
-    os.replace(tmp, path)
 
 
 def _tabular(spec: dict, meta: int) -> dict:
@@ -328,15 +328,7 @@ def prepare_regime(regime: str, data_dir: Path, out: Path) -> tuple[str, int]:
 
 def _write_record(path: Path, record: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_text(path, json.dumps(record, indent=2) + "\n")
-
-
-def _write_text(path: Path, text: str) -> None:
-    """Write ``text`` aside and move it into place, so that a reader never
-    sees half a file when several processes write the same one."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(record, indent=2) + "\n")
 
 
 # ----------------------------------------------------------------------------- the grid
@@ -705,10 +697,9 @@ def report(args) -> str:
         return ""
     epochs = sorted({int(r["epochs"]) for r in found})
     # written aside and moved into place: several processes of one grid each report at the end
-    csv_path = args.out / f".results.{os.getpid()}.csv"
-    write_results_csv(found, csv_path, extra_fields=[*grid.SPLIT_FIELDS, "failed"])
-    rows = read_results_csv(csv_path)  # the tables are computed from the CSV alone
-    os.replace(csv_path, args.out / "results.csv")
+    with atomic_path(args.out / "results.csv") as csv_path:
+        write_results_csv(found, csv_path, extra_fields=[*grid.SPLIT_FIELDS, "failed"])
+        rows = read_results_csv(csv_path)  # the tables are computed from the CSV alone
     expected = [run_dir_name(*c) for c in cells(args.datasets, args.methods, args.settings, args.seeds)]
     finished = {r["run_dir"] for r in rows}
     missing = [name for name in expected if name not in finished]
@@ -794,11 +785,10 @@ def report(args) -> str:
                                 pattern="*/*/config.json",
                                 note=" (in any number of processes at once; `--report` writes this file)"))
     md = "\n".join(text)
-    _write_text(args.out / "results.md", md)
-    png = args.out / f".accuracy.{os.getpid()}.png"
-    plot_accuracy(rows, png, regimes, settings, methods,
-                  "Test accuracy (%), mean of the last 5 epochs\nmean over seeds; error bars: std over seeds")
-    os.replace(png, args.out / "accuracy.png")
+    atomic_write(args.out / "results.md", md)
+    with atomic_path(args.out / "accuracy.png") as png:
+        plot_accuracy(rows, png, regimes, settings, methods,
+                      "Test accuracy (%), mean of the last 5 epochs\nmean over seeds; error bars: std over seeds")
     return md
 
 

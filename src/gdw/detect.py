@@ -80,6 +80,7 @@ import numpy as np
 import torch
 
 from .errors import UserError
+from .io import atomic_path
 from .issues import find_label_issues
 
 WINDOW = None  # epochs averaged: None = every epoch of the run; k = the last min(k, epochs)
@@ -472,13 +473,11 @@ def write_csv(path, table: list[dict]) -> Path:
     path = Path(path)
     fields = [f for f in ("index", "path", "given_label", "suggested_label", "score", "is_label_issue", "split")
               if not table or f in table[0]]
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         for row in table:
             w.writerow({**row, "score": f"{row['score']:.6g}", "is_label_issue": str(row["is_label_issue"]).lower()})
-    tmp.replace(path)
     return path
 
 

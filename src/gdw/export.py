@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -28,6 +27,7 @@ import numpy as np
 
 from .detect import load_issues
 from .errors import UserError
+from .io import atomic_path
 
 
 def _source(config: dict, run: Path) -> tuple[str, Path]:
@@ -99,8 +99,7 @@ def _csv(source: Path, out: Path, flagged: dict, names: list, label_column: str,
     if label_column not in header:
         raise UserError(f"--export: {source} no longer has the label column {label_column!r}")
     col, written = header.index(label_column), 0
-    tmp = out.with_name(out.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
+    with atomic_path(out) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f, delimiter=dialect.delimiter, lineterminator="\n")
         writer.writerow(header)
         for r, row in enumerate(reader):
@@ -110,7 +109,6 @@ def _csv(source: Path, out: Path, flagged: dict, names: list, label_column: str,
                 row[col] = names[flagged[r]]
             writer.writerow(row)
             written += 1
-    os.replace(tmp, out)
     return written
 
 
@@ -135,9 +133,8 @@ def _npz(source: Path, out: Path, flagged: dict, test: dict, classes: list, rela
             keep = np.ones(len(y), bool)
             keep[rows] = False
             arrays[xk], arrays[yk] = arrays[xk][keep], y[keep]
-    tmp = out.with_name(out.name + ".tmp.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp:
+        np.savez(tmp, **arrays)
     return int(sum(len(arrays[yk]) for _, yk, _ in pairs if yk in arrays))
 
 
@@ -149,11 +146,9 @@ def _folder(out: Path, flagged: dict, test: dict, issues, names: list, relabel: 
     if test and t is not None and len(t["source_paths"]):
         entries += [(str(p), int(g), test[int(r)]) for r, p, g in zip(t["source_rows"], t["source_paths"], t["given"])
                     if int(r) in test]
-    tmp = out.with_name(out.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
+    with atomic_path(out) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(["path", "given_label", "suggested_label" if relabel else "action"])
         for path, given, suggested in sorted(entries):
             writer.writerow([path, names[given], names[suggested] if relabel else "remove"])
-    os.replace(tmp, out)
     return len(entries)

@@ -21,6 +21,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from .io import atomic_path
 from .errors import UserError
 from .fit import predict_proba
 from .models import create_model
@@ -131,13 +132,11 @@ def predict(run_dir, data: str, out_csv, *, model_file: Optional[str] = None, de
     pred = prob.argmax(1) if len(prob) else np.zeros(0, dtype=np.int64)
     key = "path" if new.source_paths is not None else "index"
     where = new.source_paths if new.source_paths is not None else [int(r) for r in new.source_rows]
-    tmp = out.with_name(out.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
+    with atomic_path(out) as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow([key, "predicted_label", "confidence", *[f"p_{c}" for c in classes]])
         for i in range(len(pred)):
             w.writerow([where[i], classes[pred[i]], f"{prob[i, pred[i]]:.6g}", *[f"{p:.6g}" for p in prob[i]]])
-    tmp.replace(out)
     labels = new.split.labels.numpy()
     known = labels >= 0
     accuracy = float((pred[known] == labels[known]).mean()) if new.has_labels and known.any() else None

@@ -49,8 +49,9 @@ import torch
 
 from . import __version__
 from .callbacks import (BestModel, Checkpointer, EpochLog, Evaluator, LabelIssues, MetricsWriter, Plots,
-                        WeightStats, atomic_write, set_rng_state)
+                        WeightStats, set_rng_state)
 from .distributed import Comm, init_from_env, launched_by_torchrun
+from .io import atomic_write
 from .errors import UserError
 from .fit import TrainingCollapsed, TrainingDiverged, cosine_lr, fit  # noqa: F401 - re-exported
 from .methods import METHODS, make

@@ -24,6 +24,7 @@ import urllib.request
 from pathlib import Path
 
 from ..errors import UserError
+from ..io import file_digest
 from ._errors import one_line
 
 # Official files: dataset -> (base URL, {file name: md5}). The md5 values are the ones
@@ -65,15 +66,6 @@ def official_url(dataset: str, filename: str, mirror: str | None = None) -> tupl
     if mirror:
         base = f"{mirror.rstrip('/')}/{dataset}"
     return f"{base}/{filename}", files[filename]
-
-
-def file_digest(path: str | Path, algorithm: str = "md5") -> str:
-    """Hex digest of a file, read in 1 MiB chunks."""
-    h = hashlib.new(algorithm, usedforsecurity=False)
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(CHUNK), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def fetch(url: str, dest: str | Path, *, md5: str | None = None, sha256: str | None = None,

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
+from ..io import file_digest
 from ._errors import one_line
 from .batches import ImageFileStore, TensorStore, View, channel_stats, load_image, _pil
 from .download import cache_dir, fetch_official, safe_extract
@@ -216,11 +217,7 @@ def files_digest(dataset) -> Optional[str]:
 @functools.lru_cache(maxsize=64)
 def _file_digest(path: str, size: int, mtime_ns: int) -> str:
     """SHA-256 of a file's bytes (cached on its path, size and modification time)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return "sha256:" + h.hexdigest()
+    return "sha256:" + file_digest(path)
 
 
 def load_source(dataset, *, data_root=None, download=False, mirror=None, label_column="label",
