@@ -32,7 +32,7 @@ MLP, 30 epochs, noise 40%, 1338 training examples, 10 meta per class)::
     gdw train --dataset digits --meta-per-class 10 --noise {uniform,flip}:0.4 \
               --method {gdw,l2rw,dm,mwnet,ce} --epochs 30 --seed {0,1}
     # with the recorder keeping every epoch's per-example means, so that
-    # windows (last 1/5/10/15/all epochs) and the scores of gdw.detect.SCORES
+    # windows (last 1/5/10/15/all epochs) and the candidate scores (SCORES, below)
     # could be compared afterwards; chosen on seed 0, checked on seed 1
 
 AUROC, seed 0 (selection) / seed 1 (held out), mean of uniform:0.4 and flip:0.4:
@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import shlex
 import sys
 import tempfile
@@ -121,9 +120,9 @@ def cleanlab_row(dataset, noise, seed, epochs, folds) -> dict:
     noisy = labels != tr.true_labels.numpy()
     probs = np.zeros((len(tr), data.num_classes), dtype=np.float32)
     t0 = time.perf_counter()
-    for fold, (fit, held) in enumerate(StratifiedKFold(folds, shuffle=True, random_state=seed).split(labels, labels)):
+    for fold, (kept, held) in enumerate(StratifiedKFold(folds, shuffle=True, random_state=seed).split(labels, labels)):
         part = lambda pos: Split("fold", tr.store, tr.index.numpy()[pos], labels[pos], None, tr.view)  # noqa: E731
-        model = train_ce(part(fit), data.input_shape, data.num_classes, epochs, seed + fold)
+        model = train_ce(part(kept), data.input_shape, data.num_classes, epochs, seed + fold)
         probs[held] = predict(model, part(held))
         print(f"  cleanlab fold {fold + 1}/{folds} done", file=sys.stderr, flush=True)
     quality = get_label_quality_scores(labels, probs)  # self-confidence: low = likely wrong
@@ -148,6 +147,115 @@ def gdw_row(dataset, noise, seed, epochs, method, out: Path) -> dict:
     m = evaluate(load_issues(run))
     return {"method": f"{method} (1 run)", **m, "seconds": summary["train_seconds"], "trainings": 1,
             "test_accuracy": summary["final_test_accuracy"]}
+
+
+# ----------------------------------------------------------------------------- the candidate scores
+# How gdw.detect's score (1 − p̄ of the given label, "confidence") was chosen: these candidates,
+# each over a run's label_evidence.npz (evidence ``ev``: prob, trust, class_weight) and the given
+# labels, higher = more suspicious; and the candidate suggested labels.
+
+def _given_prob(prob: np.ndarray, given: np.ndarray) -> np.ndarray:
+    return prob[np.arange(len(given)), given]
+
+
+def _rank01(x: np.ndarray) -> np.ndarray:
+    """Ranks scaled to [0, 1] (ties share their mean rank)."""
+    from scipy.stats import rankdata
+
+    if len(x) < 2:
+        return np.zeros(len(x))
+    return (rankdata(x) - 1) / (len(x) - 1)
+
+
+def _off_label(a: np.ndarray, given: np.ndarray, fill: float) -> np.ndarray:
+    a = a.astype(np.float64).copy()
+    a[np.arange(len(given)), given] = fill
+    return a
+
+
+def _weight_score(ev, given):
+    t = ev.get("trust")
+    if t is None or np.isnan(t).all():
+        return None
+    t = t.astype(np.float64)
+    return -np.where(np.isnan(t), np.nanmedian(t), t)
+
+
+# Candidate scores, higher = more suspicious. Each takes (evidence, given labels).
+def score_weight(ev, given):
+    """−t̄: the method's mean weight on the labelled class, negated."""
+    s = _weight_score(ev, given)
+    return score_confidence(ev, given) if s is None else s
+
+
+def score_confidence(ev, given):
+    """1 − p̄_y: the window-mean probability of the given label, from the
+    model being trained (in-sample self-confidence)."""
+    return 1.0 - _given_prob(ev["prob"], given).astype(np.float64)
+
+
+def score_margin(ev, given):
+    """max_{j≠y} p̄_j − p̄_y (negated normalised margin)."""
+    off = _off_label(ev["prob"], given, -np.inf).max(1)
+    return off - _given_prob(ev["prob"], given)
+
+
+def score_combined(ev, given):
+    """Mean of the rank-scaled weight score and the rank-scaled confidence score."""
+    s = _weight_score(ev, given)
+    c = score_confidence(ev, given)
+    return c if s is None else 0.5 * (_rank01(s) + _rank01(c))
+
+
+def score_relative(ev, given):
+    """GDW: −ω̄_y / mean_{j≠y} ω̄_j, the labelled-class weight relative to the
+    example's other class weights (1 when GDW leaves the example alone)."""
+    cw = ev.get("class_weight")
+    if cw is None:
+        return score_weight(ev, given)
+    C = cw.shape[1]
+    wy = cw[np.arange(len(given)), given].astype(np.float64)
+    other = (cw.astype(np.float64).sum(1) - wy) / (C - 1)
+    return -wy / np.maximum(other, 1e-12)
+
+
+SCORES = {
+    "weight": score_weight,
+    "confidence": score_confidence,
+    "margin": score_margin,
+    "combined": score_combined,
+    "relative": score_relative,
+}
+
+
+def suggest_pred(ev, given):
+    """argmax_j p̄_j: the class the trained model believes in (may equal the given one)."""
+    return ev["prob"].argmax(1)
+
+
+def suggest_pred_other(ev, given):
+    """argmax_{j≠y} p̄_j: the most likely other class."""
+    return _off_label(ev["prob"], given, -np.inf).argmax(1)
+
+
+def suggest_weight_max(ev, given):
+    """GDW: argmax_{j≠y} ω̄_j, the other class whose flow is up-weighted most."""
+    cw = ev.get("class_weight")
+    return suggest_pred_other(ev, given) if cw is None else _off_label(cw, given, -np.inf).argmax(1)
+
+
+def suggest_weight_min(ev, given):
+    """GDW: argmin_{j≠y} ω̄_j, the other class whose push-down is weakened most."""
+    cw = ev.get("class_weight")
+    return suggest_pred_other(ev, given) if cw is None else _off_label(cw, given, np.inf).argmin(1)
+
+
+SUGGESTIONS = {
+    "pred": suggest_pred,
+    "pred_other": suggest_pred_other,
+    "weight_max": suggest_weight_max,
+    "weight_min": suggest_weight_min,
+}
 
 
 def main(argv=None) -> int:

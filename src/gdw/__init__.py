@@ -12,7 +12,8 @@ used the same way in any PyTorch training loop::
 """
 
 from .errors import UserError
-from .detect import LabelIssueRecorder, read_label_issues
+from .detect import read_label_issues
+from .recorder import LabelIssueRecorder
 from .fit import batches, cycle, fit
 from .methods import CE, GDW, L2RW, METHODS, Method, MetaMethod, MWNet, Stats, WeightNet, make
 from .issues import LabelIssues, find_label_issues

@@ -1,6 +1,6 @@
 """Which labels are wrong? Label issues as a by-product of one training run.
 
-During ``gdw train`` a :class:`LabelIssueRecorder` averages, for every
+During ``gdw train`` a :class:`gdw.recorder.LabelIssueRecorder` averages, for every
 training example and over every epoch of the run, what the model predicted
 for it (the softmax of the training logits, from the same forward pass that
 trained on it; no extra pass) and what the method did with it
@@ -19,7 +19,8 @@ class). At the end it writes two files into the run directory:
 ``label_evidence.npz``
     the averaged evidence (``prob``, ``trust``, for GDW ``class_weight``;
     ``count`` = steps seen), in training-position order, so another ranking
-    (:data:`SCORES`) can be computed without training again.
+    (the candidates of ``benchmarks/label_issues.py``) can be computed
+    without training again.
 
 The score, for every method: ``score = 1 − p̄``, where ``p̄`` is the
 probability the model gave the example's *given* label, averaged over all
@@ -31,8 +32,8 @@ whereas plain cross-entropy memorises them. For CE and the robust losses the
 same score is the model's own confidence, and it is much weaker.
 
 Why this score and not the weights themselves: on scikit-learn digits (40%
-uniform and 40% flip noise, MLP, 30 epochs) the candidates in
-:data:`SCORES` were compared by AUROC, chosen on seed 0 and checked on seed 1
+uniform and 40% flip noise, MLP, 30 epochs) the candidates (``SCORES`` in
+``benchmarks/label_issues.py``) were compared by AUROC, chosen on seed 0 and checked on seed 1
 (numbers in ``benchmarks/label_issues.py``). Averaging over the whole run
 beat the last 1, 5, 10 or 15 epochs for every method (late epochs, with the
 learning rate decayed, fit more of the wrong labels). The mean confidence was
@@ -77,7 +78,6 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
-import torch
 
 from .errors import UserError
 from .io import atomic_path
@@ -92,246 +92,7 @@ CSV_FIELDS = ["index", "given_label", "suggested_label", "score", "is_label_issu
 
 # ----------------------------------------------------------------------------- recording
 
-class LabelIssueRecorder:
-    """Per-example sums of trust, class weights and probabilities over the
-    epochs of a training run.
-
-    The training loop calls :meth:`update` after every step and
-    :meth:`end_epoch` after every epoch (on every rank: under data-parallel
-    training it sums the epoch's statistics over the ranks), puts
-    :meth:`state_dict` into its checkpoint and finally calls :meth:`write`.
-
-    Args:
-        n: number of training examples (positions ``0..n-1`` as yielded by
-            ``Split.batches``).
-        num_classes: C.
-        epochs: total epochs of the run.
-        window: None (default): every epoch counts; k: only the last
-            ``min(k, epochs)`` epochs.
-        device: where the sums live (the training device; default the CPU).
-        state: a :meth:`state_dict` to continue from (resumed runs).
-    """
-
-    def __init__(self, n: int, num_classes: int, epochs: int, device="cpu", *, window: Optional[int] = WINDOW,
-                 state: Optional[dict] = None):
-        self.n, self.num_classes = int(n), int(num_classes)
-        self.first_epoch = 0 if window is None else max(0, int(epochs) - int(window))
-        self.device = torch.device(device)
-        self.epoch_sums: dict[str, torch.Tensor] = {}  # the current epoch (this rank's share)
-        self.sums: dict[str, torch.Tensor] = {}  # the window so far (all ranks)
-        self.epochs_seen: list[int] = []
-        self.last_epoch: dict[str, torch.Tensor] = {}  # the sums of the last epoch that trained on examples
-        if state:
-            self.load_state_dict(state)
-
-    def epoch_means(self) -> dict:
-        """Means over the last epoch that trained on examples (tensors, position
-        order; rows never seen are 0), with ``count``; empty before the first epoch."""
-        if not self.last_epoch:
-            return {}
-        count = self.last_epoch["count"]
-        denom = count.clamp(min=1)
-        return {k: (v if k == "count" else v / (denom if v.ndim == 1 else denom[:, None]))
-                for k, v in self.last_epoch.items()}
-
-    def _shape(self, name: str):
-        return (self.n, self.num_classes) if name in ("prob", "class_weight") else (self.n,)
-
-    def _add(self, name: str, pos: torch.Tensor, values: torch.Tensor) -> None:
-        if name not in self.epoch_sums:
-            self.epoch_sums[name] = torch.zeros(self._shape(name), device=self.device)
-        self.epoch_sums[name].index_add_(0, pos, values.float())
-
-    def update(self, epoch: int, pos: torch.Tensor, stats) -> None:
-        """Add one training step's ``Stats`` for the examples at positions ``pos``
-        (steps that trained on the meta batch instead are ignored)."""
-        if getattr(stats, "trained_on", "train") != "train":
-            return
-        with torch.no_grad():
-            self._add("count", pos, torch.ones(len(pos), device=self.device))
-            self._add("prob", pos, torch.softmax(stats.logits.float(), 1))
-            if stats.trust is not None:
-                self._add("trust", pos, stats.trust)
-            if stats.weights.ndim == 2:
-                self._add("class_weight", pos, stats.weights)
-            if stats.instance_weights is not None:
-                self._add("instance_weight", pos, stats.instance_weights)
-
-    # the training loop's callback hooks (gdw.fit)
-    def on_step(self, state, pos, stats) -> None:
-        self.update(state.epoch, pos, stats)
-
-    def on_epoch_end(self, state) -> None:
-        self.end_epoch(state.epoch, state.comm)
-
-    def end_epoch(self, epoch: int, comm=None) -> None:
-        """Fold the finished epoch into the window sums; ``comm`` (with a
-        ``sum_(tensors)`` all-reduce, e.g. :class:`gdw.distributed.Comm`)
-        combines the ranks' shares first. Collective: call it on every rank."""
-        self.epoch_sums.setdefault("count", torch.zeros(self.n, device=self.device))
-        names = sorted(self.epoch_sums)
-        if comm is not None:
-            comm.sum_([self.epoch_sums[k] for k in names])
-        self.last_epoch = self.epoch_sums if bool(self.epoch_sums["count"].any()) else self.last_epoch
-        if epoch < self.first_epoch:
-            self.epoch_sums = {}
-            return
-        for k in names:
-            if k in self.sums:
-                self.sums[k] += self.epoch_sums[k]
-            else:
-                self.sums[k] = self.epoch_sums[k].clone()
-        self.epoch_sums = {}
-        self.epochs_seen.append(int(epoch))
-
-    def state_dict(self) -> dict:
-        return {"first_epoch": self.first_epoch, "epochs_seen": list(self.epochs_seen),
-                "sums": {k: v.detach().cpu() for k, v in self.sums.items()},
-                "last_epoch": {k: v.detach().cpu() for k, v in self.last_epoch.items()}}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epochs_seen = list(state.get("epochs_seen", []))
-        self.sums = {k: v.to(self.device) for k, v in state.get("sums", {}).items()}
-        self.last_epoch = {k: v.to(self.device) for k, v in state.get("last_epoch", {}).items()}
-        self.epoch_sums = {}
-
-    def evidence(self) -> dict:
-        """Window means (numpy, position order); ``count`` says in how many
-        steps each example was seen (0: no evidence)."""
-        if "count" not in self.sums:
-            return {"count": np.zeros(self.n, dtype=np.int64)}
-        count = self.sums["count"]
-        out = {"count": count.cpu().numpy().astype(np.int64)}
-        denom = count.clamp(min=1)
-        for k, v in self.sums.items():
-            if k != "count":
-                mean = v / (denom if v.ndim == 1 else denom[:, None])
-                out[k] = mean.cpu().numpy().astype(np.float32)
-        return out
-
-    def held_out(self, data, model, batch_size: int = 500) -> dict:
-        """The final model's probabilities (``prob``) and the labels
-        (``given``) of the splits it did not train on (meta, val, test;
-        those a run has), e.g. ``{"val": {"prob": (m, C), "given": (m,)}}``."""
-        if model is None:
-            return {}
-        from .fit import predict_proba
-
-        out = {}
-        for name in ("meta", "val", "test"):
-            split = getattr(data, name, None)
-            if split is not None and len(split):
-                out[name] = {"prob": predict_proba(model, split, batch_size, self.device).cpu().numpy(),
-                             "given": split.labels.numpy()}
-        return out
-
-    def write(self, out, data, method: str, *, model=None, batch_size: int = 500, fits_meta: bool = False) -> Path:
-        """Score every training example (and the rows of a test split drawn
-        from the user's data, :func:`score_test_split`) and write
-        ``label_evidence.npz`` and ``label_issues.csv`` (in the user's terms,
-        :func:`issues_table`; a ``split`` column when test rows are in it) into
-        the run directory ``out``. ``fits_meta``: the method trained
-        towards the meta set (``Method.needs_meta``), so the final model's
-        mistakes on it stand for its mistakes on clean training rows and
-        correct the estimate of how many labels are wrong.
-
-        ``data``: the run's :class:`gdw.data.Prepared` (its training split
-        and class names). ``model``: the final model; it predicts the
-        splits it did not train on (:meth:`held_out`, saved as
-        ``meta_prob``, ``val_prob``, ``test_prob`` with their labels) and
-        the training examples that got no evidence (``finetune`` spends its
-        last epochs on the meta set).
-        """
-        out, train_split = Path(out), data.train
-        ev = self.evidence()
-        missing = ev["count"] == 0
-        if missing.any():
-            if model is None:
-                raise UserError("no training statistics were recorded in the last epochs; cannot rank labels")
-            prob = ev.get("prob", np.zeros((self.n, self.num_classes), np.float32))
-            from .fit import predict_proba
-
-            prob[missing] = predict_proba(model, train_split, batch_size, self.device).cpu().numpy()[missing]
-            ev["prob"] = prob
-            if "trust" in ev:
-                ev["trust"][missing] = np.nan
-        given = train_split.labels.numpy()
-        held = self.held_out(data, model, batch_size)
-        score = score_examples(method, ev, given)
-        # the model's own mistakes where labels are right: on the meta set, which a meta method fits about as
-        # well as the clean training rows (docs/algorithms.md, 5c)
-        meta = held.get("meta") if fits_meta else None
-        found = find_label_issues(given, ev["prob"], **({"clean_labels": meta["given"], "clean_pred_probs": meta["prob"]}
-                                                         if meta is not None else {}))
-        self.noise = {"estimated_noise_rate": found.noise_rate, "estimated_noise_interval": list(found.noise_interval)}
-        suggested = suggest_labels(method, ev, given, score, found.flagged)
-        rows, paths = source_of(train_split)
-        test = score_test_split(data, held.get("test"), found, given)
-        np.savez(out / EVIDENCE_NAME, **{f"test_{k}": v for k, v in test.items()}, method=np.array(method), score_name=np.array(score_name(method)),
-                 noise_rate=found.noise_rate, noise_interval=np.array(found.noise_interval),
-                 noise_matrix=found.noise_matrix,
-                 **{f"{name}_{k}": v for name, part in held.items() for k, v in part.items()},
-                 epochs=np.array(self.epochs_seen, dtype=np.int64), given=given, index=train_split.index.numpy(),
-                 suggested=suggested, score=score, source_rows=rows,
-                 source_paths=np.array(paths if paths is not None else [], dtype=str),
-                 **{k: (v.astype(np.float16) if v.ndim == 2 else v) for k, v in ev.items()})
-        table = issues_table(given, suggested, score, list(data.classes), rows, paths)
-        if test:
-            table = [{**r, "split": "train"} for r in table] + [
-                {**r, "split": "test"} for r in issues_table(held["test"]["given"], test["suggested"], test["score"],
-                                                              list(data.classes), test["source_rows"],
-                                                              list(test["source_paths"]) or None)]
-        return write_csv(out / CSV_NAME, table)
-
-
-def score_test_split(data, test: Optional[dict], found, train_given: np.ndarray) -> dict:
-    """Label issues in a test split drawn from the user's own data, labels as
-    given (as noisy as the training labels; ``{}`` for any other test split,
-    or with injected noise): the
-    final model's out-of-sample ``score`` (1 − p of the given label), and in
-    each given class the share of rows flagged that the training estimate
-    gives that class (the split is a random part of the same data);
-    ``suggested`` is the most likely other class on flagged rows."""
-    if test is None or data.record.get("test_known_clean", True) or data.record.get("realised_noise_rate") is not None:
-        return {}  # no test split of the user's own labels (injected noise leaves the test labels as they were)
-    given, prob = test["given"], test["prob"].astype(np.float64)
-    score = 1 - prob[np.arange(len(given)), given]
-    N = found.noise_matrix
-    share = (N.sum(1) - np.diag(N)) / np.maximum(np.bincount(train_given, minlength=len(N)), 1)
-    flagged = np.zeros(len(given), bool)
-    for c in range(len(N)):
-        rows = np.flatnonzero(given == c)
-        flagged[rows[np.argsort(-score[rows], kind="stable")[:int(round(share[c] * len(rows)))]]] = True
-    rows, paths = source_of(data.test)
-    return {"score": score, "suggested": np.where(flagged, _off_label(prob, given, -np.inf).argmax(1), given),
-            "source_rows": rows, "source_paths": np.array(paths or [], dtype=str)}
-
-
-def source_of(split) -> tuple[np.ndarray, Optional[list]]:
-    """The user's row of every example of ``split`` (the 0-based data row of
-    a CSV file, the position in npz arrays; for built-in datasets the
-    position in the dataset's training array) and, for image folders, the
-    path relative to the folder (else None)."""
-    rows = getattr(split, "source_rows", None)
-    rows = split.index.numpy() if rows is None else np.asarray(rows)
-    paths = getattr(split, "source_paths", None)
-    return rows.astype(np.int64), (None if paths is None else [str(p) for p in paths])
-
-
 # ----------------------------------------------------------------------------- scoring
-
-def _given_prob(prob: np.ndarray, given: np.ndarray) -> np.ndarray:
-    return prob[np.arange(len(given)), given]
-
-
-def _rank01(x: np.ndarray) -> np.ndarray:
-    """Ranks scaled to [0, 1] (ties share their mean rank)."""
-    from scipy.stats import rankdata
-
-    if len(x) < 2:
-        return np.zeros(len(x))
-    return (rankdata(x) - 1) / (len(x) - 1)
-
 
 def _off_label(a: np.ndarray, given: np.ndarray, fill: float) -> np.ndarray:
     a = a.astype(np.float64).copy()
@@ -339,103 +100,23 @@ def _off_label(a: np.ndarray, given: np.ndarray, fill: float) -> np.ndarray:
     return a
 
 
-def _weight_score(ev, given):
-    t = ev.get("trust")
-    if t is None or np.isnan(t).all():
-        return None
-    t = t.astype(np.float64)
-    return -np.where(np.isnan(t), np.nanmedian(t), t)
-
-
-# Candidate scores, higher = more suspicious. Each takes (evidence, given labels).
-def score_weight(ev, given):
-    """−t̄: the method's mean weight on the labelled class, negated."""
-    s = _weight_score(ev, given)
-    return score_confidence(ev, given) if s is None else s
-
-
-def score_confidence(ev, given):
-    """1 − p̄_y: the window-mean probability of the given label, from the
-    model being trained (in-sample self-confidence)."""
-    return 1.0 - _given_prob(ev["prob"], given).astype(np.float64)
-
-
-def score_margin(ev, given):
-    """max_{j≠y} p̄_j − p̄_y (negated normalised margin)."""
-    off = _off_label(ev["prob"], given, -np.inf).max(1)
-    return off - _given_prob(ev["prob"], given)
-
-
-def score_combined(ev, given):
-    """Mean of the rank-scaled weight score and the rank-scaled confidence score."""
-    s = _weight_score(ev, given)
-    c = score_confidence(ev, given)
-    return c if s is None else 0.5 * (_rank01(s) + _rank01(c))
-
-
-def score_relative(ev, given):
-    """GDW: −ω̄_y / mean_{j≠y} ω̄_j, the labelled-class weight relative to the
-    example's other class weights (1 when GDW leaves the example alone)."""
-    cw = ev.get("class_weight")
-    if cw is None:
-        return score_weight(ev, given)
-    C = cw.shape[1]
-    wy = cw[np.arange(len(given)), given].astype(np.float64)
-    other = (cw.astype(np.float64).sum(1) - wy) / (C - 1)
-    return -wy / np.maximum(other, 1e-12)
-
-
-SCORES = {
-    "weight": score_weight,
-    "confidence": score_confidence,
-    "margin": score_margin,
-    "combined": score_combined,
-    "relative": score_relative,
-}
-
-# The score every method's run uses, chosen on held-out seeds (module docstring).
-# A per-method entry in METHOD_SCORE would override it.
-DEFAULT_SCORE = "confidence"
-METHOD_SCORE: dict[str, str] = {}
+SCORE_NAME = "confidence"  # the one score (module docstring); the candidates compared live in benchmarks/
 
 
 def score_name(method: str) -> str:
-    return METHOD_SCORE.get(method, DEFAULT_SCORE)
+    """The score a run of ``method`` ranks by (the same for every method)."""
+    return SCORE_NAME
 
 
-def score_examples(method: str, ev: dict, given: np.ndarray, score: Optional[str] = None) -> np.ndarray:
-    """Suspicion score of every example (position order), higher = more suspicious."""
-    return np.asarray(SCORES[score or score_name(method)](ev, given), dtype=np.float64)
-
-
-def suggest_pred(ev, given):
-    """argmax_j p̄_j: the class the trained model believes in (may equal the given one)."""
-    return ev["prob"].argmax(1)
+def score_examples(method: str, ev: dict, given: np.ndarray) -> np.ndarray:
+    """1 − p̄_y of every example (position order): the window-mean probability
+    of the given label, from the model being trained; higher = more suspicious."""
+    return 1.0 - ev["prob"][np.arange(len(given)), given].astype(np.float64)
 
 
 def suggest_pred_other(ev, given):
     """argmax_{j≠y} p̄_j: the most likely other class."""
     return _off_label(ev["prob"], given, -np.inf).argmax(1)
-
-
-def suggest_weight_max(ev, given):
-    """GDW: argmax_{j≠y} ω̄_j, the other class whose flow is up-weighted most."""
-    cw = ev.get("class_weight")
-    return suggest_pred_other(ev, given) if cw is None else _off_label(cw, given, -np.inf).argmax(1)
-
-
-def suggest_weight_min(ev, given):
-    """GDW: argmin_{j≠y} ω̄_j, the other class whose push-down is weakened most."""
-    cw = ev.get("class_weight")
-    return suggest_pred_other(ev, given) if cw is None else _off_label(cw, given, np.inf).argmin(1)
-
-
-SUGGESTIONS = {
-    "pred": suggest_pred,
-    "pred_other": suggest_pred_other,
-    "weight_max": suggest_weight_max,
-    "weight_min": suggest_weight_min,
-}
 
 
 def suggest_labels(method: str, ev: dict, given: np.ndarray, score: np.ndarray, flagged=None) -> np.ndarray:
@@ -598,15 +279,13 @@ def load_issues(run_dir) -> Issues:
 
 def auroc(score: np.ndarray, positive: np.ndarray) -> float:
     """Area under the ROC curve of ``score`` for the boolean ``positive``
-    (Mann-Whitney U with mid-ranks for ties); NaN if one class is empty."""
-    from scipy.stats import rankdata
+    (NaN when either class is absent)."""
+    from sklearn.metrics import roc_auc_score
 
     positive = np.asarray(positive, dtype=bool)
-    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
-    if n_pos == 0 or n_neg == 0:
+    if positive.all() or not positive.any():
         return float("nan")
-    ranks = rankdata(np.asarray(score, dtype=np.float64))
-    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    return float(roc_auc_score(positive, np.asarray(score, dtype=np.float64)))
 
 
 def precision_recall_at(order: np.ndarray, positive: np.ndarray, k: int) -> tuple[float, float]:

@@ -518,7 +518,7 @@ def _callbacks(cfg: TrainConfig, data, out: Path, device, log, shift=None):
     """The callbacks of a ``gdw train`` run, in the order they must run at an
     epoch end: rows are complete before the checkpoint, the checkpoint is
     saved before metrics.jsonl is rewritten from it."""
-    from .detect import LabelIssueRecorder
+    from .recorder import LabelIssueRecorder
 
     true = data.train.true_labels
     noisy = (data.train.labels != true).numpy() if true is not None and bool((true >= 0).all()) else None

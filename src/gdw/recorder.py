@@ -1,0 +1,247 @@
+"""The label-issue evidence of a training run: a callback of ``gdw.fit``.
+
+:class:`LabelIssueRecorder` averages, for every training example over the
+epochs of a run, the model's probabilities (and the method's weights) from
+the forward passes that trained on it, and at the end writes
+``label_evidence.npz`` and ``label_issues.csv`` (:mod:`gdw.detect` reads
+them; :func:`gdw.find_label_issues` decides how many are flagged).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .detect import (CSV_NAME, EVIDENCE_NAME, WINDOW, _off_label, issues_table, score_examples, score_name,
+                     suggest_labels, write_csv)
+from .errors import UserError
+from .issues import find_label_issues
+
+
+class LabelIssueRecorder:
+    """Per-example sums of trust, class weights and probabilities over the
+    epochs of a training run.
+
+    The training loop calls :meth:`update` after every step and
+    :meth:`end_epoch` after every epoch (on every rank: under data-parallel
+    training it sums the epoch's statistics over the ranks), puts
+    :meth:`state_dict` into its checkpoint and finally calls :meth:`write`.
+
+    Args:
+        n: number of training examples (positions ``0..n-1`` as yielded by
+            ``Split.batches``).
+        num_classes: C.
+        epochs: total epochs of the run.
+        window: None (default): every epoch counts; k: only the last
+            ``min(k, epochs)`` epochs.
+        device: where the sums live (the training device; default the CPU).
+        state: a :meth:`state_dict` to continue from (resumed runs).
+    """
+
+    def __init__(self, n: int, num_classes: int, epochs: int, device="cpu", *, window: Optional[int] = WINDOW,
+                 state: Optional[dict] = None):
+        self.n, self.num_classes = int(n), int(num_classes)
+        self.first_epoch = 0 if window is None else max(0, int(epochs) - int(window))
+        self.device = torch.device(device)
+        self.epoch_sums: dict[str, torch.Tensor] = {}  # the current epoch (this rank's share)
+        self.sums: dict[str, torch.Tensor] = {}  # the window so far (all ranks)
+        self.epochs_seen: list[int] = []
+        self.last_epoch: dict[str, torch.Tensor] = {}  # the sums of the last epoch that trained on examples
+        if state:
+            self.load_state_dict(state)
+
+    def epoch_means(self) -> dict:
+        """Means over the last epoch that trained on examples (tensors, position
+        order; rows never seen are 0), with ``count``; empty before the first epoch."""
+        if not self.last_epoch:
+            return {}
+        count = self.last_epoch["count"]
+        denom = count.clamp(min=1)
+        return {k: (v if k == "count" else v / (denom if v.ndim == 1 else denom[:, None]))
+                for k, v in self.last_epoch.items()}
+
+    def _shape(self, name: str):
+        return (self.n, self.num_classes) if name in ("prob", "class_weight") else (self.n,)
+
+    def _add(self, name: str, pos: torch.Tensor, values: torch.Tensor) -> None:
+        if name not in self.epoch_sums:
+            self.epoch_sums[name] = torch.zeros(self._shape(name), device=self.device)
+        self.epoch_sums[name].index_add_(0, pos, values.float())
+
+    def update(self, epoch: int, pos: torch.Tensor, stats) -> None:
+        """Add one training step's ``Stats`` for the examples at positions ``pos``
+        (steps that trained on the meta batch instead are ignored)."""
+        if getattr(stats, "trained_on", "train") != "train":
+            return
+        with torch.no_grad():
+            self._add("count", pos, torch.ones(len(pos), device=self.device))
+            self._add("prob", pos, torch.softmax(stats.logits.float(), 1))
+            if stats.trust is not None:
+                self._add("trust", pos, stats.trust)
+            if stats.weights.ndim == 2:
+                self._add("class_weight", pos, stats.weights)
+            if stats.instance_weights is not None:
+                self._add("instance_weight", pos, stats.instance_weights)
+
+    # the training loop's callback hooks (gdw.fit)
+    def on_step(self, state, pos, stats) -> None:
+        self.update(state.epoch, pos, stats)
+
+    def on_epoch_end(self, state) -> None:
+        self.end_epoch(state.epoch, state.comm)
+
+    def end_epoch(self, epoch: int, comm=None) -> None:
+        """Fold the finished epoch into the window sums; ``comm`` (with a
+        ``sum_(tensors)`` all-reduce, e.g. :class:`gdw.distributed.Comm`)
+        combines the ranks' shares first. Collective: call it on every rank."""
+        self.epoch_sums.setdefault("count", torch.zeros(self.n, device=self.device))
+        names = sorted(self.epoch_sums)
+        if comm is not None:
+            comm.sum_([self.epoch_sums[k] for k in names])
+        self.last_epoch = self.epoch_sums if bool(self.epoch_sums["count"].any()) else self.last_epoch
+        if epoch < self.first_epoch:
+            self.epoch_sums = {}
+            return
+        for k in names:
+            if k in self.sums:
+                self.sums[k] += self.epoch_sums[k]
+            else:
+                self.sums[k] = self.epoch_sums[k].clone()
+        self.epoch_sums = {}
+        self.epochs_seen.append(int(epoch))
+
+    def state_dict(self) -> dict:
+        return {"first_epoch": self.first_epoch, "epochs_seen": list(self.epochs_seen),
+                "sums": {k: v.detach().cpu() for k, v in self.sums.items()},
+                "last_epoch": {k: v.detach().cpu() for k, v in self.last_epoch.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epochs_seen = list(state.get("epochs_seen", []))
+        self.sums = {k: v.to(self.device) for k, v in state.get("sums", {}).items()}
+        self.last_epoch = {k: v.to(self.device) for k, v in state.get("last_epoch", {}).items()}
+        self.epoch_sums = {}
+
+    def evidence(self) -> dict:
+        """Window means (numpy, position order); ``count`` says in how many
+        steps each example was seen (0: no evidence)."""
+        if "count" not in self.sums:
+            return {"count": np.zeros(self.n, dtype=np.int64)}
+        count = self.sums["count"]
+        out = {"count": count.cpu().numpy().astype(np.int64)}
+        denom = count.clamp(min=1)
+        for k, v in self.sums.items():
+            if k != "count":
+                mean = v / (denom if v.ndim == 1 else denom[:, None])
+                out[k] = mean.cpu().numpy().astype(np.float32)
+        return out
+
+    def held_out(self, data, model, batch_size: int = 500) -> dict:
+        """The final model's probabilities (``prob``) and the labels
+        (``given``) of the splits it did not train on (meta, val, test;
+        those a run has), e.g. ``{"val": {"prob": (m, C), "given": (m,)}}``."""
+        if model is None:
+            return {}
+        from .fit import predict_proba
+
+        out = {}
+        for name in ("meta", "val", "test"):
+            split = getattr(data, name, None)
+            if split is not None and len(split):
+                out[name] = {"prob": predict_proba(model, split, batch_size, self.device).cpu().numpy(),
+                             "given": split.labels.numpy()}
+        return out
+
+    def write(self, out, data, method: str, *, model=None, batch_size: int = 500, fits_meta: bool = False) -> Path:
+        """Score every training example (and the rows of a test split drawn
+        from the user's data, :func:`score_test_split`) and write
+        ``label_evidence.npz`` and ``label_issues.csv`` (in the user's terms,
+        :func:`issues_table`; a ``split`` column when test rows are in it) into
+        the run directory ``out``. ``fits_meta``: the method trained
+        towards the meta set (``Method.needs_meta``), so the final model's
+        mistakes on it stand for its mistakes on clean training rows and
+        correct the estimate of how many labels are wrong.
+
+        ``data``: the run's :class:`gdw.data.Prepared` (its training split
+        and class names). ``model``: the final model; it predicts the
+        splits it did not train on (:meth:`held_out`, saved as
+        ``meta_prob``, ``val_prob``, ``test_prob`` with their labels) and
+        the training examples that got no evidence (``finetune`` spends its
+        last epochs on the meta set).
+        """
+        out, train_split = Path(out), data.train
+        ev = self.evidence()
+        missing = ev["count"] == 0
+        if missing.any():
+            if model is None:
+                raise UserError("no training statistics were recorded in the last epochs; cannot rank labels")
+            prob = ev.get("prob", np.zeros((self.n, self.num_classes), np.float32))
+            from .fit import predict_proba
+
+            prob[missing] = predict_proba(model, train_split, batch_size, self.device).cpu().numpy()[missing]
+            ev["prob"] = prob
+            if "trust" in ev:
+                ev["trust"][missing] = np.nan
+        given = train_split.labels.numpy()
+        held = self.held_out(data, model, batch_size)
+        score = score_examples(method, ev, given)
+        # the model's own mistakes where labels are right: on the meta set, which a meta method fits about as
+        # well as the clean training rows (docs/algorithms.md, 5c)
+        meta = held.get("meta") if fits_meta else None
+        found = find_label_issues(given, ev["prob"], **({"clean_labels": meta["given"], "clean_pred_probs": meta["prob"]}
+                                                         if meta is not None else {}))
+        self.noise = {"estimated_noise_rate": found.noise_rate, "estimated_noise_interval": list(found.noise_interval)}
+        suggested = suggest_labels(method, ev, given, score, found.flagged)
+        rows, paths = source_of(train_split)
+        test = score_test_split(data, held.get("test"), found, given)
+        np.savez(out / EVIDENCE_NAME, **{f"test_{k}": v for k, v in test.items()}, method=np.array(method), score_name=np.array(score_name(method)),
+                 noise_rate=found.noise_rate, noise_interval=np.array(found.noise_interval),
+                 noise_matrix=found.noise_matrix,
+                 **{f"{name}_{k}": v for name, part in held.items() for k, v in part.items()},
+                 epochs=np.array(self.epochs_seen, dtype=np.int64), given=given, index=train_split.index.numpy(),
+                 suggested=suggested, score=score, source_rows=rows,
+                 source_paths=np.array(paths if paths is not None else [], dtype=str),
+                 **{k: (v.astype(np.float16) if v.ndim == 2 else v) for k, v in ev.items()})
+        table = issues_table(given, suggested, score, list(data.classes), rows, paths)
+        if test:
+            table = [{**r, "split": "train"} for r in table] + [
+                {**r, "split": "test"} for r in issues_table(held["test"]["given"], test["suggested"], test["score"],
+                                                              list(data.classes), test["source_rows"],
+                                                              list(test["source_paths"]) or None)]
+        return write_csv(out / CSV_NAME, table)
+
+
+def score_test_split(data, test: Optional[dict], found, train_given: np.ndarray) -> dict:
+    """Label issues in a test split drawn from the user's own data, labels as
+    given (as noisy as the training labels; ``{}`` for any other test split,
+    or with injected noise): the
+    final model's out-of-sample ``score`` (1 − p of the given label), and in
+    each given class the share of rows flagged that the training estimate
+    gives that class (the split is a random part of the same data);
+    ``suggested`` is the most likely other class on flagged rows."""
+    if test is None or data.record.get("test_known_clean", True) or data.record.get("realised_noise_rate") is not None:
+        return {}  # no test split of the user's own labels (injected noise leaves the test labels as they were)
+    given, prob = test["given"], test["prob"].astype(np.float64)
+    score = 1 - prob[np.arange(len(given)), given]
+    N = found.noise_matrix
+    share = (N.sum(1) - np.diag(N)) / np.maximum(np.bincount(train_given, minlength=len(N)), 1)
+    flagged = np.zeros(len(given), bool)
+    for c in range(len(N)):
+        rows = np.flatnonzero(given == c)
+        flagged[rows[np.argsort(-score[rows], kind="stable")[:int(round(share[c] * len(rows)))]]] = True
+    rows, paths = source_of(data.test)
+    return {"score": score, "suggested": np.where(flagged, _off_label(prob, given, -np.inf).argmax(1), given),
+            "source_rows": rows, "source_paths": np.array(paths or [], dtype=str)}
+
+
+def source_of(split) -> tuple[np.ndarray, Optional[list]]:
+    """The user's row of every example of ``split`` (the 0-based data row of
+    a CSV file, the position in npz arrays; for built-in datasets the
+    position in the dataset's training array) and, for image folders, the
+    path relative to the folder (else None)."""
+    rows = getattr(split, "source_rows", None)
+    rows = split.index.numpy() if rows is None else np.asarray(rows)
+    paths = getattr(split, "source_paths", None)
+    return rows.astype(np.int64), (None if paths is None else [str(p) for p in paths])
