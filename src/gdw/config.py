@@ -1,0 +1,225 @@
+"""The settings of one run (:class:`TrainConfig`): each field with its
+default and its check, the fingerprint that defines a run, and the user's
+files a run reads (their digests, to tell a reused run from a changed file).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+
+from .errors import UserError
+from .methods import METHODS
+
+
+NEUTRAL = ("device", "progress", "out", "resume", "data_root", "download")
+"""Settings that cannot change a run's result: they may differ on ``--resume``
+and are left out of the config fingerprint."""
+
+RESERVED_METHOD_ARGS = ("model", "num_classes", "optimizer", "class_counts", "output", "comm")
+
+PATH_PREFIXES = ("csv:", "npz:", "folder:", "clothing1m:", "matrix:")
+
+@dataclass
+class TrainConfig:
+    """Every setting of one run. Field names match the command-line flags."""
+
+    dataset: str = "digits"
+    data_root: Optional[str] = None
+    download: bool = False
+    noise: str = "none"
+    imbalance: str = "none"
+    target_prior: str = "auto"
+    meta: Optional[str] = None
+    meta_per_class: Optional[int] = None
+    val_per_class: int = 0
+    test: Optional[str] = None
+    early_stop: Optional[int] = None
+    label_column: str = "label"
+    features: Optional[str] = None
+    ignore: Optional[str] = None
+    test_fraction: float = 0.2
+    method: str = "gdw"
+    method_args: dict = field(default_factory=dict)
+    head_only: bool = False
+    model: str = "mlp"
+    epochs: int = 30
+    batch_size: int = 100
+    meta_batch_size: int = 100
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    seed: int = 0
+    device: Optional[str] = None
+    amp: bool = False
+    sync_bn: bool = False
+    out: Optional[str] = None
+    resume: bool = False
+    progress: bool = True
+
+    def validate(self) -> "TrainConfig":
+        """Raise UserError, naming the flag, for a value of the wrong kind."""
+        def flag(name):
+            return "--" + name.replace("_", "-")
+
+        for name in ("epochs", "batch_size", "meta_batch_size", "seed", "val_per_class", "early_stop"):
+            value = getattr(self, name)
+            if name == "early_stop" and value is None:
+                continue
+            low = 0 if name in ("seed", "val_per_class") else 1
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise UserError(f"{flag(name)} must be a whole number >= {low}, got {value!r}")
+        if self.meta_per_class is not None and (not isinstance(self.meta_per_class, int)
+                                                or isinstance(self.meta_per_class, bool) or self.meta_per_class < 0):
+            raise UserError(f"--meta-per-class must be a whole number >= 0, got {self.meta_per_class!r}")
+        for name in ("lr", "momentum", "weight_decay", "test_fraction"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 \
+                    or (name in ("lr", "test_fraction") and value == 0) or (name == "test_fraction" and value >= 1):
+                kind = {"lr": "a positive number", "test_fraction": "a number in (0, 1)"}.get(name, "a non-negative number")
+                raise UserError(f"{flag(name)} must be {kind}, got {value!r}")
+        for name in ("download", "head_only", "amp", "sync_bn", "resume", "progress"):
+            if not isinstance(getattr(self, name), bool):
+                raise UserError(f"{flag(name)} must be true or false, got {getattr(self, name)!r}")
+        from .prior import TARGET_PRIORS
+
+        if self.target_prior not in TARGET_PRIORS:
+            raise UserError(f"--target-prior must be one of {', '.join(TARGET_PRIORS)}, got {self.target_prior!r}")
+        for name in ("dataset", "noise", "imbalance", "method", "model", "label_column"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise UserError(f"{flag(name)} must be a non-empty string, got {getattr(self, name)!r}")
+        if self.early_stop is not None and not self.val_per_class and not self.meta:
+            raise UserError("--early-stop needs a validation split: give --val-per-class N")
+        for name in ("meta", "test", "features", "ignore"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise UserError(f"--{name} must be " + ("a dataset spec such as csv:PATH" if name in ("meta", "test")
+                                                       else "column names separated by commas") + f", got {value!r}")
+        if not isinstance(self.method_args, dict):
+            raise UserError(f"--method-args must be key=value pairs, got {self.method_args!r}")
+        reserved = sorted(set(self.method_args) & set(RESERVED_METHOD_ARGS))
+        if reserved:
+            raise UserError(f"--method-args: {reserved[0]!r} is set by gdw itself, not a method hyper-parameter")
+        METHODS.get(self.method)  # unknown → UserError listing the methods
+        return self
+
+    # -- identity of a run ---------------------------------------------------------
+    def absolute(self) -> "TrainConfig":
+        """A copy whose file paths (dataset, noise matrix, data root) are absolute."""
+        return dataclasses.replace(self, **_map_paths(self, lambda p: str(Path(p).expanduser().resolve())))
+
+    def result_settings(self) -> dict:
+        """The settings that define the result (all but :data:`NEUTRAL`), as
+        plain JSON values, paths absolute, plus ``method_params``: every
+        hyper-parameter of the method with the defaults of this gdw."""
+        d = dataclasses.asdict(self.absolute())
+        d = {k: v for k, v in d.items() if k not in NEUTRAL}
+        d["method_params"] = self.method_params()
+        return json.loads(json.dumps(d, default=str))
+
+    def method_params(self) -> dict:
+        """The method's hyper-parameters as they will be used (its defaults
+        updated by ``method_args`` and ``head_only``)."""
+        from .methods import resolved_params
+
+        given = {**self.method_args, **({"head_only": True} if self.head_only else {})}
+        return json.loads(json.dumps(resolved_params(self.method, given), default=str))
+
+    def fingerprint(self) -> str:
+        """A short hash of :meth:`result_settings`; stored in every checkpoint."""
+        text = json.dumps(self.result_settings(), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def first_difference(self, other: "TrainConfig", only=None) -> Optional[tuple[str, Any, Any]]:
+        """``(name, self's value, other's value)`` of the first result setting
+        that differs (among ``only`` if given), or None. Then the method's
+        parameters with their defaults are compared (always): a run loaded
+        from its directory brings those it was trained with, so a default
+        that changed since is a difference too (name ``method parameter P``),
+        and ``method_args`` that spell the same parameters otherwise (a
+        default written out) are not."""
+        a, b = self.result_settings(), other.result_settings()
+        saved = getattr(other, "saved_method_params", None)
+        if saved is not None:
+            from .methods import recorded_params
+
+            b["method_params"] = recorded_params(other.method, saved)
+        for k in a:  # method_args are compared by their effect, in method_params below
+            if k not in ("method_params", "method_args") and (only is None or k in only) and a[k] != b.get(k):
+                return k, a[k], b.get(k)
+        pa, pb = a["method_params"], b["method_params"]
+        for p in sorted(set(pa) | set(pb)):
+            if p not in pa or p not in pb or pa[p] != pb[p]:
+                if a["method_args"] != b.get("method_args") and (only is None or "method_args" in only):
+                    return "method_args", a["method_args"], b.get("method_args")
+                return f"method parameter {p}", pa.get(p, "(none)"), pb.get(p, "(none)")
+        return None
+
+    @classmethod
+    def load(cls, run_dir) -> "TrainConfig":
+        """The settings saved in ``run_dir/config.json`` (paths resolved against
+        the run directory; ``out`` = run_dir). UserError if it is unreadable."""
+        run = Path(run_dir)
+        path = run / "config.json"
+        if not path.is_file():
+            raise UserError(f"{run} is not a gdw run directory (no config.json)")
+        try:
+            saved = json.loads(path.read_text())
+            names = {f.name for f in dataclasses.fields(cls)}
+            cfg = cls(**{k: v for k, v in saved.items() if k in names})
+        except (OSError, ValueError, TypeError) as err:
+            raise UserError(f"cannot read {path}: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+        base = run.resolve()
+        cfg = dataclasses.replace(cfg, **_map_paths(cfg, lambda p: str((base / p).resolve())))
+        cfg = dataclasses.replace(cfg, out=str(run))
+        cfg.saved_method_params = saved.get("method_params")  # absent in runs of older versions
+        return cfg
+
+def _map_paths(cfg: TrainConfig, fn) -> dict:
+    """The path-bearing settings of ``cfg`` with ``fn`` applied to each path."""
+    out = {}
+    for name in ("dataset", "noise", "meta", "test"):
+        value = getattr(cfg, name)
+        for prefix in PATH_PREFIXES:
+            if isinstance(value, str) and value.startswith(prefix) and len(value) > len(prefix):
+                out[name] = prefix + fn(value[len(prefix):])
+    if cfg.data_root:
+        out["data_root"] = fn(cfg.data_root)
+    return out
+
+def default_out(cfg: TrainConfig) -> Path:
+    """A fresh directory under ``runs/`` named after the run."""
+    stem = "-".join(str(s).replace(":", "").replace("/", "_") for s in (cfg.dataset, cfg.noise, cfg.method, f"s{cfg.seed}"))
+    base = Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    path, k = base, 1
+    while path.exists():
+        path, k = Path(f"{base}-{k}"), k + 1
+    return path
+
+def data_files(cfg: TrainConfig) -> dict:
+    """``{setting: digest}`` of the user's files the run reads (``dataset``,
+    ``meta`` and ``test`` when they name a CSV, npz or folder; see
+    :func:`gdw.data.sources.files_digest`), so that a reused run can be
+    checked against the files as they are now."""
+    from .data.sources import files_digest
+
+    specs = {"dataset": cfg.dataset, "meta": cfg.meta, "test": cfg.test}
+    digests = {k: files_digest(v) for k, v in specs.items() if v is not None}
+    return {k: v for k, v in digests.items() if v is not None}
+
+def changed_data_files(cfg: TrainConfig, run_dir) -> Optional[str]:
+    """Which of the files recorded in ``run_dir/config.json`` changed since
+    (e.g. ``"--dataset csv:data.csv"``), or None (also for runs that recorded
+    none)."""
+    saved = json.loads((Path(run_dir) / "config.json").read_text()).get("data_files") or {}
+    now = data_files(cfg) if saved else {}
+    for key, digest in saved.items():
+        if now.get(key) != digest:
+            return f"--{key} {getattr(cfg, key)}"
+    return None
