@@ -46,9 +46,16 @@ CASES = [
 ]
 
 
-def run_case(name, kw, rank, world):
-    """STEPS optimizer steps of ``name`` on this rank's share of fixed batches."""
-    model = make_model("mlp")  # no BatchNorm: batch statistics would be per rank
+def tensor_share(x, rank, world):
+    return torch.tensor_split(x, world)[rank]
+
+
+def run_case(name, kw, rank, world, model_of=lambda: make_model("mlp"),
+             batch_of=lambda n, seed: make_batch("mlp", n, seed), share=tensor_share):
+    """STEPS optimizer steps of ``name`` on this rank's share of fixed batches
+    (``batch_of(n, seed)`` -> (inputs, labels), this rank's inputs
+    ``share(inputs, rank, world)``)."""
+    model = model_of()  # no BatchNorm: batch statistics would be per rank
     opt = torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.9)
     torch.manual_seed(11)
     method = gdw.make(name, model, C, optimizer=opt, **kw)
@@ -56,22 +63,27 @@ def run_case(name, kw, rank, world):
         method.vnet.double()
     for step in range(STEPS):
         method.on_epoch_start(step // 2, 2)  # finetune and LDAM-DRW switch phase at step 2
-        x, y = make_batch("mlp", B, 100 + step)
-        xm, ym = make_batch("mlp", BM, 200 + step)
+        x, y = batch_of(B, 100 + step)
+        xm, ym = batch_of(BM, 200 + step)
         if world > 1:
-            x, y = torch.tensor_split(x, world)[rank], torch.tensor_split(y, world)[rank]
-            xm, ym = torch.tensor_split(xm, world)[rank], torch.tensor_split(ym, world)[rank]
+            x, y = share(x, rank, world), tensor_share(y, rank, world)
+            xm, ym = share(xm, rank, world), tensor_share(ym, rank, world)
         opt.zero_grad()
         stats = method.backward(x, y, xm, ym)
         opt.step()
     return [p.detach().clone() for p in model.parameters()], stats.loss, stats.weights, stats.trust
 
 
-def _worker(rank, world, init_file, out_dir):
+def every_case(rank, world):
+    return [run_case(name, kw, rank, world) for name, kw in CASES]
+
+
+def _worker(rank, world, init_file, out_dir, results_of=every_case):
+    """One rank: ``results_of(rank, world)`` saved to ``out_dir``/rank{rank}.pt."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        results = [run_case(name, kw, rank, world) for name, kw in CASES]
+        results = results_of(rank, world)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()

@@ -58,7 +58,10 @@ runs without a graph).
 Nothing here changes the model: parameters are read, never written, and every
 extra forward runs on a copy of the buffers, so BatchNorm running statistics
 are left as the user's own forward left them. The model is called through
-``torch.func.functional_call``; no layer is rewritten. Its output may be the
+``torch.func.functional_call``; no layer is rewritten. Its inputs may be a
+tensor, a dict of keyword arguments or a tuple of positional ones (every
+forward here calls it through :func:`gdw.inputs.call`; the batch size is the
+labels' length). Its output may be the
 logits or hold them (``.logits``, ``["logits"]``, first element of a
 tuple/list, or an ``output=`` callable): every forward here takes them with
 :func:`logits_of`, the forward-mode one inside the dual level.
@@ -75,8 +78,8 @@ import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.func import functional_call
 
+from . import inputs as model_inputs
 from .distributed import Comm
 from .errors import UserError
 
@@ -95,7 +98,7 @@ class TrainForward:
     """
 
     model: nn.Module
-    x: torch.Tensor
+    x: "model_inputs.Inputs"  # a tensor, a dict of keyword arguments or a tuple of positional ones
     logits: torch.Tensor
     rng: "RngState"
     head_input: Optional[torch.Tensor] = None
@@ -256,13 +259,14 @@ def logits_of(out: Any, output: Optional[Callable[[Any], torch.Tensor]] = None) 
     )
 
 
-def stateless_forward(model: nn.Module, params: dict, x: torch.Tensor,
+def stateless_forward(model: nn.Module, params: dict, x: "model_inputs.Inputs",
                       output: Optional[Callable[[Any], torch.Tensor]] = None) -> torch.Tensor:
-    """The logits of ``model(x)`` (see :func:`logits_of`) with ``params``
-    swapped in and buffers copied, so running statistics of the real model
-    are not touched."""
+    """The logits of the model on ``x`` (a tensor, a dict of keyword
+    arguments or a tuple of positional ones: :func:`gdw.inputs.call`; the
+    logits: :func:`logits_of`) with ``params`` swapped in and buffers
+    copied, so running statistics of the real model are not touched."""
     buffers = {n: b.clone() for n, b in model.named_buffers()}
-    return logits_of(functional_call(model, {**buffers, **params}, (x,)), output)
+    return logits_of(model_inputs.call(model, x, {**buffers, **params}), output)
 
 
 def check_logits_shape(z: torch.Tensor, n: int, num_classes: int) -> None:
@@ -275,7 +279,7 @@ def check_logits_shape(z: torch.Tensor, n: int, num_classes: int) -> None:
         )
 
 
-def meta_gradient(model: nn.Module, x_meta: torch.Tensor, y_meta: torch.Tensor, rng: RngState, *,
+def meta_gradient(model: nn.Module, x_meta: "model_inputs.Inputs", y_meta: torch.Tensor, rng: RngState, *,
                   comm: Optional[Comm] = None, output: Optional[Callable[[Any], torch.Tensor]] = None,
                   num_classes: Optional[int] = None) -> MetaGradient:
     """u = ∇_θ L_meta(θ): the meta forward and backward at the current
@@ -291,7 +295,7 @@ def meta_gradient(model: nn.Module, x_meta: torch.Tensor, y_meta: torch.Tensor, 
         with rng.meta_stream():
             meta_logits = stateless_forward(model, leaves, x_meta, output)
         if num_classes is not None:
-            check_logits_shape(meta_logits, x_meta.shape[0], num_classes)
+            check_logits_shape(meta_logits, y_meta.shape[0], num_classes)
         meta_loss = _meta_ce(meta_logits, y_meta, comm)
         u = torch.autograd.grad(meta_loss, list(leaves.values()), allow_unused=True)
     comm.sum_(u)
@@ -301,7 +305,7 @@ def meta_gradient(model: nn.Module, x_meta: torch.Tensor, y_meta: torch.Tensor, 
 def meta_logit_grad(
     fwd: TrainForward,
     A: Optional[torch.Tensor],
-    x_meta: torch.Tensor,
+    x_meta: "model_inputs.Inputs",
     y_meta: torch.Tensor,
     lr: float,
     *,
@@ -318,7 +322,8 @@ def meta_logit_grad(
             read again (except by ``"double"`` and ``head``).
         A: B×C per-logit gradient of the virtual step (already divided by B), or
             ``None`` for no step at all (θ' = θ, as in L2RW).
-        x_meta, y_meta: a clean meta batch.
+        x_meta, y_meta: a clean meta batch (``x_meta`` a tensor, a dict of
+            keyword arguments or a tuple of positional ones, as ``fwd.x``).
         lr: α, the step of the virtual plain-SGD step.
         mode: ``"jvp"`` (no second-order backward), ``"double"`` (reference),
             ``"fd"`` (one-sided finite difference instead of the JVP: one
@@ -340,7 +345,8 @@ def meta_logit_grad(
     if fd_scale is not None and not (isinstance(fd_scale, (int, float)) and 0 < fd_scale < 1):
         raise UserError(f"fd_scale must be a number in (0, 1), got {fd_scale!r}")
     if mode == "double":
-        return _double(fwd, A, x_meta, y_meta, lr)
+        with math_attention():
+            return _double(fwd, A, x_meta, y_meta, lr)
     return _first_order(fwd, A, x_meta, y_meta, lr, mode, fd_scale)
 
 
@@ -377,14 +383,32 @@ def _first_order(fwd, A, x_meta, y_meta, lr, mode="jvp", fd_scale=None):
 
 def _jvp_tangent(fwd, names, ps, u):
     """J_z(θ) u: one forward-mode pass at θ on the training batch, with the
-    random state of the real forward (same dropout masks)."""
-    with fwAD.dual_level(), fwd.rng.replay():
+    random state of the real forward (same dropout masks).
+
+    ``scaled_dot_product_attention`` runs on its math backend here: its fused
+    kernels (flash, memory-efficient; what Hugging Face models use by
+    default) have no forward-mode derivative, the math one is composed of
+    ops that do. Its value is the same up to rounding; with attention
+    dropout in training mode, though, its dropout masks are drawn otherwise
+    than a fused kernel's, so the JVP is then taken of a forward with other
+    attention masks (the finite-difference modes replay the real forward's
+    kernel and masks; or build the model with eager attention)."""
+    with fwAD.dual_level(), fwd.rng.replay(), math_attention():
         duals = {n: p.detach() if t is None else fwAD.make_dual(p.detach(), t) for n, p, t in zip(names, ps, u)}
         # the logits are taken from the output inside the dual level, before unpacking
         tangent = fwAD.unpack_dual(stateless_forward(fwd.model, duals, fwd.x, fwd.output)).tangent
     if tangent is None:  # no parameter reaches the logits
         tangent = torch.zeros_like(fwd.logits)
     return tangent
+
+
+def math_attention():
+    """A context in which ``scaled_dot_product_attention`` uses its math backend."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # an older torch without the selector
+        return contextlib.nullcontext()
+    return sdpa_kernel(SDPBackend.MATH)
 
 
 def default_fd_scale(dtypes) -> float:

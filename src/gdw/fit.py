@@ -22,11 +22,13 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import torch
 
+from . import inputs as model_inputs
 from .distributed import Comm
+from .errors import UserError
 
 CHECK_EVERY = 50  # steps between finite-loss checks (each one synchronises with the device)
 
@@ -81,7 +83,24 @@ def cycle(batches_of_pass) -> Iterator:
         k += 1
 
 
-def batches(method, train_loader, meta_loader) -> Iterator:
+def inputs_and_labels(batch, label_key: str = "labels") -> tuple:
+    """``(x, y)`` of one loader batch: ``(x, y, ...)`` (a sequence, whose
+    ``x`` may itself be a tensor, a dict of keyword arguments or a tuple of
+    positional ones), or a dict holding the labels under ``label_key`` and
+    the model's keyword arguments under the other keys (what a Hugging Face
+    data collator yields)."""
+    if isinstance(batch, Mapping):
+        if label_key not in batch:
+            raise UserError(f"a batch given as a dict must hold the labels under {label_key!r}; "
+                            f"it has {', '.join(map(repr, batch))}")
+        return {k: v for k, v in batch.items() if k != label_key}, batch[label_key]
+    if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+        raise UserError(f"a batch must be (inputs, labels, ...) or a dict with {label_key!r}, "
+                        f"got {type(batch).__name__}")
+    return batch[0], batch[1]
+
+
+def batches(method, train_loader, meta_loader, *, label_key: str = "labels") -> Iterator:
     """One epoch of ``(x, y, x_meta, y_meta)`` for a user's own loop.
 
     Normally every training batch with the next meta batch (the meta loader
@@ -90,13 +109,20 @@ def batches(method, train_loader, meta_loader) -> Iterator:
     one pass over the meta loader, each batch given as both, since an epoch
     of fine-tuning is a pass over the data it trains on. Call
     ``method.on_epoch_start(epoch, epochs)`` first.
+
+    A loader's batch is ``(inputs, labels, ...)``, the inputs a tensor, a
+    dict of tensors (keyword arguments of the model) or a tuple
+    (positional), or a dict with the labels under ``label_key`` and the
+    model's keyword arguments under the rest (a tokenizer's output
+    collated with its labels); see :func:`inputs_and_labels`.
     """
     if getattr(method, "finetuning", False):
-        for xm, ym, *_ in meta_loader:
+        for batch in meta_loader:
+            xm, ym = inputs_and_labels(batch, label_key)
             yield xm, ym, xm, ym
     else:
-        for (x, y, *_), (xm, ym, *_) in zip(train_loader, cycle(meta_loader)):
-            yield x, y, xm, ym
+        for batch, meta_batch in zip(train_loader, cycle(meta_loader)):
+            yield (*inputs_and_labels(batch, label_key), *inputs_and_labels(meta_batch, label_key))
 
 
 @dataclass
@@ -134,7 +160,7 @@ def predict_proba(model, split, batch_size: int = 500, device=None, shift=None) 
     model.eval()
     b = 0.0 if shift is None else torch.as_tensor(shift, dtype=torch.float32, device=device)
     try:
-        parts = [torch.softmax(logits_of(model(x)).float() + b, 1)
+        parts = [torch.softmax(logits_of(model_inputs.call(model, x)).float() + b, 1)
                  for x, _, _ in split.batches(max(batch_size, 1), shuffle=False, device=device, augment=False)]
     finally:
         model.train(was_training)

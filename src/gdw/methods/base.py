@@ -37,9 +37,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import inputs as model_inputs
 from ..distributed import Comm
 from ..engine import (HeadCapture, MetaGradient, RngState, TrainForward, check_logits_shape, full, logits_of,
-                      meta_gradient, meta_logit_grad)
+                      math_attention, meta_gradient, meta_logit_grad)
 from ..errors import UserError
 from ..registry import Registry
 
@@ -193,15 +194,12 @@ def _check_labels(y: torch.Tensor, n: int, num_classes: int, what: str, *, value
     return y.long()
 
 
-def _check_inputs(x: torch.Tensor, what: str, *, values: bool = True) -> None:
-    """Type and shape always; the finiteness check reads the inputs: it
-    always runs on the CPU, and on an accelerator only when ``values``."""
-    if not isinstance(x, torch.Tensor):
-        raise UserError(f"{what} inputs must be a torch.Tensor, got {type(x).__name__}")
-    if x.ndim == 0 or x.shape[0] == 0:
-        raise UserError(f"{what} batch is empty")
-    if x.is_floating_point() and (values or x.device.type == "cpu") and not bool(torch.isfinite(x).all()):
-        raise UserError(f"{what} inputs contain NaN or infinite values")
+def _check_inputs(x, what: str, *, values: bool = True) -> int:
+    """Type and shape always (a tensor, a dict of tensors or a tuple:
+    :func:`gdw.inputs.check`); return the number of examples. The finiteness
+    check reads the inputs: it always runs on the CPU, and on an accelerator
+    only when ``values``."""
+    return model_inputs.check(x, what, values=values)
 
 
 class Method:
@@ -333,12 +331,12 @@ class Method:
             )
         return check_positive("inner_lr", inner_lr)
 
-    def forward(self, x: torch.Tensor) -> TrainForward:
+    def forward(self, x) -> TrainForward:
         """The real forward of the training batch (updates BatchNorm stats once)."""
-        rng = RngState(x.device)
+        rng = RngState(model_inputs.device_of(x, self.device))
         with torch.set_grad_enabled(self.forward_needs_graph()):
-            return TrainForward(self.model, x, logits_of(self.model(x), self.output), rng, output=self.output,
-                                comm=self.comm if self.comm is not None else Comm())
+            return TrainForward(self.model, x, logits_of(model_inputs.call(self.model, x), self.output), rng,
+                                output=self.output, comm=self.comm if self.comm is not None else Comm())
 
     def forward_needs_graph(self) -> bool:
         """Whether the real forward must record an autograd graph."""
@@ -351,9 +349,9 @@ class Method:
 
     def backward(
         self,
-        x: torch.Tensor,
+        x,
         y: torch.Tensor,
-        x_meta: Optional[torch.Tensor] = None,
+        x_meta=None,
         y_meta: Optional[torch.Tensor] = None,
         *,
         inner_lr: Optional[float] = None,
@@ -361,10 +359,17 @@ class Method:
         """Put the method's weighted gradient into the model's ``.grad``.
 
         Args:
-            x: training inputs, shape (B, ...), on the model's device.
-            y: (possibly noisy) integer labels in [0, C), shape (B,).
-            x_meta, y_meta: a clean meta batch (required by meta methods,
-                ignored by the others).
+            x: training inputs on the model's device: a tensor of shape
+                (B, ...) (the model is called as ``model(x)``), a dict of
+                tensors (keyword arguments: ``model(**x)``, e.g.
+                ``input_ids`` and ``attention_mask``) or a tuple/list
+                (positional arguments: ``model(*x)``); every tensor in a
+                dict or tuple with a dimension holds one row per example
+                (see :mod:`gdw.inputs`).
+            y: (possibly noisy) integer labels in [0, C), shape (B,): the
+                batch size is read from them.
+            x_meta, y_meta: a clean meta batch, in any of the same forms
+                (required by meta methods, ignored by the others).
             inner_lr: α of the virtual step (meta methods); defaults to the
                 optimizer's current learning rate.
 
@@ -395,7 +400,7 @@ class Method:
         fwd.meta = meta
         z = fwd.logits
         fwd.backward_logits = z
-        check_logits_shape(z, x.shape[0], self.num_classes)
+        check_logits_shape(z, y.shape[0], self.num_classes)
         fwd.B = fwd.comm.count(y.shape[0], z.device)
         out = self.logit_grad(fwd, y, x_meta, y_meta, lr)
         self._backprop(fwd, out["G"].to(z.dtype))
@@ -428,7 +433,7 @@ class Method:
         else:
             fwd.backward_logits.backward(G)
 
-    def _finetune_step(self, x_meta: torch.Tensor, y_meta: torch.Tensor) -> Stats:
+    def _finetune_step(self, x_meta, y_meta: torch.Tensor) -> Stats:
         """The fine-tuning phase: plain cross-entropy on the meta batch (the
         training batch is checked but not forwarded, so BatchNorm statistics
         see the meta batch only). The Stats describe the meta batch:
@@ -436,7 +441,7 @@ class Method:
         ``trained_on="meta"``."""
         comm = self.comm if self.comm is not None else Comm()
         with torch.enable_grad():
-            z = logits_of(self.model(x_meta), self.output)
+            z = logits_of(model_inputs.call(self.model, x_meta), self.output)
         fwd = TrainForward(self.model, x_meta, z, None, output=self.output, comm=comm, backward_logits=z)
         fwd.B = comm.count(y_meta.shape[0], z.device)
         _, e = logit_error(z, y_meta, self.num_classes)
@@ -447,7 +452,9 @@ class Method:
         return Stats(loss=loss, meta_loss=loss, weights=ones, logits=z.detach(), trust=ones, trained_on="meta")
 
     def _check_dtype(self, x, what: str) -> None:
-        """Floating inputs must have the model's dtype (torch would raise a bare RuntimeError)."""
+        """Floating inputs must have the model's dtype (torch would raise a bare
+        RuntimeError). A plain tensor only: a dict's or tuple's tensors (a float
+        attention mask, say) are the model's to convert."""
         p = next((q for q in self.model.parameters() if q.is_floating_point()), None)
         if torch.is_tensor(x) and x.is_floating_point() and p is not None and x.dtype != p.dtype:
             raise UserError(f"the {what} inputs are {str(x.dtype).replace('torch.', '')} but the model's parameters "
@@ -460,15 +467,15 @@ class Method:
         ``(y, y_meta)``. Value checks on an accelerator run only until the
         first call has passed them (see ``backward``)."""
         values = not self._values_checked
-        _check_inputs(x, "training", values=values)
+        n = _check_inputs(x, "training", values=values)
         self._check_dtype(x, "training")
-        y = _check_labels(y, x.shape[0], self.num_classes, "training", values=values)
+        y = _check_labels(y, n, self.num_classes, "training", values=values)
         if self.needs_meta:
             if x_meta is None or y_meta is None:
                 raise UserError(f"{type(self).__name__} needs a meta batch: pass x_meta and y_meta")
-            _check_inputs(x_meta, "meta", values=values)
+            n_meta = _check_inputs(x_meta, "meta", values=values)
             self._check_dtype(x_meta, "meta")
-            y_meta = _check_labels(y_meta, x_meta.shape[0], self.num_classes, "meta", values=values)
+            y_meta = _check_labels(y_meta, n_meta, self.num_classes, "meta", values=values)
         self._values_checked = True
         return y, y_meta
 
@@ -484,6 +491,10 @@ class MetaMethod(Method):
             ∂L_meta/∂A 2e-3 to 4e-3 on resnet32 in float32) or
             ``"fd_central"`` (central difference, two such forwards, 1e-3
             to 3e-3 there). See ``gdw.engine`` and benchmarks/fd_error.py.
+            ``"jvp"``'s forward-mode pass, and with ``"double"`` every
+            forward of the step, run ``scaled_dot_product_attention`` on its
+            math backend (the fused kernels have no forward-mode derivative
+            nor a derivative of their backward).
         fd_scale: c, the relative step of the finite-difference modes (the
             parameters move by c·‖θ‖); default ε_mach^(1/2)/10 of the
             model's dtype (3.5e-5 in float32). Ignored by the other modes.
@@ -538,12 +549,18 @@ class MetaMethod(Method):
         pass leaves it as it was (:meth:`gdw.engine.RngState.meta_stream`)."""
         if self.virtual_step or self.head is not None or self.meta_grad == "double":
             return None
-        return meta_gradient(self.model, x_meta, y_meta, RngState(x.device),
+        return meta_gradient(self.model, x_meta, y_meta, RngState(model_inputs.device_of(x, self.device)),
                              comm=self.comm if self.comm is not None else Comm(), output=self.output,
                              num_classes=self.num_classes)
 
     def forward(self, x):
-        fwd = super().forward(x)
+        if self.meta_grad == "double" and self.head is None:
+            # the reference differentiates through the backward of the real forward: the fused attention
+            # kernels have no derivative of their backward, the math one has (see gdw.engine._jvp_tangent)
+            with math_attention():
+                fwd = super().forward(x)
+        else:
+            fwd = super().forward(x)
         if self.head is not None:
             fwd.head_input = self.head.check(fwd.logits)
         fwd.recompute = self.recompute

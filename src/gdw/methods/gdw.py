@@ -48,6 +48,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .. import inputs as model_inputs
 from ..errors import UserError
 from ..engine import full
 from .base import METHODS, check_bool, check_positive, logit_error
@@ -276,11 +277,11 @@ class GDW(WeightNetMethod):
 
     def _guard_shrink(self, fwd, dA, e, x_meta, y_meta, lr):
         """λ from the held-out check (guard.py); one more meta-gradient, on half the meta batch."""
-        m = x_meta.shape[0]
+        m = y_meta.shape[0]
         h = m // 2
         saved, fwd.meta = fwd.meta, None
         try:
-            _, dA_half = self.meta_step(fwd, None, x_meta[:h], y_meta[:h], lr)
+            _, dA_half = self.meta_step(fwd, None, model_inputs.take(x_meta, slice(None, h)), y_meta[:h], lr)
         finally:
             fwd.meta = saved
 
@@ -306,7 +307,7 @@ class GDW(WeightNetMethod):
             v = self._scale(w, total, kept, n)
             if self.shrink > 0:  # toward plain training's weights
                 v = (1 - self.shrink) * v + self.shrink
-            if self.guard is not None and x_meta.shape[0] >= 4:
+            if self.guard is not None and y_meta.shape[0] >= 4:
                 due = self.guard.due()
                 lam = self._guard_shrink(fwd, dA, e, x_meta, y_meta, lr) if due else self.guard.shrink()
                 lam = lam.to(v.device, v.dtype)
