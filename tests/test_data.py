@@ -13,7 +13,7 @@ from hypothesis import given, settings, strategies as st
 from gdw.data import (apply_imbalance, apply_noise, crop_flip, epoch_plan, load_split,
                       longtail_counts, parse_imbalance, parse_noise, prepare, step_counts,
                       transition_matrix)
-from gdw.data import sources
+from gdw.data import builtin
 from gdw.errors import UserError
 
 from conftest import one_line_error
@@ -388,7 +388,7 @@ def test_real_fashion_mnist_from_debian_package():
         if os.environ.get("CI") == "true":
             pytest.fail(f"Fashion-MNIST files missing in {folder} (install dataset-fashion-mnist)")
         pytest.skip("Debian's dataset-fashion-mnist is not installed")
-    src = sources.read_idx_dataset("fashion-mnist")
+    src = builtin.read_idx_dataset("fashion-mnist")
     assert len(src.y_train) == 60_000 and len(src.y_test) == 10_000
     assert src.x_train.shape == (1, 28, 28) and len(src.classes) == 10
     assert np.bincount(src.y_train).tolist() == [6000] * 10

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from gdw.data import download, fetch, prepare, read_idx, safe_extract, sources
+from gdw.data import builtin, download, fetch, prepare, read_idx, safe_extract, sources
 from gdw.errors import UserError
 
 from conftest import one_line_error
@@ -54,7 +54,7 @@ def write_idx_dataset(folder, n_train=30, n_test=10, compress=True, seed=0):
 @pytest.mark.parametrize("compress", [True, False])
 def test_idx_round_trip(tmp_path, compress):
     arrays = write_idx_dataset(tmp_path / "mnist", compress=compress)
-    src = sources.read_idx_dataset("mnist", data_root=tmp_path)
+    src = builtin.read_idx_dataset("mnist", data_root=tmp_path)
     np.testing.assert_array_equal(src.x_train.x[:, 0].numpy(), arrays["train-images-idx3-ubyte"])
     np.testing.assert_array_equal(src.y_test, arrays["t10k-labels-idx1-ubyte"])
     d = prepare("mnist", data_root=tmp_path, meta_per_class=1)
@@ -82,7 +82,7 @@ def test_idx_truncated_missing_and_bad_magic(tmp_path):
     one_line_error(e, "magic")
     (tmp_path / "fashion-mnist" / "t10k-labels-idx1-ubyte.gz").unlink()
     with pytest.raises(UserError) as e:
-        sources.read_idx_dataset("fashion-mnist", data_root=tmp_path)
+        builtin.read_idx_dataset("fashion-mnist", data_root=tmp_path)
     one_line_error(e, "missing", "t10k-labels-idx1-ubyte")
     with pytest.raises(UserError) as e:
         prepare("mnist", data_root=tmp_path / "empty")
@@ -150,7 +150,7 @@ def test_cifar10_round_trip(tmp_path):
 
 def test_cifar100_round_trip_fine_labels(tmp_path):
     x, y, (xt, yt) = write_cifar(tmp_path, hundred=True, per_batch=3)
-    src = sources.read_cifar("cifar100", data_root=tmp_path)
+    src = builtin.read_cifar("cifar100", data_root=tmp_path)
     assert len(src.classes) == 100 and src.classes[7] == "class7"
     np.testing.assert_array_equal(src.y_train, y)
     np.testing.assert_array_equal(src.x_train.x.numpy(), x.reshape(-1, 3, 32, 32))

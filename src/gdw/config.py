@@ -22,9 +22,9 @@ NEUTRAL = ("device", "progress", "out", "resume", "data_root", "download")
 """Settings that cannot change a run's result: they may differ on ``--resume``
 and are left out of the config fingerprint."""
 
+
 RESERVED_METHOD_ARGS = ("model", "num_classes", "optimizer", "class_counts", "output", "comm")
 
-PATH_PREFIXES = ("csv:", "npz:", "folder:", "clothing1m:", "matrix:")
 
 @dataclass
 class TrainConfig:
@@ -181,17 +181,27 @@ class TrainConfig:
         cfg.saved_method_params = saved.get("method_params")  # absent in runs of older versions
         return cfg
 
+
+def path_prefixes() -> tuple:
+    """The ``kind:`` prefixes after which a setting holds a path: every dataset format
+    that takes one (:data:`gdw.data.FORMATS`), and a noise ``matrix:``."""
+    from .data import FORMATS
+
+    return tuple(f"{name}:" for name in FORMATS.names() if FORMATS.get(name).path != "none") + ("matrix:",)
+
+
 def _map_paths(cfg: TrainConfig, fn) -> dict:
     """The path-bearing settings of ``cfg`` with ``fn`` applied to each path."""
     out = {}
     for name in ("dataset", "noise", "meta", "test"):
         value = getattr(cfg, name)
-        for prefix in PATH_PREFIXES:
+        for prefix in path_prefixes():
             if isinstance(value, str) and value.startswith(prefix) and len(value) > len(prefix):
                 out[name] = prefix + fn(value[len(prefix):])
     if cfg.data_root:
         out["data_root"] = fn(cfg.data_root)
     return out
+
 
 def default_out(cfg: TrainConfig) -> Path:
     """A fresh directory under ``runs/`` named after the run."""
@@ -201,6 +211,7 @@ def default_out(cfg: TrainConfig) -> Path:
     while path.exists():
         path, k = Path(f"{base}-{k}"), k + 1
     return path
+
 
 def data_files(cfg: TrainConfig) -> dict:
     """``{setting: digest}`` of the user's files the run reads (``dataset``,
@@ -212,6 +223,7 @@ def data_files(cfg: TrainConfig) -> dict:
     specs = {"dataset": cfg.dataset, "meta": cfg.meta, "test": cfg.test}
     digests = {k: files_digest(v) for k, v in specs.items() if v is not None}
     return {k: v for k, v in digests.items() if v is not None}
+
 
 def changed_data_files(cfg: TrainConfig, run_dir) -> Optional[str]:
     """Which of the files recorded in ``run_dir/config.json`` changed since

@@ -28,6 +28,7 @@ from .config import TrainConfig, _map_paths, data_files, default_out
 class RunInterrupted(KeyboardInterrupt):
     """Ctrl-C during a run; the message says what was kept and what works next."""
 
+
 def check_run_dir(cfg: TrainConfig) -> Path:
     """The run directory ``cfg`` asks for; UserError if it cannot be used
     (a file, a non-empty directory without --resume, a resume whose saved
@@ -49,10 +50,12 @@ def check_run_dir(cfg: TrainConfig) -> Path:
                         "or choose another --out")
     return out
 
+
 def never_checkpointed(out: Path) -> bool:
     """``out`` holds a run that never finished an epoch (killed before its
     first checkpoint): starting it again in ``out`` replaces it."""
     return (out / "config.json").is_file() and not (out / "checkpoint.pt").exists()
+
 
 def describe_difference(diff, where: str, remedy: Optional[str] = None) -> str:
     """One line for ``TrainConfig.first_difference``'s result, ending with
@@ -64,10 +67,12 @@ def describe_difference(diff, where: str, remedy: Optional[str] = None) -> str:
     return (f"--{name.replace('_', '-')} {_show(mine)} differs from {_show(theirs)} saved in {where}; "
             f"a run keeps its settings ({remedy or 'drop the flag, or use another --out'})")
 
+
 def _show(v) -> str:
     if isinstance(v, dict):
         return ",".join(f"{k}={x}" for k, x in v.items()) or "(none)"
     return json.dumps(v) if not isinstance(v, str) else v
+
 
 def load_checkpoint(out: Path, device, fingerprint: str) -> dict:
     """The checkpoint of the run in ``out``; UserError if it is unreadable or
@@ -86,6 +91,7 @@ def load_checkpoint(out: Path, device, fingerprint: str) -> dict:
                         "start the run again with another --out")
     return ckpt
 
+
 def check_same_data(out: Path, data) -> None:
     """UserError unless ``data`` is the split saved in ``out/split.npz``
     (same training, meta and test examples, same labels): a resumed run must
@@ -100,6 +106,7 @@ def check_same_data(out: Path, data) -> None:
         if key in saved and not np.array_equal(np.asarray(saved[key]), tensor.numpy()):
             raise UserError(f"the data of {out} changed since the run started ({key.replace('_', ' ')} differ from "
                             f"{out / 'split.npz'}); a run keeps its data: start a new run with another --out")
+
 
 class RunDir:
     """Creates the run directory on entry and, if the run fails or is
@@ -128,6 +135,7 @@ class RunDir:
             for p in set(self.out.iterdir()) - self.before:
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
+
 @contextlib.contextmanager
 def _interrupts(out: Path, cfg: TrainConfig):
     """Turn Ctrl-C into a :class:`RunInterrupted` that says what was kept;
@@ -145,6 +153,7 @@ def _interrupts(out: Path, cfg: TrainConfig):
         fix = ("try a lower --lr, or a model with normalisation layers (BatchNorm, LayerNorm)"
                if isinstance(err, TrainingCollapsed) else "try a lower --lr")
         raise type(err)(f"{err}; stopped, {kept}; {fix}") from None
+
 
 def _config_record(cfg: TrainConfig, data, device, comm: Comm) -> dict:
     """config.json: the settings with paths relative to the run directory,
@@ -168,6 +177,7 @@ def _config_record(cfg: TrainConfig, data, device, comm: Comm) -> dict:
                      "python": platform.python_version()},
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+
 
 def _summary(cfg, data, history, train_seconds, steps_per_epoch, world) -> dict:
     accs = [h["test_accuracy"] for h in history]
@@ -199,6 +209,7 @@ def _summary(cfg, data, history, train_seconds, steps_per_epoch, world) -> dict:
         **_best_val(history),
         **({"n_val": data.record["n_val"]} if data.record.get("n_val") else {}),
     }
+
 
 def _best_val(history) -> dict:
     """The epoch chosen on the validation split (the first of the best), and

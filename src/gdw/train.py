@@ -45,7 +45,7 @@ from .errors import UserError
 from .fit import TrainingCollapsed, TrainingDiverged, cosine_lr, fit  # noqa: F401 - re-exported
 from .methods import METHODS, make
 from .models import check_logits, create_model
-from .config import (NEUTRAL, PATH_PREFIXES, RESERVED_METHOD_ARGS, TrainConfig,  # noqa: F401 - re-exported
+from .config import (NEUTRAL, RESERVED_METHOD_ARGS, TrainConfig,  # noqa: F401 - re-exported
                      changed_data_files, data_files, default_out)
 from .rundir import (RunDir, RunInterrupted, _config_record, _interrupts, _summary,  # noqa: F401 - re-exported
                      check_run_dir, check_same_data, describe_difference, load_checkpoint, never_checkpointed)
@@ -62,6 +62,7 @@ def pick_device(requested: Optional[str]) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for, but CUDA is not available on this machine")
     return device
+
 
 def build(cfg: TrainConfig, device: torch.device, comm: Comm):
     """``(data, model, optimizer, method)`` for ``cfg``; every user mistake
@@ -90,6 +91,7 @@ def build(cfg: TrainConfig, device: torch.device, comm: Comm):
         raise UserError(f"method {cfg.method!r} needs a meta set, but --meta-per-class is 0")
     return data, model, opt, method
 
+
 def _setup(cfg: TrainConfig, comm: Optional[Comm]) -> tuple[Comm, torch.device]:
     if comm is None and launched_by_torchrun():
         device = init_from_env(cfg.device)
@@ -103,6 +105,7 @@ def _setup(cfg: TrainConfig, comm: Optional[Comm]) -> tuple[Comm, torch.device]:
         raise UserError("--sync-bn needs torchrun on CUDA devices (SyncBatchNorm has no CPU kernel)")
     return comm, device
 
+
 def _on_rank0(comm: Comm, fn):
     """``fn()`` on rank 0; its result, or the UserError it raised, on every rank."""
     result = None
@@ -115,6 +118,7 @@ def _on_rank0(comm: Comm, fn):
     if isinstance(result, UserError):
         raise result
     return result
+
 
 def train(cfg: TrainConfig, log=print, comm: Optional[Comm] = None) -> dict:
     """Train one model as configured; return the summary (also in summary.json).
@@ -164,6 +168,7 @@ def train(cfg: TrainConfig, log=print, comm: Optional[Comm] = None) -> dict:
         atomic_write(out / "summary.json", json.dumps(summary, indent=2))
     comm.barrier()
     return summary
+
 
 def _restore(ckpt: dict, model, opt, method, stateful: dict) -> None:
     """Model, optimiser, method, callbacks and random state from a checkpoint."""
@@ -217,6 +222,7 @@ def target_prior(cfg: TrainConfig, data, method) -> tuple[dict, Optional[torch.T
     return ({"prior": prior, "setting": cfg.target_prior, "fits": method.fits_prior,
              "prediction_shift": None if shift is None else [round(float(v), 6) for v in shift],
              "line": describe(prior, counts, [str(c) for c in data.classes], how)}, shift)
+
 
 def _callbacks(cfg: TrainConfig, data, out: Path, device, log, shift=None):
     """The callbacks of a ``gdw train`` run, in the order they must run at an

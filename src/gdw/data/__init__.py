@@ -24,12 +24,14 @@ from .download import fetch, safe_extract
 from .noise import (ImbalanceSpec, NoiseSpec, apply_imbalance, apply_noise, longtail_counts,
                     parse_imbalance, parse_noise, realised_noise_rate, realised_transition,
                     step_counts, transition_matrix)
-from .sources import read_idx, stratified_split
+from . import builtin, files  # noqa: F401 - they register the dataset formats
+from .builtin import read_idx
+from .sources import FORMATS, register_format, stratified_split
 from .own import NewData, load_new
 from .split import Prepared, Split, load_split, prepare
 
 __all__ = [
-    "prepare", "Prepared", "Split", "load_split", "load_new", "NewData",
+    "FORMATS", "register_format", "prepare", "Prepared", "Split", "load_split", "load_new", "NewData",
     "parse_noise", "parse_imbalance", "NoiseSpec", "ImbalanceSpec",
     "apply_noise", "transition_matrix", "realised_transition", "realised_noise_rate",
     "apply_imbalance", "longtail_counts", "step_counts",

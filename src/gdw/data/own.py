@@ -20,8 +20,8 @@ from ..errors import UserError
 from .batches import ImageFileStore, TensorStore, View
 from .labels import ids_by_name, label_names
 from .noise import check_labels
-from .sources import (IMAGE_SUFFIXES, Origin, _inputs, class_folders, image_store, list_images,
-                      read_csv_table, read_npz_arrays, relative_paths, resolve)
+from .files import _inputs, class_folders, image_store, list_images, read_csv_table, read_npz_arrays, relative_paths
+from .sources import FORMATS, IMAGE_SUFFIXES, Origin, resolve
 
 PREPROCESS_FORMAT = 1
 REQUIRED = ("format", "kind", "input", "stored_shape", "dtype", "mean", "std", "out_hw", "pad")
@@ -97,17 +97,13 @@ def read_examples(spec, pre: dict, classes, *, what: str, need_labels: bool,
     anything that does not fit the training data.
     """
     kind, arg = resolve(spec)
-    if kind not in ("csv", "folder", "npz"):
+    read = FORMATS.get(kind).examples
+    if read is None:
         raise UserError(f"{what} must be csv:PATH, folder:PATH or npz:PATH, got {spec!r}")
-    name = f"{kind}:{arg}"
-    if kind == "csv":
-        return _read_csv(Path(arg), pre, classes, what, need_labels, name)
-    if kind == "folder":
-        return _read_folder(Path(arg), pre, classes, what, need_labels, name, stream)
-    return _read_npz(Path(arg), pre, classes, what, need_labels, name)
+    return read(Path(arg), pre, classes, what, need_labels, f"{kind}:{arg}", stream)
 
 
-def _read_csv(path, pre, classes, what, need_labels, name) -> Examples:
+def _read_csv(path, pre, classes, what, need_labels, name, stream=None) -> Examples:
     if pre.get("kind") != "csv":
         raise UserError(f"{what} {name} is a CSV file, but the training data "
                         f"({pre.get('dataset') or pre.get('kind')}) is not: a CSV needs "
@@ -169,7 +165,7 @@ def _read_folder(root, pre, classes, what, need_labels, name, stream) -> Example
                                                         relative_paths(paths, root)), name)
 
 
-def _read_npz(path, pre, classes, what, need_labels, name) -> Examples:
+def _read_npz(path, pre, classes, what, need_labels, name, stream=None) -> Examples:
     arrays = read_npz_arrays(path)
     xk, yk = next(((a, b) for a, b in (("x", "y"), ("x_meta", "y_meta")) if a in arrays),
                   (None, None))
@@ -199,6 +195,10 @@ def _read_npz(path, pre, classes, what, need_labels, name) -> Examples:
             y = own[check_labels(y, len(own), f"{yk} in {path} (positions in its classes)")]
         labels = ids_by_name(label_names(y, f"{yk} in {path}"), classes, f"{yk} in {path}")
     return Examples(TensorStore(x), labels, has, Origin(str(path), np.arange(len(x))), name)
+
+
+for _kind, _read in (("csv", _read_csv), ("folder", _read_folder), ("npz", _read_npz)):
+    FORMATS.get(_kind).examples = _read  # a meta, test or new set of this format, read like the training data
 
 
 # ----------------------------------------------------------------------------- new data

@@ -45,7 +45,8 @@ from .labels import class_counts_check
 from .noise import (apply_imbalance, apply_noise, parse_imbalance, parse_noise,
                     realised_noise_rate, realised_transition)
 from .own import preprocess_record, read_examples, source_format
-from .sources import CIFAR_N, load_source, read_cifar_n, resolve
+from .builtin import CIFAR_N, read_cifar_n
+from .sources import FORMATS, load_source, resolve
 
 
 class Split:
@@ -328,7 +329,7 @@ def prepare(dataset="digits", noise="none", imbalance="none", meta_per_class=Non
         download: fetch missing official files (MNIST, Fashion-MNIST, CIFAR) into the cache.
         label_column, test_fraction: for csv (and digits/folder test splits).
         features, ignore: csv: the feature columns, or the columns left out (names, a list
-            or comma-separated; :func:`gdw.data.sources.read_csv`).
+            or comma-separated; :func:`gdw.data.files.read_csv`).
         image_size: int or (h, w): folder images are resized to it; Clothing1M crop size.
         stream: folders: True/False forces streaming from disk / loading to memory.
         num_workers: DataLoader workers for streamed datasets.
@@ -446,7 +447,8 @@ def prepare(dataset="digits", noise="none", imbalance="none", meta_per_class=Non
         removed = int(drop.sum()) if given is not None else 0
         train_pos = train_pos[~drop]
     test_pos, out_of_test = np.arange(len(src.y_test)), 0
-    drawn = given_test is None and kind in ("csv", "folder") and src.notes["test_split"].startswith("stratified")
+    drawn = (given_test is None and FORMATS.get(kind).user_files
+             and src.notes.get("test_split", "").startswith("stratified"))
     if drawn:  # a test split drawn from the user's file:
         if pool is not None and used:  # not the inputs of a clean example
             dup = _same_inputs(src.x_test, test_pos, store, np.concatenate(used))
@@ -548,7 +550,7 @@ def prepare(dataset="digits", noise="none", imbalance="none", meta_per_class=Non
         "n_train_left_out_as_in_meta": removed,
         "test": None if given_test is None else given_test.name,
         # a test split drawn from the user's own labels is as noisy as they are; --test is the user's checked set
-        "test_known_clean": given_test is not None or kind not in ("csv", "npz", "folder"),
+        "test_known_clean": given_test is not None or not FORMATS.get(kind).user_files,
         "n_train_left_out_as_in_test": int(in_test.sum()), "n_test_left_out_as_in_meta": out_of_test,
         "realised_noise_rate": realised_noise_rate(true_tr, noisy_tr) if known.any() else None,
         "requested_transition": None if T is None else T.tolist(),
