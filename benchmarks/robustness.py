@@ -68,7 +68,7 @@ tuned: the MLP (two hidden layers of 256 with BatchNorm), 40 epochs, batch
 5e-4, the methods' default hyper-parameters. The meta set has 50 clean
 examples per class, drawn from the training set, except where a tenth of the
 smallest class is fewer: then a tenth of the smallest class, which is the cap
-gdw's own default applies (``gdw.data.split.default_meta_per_class``), so
+gdw's own default applies (``gdw.data.prepare.default_meta_per_class``), so
 that a small dataset keeps 90% of its examples for training. That gives 50
 per class everywhere but on digits, whose smallest training class has 139
 examples: 13 per class (130 meta examples, 1,308 left for training).
@@ -267,7 +267,7 @@ def _reviews(spec: dict, meta: int) -> dict:
 
 def meta_per_class(y_train: np.ndarray) -> int:
     """50, or a tenth of the smallest class when that is fewer (gdw's own cap)."""
-    from gdw.data.split import default_meta_per_class
+    from gdw.data.prepare import default_meta_per_class
 
     y = np.asarray(y_train)
     return min(META_PER_CLASS, default_meta_per_class(y, int(y.max()) + 1))

@@ -28,7 +28,8 @@ from . import builtin, files  # noqa: F401 - they register the dataset formats
 from .builtin import read_idx
 from .sources import FORMATS, register_format, stratified_split
 from .own import NewData, load_new
-from .split import Prepared, Split, load_split, prepare
+from .prepare import prepare
+from .split import Prepared, Split, load_split
 
 __all__ = [
     "FORMATS", "register_format", "prepare", "Prepared", "Split", "load_split", "load_new", "NewData",
