@@ -54,3 +54,30 @@ def test_every_numeric_field_of_every_epoch_is_read_back(tmp_path):
 def test_scalars_flattens_and_skips():
     row = {"epoch": 2, "a": 1, "b": None, "c": True, "d": {"x": 0.5, "y": "no"}, "e": [1, [2, 3]]}
     assert scalars(row) == {"a": 1.0, "c": 1.0, "d/x": 0.5, "e/0": 1.0, "e/1/0": 2.0, "e/1/1": 3.0}
+
+
+def test_gdw_train_logger_tensorboard_writes_the_metrics_rows(tmp_path):
+    """``gdw train --logger tensorboard``: the event file in RUN_DIR/tensorboard
+    holds each row of metrics.jsonl; the setting is recorded but is not part
+    of the run's fingerprint (it does not change the result: a resume may
+    choose otherwise)."""
+    import json
+
+    from gdw.cli import main
+
+    out = tmp_path / "run"
+    flags = ["train", "--dataset", "digits", "--meta-per-class", "5", "--batch-size", "200", "--no-progress",
+             "--threads", "1", "--out", str(out)]
+    assert main([*flags, "--epochs", "2", "--logger", "tensorboard"]) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    assert set(events.Tags()["scalars"]) == set(scalars(rows[0]))
+    for tag in ("train_loss", "test_accuracy", "meta_loss"):
+        assert [e.value for e in events.Scalars(tag)] == pytest.approx([r[tag] for r in rows], rel=1e-6)
+    assert json.loads((out / "config.json").read_text())["logger"] == "tensorboard"
+    from gdw.config import TrainConfig
+
+    assert TrainConfig(logger="tensorboard").fingerprint() == TrainConfig().fingerprint()
+    with pytest.raises(gdw.UserError, match="--logger must be one of none, tensorboard"):
+        TrainConfig(logger="wandb").validate()

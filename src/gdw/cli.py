@@ -144,6 +144,9 @@ def _add_train_flags(p: argparse.ArgumentParser, grid: bool = False) -> None:
     add("--amp", action="store_true", default=None, help="bfloat16 autocast (CUDA)")
     add("--sync-bn", action="store_true", default=None, help="under torchrun on CUDA: BatchNorm statistics over all ranks")
     add("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
+    add("--logger", choices=["none", "tensorboard"], help="tensorboard: every epoch's metrics also as TensorBoard "
+                                                          "scalars in RUN_DIR/tensorboard (pip install "
+                                                          "'gdw[tensorboard]'; default none)")
     add("--out", help="run directory (default: a fresh one under runs/)")
 
 

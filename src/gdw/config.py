@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.util
 import json
 import math
 import time
@@ -18,10 +19,12 @@ from .errors import UserError
 from .methods import METHODS
 
 
-NEUTRAL = ("device", "progress", "out", "resume", "data_root", "download")
+NEUTRAL = ("device", "progress", "out", "resume", "data_root", "download", "logger")
 """Settings that cannot change a run's result: they may differ on ``--resume``
 and are left out of the config fingerprint."""
 
+
+LOGGERS = ("none", "tensorboard")  # --logger: where the per-epoch metrics go besides metrics.jsonl
 
 RESERVED_METHOD_ARGS = ("model", "num_classes", "optimizer", "class_counts", "output", "comm")
 
@@ -62,6 +65,7 @@ class TrainConfig:
     out: Optional[str] = None
     resume: bool = False
     progress: bool = True
+    logger: str = "none"  # "tensorboard": every epoch's row also as TensorBoard scalars (gdw[tensorboard])
 
     def validate(self) -> "TrainConfig":
         """Raise UserError, naming the flag, for a value of the wrong kind."""
@@ -106,6 +110,10 @@ class TrainConfig:
         reserved = sorted(set(self.method_args) & set(RESERVED_METHOD_ARGS))
         if reserved:
             raise UserError(f"--method-args: {reserved[0]!r} is set by gdw itself, not a method hyper-parameter")
+        if self.logger not in LOGGERS:
+            raise UserError(f"--logger must be one of {', '.join(LOGGERS)}, got {self.logger!r}")
+        if self.logger == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
+            raise UserError("--logger tensorboard needs the tensorboard package: pip install 'gdw[tensorboard]'")
         METHODS.get(self.method)  # unknown → UserError listing the methods
         return self
 

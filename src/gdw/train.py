@@ -224,6 +224,13 @@ def target_prior(cfg: TrainConfig, data, method) -> tuple[dict, Optional[torch.T
              "line": describe(prior, counts, [str(c) for c in data.classes], how)}, shift)
 
 
+def _tensorboard(out: Path):
+    """--logger tensorboard: the rows as scalars in ``out``/tensorboard."""
+    from .integrations.tensorboard import TensorBoardLogger
+
+    return TensorBoardLogger(out / "tensorboard")
+
+
 def _callbacks(cfg: TrainConfig, data, out: Path, device, log, shift=None):
     """The callbacks of a ``gdw train`` run, in the order they must run at an
     epoch end: rows are complete before the checkpoint, the checkpoint is
@@ -246,6 +253,7 @@ def _callbacks(cfg: TrainConfig, data, out: Path, device, log, shift=None):
         Checkpointer(out / "checkpoint.pt", cfg.fingerprint(), stateful),
         MetricsWriter(out / "metrics.jsonl"),
         EpochLog(log, test_clean=data.record.get("test_known_clean", True)),
+        *([_tensorboard(out)] if cfg.logger == "tensorboard" else []),
         Plots(out, title, noisy),
         LabelIssues(recorder, out, data, cfg.method),
     ], stateful
