@@ -210,7 +210,7 @@ def plot_accuracy(rows: list[dict], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from gdw.report import aggregate, setting_label
+    from gdw.report import aggregate, bar_panel, setting_label
 
     _, _, found = aggregate(rows)
     ncols = 3
@@ -219,24 +219,13 @@ def plot_accuracy(rows: list[dict], path: Path, title: str) -> None:
     for ax, (noise, imbalance) in zip(axes.flat, SETTINGS):
         s = setting_label(noise, imbalance)
         methods = [m for m in METHODS if runs_in(m, noise, imbalance)]
-        x = np.arange(len(methods))
         means = np.array([100 * found[(s, m)]["final_mean"] if (s, m) in found else np.nan for m in methods])
         stds = np.array([100 * found[(s, m)]["final_std"] if (s, m) in found else 0.0 for m in methods])
-        ok = np.isfinite(means)
-        ax.bar(x[ok], means[ok], 0.75, yerr=stds[ok], capsize=2, edgecolor="black", linewidth=0.4,
-               color=[grid.COLORS.get(m, "#cccccc") for m, o in zip(methods, ok) if o])
-        if ok.any():  # room for the error bars and the values above them
-            ax.set_ylim(max(0.0, (means - stds)[ok].min() - 3), min(100.0, (means + stds)[ok].max() + 1.5))
-        for k, m in enumerate(methods):
-            if ok[k]:
-                ax.text(k, means[k] + stds[k], f"{means[k]:.1f}", ha="center", va="bottom", fontsize=7.5)
-            else:
-                ax.text(k, 0.03, "missing", rotation=90, ha="center", va="bottom", fontsize=8, color="gray",
-                        transform=ax.get_xaxis_transform())
+        x = bar_panel(ax, means, stds, [grid.COLORS.get(m, "#cccccc") for m in methods], margin=(3, 1.5),
+                      value_size=7.5, missing=[True] * len(methods), edgecolor="black", linewidth=0.4)
         ax.set_xticks(x, methods, rotation=40, ha="right", fontsize=8.5)
         ax.set_xlim(-0.6, len(methods) - 0.4)
         ax.set_title(s, fontsize=10)
-        ax.grid(axis="y", alpha=0.3)
         ax.tick_params(axis="y", labelsize=8)
     for ax in axes.flat[len(SETTINGS):]:
         ax.axis("off")

@@ -609,7 +609,7 @@ def plot_accuracy(rows: list[dict], path: Path, regimes, settings, methods, titl
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
-    from gdw.report import aggregate, setting_label
+    from gdw.report import aggregate, bar_panel, setting_label
 
     regimes = [r for r in regimes if any(row["dataset"] == r for row in rows)]
     size = (max(6.0, 3.6 * len(settings) + 0.6), 2.5 * len(regimes) + 1.8)
@@ -626,18 +626,8 @@ def plot_accuracy(rows: list[dict], path: Path, regimes, settings, methods, titl
             run = [not (m in IMBALANCE_ONLY and imbalance == "none") for m in methods]
             means = np.array([100 * cells_[(s, m)]["final_mean"] if (s, m) in cells_ else np.nan for m in methods])
             stds = np.array([100 * cells_[(s, m)]["final_std"] if (s, m) in cells_ else 0.0 for m in methods])
-            ok = np.isfinite(means)
-            ax.bar(x[ok], means[ok], 0.8, yerr=stds[ok], capsize=2, color=[color[m] for m, o in zip(methods, ok) if o])
-            if ok.any():
-                low = max(0.0, (means - stds)[ok].min() - 4)
-                ax.set_ylim(low, min(100.0, (means + stds)[ok].max() + 3))
-            for k in range(len(methods)):
-                if ok[k]:
-                    ax.text(k, means[k] + stds[k], f"{means[k]:.1f}", ha="center", va="bottom", fontsize=6.5)
-                elif run[k]:
-                    ax.text(k, 0.03, "missing", rotation=90, ha="center", va="bottom", fontsize=7, color="gray",
-                            transform=ax.get_xaxis_transform())
-            ax.grid(axis="y", alpha=0.3)
+            bar_panel(ax, means, stds, [color[m] for m in methods], width=0.8, margin=(4, 3), value_size=6.5,
+                      missing=run)
             ax.tick_params(axis="y", labelsize=8)
             ax.set_title(f"{regime} · {s}", fontsize=9)
             if j == 0:

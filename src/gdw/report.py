@@ -212,6 +212,28 @@ def validation_markdown(rows: Sequence[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def bar_panel(ax, means: np.ndarray, stds: np.ndarray, colors, *, width: float = 0.75, margin=(3, 2),
+              value_size: float = 7, missing=None, **bar_kw) -> np.ndarray:
+    """One panel of grouped bars, a bar per method at its place: ``means`` and
+    ``stds`` in % (NaN: not finished), the value above each error bar,
+    "missing" where ``missing[k]`` and no value; the y-range fitted to the
+    bars (``margin`` points below / above), so small differences stay
+    visible. Returns the bars' x positions."""
+    x = np.arange(len(means))
+    ok = np.isfinite(means)
+    ax.bar(x[ok], means[ok], width, yerr=stds[ok], capsize=2, color=[c for c, o in zip(colors, ok) if o], **bar_kw)
+    if ok.any():  # room for the error bars and the values above them
+        ax.set_ylim(max(0.0, (means - stds)[ok].min() - margin[0]), min(100.0, (means + stds)[ok].max() + margin[1]))
+    for k in range(len(means)):
+        if ok[k]:
+            ax.text(k, means[k] + stds[k], f"{means[k]:.1f}", ha="center", va="bottom", fontsize=value_size)
+        elif missing is not None and missing[k]:
+            ax.text(k, 0.03, "missing", rotation=90, ha="center", va="bottom", fontsize=value_size + 0.5,
+                    color="gray", transform=ax.get_xaxis_transform())
+    ax.grid(axis="y", alpha=0.3)
+    return x
+
+
 def plot_compare(rows: Sequence[dict], path: Path, title: str = "") -> None:
     """Grouped bars: one panel per setting, one bar per method (the same colour
     in every panel), height = mean over seeds of the final test accuracy,
@@ -225,21 +247,12 @@ def plot_compare(rows: Sequence[dict], path: Path, title: str = "") -> None:
     fig, axes = plt.subplots(nrows, ncols, figsize=(width * ncols, 3.4 * nrows + 0.9), squeeze=False,
                              layout="constrained")
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    x = np.arange(len(methods))
     for ax, s in zip(axes.flat, settings):
         means = np.array([100 * cells[(s, m)]["final_mean"] if (s, m) in cells else np.nan for m in methods])
         stds = np.array([100 * cells[(s, m)]["final_std"] if (s, m) in cells else 0.0 for m in methods])
-        ax.bar(x, np.nan_to_num(means), 0.75, yerr=stds, capsize=2,
-               color=[colors[k % len(colors)] for k in range(len(methods))])
-        for k, v in enumerate(means):
-            if np.isfinite(v):
-                ax.text(k, v + stds[k], f"{v:.1f}", ha="center", va="bottom", fontsize=7)
-        ok = np.isfinite(means)
-        if ok.any():  # room for the error bars and the labels above them
-            ax.set_ylim(max(0.0, (means - stds)[ok].min() - 3), min(100.0, (means + stds)[ok].max() + 2))
+        x = bar_panel(ax, means, stds, [colors[k % len(colors)] for k in range(len(methods))], margin=(3, 2))
         ax.set_xticks(x, methods, rotation=40, ha="right", fontsize=8)
         ax.set_title(s, fontsize=10)
-        ax.grid(axis="y", alpha=0.3)
     for ax in axes.flat[len(settings):]:
         ax.axis("off")
     for ax in axes[:, 0]:
