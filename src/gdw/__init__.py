@@ -12,6 +12,7 @@ used the same way in any PyTorch training loop::
 """
 
 from .errors import UserError
+from .callbacks import Callback
 from .detect import read_label_issues
 from .recorder import LabelIssueRecorder
 from .fit import batches, cycle, fit
@@ -21,7 +22,7 @@ from .prior import prediction_shift
 
 __version__ = "0.1.0"
 
-__all__ = ["CE", "GDW", "L2RW", "MWNet", "METHODS", "Method", "MetaMethod", "Stats", "UserError", "WeightNet", "cycle",
+__all__ = ["Callback", "CE", "GDW", "L2RW", "MWNet", "METHODS", "Method", "MetaMethod", "Stats", "UserError", "WeightNet", "cycle",
            "batches", "read_label_issues", "prediction_shift", "find_label_issues", "LabelIssues",
            "LabelIssueRecorder",
            "fit", "make", "__version__"]

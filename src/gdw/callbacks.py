@@ -53,7 +53,41 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-class Evaluator:
+class Callback:
+    """The hooks :func:`gdw.fit.fit` calls, each a no-op here: subclass and
+    override the ones you need (``state`` is the :class:`gdw.fit.FitState`;
+    ``state.row`` the epoch's ``metrics.jsonl`` row, ``state.is_main`` whether
+    this process writes files). A callback with state across epochs sets
+    ``name`` and returns it from :meth:`state_dict`; ``gdw train`` saves it in
+    the checkpoint under ``name`` and restores it on ``--resume``. Plain
+    objects with some of these methods work too: ``fit`` calls what exists."""
+
+    name: Optional[str] = None
+
+    def on_fit_start(self, state: FitState) -> None:
+        """Before the first epoch (also of a resumed run)."""
+
+    def on_epoch_start(self, state: FitState) -> None:
+        """Before each epoch."""
+
+    def on_step(self, state: FitState, pos, stats) -> None:
+        """After each training step: ``pos`` the positions of the batch's
+        examples in the training split, ``stats`` the method's :class:`gdw.Stats`."""
+
+    def on_epoch_end(self, state: FitState) -> None:
+        """After each epoch, in list order (the row is complete for later callbacks)."""
+
+    def on_fit_end(self, state: FitState) -> None:
+        """After the last epoch."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class Evaluator(Callback):
     """Adds ``test_accuracy``, ``test_balanced_accuracy``, ``per_class_test_accuracy`` and ``test_loss``
     (and the same for ``val_`` when a validation split is given) to each row,
     of the predictions shifted by ``shift`` (the run's target prior)."""
@@ -72,7 +106,7 @@ class Evaluator:
                               f"per_class_{name}_accuracy": m["per_class"]})
 
 
-class WeightStats:
+class WeightStats(Callback):
     """Per-example weights of the last epoch that trained on examples, from
     the recorder's sums (one set of per-example sums for the whole run).
 
@@ -105,7 +139,7 @@ class WeightStats:
             np.save(self.out / "instance_weights.npy", means["instance_weight"].cpu().numpy().astype(np.float32))
 
 
-class Checkpointer:
+class Checkpointer(Callback):
     """``checkpoint.pt`` at the end of every epoch, written atomically: model,
     optimizer, method, random states, history, the config's
     fingerprint and the state of every stateful callback."""
@@ -128,7 +162,7 @@ class Checkpointer:
         }, self.path)
 
 
-class MetricsWriter:
+class MetricsWriter(Callback):
     """``metrics.jsonl``: one JSON object per finished epoch, rewritten from the
     history after the checkpoint is saved (so the file never holds an epoch
     that the checkpoint does not, nor the same epoch twice)."""
@@ -148,7 +182,7 @@ class MetricsWriter:
             self.write(state.history)
 
 
-class EpochLog:
+class EpochLog(Callback):
     """One line per epoch through ``log`` (rank 0), starting with the mean
     plain (unweighted) cross-entropy of the batches trained on against the
     labels given, which may be noisy: it rises when a method stops fitting
@@ -181,7 +215,7 @@ class EpochLog:
         self.log("  ".join(parts))
 
 
-class BestModel:
+class BestModel(Callback):
     """``best.pt``: the model at the epoch of the best validation accuracy
     (the first of equals), written atomically when it improves; the row gets
     ``best_val_accuracy`` and ``best_val_epoch``. With ``patience`` K, sets
@@ -218,7 +252,7 @@ class BestModel:
         self.stopped = state["stopped"]
 
 
-class Plots:
+class Plots(Callback):
     """``curves.png`` (loss and accuracy per epoch) and ``weights.png`` (the
     distribution of the labelled-class weight, clean vs mislabelled)."""
 
@@ -237,7 +271,7 @@ class Plots:
                          title=f"{self.title.split(' on ')[0]}: weight on the labelled class")
 
 
-class LabelIssues:
+class LabelIssues(Callback):
     """Writes ``label_issues.csv`` from the recorder at the end of the run."""
 
     def __init__(self, recorder, out: Path, data, method_name: str):

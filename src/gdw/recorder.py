@@ -15,13 +15,14 @@ from typing import Optional
 import numpy as np
 import torch
 
+from .callbacks import Callback
 from .detect import (CSV_NAME, EVIDENCE_NAME, WINDOW, _off_label, issues_table, score_examples, score_name,
                      suggest_labels, write_csv)
 from .errors import UserError
 from .issues import find_label_issues
 
 
-class LabelIssueRecorder:
+class LabelIssueRecorder(Callback):
     """Per-example sums of trust, class weights and probabilities over the
     epochs of a training run.
 
@@ -40,6 +41,8 @@ class LabelIssueRecorder:
         device: where the sums live (the training device; default the CPU).
         state: a :meth:`state_dict` to continue from (resumed runs).
     """
+
+    name = "label_issues"
 
     def __init__(self, n: int, num_classes: int, epochs: int, device="cpu", *, window: Optional[int] = WINDOW,
                  state: Optional[dict] = None):
