@@ -18,6 +18,8 @@ from pathlib import Path
 
 from torch.utils.tensorboard import SummaryWriter
 
+from ..callbacks import Callback
+
 
 def scalars(row: dict, prefix: str = "") -> dict[str, float]:
     """The numeric fields of a ``metrics.jsonl`` row, by name: numbers (a
@@ -38,7 +40,7 @@ def scalars(row: dict, prefix: str = "") -> dict[str, float]:
     return out
 
 
-class TensorBoardLogger:
+class TensorBoardLogger(Callback):
     """Writes every numeric field of each epoch's row (``state.row``, what
     ``metrics.jsonl`` records: losses, accuracies, learning rate, the
     weights' means, the method's own numbers) as a scalar at step = the
