@@ -102,14 +102,7 @@ def compare(
     root = Path(out)
     if root.exists() and not root.is_dir():
         raise UserError(f"--out {root} is a file, not a directory")
-    cells = [(s, v, seed) for s in settings for v in variants for seed in seeds]
-    configs = []
-    for (noise, imbalance), (label, name, head), seed in cells:
-        cfg = dataclasses.replace(
-            base, noise=noise, imbalance=imbalance, method=name, head_only=head or base.head_only, seed=seed,
-            out=str(root / cell_name(noise, imbalance, label, seed)), resume=False, progress=base.progress and not quiet,
-        )
-        configs.append((label, cfg.validate()))
+    configs = cell_configs(base, variants, settings, seeds, root, quiet)
     stale = None if force else next(filter(None, (stale_cell(cfg) for _, cfg in configs)), None)
     if stale:  # refuse a changed grid before training anything
         raise UserError(stale)
@@ -127,13 +120,31 @@ def compare(
                                                       "new": "trained"}[how], flush=True)
         rows.append({**summary, "method": label, "run_dir": name})
         write_results_csv(rows, root / "results.csv", extra_fields=VAL_FIELDS)
+    _report(rows, root, title=f"{base.dataset}, {base.model}, {base.epochs} epochs")
+    return rows
+
+
+def cell_configs(base: TrainConfig, variants, settings, seeds, root: Path, quiet: bool) -> list:
+    """``(label, TrainConfig)`` of every (setting, method variant, seed) cell, checked."""
+    configs = []
+    for (noise, imbalance), (label, name, head), seed in ((s, v, seed) for s in settings for v in variants
+                                                          for seed in seeds):
+        cfg = dataclasses.replace(
+            base, noise=noise, imbalance=imbalance, method=name, head_only=head or base.head_only, seed=seed,
+            out=str(root / cell_name(noise, imbalance, label, seed)), resume=False, progress=base.progress and not quiet,
+        )
+        configs.append((label, cfg.validate()))
+    return configs
+
+
+def _report(rows: list[dict], root: Path, title: str) -> None:
+    """results.md (accuracy, balanced accuracy, the validation pick) and compare.png; the table printed."""
     table = results_markdown(rows) + "\n" + results_markdown(rows, "balanced")
     chosen = validation_markdown(rows)
     if chosen:
         table += "\n" + chosen
     (root / "results.md").write_text(table)
-    plot_compare(rows, root / "compare.png", title=f"{base.dataset}, {base.model}, {base.epochs} epochs")
+    plot_compare(rows, root / "compare.png", title=title)
     print()
     print(table)
     print(f"results: {root / 'results.csv'}, {root / 'results.md'}, {root / 'compare.png'}")
-    return rows

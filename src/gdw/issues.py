@@ -102,6 +102,22 @@ def _check(labels, probs, what: str) -> tuple[np.ndarray, np.ndarray]:
     return labels.astype(np.int64), probs
 
 
+def _check_all(labels, pred_probs, clean_labels, clean_pred_probs, class_names):
+    """``(labels, probs, clean)`` checked; ``clean`` = (labels, probs) of the clean set or None."""
+    labels, probs = _check(labels, pred_probs, "find_label_issues")
+    C = probs.shape[1]
+    if class_names is not None and len(class_names) != C:
+        raise UserError(f"find_label_issues: {len(class_names)} class names for {C} classes")
+    if (clean_labels is None) != (clean_pred_probs is None):
+        raise UserError("find_label_issues: give both clean_labels and clean_pred_probs, or neither")
+    clean = None
+    if clean_labels is not None:
+        clean = _check(clean_labels, clean_pred_probs, "find_label_issues (clean set)")
+        if clean[1].shape[1] != C:
+            raise UserError(f"find_label_issues: the clean set has {clean[1].shape[1]} classes, the rows {C}")
+    return labels, probs, clean
+
+
 def noise_matrix(labels, pred, num_classes, clean_labels=None, clean_pred=None) -> np.ndarray:
     """N̂ (C×C): rows with given label i and estimated true class j (module
     docstring); ``pred`` / ``clean_pred`` are predicted classes (n,)."""
@@ -145,17 +161,8 @@ def find_label_issues(labels, pred_probs, *, clean_labels=None, clean_pred_probs
     Raises:
         UserError: shapes or values that do not fit together.
     """
-    labels, probs = _check(labels, pred_probs, "find_label_issues")
+    labels, probs, clean = _check_all(labels, pred_probs, clean_labels, clean_pred_probs, class_names)
     n, C = probs.shape
-    if class_names is not None and len(class_names) != C:
-        raise UserError(f"find_label_issues: {len(class_names)} class names for {C} classes")
-    clean = None
-    if (clean_labels is None) != (clean_pred_probs is None):
-        raise UserError("find_label_issues: give both clean_labels and clean_pred_probs, or neither")
-    if clean_labels is not None:
-        clean = _check(clean_labels, clean_pred_probs, "find_label_issues (clean set)")
-        if clean[1].shape[1] != C:
-            raise UserError(f"find_label_issues: the clean set has {clean[1].shape[1]} classes, the rows {C}")
     pred = probs.argmax(1)
     clean_pred = clean[1].argmax(1) if clean else None
 

@@ -301,17 +301,8 @@ def _read_kv(path: Path) -> dict:
     return out
 
 
-@register_format("clothing1m", path="optional", options=("data_root", "image_size"))
-def read_clothing1m(root=None, data_root=None, image_size=None) -> Source:
-    """Clothing1M from its lists (in ``root`` or ``root/annotations``) and images under root.
-
-    Train = noisy train keys with their noisy labels (true label from the clean kv, else
-    -1); meta = clean val keys (or a balanced draw from the clean train keys, see
-    prepare); test = clean test keys. Images are streamed: scaled to cover
-    L x L (L = round(image_size * 256 / 224); image_size an int or (h, w), default 224),
-    center-cropped to L x L, then randomly (training) or centrally cropped to image_size;
-    ImageNet normalisation.
-    """
+def _clothing_root(root, data_root) -> tuple[Path, Path]:
+    """``(root, folder of the lists)`` of Clothing1M, found or checked; UserError if a list is missing."""
     if root is None:
         dirs = search_dirs("clothing1m", data_root)
         root = next((d for d in dirs for a in (d, d / "annotations")
@@ -324,6 +315,21 @@ def read_clothing1m(root=None, data_root=None, image_size=None) -> Source:
     for f in CLOTHING_LISTS:
         if not (ann / f).is_file():
             raise UserError(f"missing Clothing1M file {ann / f}")
+    return root, ann
+
+
+@register_format("clothing1m", path="optional", options=("data_root", "image_size"))
+def read_clothing1m(root=None, data_root=None, image_size=None) -> Source:
+    """Clothing1M from its lists (in ``root`` or ``root/annotations``) and images under root.
+
+    Train = noisy train keys with their noisy labels (true label from the clean kv, else
+    -1); meta = clean val keys (or a balanced draw from the clean train keys, see
+    prepare); test = clean test keys. Images are streamed: scaled to cover
+    L x L (L = round(image_size * 256 / 224); image_size an int or (h, w), default 224),
+    center-cropped to L x L, then randomly (training) or centrally cropped to image_size;
+    ImageNet normalisation.
+    """
+    root, ann = _clothing_root(root, data_root)
     noisy, clean = _read_kv(ann / CLOTHING_LISTS[0]), _read_kv(ann / CLOTHING_LISTS[1])
     keys = {f: _read_lines(ann / f) for f in CLOTHING_LISTS[2:]}
     names = ann / "category_names_eng.txt"
