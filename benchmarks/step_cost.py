@@ -73,7 +73,7 @@ import gdw
 from gdw.data import prepare
 from gdw.data.batches import TensorStore, View
 from gdw.data.split import Split
-from gdw.methods.base import MetaMethod
+from gdw.methods.meta import MetaMethod
 from gdw.models import create_model
 
 LR, MOMENTUM, WEIGHT_DECAY = 0.1, 0.9, 5e-4

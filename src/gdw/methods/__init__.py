@@ -1,11 +1,13 @@
 """Weighting methods. Each lives in one file and registers itself by name."""
 
-from .base import METHODS, MetaMethod, Method, Stats
+from .base import METHODS, Method, Stats
+from .loss import LossMethod
+from .meta import MetaMethod, WeightNetMethod
 from .cb import CB
 from .ce import CE
 from .dm import DM
 from .finetune import Finetune
-from .focal import Focal, LossMethod
+from .focal import Focal
 from .gce import GCE
 from .gdw import GDW, zero_mean
 from .l2rw import L2RW
@@ -69,5 +71,5 @@ def recorded_params(name: str, saved: dict) -> dict:
 
 
 __all__ = ["METHODS", "Method", "MetaMethod", "Stats", "resolved_params", "CE", "GDW", "L2RW", "MWNet", "WeightNet", "make", "zero_mean",
-           "CB", "DM", "Finetune", "Focal", "GCE", "LDAM", "LogitAdjusted", "LossMethod", "SCE"]
+           "CB", "DM", "Finetune", "Focal", "GCE", "LDAM", "LogitAdjusted", "LossMethod", "SCE", "WeightNetMethod"]
 

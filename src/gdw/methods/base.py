@@ -29,7 +29,6 @@ The model's output may be the logits tensor or a structure holding it; see
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -39,10 +38,11 @@ import torch.nn.functional as F
 
 from .. import inputs as model_inputs
 from ..distributed import Comm
-from ..engine import (HeadCapture, MetaGradient, RngState, TrainForward, check_logits_shape, full, logits_of,
-                      math_attention, meta_gradient, meta_logit_grad)
+from ..engine import (MetaGradient, RngState, TrainForward, check_logits_shape, full, logits_of)
 from ..errors import UserError
 from ..registry import Registry
+from .checks import (_check_inputs, _check_labels, check_bool, check_class_counts, check_int,  # noqa: F401
+                     check_optimizer, check_positive, logit_error)
 
 METHODS: Registry = Registry("method")
 
@@ -118,88 +118,6 @@ class Stats:
     trust: torch.Tensor
     instance_weights: Optional[torch.Tensor] = None
     trained_on: str = "train"
-
-
-def check_positive(name: str, value: float, *, allow_zero: bool = False) -> float:
-    """Return ``float(value)`` or raise UserError naming ``name``."""
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise UserError(f"{name} must be a number, got {value!r}") from None
-    if not math.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
-        raise UserError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
-    return v
-
-
-def check_int(name: str, value, minimum: int = 1) -> int:
-    """Return ``int(value)`` if it is a whole number ≥ ``minimum``, else raise UserError."""
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise UserError(f"{name} must be a whole number, got {value!r}") from None
-    if not v.is_integer() or v < minimum:
-        raise UserError(f"{name} must be a whole number >= {minimum}, got {value!r}")
-    return int(v)
-
-
-_TRUE_WORDS = ("true", "yes", "1")
-_FALSE_WORDS = ("false", "no", "0")
-
-
-def check_bool(name: str, value) -> bool:
-    """Return ``value`` as a bool, or raise UserError naming ``name``.
-
-    Accepted: ``True``/``False``, the integers 1/0, and the strings
-    ``"true"``/``"false"``, ``"yes"``/``"no"``, ``"1"``/``"0"`` in any case
-    (what a command line or a config file passes). Anything else, e.g.
-    ``"maybe"``, ``2`` or ``None``, is an error rather than Python's truthiness.
-    """
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str):
-        word = value.strip().lower()
-        if word in _TRUE_WORDS:
-            return True
-        if word in _FALSE_WORDS:
-            return False
-    elif isinstance(value, numbers.Integral) and value in (0, 1):
-        return bool(value)
-    elif type(value).__module__ == "numpy" and type(value).__name__ in ("bool_", "bool"):
-        return bool(value)
-    raise UserError(f"{name} must be True or False (or 1/0, 'true'/'false', 'yes'/'no'), got {value!r}")
-
-
-def check_optimizer(optimizer) -> Optional[torch.optim.Optimizer]:
-    """``optimizer`` if it is None or a ``torch.optim.Optimizer``, else raise UserError."""
-    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-        raise UserError(f"optimizer must be None or a torch.optim.Optimizer, got {type(optimizer).__name__}")
-    return optimizer
-
-
-def _check_labels(y: torch.Tensor, n: int, num_classes: int, what: str, *, values: bool = True) -> torch.Tensor:
-    """Integer (B,) labels as int64. The range check reads the labels: it
-    always runs on the CPU, and on an accelerator only when ``values``."""
-    if not isinstance(y, torch.Tensor):
-        y = torch.as_tensor(y)
-    if y.dtype.is_floating_point or y.dtype == torch.bool or y.is_complex():
-        raise UserError(f"{what} labels must be integers, got dtype {y.dtype}")
-    if y.ndim != 1:
-        raise UserError(f"{what} labels must be a 1-D tensor, got shape {tuple(y.shape)}")
-    if y.shape[0] != n:
-        raise UserError(f"{what}: {n} inputs but {y.shape[0]} labels")
-    if n and (values or y.device.type == "cpu"):
-        lo, hi = (int(v) for v in torch.stack([y.min(), y.max()]).tolist())
-        if lo < 0 or hi >= num_classes:
-            raise UserError(f"{what} labels must lie in [0, {num_classes}), got values from {lo} to {hi}")
-    return y.long()
-
-
-def _check_inputs(x, what: str, *, values: bool = True) -> int:
-    """Type and shape always (a tensor, a dict of tensors or a tuple:
-    :func:`gdw.inputs.check`); return the number of examples. The finiteness
-    check reads the inputs: it always runs on the CPU, and on an accelerator
-    only when ``values``."""
-    return model_inputs.check(x, what, values=values)
 
 
 class Method:
@@ -478,104 +396,3 @@ class Method:
             y_meta = _check_labels(y_meta, n_meta, self.num_classes, "meta", values=values)
         self._values_checked = True
         return y, y_meta
-
-
-class MetaMethod(Method):
-    """A method that learns its weights from a meta set through a virtual step.
-
-    Args (besides those of :class:`Method`):
-        meta_grad: ``"jvp"`` (default; no second-order backward),
-            ``"double"`` (create_graph reference, slower), ``"fd"`` (J_z u
-            by a one-sided finite difference of the training logits: one
-            forward without a graph instead of the JVP; relative error of
-            ∂L_meta/∂A 2e-3 to 4e-3 on resnet32 in float32) or
-            ``"fd_central"`` (central difference, two such forwards, 1e-3
-            to 3e-3 there). See ``gdw.engine`` and benchmarks/fd_error.py.
-            ``"jvp"``'s forward-mode pass, and with ``"double"`` every
-            forward of the step, run ``scaled_dot_product_attention`` on its
-            math backend (the fused kernels have no forward-mode derivative
-            nor a derivative of their backward).
-        fd_scale: c, the relative step of the finite-difference modes (the
-            parameters move by c·‖θ‖); default ε_mach^(1/2)/10 of the
-            model's dtype (3.5e-5 in float32). Ignored by the other modes.
-        head_only: only the classifier head takes the virtual step (closed
-            form, no extra pass through the backbone; exact for every
-            ``meta_grad``, the finite-difference modes use the same closed
-            form as ``"jvp"``).
-        head: the head ``nn.Linear``; found automatically when omitted.
-        low_memory: (with a virtual step; not ``double``, not head-only) do
-            not keep the training batch's graph through the meta step;
-            recompute the forward for the real backward instead. Peak memory
-            of about one graph instead of two, for one more forward pass.
-            Without a virtual step (L2RW, GDW's default ``stage_one="l2rw"``)
-            it has no effect: u = ∇_θ L_meta(θ) is computed before the real
-            forward (see :meth:`meta_before_forward`), so the two graphs are
-            never alive together anyway.
-    """
-
-    needs_meta = True
-    needs_inner_lr = True
-
-    virtual_step = True  # False for L2RW, whose virtual model is θ itself
-
-    def __init__(self, model, num_classes, *, meta_grad: str = "jvp", head_only: bool = False,
-                 head=None, low_memory: bool = False, fd_scale: Optional[float] = None, **kw):
-        super().__init__(model, num_classes, **kw)
-        low_memory = check_bool("low_memory", low_memory)
-        head_only = check_bool("head_only", head_only)
-        if meta_grad not in ("jvp", "double", "fd", "fd_central"):
-            raise UserError(f"meta_grad must be 'jvp', 'double', 'fd' or 'fd_central', got {meta_grad!r}")
-        self.meta_grad = meta_grad
-        self.fd_scale = None if fd_scale is None else check_positive("fd_scale", fd_scale)
-        if self.fd_scale is not None and self.fd_scale >= 1:
-            raise UserError(f"fd_scale must be below 1, got {fd_scale!r}")
-        self.head_only = head_only or head is not None
-        self.head = HeadCapture(model, self.num_classes, head) if self.head_only else None
-        self.low_memory = low_memory
-
-    @property
-    def recompute(self) -> bool:
-        """Free the training graph after the virtual step and re-run the
-        forward for the real backward (``low_memory``, with a virtual step)."""
-        return self.low_memory and self.virtual_step and self.meta_grad != "double" and self.head is None
-
-    def meta_before_forward(self, x, x_meta, y_meta) -> Optional[MetaGradient]:
-        """Without a virtual step, u = ∇_θ L_meta(θ) does not depend on the
-        training batch: the meta forward and backward at θ run here, before
-        the real forward, and their graph is freed before the training
-        batch's is built (``"double"`` differentiates through the training
-        graph and head-only needs no meta graph: both compute it later). The
-        random state is read before the real forward reads it, and the meta
-        pass leaves it as it was (:meth:`gdw.engine.RngState.meta_stream`)."""
-        if self.virtual_step or self.head is not None or self.meta_grad == "double":
-            return None
-        return meta_gradient(self.model, x_meta, y_meta, RngState(model_inputs.device_of(x, self.device)),
-                             comm=self.comm if self.comm is not None else Comm(), output=self.output,
-                             num_classes=self.num_classes)
-
-    def forward(self, x):
-        if self.meta_grad == "double" and self.head is None:
-            # the reference differentiates through the backward of the real forward: the fused attention
-            # kernels have no derivative of their backward, the math one has (see gdw.engine._jvp_tangent)
-            with math_attention():
-                fwd = super().forward(x)
-        else:
-            fwd = super().forward(x)
-        if self.head is not None:
-            fwd.head_input = self.head.check(fwd.logits)
-        fwd.recompute = self.recompute
-        return fwd
-
-    def meta_step(self, fwd, A, x_meta, y_meta, lr):
-        """``(meta_loss, ∂L_meta/∂A)`` for the virtual step ``θ − lr·J_zᵀA``."""
-        return meta_logit_grad(fwd, A, x_meta, y_meta, lr, mode=self.meta_grad, head=self.head,
-                               fd_scale=self.fd_scale)
-
-
-def logit_error(z: torch.Tensor, y: torch.Tensor, num_classes: int, p_max: Optional[float] = None):
-    """``(p, e)``: softmax of the detached logits (clamped at ``p_max`` if
-    given) and ``e = p − onehot(y)``, both float32 B×C."""
-    p = F.softmax(full(z.detach()), 1)
-    if p_max is not None:
-        p = p.clamp(max=p_max)
-    return p, p - F.one_hot(y, num_classes).to(p.dtype)

@@ -30,22 +30,8 @@ import torch.nn.functional as F
 
 from ..errors import UserError
 from .base import METHODS, check_positive
-from .focal import LossMethod
-
-
-def check_class_counts(counts, num_classes: int) -> torch.Tensor:
-    """The per-class training counts as a float64 tensor of length C, or UserError."""
-    if counts is None:
-        raise UserError("class_counts is required: the number of training examples of each class")
-    try:
-        t = torch.as_tensor(counts).detach().to("cpu", torch.float64)
-    except (TypeError, ValueError, RuntimeError):
-        raise UserError(f"class_counts must be a sequence of {num_classes} whole numbers, got {counts!r}") from None
-    if t.ndim != 1 or t.shape[0] != num_classes:
-        raise UserError(f"class_counts must have one entry per class ({num_classes}), got shape {tuple(t.shape)}")
-    if not bool(torch.isfinite(t).all()) or bool((t < 0).any()) or bool((t != t.round()).any()):
-        raise UserError(f"class_counts must be whole numbers >= 0, got {t.tolist()}")
-    return t
+from .loss import LossMethod
+from .checks import check_class_counts
 
 
 def class_balanced_weights(counts: torch.Tensor, beta: float) -> torch.Tensor:

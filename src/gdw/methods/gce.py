@@ -15,7 +15,7 @@ import torch
 
 from ..errors import UserError
 from .base import METHODS, check_positive
-from .focal import LossMethod, labelled_log_prob
+from .loss import LossMethod, labelled_log_prob
 
 
 @METHODS.register("gce")

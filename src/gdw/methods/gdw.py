@@ -54,7 +54,7 @@ from ..engine import full
 from .base import METHODS, check_bool, check_positive, logit_error
 from .guard import MetaGuard
 from .la import log_prior
-from .mwnet import WeightNetMethod
+from .meta import WeightNetMethod
 
 
 def _is_inf(value) -> bool:

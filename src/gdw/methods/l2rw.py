@@ -13,7 +13,8 @@ every one is zero). The real step back-propagates Σ_i w_i ℓ_i. Reported
 
 import torch
 
-from .base import METHODS, MetaMethod, logit_error
+from .base import METHODS, logit_error
+from .meta import MetaMethod
 
 
 @METHODS.register("l2rw")

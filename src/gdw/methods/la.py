@@ -14,7 +14,7 @@ classes' side. τ = 0 is cross-entropy.
 
 The logit gradient is G_i = softmax(z_i + τ log π) − onehot(y_i), which is not
 parallel to e_i = softmax(z_i) − onehot(y_i): ``Stats.weights`` is the
-projection of :class:`~gdw.methods.focal.LossMethod`.
+projection of :class:`~gdw.methods.loss.LossMethod`.
 
 The counts come from the training labels (``class_counts=``; the training
 loop passes them). A class with no training example is given one example,
@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from .base import METHODS, check_positive
+from .loss import LossMethod
 from .cb import check_class_counts
-from .focal import LossMethod
 
 
 def log_prior(class_counts, num_classes: int) -> torch.Tensor:

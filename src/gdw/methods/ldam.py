@@ -34,8 +34,8 @@ from typing import Optional
 import torch.nn.functional as F
 
 from .base import METHODS, check_bool, check_int, check_positive
+from .loss import LossMethod
 from .cb import check_class_counts, class_balanced_weights
-from .focal import LossMethod
 
 DRW_BETA = 0.9999
 

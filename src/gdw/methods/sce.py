@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from ..errors import UserError
 from .base import METHODS, check_positive
-from .focal import LossMethod
+from .loss import LossMethod
 
 Q_MIN = 1e-4  # clamp of the one-hot label distribution in RCE
 
