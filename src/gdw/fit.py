@@ -22,6 +22,7 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import torch
@@ -230,7 +231,6 @@ def fit(
     """
     comm = comm or Comm.single()
     device = next(model.parameters()).device
-    shard = comm.shard
     state = FitState(model, method, optimizer, data, comm, epochs, start_epoch, list(history or []))
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext()
     _call(callbacks, "on_fit_start", state)
@@ -243,52 +243,68 @@ def fit(
             group["lr"] = lr_now
         method.on_epoch_start(epoch, epochs)
         _call(callbacks, "on_epoch_start", state)
-        meta = None
-        finetuning = bool(getattr(method, "finetuning", False))
-        if finetuning:  # an epoch of fine-tuning is one pass over the meta set, whose batches are trained on
-            source, size = data.meta, min(meta_batch_size, len(data.meta))
-        else:
-            source, size = data.train, batch_size
-            if data.meta is not None:
-                meta = cycle(lambda k: data.meta.batches(min(meta_batch_size, len(data.meta)), shuffle=True,
-                                                         seed=seed_of(seed, epoch, 1 + k), device=device, shard=shard))
-        batches = source.batches(size, shuffle=True, seed=seed_of(seed, epoch, 0), device=device, shard=shard)
-        if progress and state.is_main:
-            from tqdm import tqdm
-
-            batches = tqdm(batches, total=math.ceil(len(source) / size), desc=f"epoch {epoch + 1}/{epochs}",
-                           leave=False, dynamic_ncols=True)
-        loss_sum = torch.zeros((), device=device)
-        meta_sum = torch.zeros((), device=device)
-        counts = None  # per class: predictions (row 0) and labels (row 1) of the batches trained on
-        meta_steps = step = 0
+        plan = _epoch_plan(state, seed, batch_size, meta_batch_size, device, progress)
         t0 = time.perf_counter()
-        for step, (x, y, pos) in enumerate(batches, 1):
-            xm, ym = next(meta)[:2] if meta is not None else (x, y) if finetuning else (None, None)
-            optimizer.zero_grad(set_to_none=True)
-            with autocast:
-                stats = method.backward(x, y, xm, ym, inner_lr=lr_now)
-            optimizer.step()
-            loss_sum += stats.loss * len(y)
-            counts = _count_classes(counts, stats.logits, y if stats.trained_on == "train" else ym)
-            if stats.meta_loss is not None:
-                meta_sum += stats.meta_loss
-                meta_steps += 1
-            _call(callbacks, "on_step", state, pos, stats)
-            if step % CHECK_EVERY == 0:
-                _check_finite(loss_sum, epoch)
-        comm.sum_([loss_sum] + ([counts] if counts is not None else []))
-        _check_finite(loss_sum, epoch)
-        _check_collapse(counts, float(loss_sum) / max(len(source), 1), epoch, state)
-        seconds = time.perf_counter() - t0
-        state.row.update(lr=lr_now, steps=step, finetuning=finetuning, train_loss=float(loss_sum) / len(source),
-                         meta_loss=float(meta_sum) / meta_steps if meta_steps else None, seconds=seconds)
+        done = _train_epoch(state, plan, callbacks, autocast, lr_now, device)
+        comm.sum_([done.loss_sum] + ([done.counts] if done.counts is not None else []))
+        _check_finite(done.loss_sum, epoch)
+        _check_collapse(done.counts, float(done.loss_sum) / max(len(plan.source), 1), epoch, state)
+        state.row.update(lr=lr_now, steps=done.steps, finetuning=plan.finetuning,
+                         train_loss=float(done.loss_sum) / len(plan.source),
+                         meta_loss=float(done.meta_sum) / done.meta_steps if done.meta_steps else None,
+                         seconds=time.perf_counter() - t0)
         state.row.update(getattr(method, "epoch_record", dict)())
         state.history.append(state.row)
         _call(callbacks, "on_epoch_end", state)
     _call(callbacks, "on_fit_end", state)
     return state.history
 
+
+
+def _epoch_plan(state: FitState, seed: int, batch_size: int, meta_batch_size: int, device, progress: bool):
+    """What an epoch trains on: ``source`` (the training split, or in a fine-tuning epoch the
+    meta split, one pass), its ``batches``, the cycling ``meta`` batches (or None) and ``finetuning``."""
+    data, epoch, shard = state.data, state.epoch, state.comm.shard
+    meta = None
+    finetuning = bool(getattr(state.method, "finetuning", False))
+    if finetuning:  # an epoch of fine-tuning is one pass over the meta set, whose batches are trained on
+        source, size = data.meta, min(meta_batch_size, len(data.meta))
+    else:
+        source, size = data.train, batch_size
+        if data.meta is not None:
+            meta = cycle(lambda k: data.meta.batches(min(meta_batch_size, len(data.meta)), shuffle=True,
+                                                     seed=seed_of(seed, epoch, 1 + k), device=device, shard=shard))
+    batches = source.batches(size, shuffle=True, seed=seed_of(seed, epoch, 0), device=device, shard=shard)
+    if progress and state.is_main:
+        from tqdm import tqdm
+
+        batches = tqdm(batches, total=math.ceil(len(source) / size), desc=f"epoch {epoch + 1}/{state.epochs}",
+                       leave=False, dynamic_ncols=True)
+    return SimpleNamespace(source=source, batches=batches, meta=meta, finetuning=finetuning)
+
+
+def _train_epoch(state: FitState, plan, callbacks, autocast, lr_now: float, device):
+    """The steps of one epoch; the sums they leave (on the device, no synchronisation per step):
+    ``loss_sum``, ``meta_sum`` over ``meta_steps``, ``counts`` of predicted and labelled classes, ``steps``."""
+    method, optimizer, meta, finetuning = state.method, state.optimizer, plan.meta, plan.finetuning
+    done = SimpleNamespace(loss_sum=torch.zeros((), device=device), meta_sum=torch.zeros((), device=device),
+                           counts=None, meta_steps=0, steps=0)
+    for step, (x, y, pos) in enumerate(plan.batches, 1):
+        xm, ym = next(meta)[:2] if meta is not None else (x, y) if finetuning else (None, None)
+        optimizer.zero_grad(set_to_none=True)
+        with autocast:
+            stats = method.backward(x, y, xm, ym, inner_lr=lr_now)
+        optimizer.step()
+        done.loss_sum += stats.loss * len(y)
+        done.counts = _count_classes(done.counts, stats.logits, y if stats.trained_on == "train" else ym)
+        if stats.meta_loss is not None:
+            done.meta_sum += stats.meta_loss
+            done.meta_steps += 1
+        _call(callbacks, "on_step", state, pos, stats)
+        if step % CHECK_EVERY == 0:
+            _check_finite(done.loss_sum, state.epoch)
+        done.steps = step
+    return done
 
 def _count_classes(counts, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """``counts`` (2×C, on the device) plus this batch's predicted classes
