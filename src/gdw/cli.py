@@ -137,6 +137,8 @@ def _add_train_flags(p: argparse.ArgumentParser, grid: bool = False) -> None:
     add("--features", metavar="COLS", help="csv: the feature columns, comma-separated (default: all but the label "
                                            "column and columns without a name; text columns are one-hot encoded)")
     add("--ignore", metavar="COLS", help="csv: columns that are not features, comma-separated (e.g. an id)")
+    add("--text-column", metavar="COL", help="csv: a column of text, encoded into the features (see --encoder)")
+    add("--encoder", metavar="PATH", help="the text's encoder: a local (sentence-transformers) model folder; default TF-IDF + SVD")
     add("--test-fraction", type=float, help="test split of csv: / folder: data without one (default 0.2)")
     add("--device", help="cpu, cuda or cuda:N (default: CUDA when present)")
     add("--threads", type=int, metavar="N", help="CPU threads of torch (default: torch's own choice; on a busy or "
@@ -167,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.description = ("Predict the classes of new data with the model of a finished run and the run's own "
                      "preprocessing; writes one row per example. If the data carries labels, prints the accuracy.")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a gdw train run directory")
-    p.add_argument("--data", required=True, help="csv:PATH (label column optional), folder:PATH (class "
+    p.add_argument("--data", required=True, help="csv:PATH (label column optional; the text column of a text "
+                   "run), folder:PATH (class "
                    "sub-folders, or images directly in it) or npz:PATH (x, optional y)")
     p.add_argument("--out", required=True, help="the CSV file to write")
     p.add_argument("--model-file", choices=("best", "final"), help="best.pt (the epoch chosen on validation) or "

@@ -26,6 +26,10 @@ and are left out of the config fingerprint."""
 
 LOGGERS = ("none", "tensorboard")  # --logger: where the per-epoch metrics go besides metrics.jsonl
 
+ADDED_SETTINGS = ("text_column", "encoder")
+"""Settings added after runs were recorded without them: left out of the
+fingerprint while unset (None), so that those runs keep theirs."""
+
 RESERVED_METHOD_ARGS = ("model", "num_classes", "optimizer", "class_counts", "output", "comm")
 
 
@@ -47,6 +51,8 @@ class TrainConfig:
     label_column: str = "label"
     features: Optional[str] = None
     ignore: Optional[str] = None
+    text_column: Optional[str] = None  # csv: a column of text, encoded into the features (gdw.data.text)
+    encoder: Optional[str] = None  # with text_column: a local model folder; None: TF-IDF + SVD
     test_fraction: float = 0.2
     method: str = "gdw"
     method_args: dict = field(default_factory=dict)
@@ -100,11 +106,14 @@ class TrainConfig:
                 raise UserError(f"{flag(name)} must be a non-empty string, got {getattr(self, name)!r}")
         if self.early_stop is not None and not self.val_per_class and not self.meta:
             raise UserError("--early-stop needs a validation split: give --val-per-class N")
-        for name in ("meta", "test", "features", "ignore"):
+        for name in ("meta", "test", "features", "ignore", "text_column", "encoder"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):
-                raise UserError(f"--{name} must be " + ("a dataset spec such as csv:PATH" if name in ("meta", "test")
-                                                       else "column names separated by commas") + f", got {value!r}")
+                raise UserError(f"{flag(name)} must be " + {"meta": "a dataset spec such as csv:PATH", "test": "a dataset "
+                                "spec such as csv:PATH", "text_column": "a column name", "encoder": "a model folder"}.get(
+                                    name, "column names separated by commas") + f", got {value!r}")
+        if self.encoder is not None and self.text_column is None:
+            raise UserError("--encoder turns a text column into features: give --text-column too")
         if not isinstance(self.method_args, dict):
             raise UserError(f"--method-args must be key=value pairs, got {self.method_args!r}")
         reserved = sorted(set(self.method_args) & set(RESERVED_METHOD_ARGS))
@@ -127,7 +136,7 @@ class TrainConfig:
         plain JSON values, paths absolute, plus ``method_params``: every
         hyper-parameter of the method with the defaults of this gdw."""
         d = dataclasses.asdict(self.absolute())
-        d = {k: v for k, v in d.items() if k not in NEUTRAL}
+        d = {k: v for k, v in d.items() if k not in NEUTRAL and not (k in ADDED_SETTINGS and v is None)}
         d["method_params"] = self.method_params()
         return json.loads(json.dumps(d, default=str))
 
@@ -158,9 +167,9 @@ class TrainConfig:
             from .methods import recorded_params
 
             b["method_params"] = recorded_params(other.method, saved)
-        for k in a:  # method_args are compared by their effect, in method_params below
-            if k not in ("method_params", "method_args") and (only is None or k in only) and a[k] != b.get(k):
-                return k, a[k], b.get(k)
+        for k in {**a, **b}:  # method_args are compared by their effect, in method_params below
+            if k not in ("method_params", "method_args") and (only is None or k in only) and a.get(k) != b.get(k):
+                return k, a.get(k), b.get(k)
         pa, pb = a["method_params"], b["method_params"]
         for p in sorted(set(pa) | set(pb)):
             if p not in pa or p not in pb or pa[p] != pb[p]:
@@ -206,8 +215,9 @@ def _map_paths(cfg: TrainConfig, fn) -> dict:
         for prefix in path_prefixes():
             if isinstance(value, str) and value.startswith(prefix) and len(value) > len(prefix):
                 out[name] = prefix + fn(value[len(prefix):])
-    if cfg.data_root:
-        out["data_root"] = fn(cfg.data_root)
+    for name in ("data_root", "encoder"):
+        if getattr(cfg, name):
+            out[name] = fn(getattr(cfg, name))
     return out
 
 

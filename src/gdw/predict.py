@@ -111,7 +111,9 @@ def predict(run_dir, data: str, out_csv, *, model_file: Optional[str] = None, de
     Returns ``{"n", "accuracy" (None without labels), "n_labelled",
     "model_file", "why", "unfinished"}`` (``unfinished``: ``(epochs
     trained, epochs)`` of a run without summary.json, else None). Raises
-    UserError for a missing run, file or column, or labels unknown to the run.
+    UserError for a missing run, file or column, or labels unknown to the run. A
+    text run reads the text column with its own encoder and caches the
+    file's embeddings in ``run_dir/embeddings``.
     """
     from .data import load_new
 
@@ -121,7 +123,7 @@ def predict(run_dir, data: str, out_csv, *, model_file: Optional[str] = None, de
     if pre is None:
         raise UserError(f"{run_dir} records no preprocessing (made by an older gdw); train it again to predict")
     classes = [str(c) for c in config["classes"]]
-    new = load_new(data, pre, classes)
+    new = load_new(data, pre, classes, text_dir=run_dir)
     out = Path(out_csv)
     if out.is_dir():
         raise UserError(f"--out {out} is a directory; give a file name such as predictions.csv")
@@ -137,6 +139,9 @@ def predict(run_dir, data: str, out_csv, *, model_file: Optional[str] = None, de
         w.writerow([key, "predicted_label", "confidence", *[f"p_{c}" for c in classes]])
         for i in range(len(pred)):
             w.writerow([where[i], classes[pred[i]], f"{prob[i, pred[i]]:.6g}", *[f"{p:.6g}" for p in prob[i]]])
+    from .data.text import save as save_text
+
+    save_text(run_dir, pre, [new.source_file])  # a text run keeps the new file's embeddings too
     labels = new.split.labels.numpy()
     known = labels >= 0
     accuracy = float((pred[known] == labels[known]).mean()) if new.has_labels and known.any() else None

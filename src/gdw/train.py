@@ -73,7 +73,8 @@ def build(cfg: TrainConfig, device: torch.device, comm: Comm):
     data = prepare(cfg.dataset, noise=cfg.noise, imbalance=cfg.imbalance, meta_per_class=cfg.meta_per_class,
                    seed=cfg.seed, data_root=cfg.data_root, download=cfg.download, label_column=cfg.label_column,
                    test_fraction=cfg.test_fraction, meta=cfg.meta, val_per_class=cfg.val_per_class, test=cfg.test,
-                   features=cfg.features, ignore=cfg.ignore)
+                   features=cfg.features, ignore=cfg.ignore, text_column=cfg.text_column, encoder=cfg.encoder,
+                   text_dir=cfg.out if cfg.resume else None)  # a resumed text run: its fitted encoder, its embeddings
     C = data.num_classes
     method_cls = METHODS.get(cfg.method)
     model = create_model(cfg.model, data.input_shape, C).to(device)
@@ -155,6 +156,9 @@ def train(cfg: TrainConfig, log=print, comm: Optional[Comm] = None) -> dict:
                                                                               if k != "line"}}
             atomic_write(out / "config.json", json.dumps(record, indent=2, default=str))
             data.save_split(out / "split.npz")
+            from .data.text import save as save_text  # a text run's encoder and embeddings
+
+            save_text(out, data.preprocess, [s.source_file for s in (data.train, data.meta, data.val, data.test) if s])
         history = fit(model, method, data, opt, epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size,
                       meta_batch_size=cfg.meta_batch_size, seed=cfg.seed, callbacks=callbacks, comm=comm,
                       start_epoch=start, history=history, amp=cfg.amp, progress=cfg.progress)

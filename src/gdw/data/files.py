@@ -308,27 +308,64 @@ def read_csv_table(path) -> CsvTable:
 
 
 @register_format("csv", path="required", user_files=True, suffixes=(".csv",),
-                 options=("label_column", "test_fraction", "features", "ignore"))
-def read_csv(path, label_column="label", test_fraction=0.2, features=None, ignore=None) -> Source:
+                 options=("label_column", "test_fraction", "features", "ignore", "text_column", "encoder", "text_dir"))
+def read_csv(path, label_column="label", test_fraction=0.2, features=None, ignore=None, text_column=None,
+             encoder=None, text_dir=None) -> Source:
     """A CSV file with a header (comma-, semicolon- or tab-delimited): feature columns and
-    a label column.
+    a label column, or a text column (``text_column``).
 
     Feature columns: ``features`` (names, a list or comma-separated), else every column
     but the label column, those in ``ignore`` and those without a name (pandas' index). A
     column none of whose values is a number is one-hot encoded (one 0/1 feature per
     distinct value, sorted; ``preprocess["categories"]`` keeps the values for new data).
-    Labels that are all integers become classes in increasing numeric order (names are
-    the values); otherwise classes are the sorted distinct strings. Features are float32
-    (N, D), normalised per feature with training statistics. Test split: stratified
-    ``test_fraction``, seed SPLIT_SEED. Source rows: the 0-based data row
-    (:func:`read_csv_table`). UserError for a missing label or named column, two columns
-    of one name, a row with the wrong number of fields, an empty label, or a non-numeric /
-    non-finite value in a numeric column (naming line and column).
+    ``text_column``: the features are that column's text through an encoder instead
+    (:mod:`gdw.data.text`: a model folder ``encoder``, or TF-IDF and SVD fitted on the
+    training rows; ``text_dir``, a resumed run's directory, holds the fitted one and the
+    cached embeddings). Labels that are all integers become classes in increasing numeric
+    order (names are the values); otherwise classes are the sorted distinct strings.
+    Features are float32 (N, D), normalised per feature with training statistics. Test
+    split: stratified ``test_fraction``, seed SPLIT_SEED. Source rows: the 0-based data
+    row (:func:`read_csv_table`). UserError for a missing label or named column, two columns
+    of one name, a row with the wrong number of fields, an empty label or text, or a
+    non-numeric / non-finite value in a numeric column (naming line and column).
     """
     t = read_csv_table(path)
     path = t.path
     if label_column not in t.header:
         raise UserError(f"CSV file {path} has no column {label_column!r} (columns: {t.header})")
+    if encoder is not None and text_column is None:
+        raise UserError("--encoder turns a text column into features: give --text-column too")
+    raw = t.column(label_column)
+    if (raw == "").any():
+        raise UserError(f"{path}, line {t.lines[int(np.argmax(raw == ''))]}: empty label")
+    classes = classes_from(raw)
+    y = ids_by_name(raw, classes, f"column {label_column!r} of {path}")
+    tr, te = stratified_split(y, test_fraction)
+    if text_column is not None:
+        if features or ignore:
+            raise UserError("--features and --ignore do not go with --text-column: the text is the features")
+        from .text import text_features
+
+        x, pre = text_features(t, tr, label_column, text_column, encoder, text_dir)
+        names = [text_column]
+    else:
+        names, pre = _feature_columns(t, label_column, features, ignore)
+        x = t.features(names, pre["categories"])
+    X = torch.from_numpy(x)
+    train = TensorStore(X[torch.from_numpy(tr)])
+    file = str(path)
+    return Source(f"csv:{path}", classes, train, y[tr], TensorStore(X[torch.from_numpy(te)]),
+                  y[te], View(*channel_stats(train)), files=[file],
+                  notes={"test_split": f"stratified {test_fraction:g}, seed {SPLIT_SEED}",
+                         "features": names},
+                  clean=False,
+                  origins={"train": Origin(file, tr), "test": Origin(file, te)},
+                  preprocess={"kind": "csv", "input": "tabular", **pre, "label_column": label_column})
+
+
+def _feature_columns(t: CsvTable, label_column: str, features, ignore) -> tuple[list, dict]:
+    """``(feature column names, {"feature_columns", "categories"})`` of a table."""
+    path = t.path
     chosen, ignored = (_names(v) for v in (features, ignore))
     for flag, given in (("--features", chosen), ("--ignore", ignored)):
         unknown = [n for n in given or [] if n not in t.header or n == label_column]
@@ -342,24 +379,7 @@ def read_csv(path, label_column="label", test_fraction=0.2, features=None, ignor
         v = t.column(n)
         if not any(_finite(s) for s in v):
             categories[n] = sorted(set(v.tolist()))
-    x = t.features(names, categories)
-    raw = t.column(label_column)
-    if (raw == "").any():
-        raise UserError(f"{path}, line {t.lines[int(np.argmax(raw == ''))]}: empty label")
-    classes = classes_from(raw)
-    y = ids_by_name(raw, classes, f"column {label_column!r} of {path}")
-    tr, te = stratified_split(y, test_fraction)
-    X = torch.from_numpy(x)
-    train = TensorStore(X[torch.from_numpy(tr)])
-    file = str(path)
-    return Source(f"csv:{path}", classes, train, y[tr], TensorStore(X[torch.from_numpy(te)]),
-                  y[te], View(*channel_stats(train)), files=[file],
-                  notes={"test_split": f"stratified {test_fraction:g}, seed {SPLIT_SEED}",
-                         "features": names},
-                  clean=False,
-                  origins={"train": Origin(file, tr), "test": Origin(file, te)},
-                  preprocess={"kind": "csv", "input": "tabular", "feature_columns": names,
-                              "categories": categories, "label_column": label_column})
+    return names, {"feature_columns": names, "categories": categories}
 
 
 def _names(value) -> list | None:

@@ -88,8 +88,8 @@ def read_examples(spec, pre: dict, classes, *, what: str, need_labels: bool,
     """Read ``csv:PATH``, ``folder:PATH`` or ``npz:PATH`` (or a bare path) like the
     training data described by ``pre`` (:func:`source_format` or a preprocess record).
 
-    csv: the training feature columns (by name; other columns ignored) and, if present,
-    the label column (an empty label is -1 unless labels are needed). folder: one
+    csv: the training feature columns (by name; other columns ignored) or text column
+    (:mod:`gdw.data.text`) and, if present, the label column (an empty label is -1 unless labels are needed). folder: one
     sub-folder per class, or (unlabelled) image files directly in it; images loaded at
     the training size, channels and fit. npz: ``x`` and optional ``y`` (or ``x_meta``,
     ``y_meta``); a ``classes`` array makes numeric ``y`` positions in it. Labels are
@@ -110,7 +110,12 @@ def _read_csv(path, pre, classes, what, need_labels, name, stream=None) -> Examp
                         f"training data read from a CSV (its feature columns)")
     t = read_csv_table(path)
     label_column = pre["label_column"]
-    x = t.features(list(pre["feature_columns"]), pre.get("categories"))
+    if pre.get("input") == "text":
+        from .text import text_examples
+
+        x = text_examples(t, pre)
+    else:
+        x = t.features(list(pre["feature_columns"]), pre.get("categories"))
     has = label_column in t.header
     if need_labels and not has:
         raise UserError(f"CSV file {path} has no label column {label_column!r} "
@@ -226,18 +231,20 @@ class NewData:
 
 
 def load_new(spec, preprocess: dict, classes=None, *, stream: bool | None = None,
-             num_workers: int = 0) -> NewData:
+             num_workers: int = 0, text_dir=None) -> NewData:
     """Read new data and turn it into model inputs exactly as the training data was.
 
     Args:
-        spec: ``csv:PATH`` (the training feature columns, by name; the label column is
-            optional), ``folder:PATH`` (one sub-folder per class, or a flat folder of
+        spec: ``csv:PATH`` (the training feature columns, by name, or text column; the
+            label column is optional), ``folder:PATH`` (one sub-folder per class, or a flat folder of
             images = unlabelled), ``npz:PATH`` (``x``, optional ``y``), or a bare path.
         preprocess: :attr:`gdw.data.Prepared.preprocess` of the training data (e.g. read
             back from ``split.npz``'s ``preprocess`` or a saved JSON file).
         classes: the training class names (``Prepared.classes``); None -> those recorded
             in ``preprocess``. Labels are matched to them by name.
         stream: folders: stream images from disk (None: only when larger than 1 GiB).
+        text_dir: a text run's directory: its fitted text encoder and cached embeddings
+            (not needed in the process that prepared the data).
 
     Returns a :class:`NewData`. Raises UserError for an unknown label, missing feature
     columns, inputs of another shape or type than the training inputs, a bad preprocess.
@@ -256,7 +263,7 @@ def load_new(spec, preprocess: dict, classes=None, *, stream: bool | None = None
     classes = list(preprocess.get("classes", [])) if classes is None else [str(c) for c in classes]
     if not classes:
         raise UserError("load_new needs the training classes (none given or recorded)")
-    pre = {**preprocess, "streamed": None}
+    pre = {**preprocess, "streamed": None, "text_dir": text_dir}
     ex = read_examples(spec, pre, classes, what="new data", need_labels=False, stream=stream)
     n = len(ex.labels)
     rows, paths = ex.origin.rows_of(np.arange(n)), ex.origin.paths_of(np.arange(n))

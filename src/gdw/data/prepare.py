@@ -74,7 +74,7 @@ def _count(x: int, noun: str) -> str:
 def prepare(dataset="digits", noise="none", imbalance="none", meta_per_class=None, seed=0, *,
             meta=None, val_per_class=0, test=None, data_root=None, download=False, label_column="label",
             test_fraction=0.2, image_size=None, stream=None, num_workers=0,
-            mirror=None, features=None, ignore=None) -> Prepared:
+            mirror=None, features=None, ignore=None, text_column=None, encoder=None, text_dir=None) -> Prepared:
     """Read a dataset and build noisy/imbalanced training, clean meta (and validation) and
     test splits.
 
@@ -112,8 +112,9 @@ def prepare(dataset="digits", noise="none", imbalance="none", meta_per_class=Non
         data_root: folder searched first for official datasets.
         download: fetch missing official files (MNIST, Fashion-MNIST, CIFAR) into the cache.
         label_column, test_fraction: for csv (and digits/folder test splits).
-        features, ignore: csv: the feature columns, or the columns left out (names, a list
-            or comma-separated; :func:`gdw.data.files.read_csv`).
+        features, ignore: csv: the feature columns, or the columns left out (:func:`~gdw.data.files.read_csv`).
+        text_column, encoder, text_dir: csv: the text column that becomes the features, the model
+            folder encoding it (default TF-IDF + SVD), a resumed run's directory (:mod:`gdw.data.text`).
         image_size: int or (h, w): folder images are resized to it; Clothing1M crop size.
         stream: folders: True/False forces streaming from disk / loading to memory.
         num_workers: DataLoader workers for streamed datasets.
@@ -132,10 +133,9 @@ def prepare(dataset="digits", noise="none", imbalance="none", meta_per_class=Non
     d = SimpleNamespace(dataset=dataset, N=int(val_per_class), meta_per_class=meta_per_class)
     _read(d, nspec, test, meta, dict(data_root=data_root, download=download, mirror=mirror,
                                      label_column=label_column, image_size=image_size, stream=stream,
-                                     features=features, ignore=ignore,
-                                     test_fraction=0 if test is not None else test_fraction))
-    rng_meta, rng_imb, rng_noise, rng_val = (np.random.default_rng(s)
-                                             for s in np.random.SeedSequence(int(seed)).spawn(4))
+                                     features=features, ignore=ignore, text_column=text_column, encoder=encoder,
+                                     text_dir=text_dir, test_fraction=0 if test is not None else test_fraction))
+    rng_meta, rng_imb, rng_noise, rng_val = (np.random.default_rng(s) for s in np.random.SeedSequence(int(seed)).spawn(4))
     _labels(d, data_root)
     _clean_sets(d, rng_meta, rng_val)
     _leave_out_duplicates(d)

@@ -261,12 +261,13 @@ def load_source(dataset, **options) -> Source:
     """Read a dataset (see :func:`gdw.data.prepare` for the names) into a :class:`Source`.
 
     ``options`` (data_root, download, mirror, label_column, test_fraction, image_size,
-    stream, features, ignore): each format takes the ones it names (:class:`Format`);
+    stream, features, ignore, text_column, encoder, text_dir): each format takes the ones it names (:class:`Format`);
     one set for a format that does not take it is a UserError."""
     kind, arg = resolve(dataset)
     fmt = FORMATS.get(kind)
-    for name in ("features", "ignore"):
+    for name in ("features", "ignore", "text_column", "encoder"):
         if options.get(name) and name not in fmt.options:
-            raise UserError(f"--features and --ignore choose the columns of a csv: dataset, not of {dataset!r}")
+            raise UserError(f"--features, --ignore and --text-column choose the columns of a csv: dataset, "
+                            f"not of {dataset!r}")
     taken = {k: v for k, v in options.items() if k in fmt.options}
     return fmt.read(arg, **taken) if fmt.path != "none" else fmt.read(**taken)
