@@ -8,14 +8,13 @@ trained on it; no extra pass) and what the method did with it
 class). At the end it writes two files into the run directory:
 
 ``label_issues.csv``
-    ``index,given_label,suggested_label,score``: one row per training
-    example, most suspicious first. ``index`` is the example's position in
-    the dataset's original training array (``split.npz['train_index']``), so
-    it points into the user's own files. ``score`` is higher for more
-    suspicious labels and is comparable within one run only.
-    ``suggested_label`` differs from ``given_label`` exactly on the rows the
-    run *flags* as label issues (see below), and there it is the class the
-    model found most likely after the given one.
+    ``index,given_label,suggested_label,score`` (and ``text`` when the run trains on
+    a CSV's text): one row per training example, most suspicious first. ``index`` is the
+    example's position in the dataset's original training array
+    (``split.npz['train_index']``), so it points into the user's own files. ``score``
+    is higher for more suspicious labels and is comparable within one run only. ``suggested_label``
+    differs from ``given_label`` exactly on the rows the run *flags* as label issues (see below),
+    and there it is the class the model found most likely after the given one.
 ``label_evidence.npz``
     the averaged evidence (``prob``, ``trust``, for GDW ``class_weight``;
     ``count`` = steps seen), in training-position order, so another ranking
@@ -85,12 +84,11 @@ from .issues import find_label_issues
 
 WINDOW = None  # epochs averaged: None = every epoch of the run; k = the last min(k, epochs)
 CSV_NAME = "label_issues.csv"
+TEXT_WIDTH = 80  # characters of a text shown in gdw detect's table
 EVIDENCE_NAME = "label_evidence.npz"
 CSV_FIELDS = ["index", "given_label", "suggested_label", "score", "is_label_issue"]  # "path" after index for folders,
-# "split" (train / test) last when a test split of the user's own labels is scored too
+# "split" (train / test) when a test split of the user's own labels is scored too, "text" last for text runs
 
-
-# ----------------------------------------------------------------------------- recording
 
 # ----------------------------------------------------------------------------- scoring
 
@@ -130,13 +128,13 @@ def suggest_labels(method: str, ev: dict, given: np.ndarray, score: np.ndarray, 
 
 # ----------------------------------------------------------------------------- files
 
-def issues_table(given, suggested, score, classes, rows, paths=None) -> list[dict]:
+def issues_table(given, suggested, score, classes, rows, paths=None, texts=None) -> list[dict]:
     """The label-issue table in the user's terms, most suspicious first (ties:
     training order): ``index`` (the user's row, see :func:`source_of`),
     ``path`` (image folders only), ``given_label`` and ``suggested_label``
     (the user's label values), ``score`` (higher = more suspicious; compare
-    within one run only) and ``is_label_issue`` (the examples the run flags;
-    their suggested label differs from the given one)."""
+    within one run only), ``is_label_issue`` (the examples the run flags;
+    their suggested label differs from the given one) and ``text`` (text runs only)."""
     order = np.argsort(-np.asarray(score), kind="stable")
     table = []
     for i in order:
@@ -145,14 +143,14 @@ def issues_table(given, suggested, score, classes, rows, paths=None) -> list[dic
             row["path"] = paths[i]
         row.update(given_label=str(classes[int(given[i])]), suggested_label=str(classes[int(suggested[i])]),
                    score=float(score[i]), is_label_issue=bool(suggested[i] != given[i]))
-        table.append(row)
+        table.append(row if texts is None else {**row, "text": texts[i]})
     return table
 
 
 def write_csv(path, table: list[dict]) -> Path:
     """Write :func:`issues_table`'s rows as CSV, atomically."""
     path = Path(path)
-    fields = [f for f in ("index", "path", "given_label", "suggested_label", "score", "is_label_issue", "split")
+    fields = [f for f in ("index", "path", "given_label", "suggested_label", "score", "is_label_issue", "split", "text")
               if not table or f in table[0]]
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)
@@ -167,7 +165,8 @@ def read_label_issues(run_dir) -> list[dict]:
     notebook: ``pandas.DataFrame(gdw.read_label_issues("runs/r"))``.
     UserError when the run or its label issues are missing."""
     issues = load_issues(run_dir)
-    return issues_table(issues.given, issues.suggested, issues.score, issues.classes, issues.rows, issues.paths)
+    return issues_table(issues.given, issues.suggested, issues.score, issues.classes, issues.rows, issues.paths,
+                        issues.texts)
 
 
 @dataclass
@@ -202,6 +201,7 @@ class Issues:
     noise_interval: Optional[tuple] = None
     noise_matrix: Optional[np.ndarray] = None  # C×C estimated rows, given label × likely true class
     test: Optional[dict] = None  # a test split drawn from the user's data: source_rows, given, suggested, score, paths
+    texts: Optional[list] = None  # a text run: each example's text (from label_issues.csv)
 
     def __len__(self) -> int:
         return len(self.index)
@@ -272,7 +272,17 @@ def load_issues(run_dir) -> Issues:
                   rows=ev["source_rows"].astype(np.int64), paths=paths,
                   noise_rate=float(noise["noise_rate"]) if "noise_rate" in noise else None,
                   noise_interval=tuple(float(v) for v in noise["noise_interval"]) if "noise_interval" in noise else None,
-                  noise_matrix=noise.get("noise_matrix"), test=test if "score" in test else None)
+                  noise_matrix=noise.get("noise_matrix"), test=test if "score" in test else None,
+                  texts=_texts(run / CSV_NAME, ev["source_rows"]))
+
+
+def _texts(path: Path, rows) -> Optional[list]:
+    """The ``text`` of each training row in ``label_issues.csv``, or None (not a text run)."""
+    if not path.is_file():
+        return None
+    with open(path, newline="", encoding="utf-8") as f:
+        by_row = {int(r["index"]): r["text"] for r in csv.DictReader(f) if r.get("split", "train") == "train" and "text" in r}
+    return [by_row.get(int(i), "") for i in rows] if by_row else None
 
 
 # ----------------------------------------------------------------------------- metrics and cleanlab
@@ -370,7 +380,7 @@ def format_table(issues: Issues, top: int = 20) -> str:
     known = issues.true is not None
     where = issues.rows if issues.rows is not None else issues.index
     head = ["rank", "index"] + (["path"] if issues.paths is not None else []) + ["given", "suggested", "score"] \
-        + (["true"] if known else [])
+        + (["true"] if known else []) + (["text"] if issues.texts is not None else [])
     rows = []
     for r, i in enumerate(order, 1):
         g, s = int(issues.given[i]), int(issues.suggested[i])
@@ -379,6 +389,9 @@ def format_table(issues: Issues, top: int = 20) -> str:
         if known:
             t = int(issues.true[i])
             row.append("?" if t < 0 else ("= given" if t == g else issues.class_name(t)))
+        if issues.texts is not None:  # one line, at most TEXT_WIDTH characters
+            text = " ".join(issues.texts[i].split())
+            row.append(text if len(text) <= TEXT_WIDTH else text[:TEXT_WIDTH - 1] + "…")
         rows.append(row)
     widths = [max(len(h), *(len(r[j]) for r in rows)) if rows else len(h) for j, h in enumerate(head)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths)).rstrip()]

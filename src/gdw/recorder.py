@@ -161,7 +161,8 @@ class LabelIssueRecorder(Callback):
         """Score every training example (and the rows of a test split drawn
         from the user's data, :func:`score_test_split`) and write
         ``label_evidence.npz`` and ``label_issues.csv`` (in the user's terms,
-        :func:`issues_table`; a ``split`` column when test rows are in it) into
+        :func:`issues_table`; a ``split`` column when test rows are in it, a
+        ``text`` column when the run trains on a CSV's text) into
         the run directory ``out``. ``fits_meta``: the method trained
         towards the meta set (``Method.needs_meta``), so the final model's
         mistakes on it stand for its mistakes on clean training rows and
@@ -207,13 +208,23 @@ class LabelIssueRecorder(Callback):
                  suggested=suggested, score=score, source_rows=rows,
                  source_paths=np.array(paths if paths is not None else [], dtype=str),
                  **{k: (v.astype(np.float16) if v.ndim == 2 else v) for k, v in ev.items()})
-        table = issues_table(given, suggested, score, list(data.classes), rows, paths)
-        if test:
-            table = [{**r, "split": "train"} for r in table] + [
-                {**r, "split": "test"} for r in issues_table(held["test"]["given"], test["suggested"], test["score"],
-                                                              list(data.classes), test["source_rows"],
-                                                              list(test["source_paths"]) or None)]
-        return write_csv(out / CSV_NAME, table)
+        return write_csv(out / CSV_NAME, _table(data, given, suggested, score, rows, paths, held, test))
+
+
+def _table(data, given, suggested, score, rows, paths, held: dict, test: dict) -> list[dict]:
+    """The rows of ``label_issues.csv``: the training examples, then the
+    scored test rows (with a ``split`` column), each with its text when the
+    run trains on a CSV's text."""
+    from .data.text import split_texts
+
+    pre = getattr(data, "preprocess", None)
+    table = issues_table(given, suggested, score, list(data.classes), rows, paths, split_texts(data.train, pre))
+    if not test:
+        return table
+    return [{**r, "split": "train"} for r in table] + [
+        {**r, "split": "test"} for r in issues_table(held["test"]["given"], test["suggested"], test["score"],
+                                                      list(data.classes), test["source_rows"],
+                                                      list(test["source_paths"]) or None, split_texts(data.test, pre))]
 
 
 def score_test_split(data, test: Optional[dict], found, train_given: np.ndarray) -> dict:
