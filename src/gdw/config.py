@@ -1,6 +1,8 @@
 """The settings of one run (:class:`TrainConfig`): each field with its
 default and its check, the fingerprint that defines a run, and the user's
-files a run reads (their digests, to tell a reused run from a changed file).
+files a run reads (their digests, to tell a reused run from a changed file),
+and settings written as text (a flag's value, ``--method-args``, a TOML or
+YAML ``--config`` file).
 """
 from __future__ import annotations
 
@@ -197,6 +199,70 @@ class TrainConfig:
         cfg = dataclasses.replace(cfg, out=str(run))
         cfg.saved_method_params = saved.get("method_params")  # absent in runs of older versions
         return cfg
+
+
+# ----------------------------------------------------------------------------- settings written as text
+
+def parse_value(text: str) -> Any:
+    """``"3"`` → 3, ``"0.5"`` → 0.5, ``"true"``/``"yes"`` → True,
+    ``"false"``/``"no"`` → False, otherwise the string (a method then
+    rejects a string where it needs a number or a boolean)."""
+    low = text.strip().lower()
+    if low in ("true", "yes"):
+        return True
+    if low in ("false", "no"):
+        return False
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text.strip()
+
+
+def parse_method_args(text: Optional[str]) -> dict:
+    """``"lam=0.5,beta=8"`` → ``{"lam": 0.5, "beta": 8}``."""
+    if not text:
+        return {}
+    out = {}
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--method-args: expected key=value[,key=value...], got {item!r}")
+        if key.strip() in out:
+            raise UserError(f"--method-args: {key.strip()!r} is given twice")
+        out[key.strip()] = parse_value(value)
+    return out
+
+
+def load_config_file(path: str) -> dict:
+    """Settings from a TOML or YAML file; keys are TrainConfig fields
+    (``meta-per-class`` or ``meta_per_class``)."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as err:
+        raise UserError(f"--config: cannot read {path}: {err.strerror}") from None
+    try:
+        if p.suffix.lower() == ".toml":
+            try:
+                import tomllib
+            except ModuleNotFoundError:  # Python 3.10
+                import tomli as tomllib
+            data = tomllib.loads(text)
+        elif p.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        else:
+            raise UserError(f"--config: {path} must end in .toml, .yaml or .yml")
+    except UserError:
+        raise
+    except Exception as err:  # a parse error of the file's syntax
+        raise UserError(f"--config: cannot parse {path}: {str(err).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"--config: {path} must hold a table of settings")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
 
 
 def path_prefixes() -> tuple:
