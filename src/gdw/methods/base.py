@@ -322,22 +322,22 @@ class Method:
         fwd.B = fwd.comm.count(y.shape[0], z.device)
         out = self.logit_grad(fwd, y, x_meta, y_meta, lr)
         self._backprop(fwd, out["G"].to(z.dtype))
-        meta_loss = out.get("meta_loss")
+        return self._stats(fwd, z, y, out)
+
+    @staticmethod
+    def _stats(fwd: TrainForward, z: torch.Tensor, y: torch.Tensor, out: dict) -> Stats:
+        """The step's :class:`Stats` from the real forward's logits ``z`` and ``logit_grad``'s
+        output (0-d device tensors: no host sync)."""
+        meta_loss, instance_weights = out.get("meta_loss"), out.get("instance_weights")
         weights = out["weights"].detach()
         trust = out.get("trust")
         if trust is None:
             trust = weights.gather(1, y[:, None]).squeeze(1) if weights.ndim == 2 else weights
-        instance_weights = out.get("instance_weights")
-        with torch.no_grad():  # 0-d device tensors: no host synchronisation
+        with torch.no_grad():
             loss = fwd.comm.sum(F.cross_entropy(full(z.detach()), y, reduction="sum")) / fwd.B
-        return Stats(
-            loss=loss.float(),
-            meta_loss=None if meta_loss is None else meta_loss.detach().float(),
-            weights=weights,
-            logits=z.detach(),
-            trust=trust.detach(),
-            instance_weights=None if instance_weights is None else instance_weights.detach(),
-        )
+        return Stats(loss=loss.float(), meta_loss=None if meta_loss is None else meta_loss.detach().float(),
+                     weights=weights, logits=z.detach(), trust=trust.detach(),
+                     instance_weights=None if instance_weights is None else instance_weights.detach())
 
     def _backprop(self, fwd: TrainForward, G: torch.Tensor) -> None:
         """Accumulate J_zᵀ G into the parameters' ``.grad`` (summed over ranks)."""
