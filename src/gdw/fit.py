@@ -186,24 +186,10 @@ def evaluate(model, split, num_classes: int, batch_size: int = 500, device=None,
             "per_class": rate.tolist(), "loss": float(loss)}
 
 
-def fit(
-    model: torch.nn.Module,
-    method,
-    data,
-    optimizer: torch.optim.Optimizer,
-    *,
-    epochs: int,
-    lr: float,
-    batch_size: int = 100,
-    meta_batch_size: int = 100,
-    seed: int = 0,
-    callbacks: Sequence = (),
-    comm: Optional[Comm] = None,
-    start_epoch: int = 0,
-    history: Optional[list] = None,
-    amp: bool = False,
-    progress: bool = False,
-) -> list[dict]:
+def fit(model: torch.nn.Module, method, data, optimizer: torch.optim.Optimizer, *, epochs: int, lr: float,
+        batch_size: int = 100, meta_batch_size: int = 100, seed: int = 0, callbacks: Sequence = (),
+        comm: Optional[Comm] = None, start_epoch: int = 0, history: Optional[list] = None, amp: bool = False,
+        progress: bool = False) -> list[dict]:
     """Train ``model`` with ``method`` for ``epochs`` epochs; return the history.
 
     Args:
@@ -215,19 +201,17 @@ def fit(
         epochs, lr, batch_size, meta_batch_size, seed: the schedule; batch
             order and meta batches depend only on (seed, epoch), so a resumed
             run sees the same batches as an uninterrupted one.
-        callbacks: objects with any of ``on_fit_start(state)``,
-            ``on_epoch_start(state)``, ``on_step(state, pos, stats)``,
-            ``on_epoch_end(state)``, ``on_fit_end(state)``, called in order;
-            one that sets ``state.stop`` ends training after the epoch.
+        callbacks: :class:`gdw.Callback` objects (or any with some of its
+            hooks), called in order; one that sets ``state.stop`` ends
+            training after the epoch.
         comm: the ranks the batches are split over (:class:`Comm`); one
             process when omitted.
         start_epoch, history: continue a run (from a checkpoint).
         amp: bfloat16 autocast on CUDA.
         progress: a tqdm bar per epoch (rank 0).
     Raises:
-        TrainingDiverged: the training loss became NaN or infinite.
-        TrainingCollapsed: the model came to predict one class for (nearly)
-            every example of an epoch (see :func:`_check_collapse`).
+        TrainingDiverged: the loss became NaN or infinite; TrainingCollapsed: the model
+            came to predict one class for (nearly) every example (:func:`_check_collapse`).
     """
     comm = comm or Comm.single()
     device = next(model.parameters()).device
@@ -246,15 +230,7 @@ def fit(
         plan = _epoch_plan(state, seed, batch_size, meta_batch_size, device, progress)
         t0 = time.perf_counter()
         done = _train_epoch(state, plan, callbacks, autocast, lr_now, device)
-        comm.sum_([done.loss_sum] + ([done.counts] if done.counts is not None else []))
-        _check_finite(done.loss_sum, epoch)
-        _check_collapse(done.counts, float(done.loss_sum) / max(len(plan.source), 1), epoch, state)
-        state.row.update(lr=lr_now, steps=done.steps, finetuning=plan.finetuning,
-                         train_loss=float(done.loss_sum) / len(plan.source),
-                         meta_loss=float(done.meta_sum) / done.meta_steps if done.meta_steps else None,
-                         seconds=time.perf_counter() - t0)
-        state.row.update(getattr(method, "epoch_record", dict)())
-        state.history.append(state.row)
+        _end_epoch(state, plan, done, lr_now, t0)
         _call(callbacks, "on_epoch_end", state)
     _call(callbacks, "on_fit_end", state)
     return state.history
@@ -305,6 +281,20 @@ def _train_epoch(state: FitState, plan, callbacks, autocast, lr_now: float, devi
             _check_finite(done.loss_sum, state.epoch)
         done.steps = step
     return done
+
+
+def _end_epoch(state: FitState, plan, done, lr_now: float, t0: float) -> None:
+    """Sum the epoch over the ranks, stop a run that diverged or collapsed, and fill in its row
+    (its ``seconds`` since ``t0``, after the sums, so that on an accelerator they include its work)."""
+    state.comm.sum_([done.loss_sum] + ([done.counts] if done.counts is not None else []))
+    _check_finite(done.loss_sum, state.epoch)
+    _check_collapse(done.counts, float(done.loss_sum) / max(len(plan.source), 1), state.epoch, state)
+    state.row.update(lr=lr_now, steps=done.steps, finetuning=plan.finetuning,
+                     train_loss=float(done.loss_sum) / len(plan.source),
+                     meta_loss=float(done.meta_sum) / done.meta_steps if done.meta_steps else None,
+                     seconds=time.perf_counter() - t0)
+    state.row.update(getattr(state.method, "epoch_record", dict)())
+    state.history.append(state.row)
 
 def _count_classes(counts, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """``counts`` (2×C, on the device) plus this batch's predicted classes
