@@ -276,10 +276,34 @@ def _add_detect_flags(p: argparse.ArgumentParser) -> None:
     _add_train_flags(p)
 
 
+def _print_issues(run: Path, issues, args) -> None:
+    """gdw detect's report: the table, the estimate, the flagged count, and the metrics when true labels are known."""
+    from .detect import describe_pairs, evaluate, format_table
+
+    flagged = issues.num_flagged if args.num_issues is None else args.num_issues
+    print(f"gdw detect: {run} ({issues.method}, {len(issues)} training examples, score: {issues.score_name})")
+    print(format_table(issues, args.top))
+    if issues.noise_rate is not None:
+        lo, hi = issues.noise_interval
+        print(f"estimated wrong labels: {100 * issues.noise_rate:.1f}% of the training examples "
+              f"(95% interval {100 * lo:.1f}–{100 * hi:.1f}%)" + describe_pairs(issues))
+    how = "--num-issues" if args.num_issues is not None else "suggested label differs from the given one"
+    print(f"flagged as label issues: {min(flagged, len(issues))} of {len(issues)} ({how})")
+    m = evaluate(issues, args.num_issues)
+    if m is None:
+        print("true labels unknown: no precision / recall / AUROC")
+        return
+    k = m["n_noisy"]
+    print(f"against the true labels ({k} of {m['n']} mislabelled): AUROC {m['auroc']:.4f}, "
+          f"precision@{k} {m['precision_at_k']:.4f}, recall@{k} {m['recall_at_k']:.4f}")
+    print(f"flagged {m['num_flagged']}: precision {m['precision_flagged']:.4f}, recall {m['recall_flagged']:.4f}; "
+          f"suggested label = true label for {100 * m['suggestion_accuracy']:.1f}% of the flagged mislabelled examples")
+
+
 def cmd_detect(args) -> int:
     import numpy as np
 
-    from .detect import describe_pairs, evaluate, format_table, load_issues, to_cleanlab
+    from .detect import load_issues, to_cleanlab
 
     if args.top < 0:
         raise UserError(f"--top must be >= 0, got {args.top}")
@@ -308,24 +332,7 @@ def cmd_detect(args) -> int:
         train(cfg)
         run = Path(cfg.out)
     issues = load_issues(run)
-    flagged = issues.num_flagged if args.num_issues is None else args.num_issues
-    print(f"gdw detect: {run} ({issues.method}, {len(issues)} training examples, score: {issues.score_name})")
-    print(format_table(issues, args.top))
-    if issues.noise_rate is not None:
-        lo, hi = issues.noise_interval
-        print(f"estimated wrong labels: {100 * issues.noise_rate:.1f}% of the training examples "
-              f"(95% interval {100 * lo:.1f}–{100 * hi:.1f}%)" + describe_pairs(issues))
-    how = "--num-issues" if args.num_issues is not None else "suggested label differs from the given one"
-    print(f"flagged as label issues: {min(flagged, len(issues))} of {len(issues)} ({how})")
-    m = evaluate(issues, args.num_issues)
-    if m is None:
-        print("true labels unknown: no precision / recall / AUROC")
-    else:
-        k = m["n_noisy"]
-        print(f"against the true labels ({k} of {m['n']} mislabelled): AUROC {m['auroc']:.4f}, "
-              f"precision@{k} {m['precision_at_k']:.4f}, recall@{k} {m['recall_at_k']:.4f}")
-        print(f"flagged {m['num_flagged']}: precision {m['precision_flagged']:.4f}, recall {m['recall_flagged']:.4f}; "
-              f"suggested label = true label for {100 * m['suggestion_accuracy']:.1f}% of the flagged mislabelled examples")
+    _print_issues(run, issues, args)
     if args.export:
         from .export import export
 
