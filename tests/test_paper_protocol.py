@@ -141,28 +141,50 @@ def test_the_grid_of_the_paper_protocol():
     assert label({"method": "gdw", "method_args": {"stage_one": "l2rw"}}, None) == "gdw(stage_one=l2rw)"
 
 
-def test_committed_cells_carry_their_labels():
-    """Every committed Fashion-MNIST cell is a cell of the grid, named after
-    the label its method, arguments and head_only have in ``METHODS``."""
+def _protocol_module():
     spec = importlib.util.spec_from_file_location("paper_protocol_labels", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def test_committed_results_cover_the_grid_under_their_labels():
+    """results.csv, the committed summary of the Fashion-MNIST grid (its run
+    folders are rebuilt by the script, not committed): one row per cell of the
+    grid, each cell named after its label."""
     from gdw.compare import cell_name
 
+    module = _protocol_module()
     out = SCRIPT.parent / "results" / "fashion_mnist"
-    expected = {cell_name(*c) for c in module.cells([0, 1])}
+    with open(out / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        assert r["run_dir"] == cell_name(r["noise"], r["imbalance"], r["method"], int(r["seed"]))
+    assert {r["run_dir"] for r in rows} == {cell_name(*c) for c in module.cells([0, 1])}
+    assert "ran as `gdw` and `gdw-head`" in (out / "results.md").read_text()
+    assert (out / "gdw_weights.png").exists() and (out / "accuracy.png").exists()
+
+
+def test_run_folders_carry_their_labels():
+    """Where the grid's run folders are (after running the script): each is
+    named after the label its method, arguments and head_only have in
+    ``METHODS``, and the paper-mode cells made before the stage_one option
+    are relabelled."""
+    from gdw.compare import cell_name
+
+    module = _protocol_module()
+    out = SCRIPT.parent / "results" / "fashion_mnist"
+    paths = sorted(out.glob("*/summary.json"))
+    if not paths:
+        pytest.skip("the grid's run folders are not in the repository; benchmarks/paper_protocol.py rebuilds them")
     found = {}
-    for path in sorted(out.glob("*/summary.json")):
+    for path in paths:
         summary = json.loads(path.read_text())
         label = module.method_label(summary, path.parent)
         assert path.parent.name == cell_name(summary["noise"], summary["imbalance"], label, summary["seed"])
         found[path.parent.name] = label
-    assert set(found) == expected
-    # the paper-mode cells made before the stage_one option: relabelled, and said so in results.md
     old = module.relabelled_cells(out)
     assert len(old) == 24 and {found[name] for name in old} == {"gdw-paper", "gdw-paper-head"}
-    assert "ran as `gdw` and `gdw-head`" in (out / "results.md").read_text()
-    assert (out / module.WEIGHTS_RUN / "class_weights.npy").exists()
 
 
 def test_many_and_few_shot_accuracy_by_hand(protocol, tmp_path):
