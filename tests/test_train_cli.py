@@ -1,6 +1,7 @@
 """gdw train / compare: run directory schema, exact resume after SIGKILL,
 skipped cells, one-line user errors, and a diverging run."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -618,3 +619,27 @@ def test_csv_columns_chosen_and_encoded_through_train_and_predict(tmp_path, caps
     assert main(["predict", str(out), "--data", f"csv:{tmp_path / 'new.csv'}", "--out", str(tmp_path / "p.csv")]) == 0
     rows = (tmp_path / "p.csv").read_text().splitlines()
     assert [r.split(",")[1] for r in rows[1:]] == ["a", "a", "b"]  # label b exactly for the red rows
+
+
+def test_every_setting_with_help_is_a_flag_made_from_its_field():
+    """The flags of gdw train come from TrainConfig's fields: a field with help
+    text is a flag with that help (and its default), of the field's type."""
+    import argparse
+
+    from gdw.cli import build_parser
+    from gdw.config import TrainConfig
+
+    parser = build_parser()
+    train = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["train"]
+    flags = {a.dest: a for a in train._actions}
+    for f in dataclasses.fields(TrainConfig):
+        if not f.metadata:
+            assert f.name not in flags  # momentum, weight_decay: settings of a config file only
+            continue
+        action = flags[f.name]
+        assert action.help.startswith(f.metadata["help"])
+        if f.default not in (None, dataclasses.MISSING) and not isinstance(f.default, bool):
+            assert action.help.endswith(f"(default {f.default})") or "(default" in f.metadata["help"]
+    args = parser.parse_args(["train", "--epochs", "3", "--lr", "0.05", "--no-progress", "--amp",
+                              "--method-args", "lam=0.5"])
+    assert (args.epochs, args.lr, args.progress, args.amp, args.method_args) == (3, 0.05, False, True, "lam=0.5")

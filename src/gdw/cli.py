@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Optional
 
 from .errors import UserError
-from .methods import METHODS
 from .config import load_config_file, parse_method_args, parse_value  # noqa: F401 - re-exported
 from .train import NEUTRAL, RunInterrupted, TrainConfig, TrainingDiverged
 
@@ -29,66 +28,50 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+GRID_FLAGS = {  # gdw compare: settings that take a list, one cell per value
+    "noise": ("--noise", "comma-separated noise specs (default none)"),
+    "imbalance": ("--imbalance", "comma-separated imbalance specs (default none)"),
+    "method": ("--methods", "comma-separated methods; NAME-head means NAME with --head-only (default ce,mwnet,gdw)"),
+    "seed": ("--seeds", "comma-separated seeds (default 0)"),
+}
+
+
+def _flag_options(f: dataclasses.Field) -> tuple[str, dict]:
+    """The flag of a :class:`TrainConfig` field and its ``argparse`` options,
+    from the field's type, default and ``setting`` metadata."""
+    opts = {k: v for k, v in f.metadata.items() if k != "flag"}
+    name = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
+    kind = str(f.type)
+    if "bool" in kind:
+        return name, {**opts, "dest": f.name, "default": None,
+                      "action": "store_false" if name.startswith("--no-") else "store_true"}
+    if "type" not in opts and ("int" in kind or "float" in kind):
+        opts["type"] = int if "int" in kind else float
+    if f.default is not dataclasses.MISSING and f.default is not None and "(default" not in opts["help"]:
+        opts["help"] += f" (default {f.default})"
+    return name, opts
+
+
 def _add_train_flags(p: argparse.ArgumentParser, grid: bool = False) -> None:
-    d = TrainConfig()
-    add = p.add_argument
-    add("--config", help="TOML or YAML file of settings; flags given here override it")
-    add("--dataset", help=f"digits, fashion-mnist, mnist, cifar10, cifar100, clothing1m, folder:PATH, npz:PATH, csv:PATH (default {d.dataset})")
-    add("--data-root", help="folder holding the dataset files")
-    add("--download", action="store_true", default=None, help="fetch the dataset if it is not on disk")
+    """``--config``, a flag per :class:`TrainConfig` field that has help text (a list of values for the
+    settings of :data:`GRID_FLAGS` with ``grid``), and the flags of the process (``--nproc``, ``--threads``)."""
+    p.add_argument("--config", help="TOML or YAML file of settings; flags given here override it")
+    for f in dataclasses.fields(TrainConfig):
+        if not f.metadata or (grid and f.name == "resume"):
+            continue
+        if grid and f.name in GRID_FLAGS:
+            flag, text = GRID_FLAGS[f.name]
+            p.add_argument(flag, help=text)
+            continue
+        flag, opts = _flag_options(f)
+        p.add_argument(flag, **opts)
     if grid:
-        add("--noise", help="comma-separated noise specs (default none)")
-        add("--imbalance", help="comma-separated imbalance specs (default none)")
-        add("--methods", help="comma-separated methods; NAME-head means NAME with --head-only (default ce,mwnet,gdw)")
-        add("--seeds", help="comma-separated seeds (default 0)")
-        add("--force", action="store_true", default=None,
-            help="rerun cells whose saved settings differ from the requested ones (their results are replaced)")
+        p.add_argument("--force", action="store_true", default=None,
+                       help="rerun cells whose saved settings differ from the requested ones (their results are replaced)")
     else:
-        add("--noise", help=f"synthetic label noise to inject: none, uniform:R, symmetric:R, flip:R, pair:R, "
-                            f"matrix:PATH, cifar10n:KEY (default {d.noise}: your labels as they are)")
-        add("--imbalance", help=f"none, longtail:RHO, step:RHO (default {d.imbalance})")
-        add("--method", help=f"weighting method: {', '.join(METHODS.names())} (default {d.method})")
-        add("--seed", type=int, help=f"random seed (default {d.seed})")
-        add("--resume", action="store_true", default=None,
-            help="continue the run in --out from its checkpoint, with the settings saved there")
-        add("--nproc", type=int, help="data-parallel processes on this machine (launches torchrun; one per GPU)")
-    add("--target-prior", choices=["auto", "train", "balanced"],
-        help="the class prior predictions aim at: train (the training labels' shares: plain accuracy), balanced "
-             "(every class alike: balanced accuracy) or auto (balanced under --imbalance or when the classes are "
-             f"about equally frequent, else train; default {d.target_prior})")
-    add("--meta", help="your own clean (hand-checked) labelled set, used as the meta set: csv:PATH, folder:PATH "
-                       "or npz:PATH (arrays x, y); labels matched to the training classes by name")
-    add("--meta-per-class", type=int, help="clean meta examples per class (default: all of --meta; else 100 when "
-                                           "C <= 10, else 10, at most a tenth of the smallest class)")
-    add("--test", help="your own labelled test set (e.g. hand-checked), used as the test split: csv:PATH, "
-                       "folder:PATH or npz:PATH, read like --meta; the dataset is then not split, all of it trains")
-    add("--val-per-class", type=int, help="clean validation examples per class, taken from the clean source and "
-                                          "kept apart: val_accuracy per epoch, best.pt, the epoch chosen on it (default 0)")
-    add("--early-stop", type=int, metavar="K", help="stop after K epochs without a better validation accuracy")
-    add("--method-args", help="the method's hyper-parameters, key=value,... (e.g. lam=0.5,beta=8)")
-    add("--head-only", action="store_true", default=None, help="only the classifier head takes the virtual step")
-    add("--model", help=f"mlp, mlp-plain (no BatchNorm), cnn, resnet32 or module.path:factory (default {d.model})")
-    add("--epochs", type=int, help=f"default {d.epochs}")
-    add("--batch-size", type=int, help=f"default {d.batch_size}")
-    add("--meta-batch-size", type=int, help=f"default {d.meta_batch_size}")
-    add("--lr", type=float, help=f"initial learning rate, cosine decay (default {d.lr})")
-    add("--label-column", help="label column of a csv: dataset (default label)")
-    add("--features", metavar="COLS", help="csv: the feature columns, comma-separated (default: all but the label "
-                                           "column and columns without a name; text columns are one-hot encoded)")
-    add("--ignore", metavar="COLS", help="csv: columns that are not features, comma-separated (e.g. an id)")
-    add("--text-column", metavar="COL", help="csv: a column of text, encoded into the features (see --encoder)")
-    add("--encoder", metavar="PATH", help="the text's encoder: a local (sentence-transformers) model folder; default TF-IDF + SVD")
-    add("--test-fraction", type=float, help="test split of csv: / folder: data without one (default 0.2)")
-    add("--device", help="cpu, cuda or cuda:N (default: CUDA when present)")
-    add("--threads", type=int, metavar="N", help="CPU threads of torch (default: torch's own choice; on a busy or "
-                                                 "shared machine, 1 is often much faster)")
-    add("--amp", action="store_true", default=None, help="bfloat16 autocast (CUDA)")
-    add("--sync-bn", action="store_true", default=None, help="under torchrun on CUDA: BatchNorm statistics over all ranks")
-    add("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
-    add("--logger", choices=["none", "tensorboard"], help="tensorboard: every epoch's metrics also as TensorBoard "
-                                                          "scalars in RUN_DIR/tensorboard (pip install "
-                                                          "'gdw[tensorboard]'; default none)")
-    add("--out", help="run directory (default: a fresh one under runs/)")
+        p.add_argument("--nproc", type=int, help="data-parallel processes on this machine (launches torchrun; one per GPU)")
+    p.add_argument("--threads", type=int, metavar="N", help="CPU threads of torch (default: torch's own choice; on a "
+                                                            "busy or shared machine, 1 is often much faster)")
 
 
 def build_parser() -> argparse.ArgumentParser:

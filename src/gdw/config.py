@@ -35,45 +35,78 @@ fingerprint while unset (None), so that those runs keep theirs."""
 RESERVED_METHOD_ARGS = ("model", "num_classes", "optimizer", "class_counts", "output", "comm")
 
 
+def setting(default, help: str, **flag):
+    """A :class:`TrainConfig` field: its ``default`` (a callable makes a fresh
+    one per config, e.g. ``dict``) and the ``help`` of its command-line flag;
+    ``flag`` holds further ``argparse`` options (``choices``, ``metavar``,
+    ``type``, and ``flag="--no-x"`` for a flag that sets a boolean to False)."""
+    meta = {"help": help, **flag}
+    if callable(default):
+        return field(default_factory=default, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
 @dataclass
 class TrainConfig:
-    """Every setting of one run. Field names match the command-line flags."""
+    """Every setting of one run, each with its default and help text (the
+    command-line flag ``--field-name`` is made from them: :func:`gdw.cli`),
+    checked in :meth:`validate`."""
 
-    dataset: str = "digits"
-    data_root: Optional[str] = None
-    download: bool = False
-    noise: str = "none"
-    imbalance: str = "none"
-    target_prior: str = "auto"
-    meta: Optional[str] = None
-    meta_per_class: Optional[int] = None
-    val_per_class: int = 0
-    test: Optional[str] = None
-    early_stop: Optional[int] = None
-    label_column: str = "label"
-    features: Optional[str] = None
-    ignore: Optional[str] = None
-    text_column: Optional[str] = None  # csv: a column of text, encoded into the features (gdw.data.text)
-    encoder: Optional[str] = None  # with text_column: a local model folder; None: TF-IDF + SVD
-    test_fraction: float = 0.2
-    method: str = "gdw"
-    method_args: dict = field(default_factory=dict)
-    head_only: bool = False
-    model: str = "mlp"
-    epochs: int = 30
-    batch_size: int = 100
-    meta_batch_size: int = 100
-    lr: float = 0.1
+    dataset: str = setting("digits", "digits, fashion-mnist, mnist, cifar10, cifar100, clothing1m, folder:PATH, "
+                                     "npz:PATH, csv:PATH")
+    data_root: Optional[str] = setting(None, "folder holding the dataset files")
+    download: bool = setting(False, "fetch the dataset if it is not on disk")
+    noise: str = setting("none", "synthetic label noise to inject: none, uniform:R, symmetric:R, flip:R, pair:R, "
+                                 "matrix:PATH, cifar10n:KEY; none: your labels as they are")
+    imbalance: str = setting("none", "none, longtail:RHO, step:RHO")
+    target_prior: str = setting("auto", "the class prior predictions aim at: train (the training labels' shares: "
+                                        "plain accuracy), balanced (every class alike: balanced accuracy) or auto "
+                                        "(balanced under --imbalance or when the classes are about equally frequent, "
+                                        "else train)", choices=["auto", "train", "balanced"])
+    meta: Optional[str] = setting(None, "your own clean (hand-checked) labelled set, used as the meta set: csv:PATH, "
+                                        "folder:PATH or npz:PATH (arrays x, y); labels matched to the training "
+                                        "classes by name")
+    meta_per_class: Optional[int] = setting(None, "clean meta examples per class (default: all of --meta; else 100 "
+                                                  "when C <= 10, else 10, at most a tenth of the smallest class)")
+    val_per_class: int = setting(0, "clean validation examples per class, taken from the clean source and kept "
+                                    "apart: val_accuracy per epoch, best.pt, the epoch chosen on it")
+    test: Optional[str] = setting(None, "your own labelled test set (e.g. hand-checked), used as the test split: "
+                                        "csv:PATH, folder:PATH or npz:PATH, read like --meta; the dataset is then not "
+                                        "split, all of it trains")
+    early_stop: Optional[int] = setting(None, "stop after K epochs without a better validation accuracy",
+                                        metavar="K")
+    label_column: str = setting("label", "label column of a csv: dataset")
+    features: Optional[str] = setting(None, "csv: the feature columns, comma-separated (default: all but the label "
+                                            "column and columns without a name; text columns are one-hot encoded)",
+                                      metavar="COLS")
+    ignore: Optional[str] = setting(None, "csv: columns that are not features, comma-separated (e.g. an id)",
+                                    metavar="COLS")
+    text_column: Optional[str] = setting(None, "csv: a column of text, encoded into the features (see --encoder)",
+                                         metavar="COL")
+    encoder: Optional[str] = setting(None, "the text's encoder: a local (sentence-transformers) model folder; "
+                                           "default TF-IDF + SVD", metavar="PATH")
+    test_fraction: float = setting(0.2, "test split of csv: / folder: data without one")
+    method: str = setting("gdw", "weighting method: " + ", ".join(METHODS.names()))
+    method_args: dict = setting(dict, "the method's hyper-parameters, key=value,... (e.g. lam=0.5,beta=8)",
+                                type=str)
+    head_only: bool = setting(False, "only the classifier head takes the virtual step")
+    model: str = setting("mlp", "mlp, mlp-plain (no BatchNorm), cnn, resnet32 or module.path:factory")
+    epochs: int = setting(30, "training epochs")
+    batch_size: int = setting(100, "training batch size")
+    meta_batch_size: int = setting(100, "meta batch size")
+    lr: float = setting(0.1, "initial learning rate, cosine decay")
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    seed: int = 0
-    device: Optional[str] = None
-    amp: bool = False
-    sync_bn: bool = False
-    out: Optional[str] = None
-    resume: bool = False
-    progress: bool = True
-    logger: str = "none"  # "tensorboard": every epoch's row also as TensorBoard scalars (gdw[tensorboard])
+    seed: int = setting(0, "random seed")
+    device: Optional[str] = setting(None, "cpu, cuda or cuda:N (default: CUDA when present)")
+    amp: bool = setting(False, "bfloat16 autocast (CUDA)")
+    sync_bn: bool = setting(False, "under torchrun on CUDA: BatchNorm statistics over all ranks")
+    out: Optional[str] = setting(None, "run directory (default: a fresh one under runs/)")
+    resume: bool = setting(False, "continue the run in --out from its checkpoint, with the settings saved there")
+    progress: bool = setting(True, "no progress bar", flag="--no-progress")
+    logger: str = setting("none", "tensorboard: every epoch's metrics also as TensorBoard scalars in "
+                                  "RUN_DIR/tensorboard (pip install 'gdw[tensorboard]')",
+                          choices=["none", "tensorboard"])
 
     def validate(self) -> "TrainConfig":
         """Raise UserError, naming the flag, for a value of the wrong kind."""
