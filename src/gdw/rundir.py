@@ -155,7 +155,7 @@ def _interrupts(out: Path, cfg: TrainConfig):
         raise type(err)(f"{err}; stopped, {kept}; {fix}") from None
 
 
-def _config_record(cfg: TrainConfig, data, device, comm: Comm) -> dict:
+def _config_record(cfg: TrainConfig, data, device, comm: Comm, fingerprint: str) -> dict:
     """config.json: the settings with paths relative to the run directory,
     plus what was resolved from them."""
     base = Path(cfg.out).resolve()
@@ -172,7 +172,7 @@ def _config_record(cfg: TrainConfig, data, device, comm: Comm) -> dict:
         "data": data.record,
         "data_files": data_files(cfg),
         "method_params": cfg.method_params(),
-        "fingerprint": cfg.fingerprint(),
+        "fingerprint": fingerprint,
         "versions": {"gdw": __version__, "torch": torch.__version__, "numpy": np.__version__,
                      "python": platform.python_version()},
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

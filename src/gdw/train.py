@@ -140,19 +140,21 @@ def train(cfg: TrainConfig, log=print, comm: Optional[Comm] = None) -> dict:
         log(f"gdw train: the run in {out} is finished ({summary.get('epochs_trained', cfg.epochs)} of {cfg.epochs} "
             "epochs); nothing to resume, nothing changed")
         return summary
-    ckpt = load_checkpoint(out, device, cfg.fingerprint()) if cfg.resume else None
+    fingerprint = cfg.fingerprint()  # once: the checkpoint, its check on --resume and config.json
+    ckpt = load_checkpoint(out, device, fingerprint) if cfg.resume else None
     data, model, opt, method = build(cfg, device, comm)
     if ckpt is not None:
         check_same_data(out, data)
     target, shift = target_prior(cfg, data, method)
-    callbacks, stateful = _callbacks(cfg, data, out, device, log if main else (lambda *a, **k: None), shift)
+    callbacks, stateful = _callbacks(cfg, data, out, device, log if main else (lambda *a, **k: None), shift,
+                                     fingerprint)
     if ckpt is not None:
         _restore(ckpt, model, opt, method, stateful)
     start, history = (ckpt["epoch"] + 1, ckpt["history"]) if ckpt else (0, [])
     _log_start(log, cfg, data, device, out, target, start if ckpt else None)
     with RunDir(out, main), _interrupts(out, cfg):
         if main and ckpt is None:
-            record = {**_config_record(cfg, data, device, comm), "target": {k: v for k, v in target.items()
+            record = {**_config_record(cfg, data, device, comm, fingerprint), "target": {k: v for k, v in target.items()
                                                                               if k != "line"}}
             atomic_write(out / "config.json", json.dumps(record, indent=2, default=str))
             data.save_split(out / "split.npz")
@@ -235,7 +237,7 @@ def _tensorboard(out: Path):
     return TensorBoardLogger(out / "tensorboard")
 
 
-def _callbacks(cfg: TrainConfig, data, out: Path, device, log, shift=None):
+def _callbacks(cfg: TrainConfig, data, out: Path, device, log, shift, fingerprint: str):
     """The callbacks of a ``gdw train`` run, in the order they must run at an
     epoch end: rows are complete before the checkpoint, the checkpoint is
     saved before metrics.jsonl is rewritten from it."""
@@ -254,7 +256,7 @@ def _callbacks(cfg: TrainConfig, data, out: Path, device, log, shift=None):
         Evaluator({"val": val, "test": data.test}, data.num_classes, cfg.batch_size, shift),
         WeightStats(recorder, out, noisy),
         *([stateful["best_model"]] if val is not None else []),
-        Checkpointer(out / "checkpoint.pt", cfg.fingerprint(), stateful),
+        Checkpointer(out / "checkpoint.pt", fingerprint, stateful),
         MetricsWriter(out / "metrics.jsonl"),
         EpochLog(log, test_clean=data.record.get("test_known_clean", True)),
         *([_tensorboard(out)] if cfg.logger == "tensorboard" else []),
