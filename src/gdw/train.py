@@ -154,8 +154,8 @@ def train(cfg: TrainConfig, log=print, comm: Optional[Comm] = None) -> dict:
     _log_start(log, cfg, data, device, out, target, start if ckpt else None)
     with RunDir(out, main), _interrupts(out, cfg):
         if main and ckpt is None:
-            record = {**_config_record(cfg, data, device, comm, fingerprint), "target": {k: v for k, v in target.items()
-                                                                              if k != "line"}}
+            record = {**_config_record(cfg, data, device, comm, fingerprint),
+                      "target": {k: v for k, v in target.items() if k != "line"}}
             atomic_write(out / "config.json", json.dumps(record, indent=2, default=str))
             data.save_split(out / "split.npz")
             from .data.text import save as save_text  # a text run's encoder and embeddings
