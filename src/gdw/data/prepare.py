@@ -4,6 +4,7 @@ Order of operations (fixed):
 
 1. read the source; the train/test split is the published one, or a stratified split
    with the fixed seed 0 (digits, csv, folder) -- the same for every experiment seed;
+   with ``test=`` that set is the test split and the source is not split at all;
 2. meta set: a hand-checked labelled set given as ``meta=`` (all of it, or a balanced
    draw of ``meta_per_class`` per class), or the clean meta set shipped with the data
    (npz ``x_meta``, Clothing1M clean val / clean train), or else ``meta_per_class``
@@ -76,57 +77,30 @@ def prepare(dataset="digits", noise="none", imbalance="none", meta_per_class=Non
             test_fraction=0.2, image_size=None, stream=None, num_workers=0,
             mirror=None, features=None, ignore=None, text_column=None, encoder=None, text_dir=None) -> Prepared:
     """Read a dataset and build noisy/imbalanced training, clean meta (and validation) and
-    test splits.
+    test splits, in the order of the module docstring.
 
     Args:
-        dataset: ``digits`` (default, scikit-learn, no download), ``mnist``,
-            ``fashion-mnist``, ``cifar10``, ``cifar100``, ``clothing1m[:ROOT]``,
+        dataset: a registered format (:data:`gdw.data.FORMATS`): ``digits`` (default),
+            ``mnist``, ``fashion-mnist``, ``cifar10``, ``cifar100``, ``clothing1m[:ROOT]``,
             ``folder:PATH``, ``npz:PATH``, ``csv:PATH``, or a bare folder/.npz/.csv path.
-        noise: noise spec (:func:`gdw.data.parse_noise`), e.g. ``uniform:0.4``,
-            ``cifar10n:worse``. Must be ``none`` when the labels are already noisy.
+        noise: :func:`gdw.data.parse_noise` spec (``uniform:0.4``, ``cifar10n:worse``);
+            ``none`` when the labels are already noisy.
         imbalance: ``none``, ``longtail:RHO`` or ``step:RHO`` (by true class).
-        meta_per_class: clean examples per class in the meta set; None -> all of ``meta``
-            if given, else the meta set shipped with the data if any (npz x_meta,
-            Clothing1M clean val), else 100 if C <= 10 else 10, capped at a tenth of the
-            smallest class (:func:`default_meta_per_class`); 0 -> no meta set.
-        seed: non-negative int; same seed -> same split, labels and record.
-        meta: a hand-checked labelled set used as the meta set instead of a draw from the
-            training data: ``csv:PATH`` (the training CSV's feature columns, by name, and
-            its label column), ``folder:PATH`` (one sub-folder per class; images read at
-            the training size and channels) or ``npz:PATH`` (arrays ``x``, ``y`` or
-            ``x_meta``, ``y_meta``; labels as values, or positions in a ``classes``
-            array). Labels are matched to the training classes by name; every class needs
-            an example. Preprocessed exactly like the training data (its normalisation).
-            Training examples with the very same inputs are left out of training.
-        test: your own labelled test set (``csv:PATH``, ``folder:PATH``, ``npz:PATH``, read
-            and matched to the classes like ``meta``), e.g. hand-checked examples, used as the
-            test split instead of the dataset's own: a csv / folder / digits dataset is then
-            not split (``test_fraction`` unused) and all of it is for training. Training
-            examples with the very same inputs as a test example are left out of training
-            and of the meta and validation draws.
-        val_per_class: examples per class in a validation set (``Prepared.val``), taken
-            from the clean source -- ``meta`` when given, the meta set shipped with the
-            data, else the training array by true label -- disjoint from the meta and
-            training sets. On the user's own data without ``meta`` it is drawn by the
-            user's (possibly noisy) labels, with a warning in ``record["warnings"]``.
-        data_root: folder searched first for official datasets.
-        download: fetch missing official files (MNIST, Fashion-MNIST, CIFAR) into the cache.
-        label_column, test_fraction: for csv (and digits/folder test splits).
-        features, ignore: csv: the feature columns, or the columns left out (:func:`~gdw.data.files.read_csv`).
-        text_column, encoder, text_dir: csv: the text column that becomes the features, the model
-            folder encoding it (default TF-IDF + SVD), a resumed run's directory (:mod:`gdw.data.text`).
-        image_size: int or (h, w): folder images are resized to it; Clothing1M crop size.
-        stream: folders: True/False forces streaming from disk / loading to memory.
-        num_workers: DataLoader workers for streamed datasets.
-        mirror: base URL replacing the official download servers (else $GDW_MIRROR).
+        meta_per_class: clean meta examples per class; None: all of ``meta``, else the meta
+            set shipped with the data, else :func:`default_meta_per_class`; 0: none.
+        seed: non-negative int; the same seed gives the same split, labels and record.
+        meta, test: your own labelled sets (``csv:``, ``folder:``, ``npz:``; labels matched
+            to the training classes by name, preprocessed like the training data) used as
+            the meta set / the test split; training rows with the same inputs are left out.
+        val_per_class: validation examples per class, from the clean source (step 3).
+        data_root, download, mirror: where official datasets are looked for / fetched from.
+        label_column, test_fraction, features, ignore, text_column, encoder, text_dir: csv
+            options (:func:`~gdw.data.files.read_csv`, :mod:`gdw.data.text`).
+        image_size, stream, num_workers: image folders and Clothing1M; streamed loading.
 
-    Returns a :class:`Prepared`. ``record`` (JSON-serialisable) holds what was done,
-    including ``warnings`` (sentences to show the user, e.g. that the meta set was drawn
-    from labels not known to be clean), ``source_files`` (the file each split came from),
-    ``meta_source`` / ``val_source`` (given, provided, provided clean pool, train, none)
-    and ``meta_known_clean`` / ``val_known_clean``. Raises UserError for any bad input
-    (unknown dataset or spec, missing/corrupt file, labels out of range or unknown, a class
-    too small for the meta and validation sets...).
+    Returns a :class:`Prepared`; its ``record`` (JSON) says what was done, with
+    ``warnings`` for the user, ``source_files``, ``meta_source`` / ``val_source`` and
+    whether they are known to be clean. Raises UserError for any bad input.
     """
     nspec, ispec = parse_noise(noise), parse_imbalance(imbalance)
     _check_sizes(seed, meta_per_class, val_per_class)
