@@ -4,10 +4,9 @@ A grid is a list of cells, each an ordinary ``gdw train`` run directory
 ``OUT/<name>`` (``name`` may hold a ``/``: ``digits/flip0.4_none_ce_s0``),
 trained through :func:`gdw.compare.run_cell`. A cell with a ``summary.json``
 is finished and skipped; one with only a checkpoint is resumed. While a
-process trains a cell it holds the lock file ``OUT/.running/<name>.lock``
-(``/`` written as ``__``), which holds its host name and process id, so any
-number of processes started on one grid share it out between them; a lock
-whose process is gone is taken over. ``shard=(K, N)`` splits the grid
+process trains a cell it holds a ``flock`` on ``OUT/.running/<name>.lock``
+(``/`` written as ``__``), so any number of processes started on one grid
+share it out between them; the lock ends with its process. ``shard=(K, N)`` splits the grid
 statically instead (every N-th cell from K).
 
 The report helpers here read only what every grid writes: ``summary.json``,
@@ -17,10 +16,10 @@ The report helpers here read only what every grid writes: ``summary.json``,
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
-import os
-import socket
 import sys
 import time
 from pathlib import Path
@@ -34,38 +33,20 @@ SPLIT_FIELDS = ["many_shot_accuracy", "few_shot_accuracy"]
 
 # ----------------------------------------------------------------------------- sharing the cells out
 
-def claim(lock: Path) -> bool:
-    """Take the cell whose lock file is ``lock`` for this process; False if
-    another live process on this host has it (so any number of processes can
-    work through one grid). A lock left by a killed process is taken over."""
+@contextlib.contextmanager
+def claimed(lock: Path):
+    """Hold the cell's lock file while the block runs: yields True for this
+    process, False when another one holds it (so any number of processes can
+    work through one grid). The lock is the operating system's (``flock``): it
+    ends with its process, so a killed process leaves no lock behind."""
     lock.parent.mkdir(parents=True, exist_ok=True)
-    me = {"host": socket.gethostname(), "pid": os.getpid()}
-    for _ in range(2):
+    with open(lock, "a") as f:
         try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            try:
-                owner = json.loads(lock.read_text())
-            except (OSError, ValueError):
-                return False  # being written by its owner right now
-            if owner.get("host") != me["host"] or _alive(int(owner.get("pid", -1))):
-                return False
-            lock.unlink(missing_ok=True)  # stale: its process is gone
-            continue
-        with os.fdopen(fd, "w") as f:
-            json.dump(me, f)
-        return True
-    return False
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, under another user
-        pass
-    return True
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
 
 
 def lock_path(out: Path, name: str) -> Path:
@@ -130,11 +111,8 @@ def run_grid(out: Path, cells: Sequence[tuple[str, object]], shard: tuple[int, i
                 if diff:
                     failed.append((name, f"finished with {diff[0]} = {diff[2]!r}, but the grid asks for {diff[1]!r}"))
             continue
-        lock = lock_path(out, name)
-        if not claim(lock):
-            continue
-        try:
-            if (run_dir / "summary.json").exists():  # finished between the check and the claim
+        with claimed(lock_path(out, name)) as ours:
+            if not ours or (run_dir / "summary.json").exists():  # another's, or finished since the check
                 continue
             t0 = time.time()
             print(f"[shard {k}/{n}: {i}/{len(mine)}] {name}", flush=True)
@@ -154,8 +132,6 @@ def run_grid(out: Path, cells: Sequence[tuple[str, object]], shard: tuple[int, i
                 continue
             print(f"    final {100 * summary['final_test_accuracy']:.2f}%  "
                   f"best {100 * summary['best_test_accuracy']:.2f}%  {time.time() - t0:.0f}s", flush=True)
-        finally:
-            lock.unlink(missing_ok=True)
     return failed
 
 

@@ -8,8 +8,8 @@
 Each cell is an ordinary ``gdw train`` run directory under ``--out``; a cell
 with a ``summary.json`` is skipped, one with only a checkpoint is resumed, so
 the grid can be stopped and restarted at will. A process marks the cell it is
-training with a lock file in ``--out/.running/`` (taken over once its process
-is gone), so several processes started on one grid share it out between them;
+training with a lock on a file in ``--out/.running/`` (the operating system's,
+released when its process ends), so several processes started on one grid share it out between them;
 ``--shard K/N`` splits it statically instead. ``--report`` (also run at the
 end of a full pass) reads every finished cell and writes ``results.csv``,
 ``results.md``, ``accuracy.png``, ``gdw_weights.png`` and

@@ -5,7 +5,6 @@ questions are computed from results.csv."""
 import csv
 import importlib.util
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -33,19 +32,26 @@ def table_line(text, section, method):
     return [c.strip() for c in line.split("|")[2:-1]]
 
 
+def grid_claimed(lock):
+    import grid
+
+    return grid.claimed(lock)
+
+
 def test_grid_trains_skips_and_reports_from_the_csv(rb, tmp_path, capsys):
     out, data = tmp_path / "out", tmp_path / "data"
     args = ["--datasets", "digits,tabular", "--methods", "ce,gdw", "--settings", "flip:0.4", "--seeds", "0",
             "--epochs", "1", "--out", str(out), "--data", str(data)]
-    # a cell held by a live process (this one) is left to it
+    # a cell whose lock another holder has (here an open file of this process) is left to it
+    import fcntl
+
     lock = out / ".running" / "digits__flip0.4_none_ce_s0.lock"
     lock.parent.mkdir(parents=True)
-    lock.write_text(json.dumps({"host": __import__("socket").gethostname(), "pid": os.getpid()}))
-    assert rb.main(args) == 0
+    with open(lock, "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        assert rb.main(args) == 0
     first = capsys.readouterr().out
     assert first.count("[shard 0/1") == 3 and "digits/flip0.4_none_ce_s0" not in first.split("# Data")[0]
-    assert lock.exists()
-    lock.unlink()
     assert rb.main(args) == 0
     assert capsys.readouterr().out.split("# Data")[0].count("[shard 0/1") == 1
 
@@ -53,7 +59,10 @@ def test_grid_trains_skips_and_reports_from_the_csv(rb, tmp_path, capsys):
     assert [p.parent.relative_to(out).as_posix() for p in summaries] == [
         "digits/flip0.4_none_ce_s0", "digits/flip0.4_none_gdw_s0",
         "tabular/flip0.4_none_ce_s0", "tabular/flip0.4_none_gdw_s0"]
-    assert (data / "tabular.npz").exists() and not any((out / ".running").iterdir())
+    assert (data / "tabular.npz").exists()
+    for lock in (out / ".running").iterdir():  # every lock released
+        with grid_claimed(lock) as ours:
+            assert ours
     record = json.loads((out / "tabular" / "dataset.json").read_text())
     # 300 training examples plus 5 meta examples per class; a tenth of the smallest class is fewer than 5
     assert record["train_before_meta"] == 350 and record["test"] == 200 and record["meta_per_class"] == 3
