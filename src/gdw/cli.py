@@ -236,7 +236,7 @@ def cmd_demo(args) -> int:
     return 0
 
 
-DETECT_ONLY = ("run_dir", "top", "num_issues", "format", "output", "ranked", "export", "relabel", "nproc")
+DETECT_ONLY = ("run_dir", "top", "num_issues", "format", "output", "ranked", "export", "relabel", "nproc", "folds")
 
 
 def _add_detect_flags(p: argparse.ArgumentParser) -> None:
@@ -252,6 +252,8 @@ def _add_detect_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", help="the .npy file of --format cleanlab")
     p.add_argument("--ranked", action="store_true", help="--format cleanlab: the flagged positions ranked by "
                    "severity (like return_indices_ranked_by=...) instead of a boolean mask")
+    p.add_argument("--folds", type=int, metavar="N", help="train N runs, each leaving one fold of the training "
+                   "rows out, so every row is scored by a model that did not train on it (N trainings)")
     p.add_argument("--export", metavar="FILE", help="write the run's data (csv, npz) without the flagged rows, "
                    "or for an image folder a CSV list of them")
     p.add_argument("--relabel", action="store_true", help="--export: keep the flagged rows with their suggested "
@@ -283,6 +285,15 @@ def _print_issues(run: Path, issues, args) -> None:
           f"suggested label = true label for {100 * m['suggestion_accuracy']:.1f}% of the flagged mislabelled examples")
 
 
+def _detect_folds(args, settings: dict) -> int:
+    """gdw detect --folds N: cross-fitted label issues (:mod:`gdw.crossfit`)."""
+    from .crossfit import detect_folds
+
+    if args.run_dir is not None or args.export or args.format == "cleanlab":
+        raise UserError("--folds trains its own runs: give the training flags, not RUN_DIR, --export or --format")
+    return detect_folds(TrainConfig(**settings), args.folds)
+
+
 def cmd_detect(args) -> int:
     import numpy as np
 
@@ -299,6 +310,8 @@ def cmd_detect(args) -> int:
     if args.format != "cleanlab" and (args.output or args.ranked):
         raise UserError("--output and --ranked go with --format cleanlab")
     settings = resolve_config(args, exclude=DETECT_ONLY)
+    if args.folds is not None:
+        return _detect_folds(args, settings)
     if args.run_dir is not None:
         if settings or args.nproc is not None:
             given = sorted(settings) + (["nproc"] if args.nproc is not None else [])

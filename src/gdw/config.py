@@ -28,7 +28,7 @@ and are left out of the config fingerprint."""
 
 LOGGERS = ("none", "tensorboard")  # --logger: where the per-epoch metrics go besides metrics.jsonl
 
-ADDED_SETTINGS = ("text_column", "encoder")
+ADDED_SETTINGS = ("text_column", "encoder", "holdout")
 """Settings added after runs were recorded without them: left out of the
 fingerprint while unset (None), so that those runs keep theirs."""
 
@@ -86,6 +86,9 @@ class TrainConfig:
     encoder: Optional[str] = setting(None, "the text's encoder: a local (sentence-transformers) model folder; "
                                            "default TF-IDF + SVD", metavar="PATH")
     test_fraction: float = setting(0.2, "test split of csv: / folder: data without one")
+    holdout: Optional[str] = setting(None, "K/N: fold K (0 to N-1) of N of the training rows is left out of training "
+                                           "and scored by the final model (gdw detect --folds N runs all N)",
+                                     metavar="K/N")
     method: str = setting("gdw", "weighting method: " + ", ".join(METHODS.names()))
     method_args: dict = setting(dict, "the method's hyper-parameters, key=value,... (e.g. lam=0.5,beta=8)",
                                 type=str)
@@ -139,6 +142,10 @@ class TrainConfig:
         for name in ("dataset", "noise", "imbalance", "method", "model", "label_column"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise UserError(f"{flag(name)} must be a non-empty string, got {getattr(self, name)!r}")
+        if self.holdout is not None:
+            k, _, n = str(self.holdout).partition("/")
+            if not (k.isdigit() and n.isdigit() and int(n) >= 2 and int(k) < int(n)):
+                raise UserError(f"--holdout must be K/N with 0 <= K < N and N >= 2, got {self.holdout!r}")
         if self.early_stop is not None and not self.val_per_class and not self.meta:
             raise UserError("--early-stop needs a validation split: give --val-per-class N")
         for name in ("meta", "test", "features", "ignore", "text_column", "encoder"):

@@ -143,18 +143,22 @@ class LabelIssueRecorder(Callback):
 
     def held_out(self, data, model, batch_size: int = 500) -> dict:
         """The final model's probabilities (``prob``) and the labels
-        (``given``) of the splits it did not train on (meta, val, test;
+        (``given``) of the splits it did not train on (meta, val, test, holdout;
         those a run has), e.g. ``{"val": {"prob": (m, C), "given": (m,)}}``."""
         if model is None:
             return {}
         from .fit import predict_proba
 
         out = {}
-        for name in ("meta", "val", "test"):
+        for name in ("meta", "val", "test", "holdout"):
             split = getattr(data, name, None)
             if split is not None and len(split):
                 out[name] = {"prob": predict_proba(model, split, batch_size, self.device).cpu().numpy(),
                              "given": split.labels.numpy()}
+        if "holdout" in out:  # the user's rows and, where known, the true labels of the fold left out
+            rows, _ = source_of(data.holdout)
+            true = data.holdout.true_labels
+            out["holdout"].update(source_rows=rows, true=np.full(len(rows), -1) if true is None else true.numpy())
         return out
 
     def write(self, out, data, method: str, *, model=None, batch_size: int = 500, fits_meta: bool = False) -> Path:

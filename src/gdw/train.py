@@ -74,7 +74,8 @@ def build(cfg: TrainConfig, device: torch.device, comm: Comm):
                    seed=cfg.seed, data_root=cfg.data_root, download=cfg.download, label_column=cfg.label_column,
                    test_fraction=cfg.test_fraction, meta=cfg.meta, val_per_class=cfg.val_per_class, test=cfg.test,
                    features=cfg.features, ignore=cfg.ignore, text_column=cfg.text_column, encoder=cfg.encoder,
-                   text_dir=cfg.out if cfg.resume else None)  # a resumed text run: its fitted encoder, its embeddings
+                   text_dir=cfg.out if cfg.resume else None,  # a resumed text run: its fitted encoder, its embeddings
+                   holdout=cfg.holdout)
     C = data.num_classes
     method_cls = METHODS.get(cfg.method)
     model = create_model(cfg.model, data.input_shape, C).to(device)

@@ -75,7 +75,8 @@ def _count(x: int, noun: str) -> str:
 def prepare(dataset="digits", noise="none", imbalance="none", meta_per_class=None, seed=0, *,
             meta=None, val_per_class=0, test=None, data_root=None, download=False, label_column="label",
             test_fraction=0.2, image_size=None, stream=None, num_workers=0,
-            mirror=None, features=None, ignore=None, text_column=None, encoder=None, text_dir=None) -> Prepared:
+            mirror=None, features=None, ignore=None, text_column=None, encoder=None, text_dir=None,
+            holdout=None) -> Prepared:
     """Read a dataset and build noisy/imbalanced training, clean meta (and validation) and
     test splits, in the order of the module docstring.
 
@@ -124,13 +125,33 @@ def prepare(dataset="digits", noise="none", imbalance="none", meta_per_class=Non
     if not (src.clean or src.y_train_true is not None or d.nspec.kind != "none"):
         # the user's own labels, as they are: their truth is unknown, not equal to them
         true_tr = np.full_like(true_tr, -1)
+    d.holdout = None
+    if holdout is not None:  # a fold of the training rows, left out and predicted (gdw detect --folds)
+        keep = fold_keep(noisy_tr, holdout, seed)
+        d.holdout = (train_pos[~keep], noisy_tr[~keep], true_tr[~keep])
+        train_pos, noisy_tr, true_tr = train_pos[keep], noisy_tr[keep], true_tr[keep]
     d.splits = _splits(d, train_pos, noisy_tr, true_tr, num_workers)
     d.clean = d.pool is not None or src.clean or src.y_train_true is not None
     record = _record(d, ispec, seed, noisy_tr, true_tr, T)
     train, meta_split, test, val_split = (d.splits[k] for k in ("train", "meta", "test", "val"))
     preprocess = preprocess_record(src, src.view, train.input_shape, dataset, src.classes)
+    if d.holdout is not None:
+        record.update(holdout=holdout, n_holdout=len(d.splits["holdout"]))
     return Prepared(train, meta_split, test, list(src.classes), train.input_shape, record,
-                    val=val_split, preprocess=preprocess)
+                    val=val_split, preprocess=preprocess, holdout=d.splits["holdout"])
+
+
+def fold_keep(labels: np.ndarray, holdout: str, seed: int) -> np.ndarray:
+    """Mask of the rows kept for training when fold ``K`` of ``"K/N"`` is held out: the
+    rows of each given label are dealt to N folds in an order fixed by ``seed``, so the N
+    folds of one seed partition the training rows."""
+    k, n = (int(v) for v in str(holdout).split("/"))
+    order = np.random.default_rng([int(seed), 97]).permutation(len(labels))
+    fold = np.empty(len(labels), dtype=np.int64)
+    for c in np.unique(labels):
+        rows = order[labels[order] == c]
+        fold[rows] = np.arange(len(rows)) % n
+    return fold != k
 
 
 def _check_sizes(seed, meta_per_class, val_per_class) -> None:
@@ -287,6 +308,7 @@ def _splits(d, train_pos, noisy_tr, true_tr, num_workers) -> dict:
     for name, idx in (("meta", d.meta_idx), ("val", d.val_idx)):
         if idx is not None:
             out[name] = make(name, d.store, idx, d.labels[idx], d.labels[idx], d.origin)
+    out["holdout"] = None if d.holdout is None else make("holdout", src.x_train, *d.holdout, src.origin("train"))
     if d.given_test is None:
         pos = d.test_pos
         out["test"] = make("test", src.x_test, pos, src.y_test[pos], src.y_test[pos], src.origin("test"))

@@ -126,6 +126,7 @@ class Prepared:
     record: dict
     val: Split | None = None
     preprocess: dict | None = None
+    holdout: Split | None = None  # training rows left out of training and predicted (``holdout="K/N"``)
 
     @property
     def num_classes(self) -> int:
