@@ -169,3 +169,16 @@ def test_npz_export_leaves_out_or_relabels_the_flagged_rows(tmp_path, capsys):
         np.testing.assert_array_equal(z["y_train"], expected)
         expected = np.array([suggested["test", i] if i in test_flagged else 10 * t for i, t in enumerate(tt)])
         np.testing.assert_array_equal(z["y_test"], expected)
+
+
+def test_csv_export_numbers_rows_as_the_reader_does(tmp_path):
+    """A blank line is no data row for the reader, so it is none for --export
+    either: the flagged row 1 is the file's third line of data text, not the blank."""
+    from gdw.export import _csv
+
+    src = tmp_path / "d.csv"
+    src.write_text("a;label\n1;x\n\n2;y\n3;x\n")
+    assert _csv(src, tmp_path / "kept.csv", {1: None}, ["x", "y"], "label", relabel=False) == 2
+    assert (tmp_path / "kept.csv").read_text() == "a;label\n1;x\n3;x\n"
+    assert _csv(src, tmp_path / "fixed.csv", {1: 0}, ["x", "y"], "label", relabel=True) == 3
+    assert (tmp_path / "fixed.csv").read_text() == "a;label\n1;x\n2;x\n3;x\n"

@@ -91,18 +91,18 @@ def export(run_dir, out_file, *, relabel: bool = False, num_issues: Optional[int
 
 
 def _csv(source: Path, out: Path, flagged: dict, names: list, label_column: str, relabel: bool) -> int:
-    with open(source, newline="") as f:
-        text = f.read()
-    dialect = csv.Sniffer().sniff(text.split("\n", 1)[0], delimiters=",;\t")
-    reader = csv.reader(text.splitlines(keepends=True), dialect)
-    header = next(reader)
-    if label_column not in header:
+    """The CSV as the run read it (its data rows numbered as in ``label_issues.csv``), with
+    its delimiter; flagged rows left out or relabelled."""
+    from .data.files import read_csv_table
+
+    table = read_csv_table(source)
+    if label_column not in table.header:
         raise UserError(f"--export: {source} no longer has the label column {label_column!r}")
-    col, written = header.index(label_column), 0
+    col, written = table.header.index(label_column), 0
     with atomic_path(out) as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.writer(f, delimiter=dialect.delimiter, lineterminator="\n")
-        writer.writerow(header)
-        for r, row in enumerate(reader):
+        writer = csv.writer(f, delimiter=table.delimiter, lineterminator="\n")
+        writer.writerow(table.header)
+        for r, row in enumerate(table.table.tolist()):
             if r in flagged:
                 if not relabel:
                     continue

@@ -234,12 +234,14 @@ def read_npz(path) -> Source:
 @dataclass
 class CsvTable:
     """A CSV file read as text: ``header`` (stripped names), ``table`` (n, columns) str
-    array of the non-empty data rows, ``lines`` (file line of each data row)."""
+    array of the non-empty data rows, ``lines`` (file line of each data row), and the
+    ``delimiter`` it was read with."""
 
     path: Path
     header: list
     table: np.ndarray
     lines: list
+    delimiter: str = ","
 
     def column(self, name: str) -> np.ndarray:
         return np.char.strip(self.table[:, self.header.index(name)])
@@ -304,7 +306,7 @@ def read_csv_table(path) -> CsvTable:
     twice = next((h for k, h in enumerate(header) if h and h in header[:k]), None)
     if twice is not None:
         raise UserError(f"CSV file {path} has two columns named {twice!r}; give each column its own name")
-    return CsvTable(path, header, np.array(rows[1:], dtype=str), [n for n, _ in numbered[1:]])
+    return CsvTable(path, header, np.array(rows[1:], dtype=str), [n for n, _ in numbered[1:]], sep)
 
 
 @register_format("csv", path="required", user_files=True, suffixes=(".csv",),
