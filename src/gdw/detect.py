@@ -80,7 +80,7 @@ import numpy as np
 
 from .errors import UserError
 from .io import atomic_path
-from .issues import find_label_issues
+from .issues import find_label_issues, top_pairs
 
 WINDOW = None  # epochs averaged: None = every epoch of the run; k = the last min(k, epochs)
 CSV_NAME = "label_issues.csv"
@@ -363,14 +363,10 @@ def to_cleanlab(issues: Issues, num_issues: Optional[int] = None, ranked: bool =
 def describe_pairs(issues: Issues, top: int = 3) -> str:
     """``"; most often: given 'A', likely 'B' (120 rows), ..."`` from the
     estimated noise matrix ("" without one)."""
-    N = issues.noise_matrix
-    if N is None:
+    if issues.noise_matrix is None:
         return ""
-    N = np.array(N, dtype=np.float64)
-    np.fill_diagonal(N, 0)
-    idx = [np.unravel_index(k, N.shape) for k in np.argsort(-N, axis=None)[:top]]
-    parts = [f"given {issues.class_name(int(i))!r}, likely {issues.class_name(int(j))!r} ({N[i, j]:.0f} rows)"
-             for i, j in idx if N[i, j] >= 0.5]
+    names = [issues.class_name(c) for c in range(len(issues.noise_matrix))]
+    parts = [f"given {g!r}, likely {t!r} ({n:.0f} rows)" for g, t, n in top_pairs(issues.noise_matrix, names, top)]
     return "; most often: " + ", ".join(parts) if parts else ""
 
 

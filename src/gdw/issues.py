@@ -81,11 +81,17 @@ class LabelIssues:
     def pairs(self, top: int = 5) -> list[tuple[str, str, float]]:
         """The largest off-diagonal entries of ``noise_matrix``:
         ``(given label, likely true class, estimated rows)``."""
-        names = self.class_names or [str(c) for c in range(self.noise_matrix.shape[0])]
-        N = self.noise_matrix.copy()
-        np.fill_diagonal(N, 0)
-        idx = np.argsort(-N, axis=None)[:top]
-        return [(names[i], names[j], float(N[i, j])) for i, j in zip(*np.unravel_index(idx, N.shape)) if N[i, j] > 0]
+        return top_pairs(self.noise_matrix, self.class_names, top)
+
+
+def top_pairs(noise_matrix, class_names=None, top: int = 5) -> list[tuple[str, str, float]]:
+    """The ``top`` largest off-diagonal entries of an estimated noise matrix (C×C, given
+    label × likely true class) of at least half a row: ``(given, likely, rows)``."""
+    N = np.array(noise_matrix, dtype=np.float64)
+    names = list(class_names or []) or [str(c) for c in range(N.shape[0])]
+    np.fill_diagonal(N, 0)
+    idx = np.argsort(-N, axis=None, kind="stable")[:top]
+    return [(names[i], names[j], float(N[i, j])) for i, j in zip(*np.unravel_index(idx, N.shape)) if N[i, j] >= 0.5]
 
 
 def _check(labels, probs, what: str) -> tuple[np.ndarray, np.ndarray]:
