@@ -30,10 +30,10 @@ def test_detect_folds_scores_every_training_row_once(tmp_path, capsys):
         rows = list(csv.DictReader(f))
     whole = prepare("digits", noise="uniform:0.3", meta_per_class=5, val_per_class=5, seed=0)
     train_rows = whole.train.source_rows
-    assert sorted(int(r["row"]) for r in rows) == sorted(int(v) for v in train_rows)
+    assert sorted(int(r["index"]) for r in rows) == sorted(int(v) for v in train_rows)
     wrong = {int(r): bool(t != g) for r, g, t in zip(train_rows, whole.train.labels.numpy(),
                                                       whole.train.true_labels.numpy())}
-    flagged = [int(r["row"]) for r in rows if r["flagged"] == "True"]
+    flagged = [int(r["index"]) for r in rows if r["is_label_issue"] == "true"]
     assert np.mean([wrong[r] for r in flagged]) > 0.7
     share = float(printed.split("estimated wrong labels: ")[1].split("%")[0]) / 100
     assert abs(share - np.mean(list(wrong.values()))) < 0.08

@@ -10,7 +10,6 @@ on, so it shows the models' own mistakes where labels are right), go to
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 from pathlib import Path
@@ -18,15 +17,14 @@ from pathlib import Path
 import numpy as np
 
 from .config import TrainConfig
-from .detect import CSV_NAME
+from .detect import CSV_NAME, issues_table, write_csv
 from .errors import UserError
-from .io import atomic_path
 from .issues import find_label_issues
 
 
 def cross_fit(cfg: TrainConfig, folds: int, log=print) -> dict:
     """Train ``folds`` runs under ``cfg.out`` (``fold0`` ...), write
-    ``label_issues.csv`` there, and return what :func:`gdw.find_label_issues`
+    ``label_issues.csv`` there (the columns of a run's), and return what :func:`gdw.find_label_issues`
     found with the rows' ids: ``{"issues", "rows", "true", "clean", "csv"}``
     (``true``: the true labels where known, else -1; ``clean``: whether a
     validation split corrected the estimate)."""
@@ -54,11 +52,8 @@ def cross_fit(cfg: TrainConfig, folds: int, log=print) -> dict:
                  "clean_pred_probs": np.concatenate([p["val_prob"] for p in parts]).astype(np.float64)}
     classes = [str(c) for c in json.loads((root / "fold0" / "config.json").read_text())["classes"]]
     found = find_label_issues(labels, probs, class_names=classes, **clean)
-    table = found.rows(row_ids=rows)
-    with atomic_path(root / CSV_NAME) as tmp, open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["row", "given_label", "suggested_label", "score", "flagged"])
-        w.writeheader()
-        w.writerows(table)
+    suggested = np.where(found.flagged, found.suggested, labels)  # as in a run's label_issues.csv
+    write_csv(root / CSV_NAME, issues_table(labels, suggested, found.score, classes, rows))
     return {"issues": found, "rows": rows, "true": np.concatenate([p["holdout_true"] for p in parts]),
             "clean": bool(clean), "csv": root / CSV_NAME}
 
