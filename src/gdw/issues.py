@@ -94,6 +94,15 @@ def top_pairs(noise_matrix, class_names=None, top: int = 5) -> list[tuple[str, s
     return [(names[i], names[j], float(N[i, j])) for i, j in zip(*np.unravel_index(idx, N.shape)) if N[i, j] >= 0.5]
 
 
+def flag_per_class(labels: np.ndarray, score: np.ndarray, counts) -> np.ndarray:
+    """Mask of the ``round(counts[c])`` highest-scoring rows of every given label c."""
+    flagged = np.zeros(len(labels), bool)
+    for c, k in enumerate(counts):
+        rows = np.flatnonzero(labels == c)
+        flagged[rows[np.argsort(-score[rows], kind="stable")[:int(round(k))]]] = True
+    return flagged
+
+
 def _check(labels, probs, what: str) -> tuple[np.ndarray, np.ndarray]:
     labels, probs = np.asarray(labels), np.asarray(probs, dtype=np.float64)
     if probs.ndim != 2 or labels.ndim != 1 or len(labels) != len(probs):
@@ -192,10 +201,7 @@ def find_label_issues(labels, pred_probs, *, clean_labels=None, clean_pred_probs
             raise UserError(f"num_issues must be a whole number in [0, {n}], got {num_issues!r}")
         flagged[np.argsort(-score, kind="stable")[:num_issues]] = True
     else:
-        for i in range(C):
-            rows = np.flatnonzero(labels == i)
-            k = int(round(N[i].sum() - N[i, i]))
-            flagged[rows[np.argsort(-score[rows], kind="stable")[:k]]] = True
+        flagged = flag_per_class(labels, score, N.sum(1) - np.diag(N))
     order = np.lexsort((-score, ~flagged))  # flagged first, then by score
     return LabelIssues(labels, score, flagged, suggested, order, float(rate), interval, N,
                        list(class_names) if class_names is not None else [])

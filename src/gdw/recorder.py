@@ -19,7 +19,7 @@ from .callbacks import Callback
 from .detect import (CSV_NAME, EVIDENCE_NAME, WINDOW, _off_label, issues_table, score_examples, score_name,
                      suggest_labels, write_csv)
 from .errors import UserError
-from .issues import find_label_issues
+from .issues import find_label_issues, flag_per_class
 
 
 class LabelIssueRecorder(Callback):
@@ -245,10 +245,7 @@ def score_test_split(data, test: Optional[dict], found, train_given: np.ndarray)
     score = 1 - prob[np.arange(len(given)), given]
     N = found.noise_matrix
     share = (N.sum(1) - np.diag(N)) / np.maximum(np.bincount(train_given, minlength=len(N)), 1)
-    flagged = np.zeros(len(given), bool)
-    for c in range(len(N)):
-        rows = np.flatnonzero(given == c)
-        flagged[rows[np.argsort(-score[rows], kind="stable")[:int(round(share[c] * len(rows)))]]] = True
+    flagged = flag_per_class(given, score, share * np.bincount(given, minlength=len(N)))
     rows, paths = source_of(data.test)
     return {"score": score, "suggested": np.where(flagged, _off_label(prob, given, -np.inf).argmax(1), given),
             "source_rows": rows, "source_paths": np.array(paths or [], dtype=str)}
