@@ -132,6 +132,7 @@ def train(cfg: TrainConfig, log=print, comm: Optional[Comm] = None) -> dict:
         RunInterrupted: Ctrl-C; the message says what was kept.
     """
     cfg = cfg.validate().absolute()
+    owns_group = comm is None and launched_by_torchrun()
     comm, device = _setup(cfg, comm)
     main = comm.rank == 0
     out = Path(_on_rank0(comm, lambda: str(check_run_dir(cfg))))
@@ -174,6 +175,8 @@ def train(cfg: TrainConfig, log=print, comm: Optional[Comm] = None) -> dict:
         _log_end(log, summary)
         atomic_write(out / "summary.json", json.dumps(summary, indent=2))
     comm.barrier()
+    if owns_group:  # the process group torchrun's environment made us join: left before the process exits
+        torch.distributed.destroy_process_group()
     return summary
 
 
