@@ -107,7 +107,8 @@ def meta_gradient(model: nn.Module, x_meta: "model_inputs.Inputs", y_meta: torch
         meta_loss = _meta_ce(meta_logits, y_meta, comm)
         u = torch.autograd.grad(meta_loss, list(leaves.values()), allow_unused=True)
     comm.sum_(u)
-    return MetaGradient(meta_loss.detach(), dict(zip(leaves, u)))
+    correct = (full(meta_logits).detach().argmax(-1) == y_meta).sum()
+    return MetaGradient(meta_loss.detach(), dict(zip(leaves, u)), correct)
 
 
 def meta_logit_grad(

@@ -92,11 +92,13 @@ class MetaGradient:
 
     ``loss`` is this rank's share of the mean meta cross-entropy (detached),
     ``u`` the gradient by trainable-parameter name (``None`` for a parameter
-    that does not reach the logits), already summed over the ranks.
+    that does not reach the logits), already summed over the ranks;
+    ``correct`` this rank's count of meta examples predicted as labelled.
     """
 
     loss: torch.Tensor
     u: dict[str, Optional[torch.Tensor]]
+    correct: Optional[torch.Tensor] = None
 
 
 class HeadCapture:

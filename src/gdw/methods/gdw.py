@@ -49,9 +49,11 @@ import torch
 import torch.nn.functional as F
 
 from .. import inputs as model_inputs
+from ..distributed import Comm
 from ..errors import UserError
 from ..engine import full
 from .base import METHODS, check_bool, check_positive, logit_error
+from .gate import NoiseGate
 from .guard import MetaGuard
 from .la import log_prior
 from .meta import WeightNetMethod
@@ -103,6 +105,7 @@ def zero_mean_grad(g: torch.Tensor, p: torch.Tensor, y: torch.Tensor) -> torch.T
 
 STAGE_ONE = ("mwnet", "l2rw")
 GUARD = 0.05  # ρ₀ of the held-out check (guard.py), when it is on
+GATE_FINETUNE = 0.5  # with the gate, the fine-tuning phase runs only while its λ is below this (gate.py)
 WEIGHT_NORM = ("batch", "kept", "binary")
 CLASS_GRAD = ("raw", "constrained")
 
@@ -171,11 +174,13 @@ class GDW(WeightNetMethod):
     needs_class_counts = True  # for the logit adjustment (tau); optional when calling it directly
     # the defaults that follow stage_one: the paper's algorithm with "mwnet", gdw's own with "l2rw"
     STAGE_DEFAULTS = {"l2rw": {"finetune_fraction": 0.2, "tau": 1.0, "meta_grad": "fd", "weight_norm": "kept",
-                               "class_grad": "constrained", "max_weight": 1.0, "guard": 0.0},
+                               "class_grad": "constrained", "max_weight": 1.0, "guard": 0.0,
+                               "gate": 0.0},
                       "mwnet": {"finetune_fraction": 0.0, "tau": 0.0, "meta_grad": "jvp", "weight_norm": "batch",
-                                "class_grad": "raw", "max_weight": math.inf, "guard": 0.0}}
+                                "class_grad": "raw", "max_weight": math.inf, "guard": 0.0, "gate": 0.0}}
     ADDED_PARAMS = {"weight_norm": "batch", "class_grad": "raw",
-                    "max_weight": math.inf, "shrink": 0.0, "guard": 0.0}  # what runs recorded before these existed used
+                    "max_weight": math.inf, "shrink": 0.0, "guard": 0.0,
+                    "gate": 0.0}  # what runs recorded before these existed used
 
     @classmethod
     def resolve_params(cls, params: dict) -> dict:
@@ -187,15 +192,17 @@ class GDW(WeightNetMethod):
                  omega_min: float = 1e-6, omega_max: float = 1e6, p_max: float = 0.999,
                  zero_mean: bool = True, class_grad: str | None = None, finetune_fraction: float | None = None,
                  tau: float | None = None, meta_grad: str | None = None, class_counts=None,
-                 max_weight: float | None = None, shrink: float = 0.0, guard: float | None = None, **kw):
+                 max_weight: float | None = None, shrink: float = 0.0, guard: float | None = None,
+                 gate: float | None = None, **kw):
         if stage_one not in STAGE_ONE:
             raise UserError(f"stage_one must be one of {', '.join(STAGE_ONE)}, got {stage_one!r}")
         resolved = self.resolve_params({"stage_one": stage_one, "finetune_fraction": finetune_fraction,
                                         "tau": tau, "meta_grad": meta_grad, "weight_norm": weight_norm,
-                                        "class_grad": class_grad, "max_weight": max_weight, "guard": guard})
-        finetune_fraction, tau, meta_grad, weight_norm, class_grad, max_weight, guard = (
+                                        "class_grad": class_grad, "max_weight": max_weight, "guard": guard,
+                                        "gate": gate})
+        finetune_fraction, tau, meta_grad, weight_norm, class_grad, max_weight, guard, gate = (
             resolved[k] for k in ("finetune_fraction", "tau", "meta_grad", "weight_norm", "class_grad", "max_weight",
-                                  "guard"))
+                                  "guard", "gate"))
         super().__init__(model, num_classes, finetune_fraction=finetune_fraction, meta_grad=meta_grad, **kw)
         self.stage_one = stage_one
         if weight_norm not in WEIGHT_NORM:
@@ -210,6 +217,10 @@ class GDW(WeightNetMethod):
         if guard > 0 and stage_one != "l2rw":
             raise UserError("guard needs stage_one='l2rw' (set guard=0 with stage_one='mwnet')")
         self.guard = MetaGuard(guard) if guard > 0 else None
+        gate = check_positive("gate", gate, allow_zero=True)
+        if gate > 0 and stage_one != "l2rw":
+            raise UserError("gate needs stage_one='l2rw' (set gate=0 with stage_one='mwnet')")
+        self.gate = NoiseGate(gate, self.num_classes) if gate > 0 else None
         if stage_one == "l2rw":
             self.virtual_step = False
             del self.vnet, self.vopt  # no weighting network
@@ -241,26 +252,37 @@ class GDW(WeightNetMethod):
 
     def state_dict(self) -> dict:
         state = super().state_dict() if hasattr(self, "vnet") else {}
+        if self.gate is not None:
+            state = {**state, "gate": self.gate.state_dict()}
         return {**state, "guard": self.guard.state_dict()} if self.guard is not None else state
 
     def load_state_dict(self, state: dict) -> None:
         state = dict(state)
-        guard = state.pop("guard", None)
+        guard, gate = state.pop("guard", None), state.pop("gate", None)
+        if self.gate is not None and gate is not None:
+            self.gate.load_state_dict(gate, self.device)
         if self.guard is not None and guard is not None:
             self.guard.load_state_dict(guard)
         if hasattr(self, "vnet"):
             super().load_state_dict(state)
 
     def epoch_record(self) -> dict:
-        """With the guard: its λ and ρ at the end of the epoch (guard.py)."""
-        if self.guard is None or self.guard.rho is None:
-            return {}
-        return {"guard_shrink": float(self.guard.shrink()), "guard_rho": float(self.guard.rho)}
+        """With the guard: its λ and ρ at the end of the epoch (guard.py); with
+        the gate: the excess noise it estimated and its λ (gate.py)."""
+        record = {}
+        if self.gate is not None and self.gate.decided:
+            record.update(gate_noise=self.gate.rate, gate_shrink=self.gate.lam)
+        if self.guard is not None and self.guard.rho is not None:
+            record.update(guard_shrink=float(self.guard.shrink()), guard_rho=float(self.guard.rho))
+        return record
 
     def on_epoch_start(self, epoch: int, epochs: int) -> None:
         """As :class:`Method`'s; with the guard the fine-tuning phase starts
         only while the meta set's weighting carries over (guard.py)."""
         super().on_epoch_start(epoch, epochs)
+        if self.gate is not None and epoch >= 1:
+            self.gate.decide(self.comm if self.comm is not None else Comm())
+            self.finetuning = self.finetuning and self.gate.lam < GATE_FINETUNE
         if self.finetuning and self.guard is not None:
             if self.guard.finetune is None:  # decided once, when the phase would start
                 self.guard.finetune = self.guard.trusts_meta_set()
@@ -307,6 +329,11 @@ class GDW(WeightNetMethod):
             v = self._scale(w, total, kept, n)
             if self.shrink > 0:  # toward plain training's weights
                 v = (1 - self.shrink) * v + self.shrink
+            if self.gate is not None:
+                if not self.gate.decided and fwd.meta is not None and fwd.meta.correct is not None:
+                    self.gate.add(fwd.logits.detach(), y, fwd.meta.correct, y_meta)
+                elif self.gate.lam > 0:
+                    v = (1 - self.gate.lam) * v + self.gate.lam
             if self.guard is not None and y_meta.shape[0] >= 4:
                 due = self.guard.due()
                 lam = self._guard_shrink(fwd, dA, e, x_meta, y_meta, lr) if due else self.guard.shrink()
