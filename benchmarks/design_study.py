@@ -140,16 +140,16 @@ def question_cells(regimes, settings) -> tuple[list, list]:
 DEFAULT_OUT = Path(__file__).parent / "results" / "design"
 
 
-def study_cells(datasets):
+def study_cells(datasets, labels=None):
     """``(regime, noise, imbalance, label, seed)`` of every question's cells
-    among ``datasets``, each once, seed by seed."""
+    among ``datasets`` (and of the candidates ``labels``; None: all), each once, seed by seed."""
     seen = {}
     for seed in rb.SEEDS:
         for _, *names, regimes, settings in QUESTIONS:
             regimes, settings = question_cells(regimes, settings)
             for regime in [r for r in regimes if r in datasets]:
                 for noise, imbalance in settings:
-                    for label in names:
+                    for label in [n for n in names if labels is None or n in labels]:
                         seen.setdefault((regime, noise, imbalance, label, seed), None)
     return list(seen)
 
@@ -159,7 +159,7 @@ def run(args) -> list:
     todo = [(rb.run_dir_name(regime, noise, imbalance, label, seed),
              rb.cell_config(*data[regime], noise, imbalance, CANDIDATES[label], seed, args.epochs, args.device,
                             val_per_class=data[regime][1], model=rb.REGIMES[regime].get("model", "mlp")))
-            for regime, noise, imbalance, label, seed in study_cells(args.datasets)]
+            for regime, noise, imbalance, label, seed in study_cells(args.datasets, args.labels)]
     return grid.run_grid(args.out, todo, args.shard, keep_going=True, verify=True)
 
 
@@ -253,6 +253,8 @@ def main(argv=None) -> int:
     p.add_argument("--data", type=Path, default=rb.DEFAULT_DATA, help="where the regimes' npz files are")
     p.add_argument("--datasets", type=rb._subset(list(rb.REGIMES)), default=list(rb.REGIMES),
                    help="regimes, comma-separated (default: all; a decision needs all)")
+    p.add_argument("--labels", type=rb._subset(list(CANDIDATES)), default=None,
+                   help="run only these candidates' cells, comma-separated (default: all)")
     p.add_argument("--epochs", type=int, default=rb.EPOCHS, help="(default: %(default)s; other values for a smoke test)")
     p.add_argument("--shard", type=lambda s: tuple(int(v) for v in s.split("/")), default=(0, 1))
     p.add_argument("--device", default=None)
