@@ -102,22 +102,12 @@ def fetch(url: str, dest: str | Path, *, md5: str | None = None, sha256: str | N
         os.chmod(tmp, 0o644)
         os.replace(tmp, dest)
     except UserError:
-        _remove(tmp)
         raise
     except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:
-        _remove(tmp)
         raise UserError(f"cannot download {url}: {one_line(e)}") from None
-    except BaseException:
-        _remove(tmp)
-        raise
+    finally:  # gone after the rename; on any failure it is removed
+        Path(tmp).unlink(missing_ok=True)
     return dest
-
-
-def _remove(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 def safe_extract(archive: str | Path, target: str | Path) -> Path:
