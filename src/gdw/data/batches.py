@@ -85,10 +85,6 @@ def load_image(path: str | Path, size: tuple[int, int], channels: int,
     return t[None] if t.ndim == 2 else t.permute(2, 0, 1).contiguous()
 
 
-def _stack(items: list) -> torch.Tensor:
-    return torch.stack(items)
-
-
 class ImageFileStore(torch.utils.data.Dataset):
     """Image files read on demand (uint8, (channels, h, w) each; see :func:`load_image`).
 
@@ -116,7 +112,7 @@ class ImageFileStore(torch.utils.data.Dataset):
     def read(self, chunks: Sequence[torch.Tensor], num_workers: int = 0) -> Iterator[torch.Tensor]:
         sampler = [rows.tolist() for rows in chunks]
         yield from torch.utils.data.DataLoader(self, batch_sampler=sampler,
-                                               num_workers=num_workers, collate_fn=_stack)
+                                               num_workers=num_workers, collate_fn=torch.stack)
 
 
 def channel_stats(store, rows: torch.Tensor | None = None, chunk: int = 4096
