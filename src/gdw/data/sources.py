@@ -240,8 +240,7 @@ def files_digest(dataset) -> Optional[str]:
         return None
     path = Path(arg).expanduser().resolve()
     if path.is_file():
-        stat = path.stat()
-        return _file_digest(str(path), stat.st_size, stat.st_mtime_ns)
+        return cached_digest(path)
     if path.is_dir():
         h = hashlib.sha256()
         for f in sorted(p for p in path.rglob("*") if p.is_file()):
@@ -255,6 +254,12 @@ def files_digest(dataset) -> Optional[str]:
 def _file_digest(path: str, size: int, mtime_ns: int) -> str:
     """SHA-256 of a file's bytes (cached on its path, size and modification time)."""
     return "sha256:" + file_digest(path)
+
+
+def cached_digest(path) -> str:
+    """:func:`_file_digest` of ``path`` as it is now (its size and modification time)."""
+    stat = Path(path).stat()
+    return _file_digest(str(path), stat.st_size, stat.st_mtime_ns)
 
 
 def load_source(dataset, **options) -> Source:

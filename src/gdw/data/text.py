@@ -33,7 +33,7 @@ import numpy as np
 from ..errors import UserError
 from ..io import atomic_path
 from ._errors import one_line
-from .sources import _file_digest
+from .sources import cached_digest
 
 ENCODER_FILE = "text_encoder.npz"
 EMBEDDINGS = "embeddings"
@@ -122,15 +122,10 @@ class ModelEncoder:
         if self.kind == "transformers" and not (self.path / "config.json").is_file():
             raise UserError(f"--encoder {path}: not a model folder (it has neither modules.json nor config.json)")
         files = sorted(p for p in self.path.rglob("*") if p.is_file() and not p.name.startswith("."))
-        self.digest = _digest(self.kind, *(f"{p.relative_to(self.path).as_posix()}={self._file(p)}" for p in files))
+        self.digest = _digest(self.kind, *(f"{p.relative_to(self.path).as_posix()}={cached_digest(p)}" for p in files))
         self.embedded: dict = {}
         self.cache_dir = None
         self._model = None
-
-    @staticmethod
-    def _file(p: Path) -> str:
-        stat = p.stat()
-        return _file_digest(str(p), stat.st_size, stat.st_mtime_ns)
 
     def record(self) -> dict:
         return {"kind": self.kind, "digest": self.digest, "path": str(self.path)}
@@ -224,9 +219,7 @@ def column_texts(table, column: str) -> np.ndarray:
 
 
 def _key(path, column: str, enc) -> str:
-    stat = Path(path).stat()
-    return _digest(_file_digest(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns), column,
-                   enc.digest)[7:31]
+    return _digest(cached_digest(Path(path).resolve()), column, enc.digest)[7:31]
 
 
 def embed(path, texts, column: str, enc, text_dir=None) -> np.ndarray:
