@@ -59,12 +59,7 @@ class LabelIssueRecorder(Callback):
     def epoch_means(self) -> dict:
         """Means over the last epoch that trained on examples (tensors, position
         order; rows never seen are 0), with ``count``; empty before the first epoch."""
-        if not self.last_epoch:
-            return {}
-        count = self.last_epoch["count"]
-        denom = count.clamp(min=1)
-        return {k: (v if k == "count" else v / (denom if v.ndim == 1 else denom[:, None]))
-                for k, v in self.last_epoch.items()}
+        return _means(self.last_epoch) if self.last_epoch else {}
 
     def _shape(self, name: str):
         return (self.n, self.num_classes) if name in ("prob", "class_weight") else (self.n,)
@@ -109,10 +104,7 @@ class LabelIssueRecorder(Callback):
             self.epoch_sums = {}
             return
         for k in names:
-            if k in self.sums:
-                self.sums[k] += self.epoch_sums[k]
-            else:
-                self.sums[k] = self.epoch_sums[k].clone()
+            self.sums[k] = self.sums.get(k, 0) + self.epoch_sums[k]  # a new tensor: epoch_sums stays last_epoch
         self.epoch_sums = {}
         self.epochs_seen.append(int(epoch))
 
@@ -132,14 +124,9 @@ class LabelIssueRecorder(Callback):
         steps each example was seen (0: no evidence)."""
         if "count" not in self.sums:
             return {"count": np.zeros(self.n, dtype=np.int64)}
-        count = self.sums["count"]
-        out = {"count": count.cpu().numpy().astype(np.int64)}
-        denom = count.clamp(min=1)
-        for k, v in self.sums.items():
-            if k != "count":
-                mean = v / (denom if v.ndim == 1 else denom[:, None])
-                out[k] = mean.cpu().numpy().astype(np.float32)
-        return out
+        means = _means(self.sums)
+        return {"count": means.pop("count").cpu().numpy().astype(np.int64),
+                **{k: v.cpu().numpy().astype(np.float32) for k, v in means.items()}}
 
     def held_out(self, data, model, batch_size: int = 500) -> dict:
         """The final model's probabilities (``prob``) and the labels
@@ -213,6 +200,12 @@ class LabelIssueRecorder(Callback):
                  source_paths=np.array(paths if paths is not None else [], dtype=str),
                  **{k: (v.astype(np.float16) if v.ndim == 2 else v) for k, v in ev.items()})
         return write_csv(out / CSV_NAME, _table(data, given, suggested, score, rows, paths, held, test))
+
+
+def _means(sums: dict) -> dict:
+    """Each of ``sums`` divided by ``sums["count"]`` per row (rows never seen: 0); ``count`` as it is."""
+    denom = sums["count"].clamp(min=1)
+    return {k: v if k == "count" else v / (denom if v.ndim == 1 else denom[:, None]) for k, v in sums.items()}
 
 
 def _table(data, given, suggested, score, rows, paths, held: dict, test: dict) -> list[dict]:
