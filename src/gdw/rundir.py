@@ -184,15 +184,8 @@ def _summary(cfg, data, history, train_seconds, steps_per_epoch, world) -> dict:
     last = accs[-min(5, len(accs)):]
     balanced = [h.get("test_balanced_accuracy", math.nan) for h in history][-len(last):]
     return {
-        "method": cfg.method,
-        "dataset": cfg.dataset,
-        "noise": cfg.noise,
-        "imbalance": cfg.imbalance,
-        "seed": cfg.seed,
-        "epochs": cfg.epochs,
-        "model": cfg.model,
-        "head_only": cfg.head_only,
-        "method_args": cfg.method_args,
+        **{k: getattr(cfg, k) for k in ("method", "dataset", "noise", "imbalance", "seed", "epochs", "model",
+                                        "head_only", "method_args")},
         "final_test_accuracy": float(np.mean(last)),
         "final_test_balanced_accuracy": float(np.mean(balanced)),
         "best_test_accuracy": float(max(accs)),
