@@ -1,5 +1,8 @@
 """Weighting methods. Each lives in one file and registers itself by name."""
 
+import inspect
+
+from ..errors import UserError
 from .base import METHODS, Method, Stats
 from .loss import LossMethod
 from .meta import MetaMethod, WeightNetMethod
@@ -20,22 +23,25 @@ from .sce import SCE
 NOT_HYPER_PARAMETERS = ("optimizer", "output", "comm", "class_counts", "head")
 
 
+def _keyword_params(cls) -> dict:
+    """``{name: default}`` of the keyword-only parameters of the constructors
+    of ``cls`` and its bases (a subclass's default wins)."""
+    out = {}
+    for klass in reversed(cls.__mro__):
+        if "__init__" in vars(klass):
+            out.update({p: v.default for p, v in inspect.signature(klass.__init__).parameters.items()
+                        if v.kind == v.KEYWORD_ONLY})
+    return out
+
+
 def resolved_params(name: str, hparams: dict) -> dict:
     """Every hyper-parameter of method ``name`` as it will be used: the
     constructor defaults (of the class and its bases) updated by ``hparams``,
     without the objects the caller passes (optimizer, comm, ...). Recorded
     in a run's config.json, so that a change of a default is seen."""
-    import inspect
-
     cls = METHODS.get(name)
-    out = {}
-    for klass in reversed(cls.__mro__):
-        if "__init__" in vars(klass):
-            for p, v in inspect.signature(klass.__init__).parameters.items():
-                if v.kind == v.KEYWORD_ONLY and p not in NOT_HYPER_PARAMETERS:
-                    out[p] = v.default
-    out.update({k: v for k, v in hparams.items() if k not in NOT_HYPER_PARAMETERS})
-    return cls.resolve_params(out)
+    given = {**_keyword_params(cls), **hparams}
+    return cls.resolve_params({k: v for k, v in given.items() if k not in NOT_HYPER_PARAMETERS})
 
 
 def make(name: str, model, num_classes: int, **hparams) -> Method:
@@ -44,16 +50,8 @@ def make(name: str, model, num_classes: int, **hparams) -> Method:
     ``hparams`` go to the method's constructor; an unknown name or
     hyper-parameter raises UserError listing the valid ones.
     """
-    import inspect
-
-    from ..errors import UserError
-
     cls = METHODS.get(name)
-    accepted = set()
-    for klass in cls.__mro__:
-        if "__init__" in vars(klass):
-            accepted |= {p for p, v in inspect.signature(klass.__init__).parameters.items()
-                         if v.kind == v.KEYWORD_ONLY}
+    accepted = set(_keyword_params(cls))
     unknown = sorted(set(hparams) - accepted)
     if unknown:
         raise UserError(f"method {name!r} has no parameter {', '.join(unknown)}; it takes: {', '.join(sorted(accepted))}")
