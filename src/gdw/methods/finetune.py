@@ -18,14 +18,13 @@ meta batch only).
 
 from __future__ import annotations
 
-import torch
-
 from ..errors import UserError
-from .base import METHODS, Method, check_positive, logit_error
+from .base import METHODS, check_positive
+from .ce import CE
 
 
 @METHODS.register("finetune")
-class Finetune(Method):
+class Finetune(CE):
     """Cross-entropy on the training batch, then on the meta batch for the last epochs.
 
     Args (besides those of :class:`Method`):
@@ -49,7 +48,3 @@ class Finetune(Method):
 
     def load_state_dict(self, state: dict) -> None:
         self.finetuning = bool(state.get("finetuning", False))
-
-    def logit_grad(self, fwd, y, x_meta, y_meta, lr):
-        _, e = logit_error(fwd.logits, y, self.num_classes)
-        return {"G": e / fwd.B, "weights": torch.ones(y.shape[0], device=e.device, dtype=e.dtype)}
