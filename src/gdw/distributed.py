@@ -68,20 +68,16 @@ class Comm:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
-    def sum(self, t: torch.Tensor) -> torch.Tensor:
-        """Σ over ranks of ``t`` (a new tensor; ``t`` itself is not changed)."""
+    def sum(self, t: torch.Tensor, op=None) -> torch.Tensor:
+        """Σ over ranks of ``t`` (a new tensor; ``t`` itself is not changed), or another ``dist.ReduceOp``."""
         if not self.active:
             return t
         t = t.detach().clone()
-        dist.all_reduce(t)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM if op is None else op)
         return t
 
     def max(self, t: torch.Tensor) -> torch.Tensor:
-        if not self.active:
-            return t
-        t = t.detach().clone()
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return t
+        return self.sum(t, dist.ReduceOp.MAX)
 
     def sum_(self, tensors: Sequence[torch.Tensor]) -> None:
         """All-reduce (sum) a list of tensors in place, in one collective."""
@@ -118,10 +114,6 @@ class Comm:
 
 def rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else int(os.environ.get("RANK", 0))
-
-
-def world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
 
 
 def launched_by_torchrun() -> bool:
