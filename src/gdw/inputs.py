@@ -65,17 +65,19 @@ def device_of(x: Inputs, default: Optional[torch.device] = None) -> torch.device
     return default if default is not None else torch.device("cpu")
 
 
+def _each(x: Inputs, fn) -> Inputs:
+    """``x`` with ``fn`` applied to the tensor itself or to every value of its dict, tuple or list."""
+    if isinstance(x, torch.Tensor):
+        return fn(x)
+    if isinstance(x, Mapping):
+        return {k: fn(v) for k, v in x.items()}
+    return [fn(v) for v in x] if isinstance(x, list) else tuple(fn(v) for v in x)
+
+
 def take(x: Inputs, rows) -> Inputs:
     """The examples ``rows`` (a slice or an index tensor) of ``x``: every
     per-example tensor indexed, the other values kept."""
-    def cut(v):
-        return v[rows] if isinstance(v, torch.Tensor) and v.ndim > 0 else v
-
-    if isinstance(x, torch.Tensor):
-        return x[rows]
-    if isinstance(x, Mapping):
-        return {k: cut(v) for k, v in x.items()}
-    return [cut(v) for v in x] if isinstance(x, list) else tuple(cut(v) for v in x)
+    return _each(x, lambda v: v[rows] if isinstance(v, torch.Tensor) and v.ndim > 0 else v)
 
 
 def check(x: Inputs, what: str, *, values: bool = True) -> int:
@@ -118,14 +120,7 @@ def check(x: Inputs, what: str, *, values: bool = True) -> int:
 
 def to(x: Inputs, device) -> Inputs:
     """``x`` with every tensor moved to ``device`` (other values kept)."""
-    def move(v):
-        return v.to(device) if isinstance(v, torch.Tensor) else v
-
-    if isinstance(x, torch.Tensor):
-        return x.to(device)
-    if isinstance(x, Mapping):
-        return {k: move(v) for k, v in x.items()}
-    return [move(v) for v in x] if isinstance(x, list) else tuple(move(v) for v in x)
+    return _each(x, lambda v: v.to(device) if isinstance(v, torch.Tensor) else v)
 
 
 class InputSplit:
