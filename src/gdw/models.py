@@ -147,22 +147,16 @@ def create_model(name: str, input_shape, num_classes: int, **kwargs) -> nn.Modul
             params = inspect.signature(factory).parameters
         except (TypeError, ValueError):
             params = {}
-        how = "factory(input_shape, num_classes)" if "input_shape" in params or len(params) >= 2 \
-            else "factory(num_classes=...)"
+        positional = "input_shape" in params or len(params) >= 2
+        args, kw = ((input_shape, num_classes), kwargs) if positional else ((), {"num_classes": num_classes, **kwargs})
         try:
-            sig = inspect.signature(factory)
-            if how.startswith("factory(input_shape"):
-                sig.bind(input_shape, num_classes, **kwargs)
-            else:
-                sig.bind(num_classes=num_classes, **kwargs)
+            inspect.signature(factory).bind(*args, **kw)
         except TypeError as err:
-            raise UserError(f"model factory {name!r} must accept (input_shape, num_classes) or num_classes=: {err}") from None
+            raise UserError(f"model factory {name!r} must accept (input_shape, num_classes) or num_classes=: "
+                            f"{err}") from None
         except ValueError:
             pass  # no signature to check (a builtin); the call itself will tell
-        if how.startswith("factory(input_shape"):
-            model = factory(input_shape, num_classes, **kwargs)
-        else:
-            model = factory(num_classes=num_classes, **kwargs)
+        model = factory(*args, **kw)
         if not isinstance(model, nn.Module):
             raise UserError(f"model factory {name!r} returned {type(model).__name__}, not an nn.Module")
         return model
