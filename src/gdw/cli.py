@@ -155,16 +155,10 @@ def launch_torchrun(nproc: int, argv: list[str]) -> int:
     """Re-run this ``gdw train`` command under ``torchrun --standalone``."""
     import subprocess
 
-    rest, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-        elif a == "--nproc":
-            skip = True
-        elif not a.startswith("--nproc="):
-            rest.append(a)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), "-m", "gdw", *rest]
-    return subprocess.call(cmd)
+    rest = [a for i, a in enumerate(argv)  # without --nproc N / --nproc=N
+            if a != "--nproc" and not a.startswith("--nproc=") and (i == 0 or argv[i - 1] != "--nproc")]
+    return subprocess.call([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                            str(nproc), "-m", "gdw", *rest])
 
 
 def _split_list(value, default):
@@ -180,24 +174,16 @@ def cmd_compare(args) -> int:
 
     settings = resolve_config(args, exclude=("methods", "seeds", "noise", "imbalance", "force"))
     grid = {k: settings.pop(k, None) for k in ("methods", "seeds", "noise", "imbalance")}
-    for k in ("methods", "seeds", "noise", "imbalance"):
-        if getattr(args, k) is not None:
-            grid[k] = getattr(args, k)
+    grid.update({k: getattr(args, k) for k in grid if getattr(args, k) is not None})  # flags override the file
     try:
         seeds = [int(s) for s in _split_list(grid["seeds"], ["0"])]
     except ValueError:
         raise UserError(f"--seeds must be whole numbers separated by commas, got {grid['seeds']!r}") from None
     noises = _split_list(grid["noise"], ["none"])
     imbalances = _split_list(grid["imbalance"], ["none"])
-    force = bool(args.force)
-    compare(
-        TrainConfig(**settings),
-        methods=_split_list(grid["methods"], ["ce", "mwnet", "gdw"]),
-        settings=[(n, i) for n in noises for i in imbalances],
-        seeds=seeds,
-        out=settings.get("out") or "runs/compare",
-        force=force,
-    )
+    compare(TrainConfig(**settings), methods=_split_list(grid["methods"], ["ce", "mwnet", "gdw"]),
+            settings=[(n, i) for n in noises for i in imbalances], seeds=seeds,
+            out=settings.get("out") or "runs/compare", force=bool(args.force))
     return 0
 
 
@@ -225,14 +211,9 @@ def cmd_demo(args) -> int:
 
     torch.set_num_threads(1)  # sums in one order: the same numbers on every CPU, and fast on a busy one
     out = Path("runs") / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
-    compare(
-        TrainConfig(dataset="digits", model="mlp", epochs=30, meta_per_class=10, meta_batch_size=100, progress=False),
-        methods=["ce", "mwnet", "gdw"],
-        settings=[("uniform:0.4", "none")],
-        seeds=[0],
-        out=str(out),
-        quiet=True,
-    )
+    compare(TrainConfig(dataset="digits", model="mlp", epochs=30, meta_per_class=10, meta_batch_size=100,
+                        progress=False),
+            methods=["ce", "mwnet", "gdw"], settings=[("uniform:0.4", "none")], seeds=[0], out=str(out), quiet=True)
     return 0
 
 
@@ -373,12 +354,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     except UserError as err:
         report(f"gdw {args.command}: error: {err}")
         return 2
-    except TrainingDiverged as err:
+    except (TrainingDiverged, RunInterrupted) as err:
         report(f"gdw {args.command}: {err}")
-        return 1
-    except RunInterrupted as err:
-        report(f"gdw {args.command}: {err}")
-        return 130
+        return 1 if isinstance(err, TrainingDiverged) else 130
     except KeyboardInterrupt:
         report(f"gdw {args.command}: interrupted before training started; nothing was written")
         return 130
