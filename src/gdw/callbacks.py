@@ -170,16 +170,11 @@ class MetricsWriter(Callback):
     def __init__(self, path: Path):
         self.path = Path(path)
 
-    def write(self, history: list) -> None:
-        atomic_write(self.path, "".join(json.dumps(row) + "\n" for row in history))
-
-    def on_fit_start(self, state: FitState) -> None:
-        if state.is_main:
-            self.write(state.history)
-
     def on_epoch_end(self, state: FitState) -> None:
         if state.is_main:
-            self.write(state.history)
+            atomic_write(self.path, "".join(json.dumps(row) + "\n" for row in state.history))
+
+    on_fit_start = on_epoch_end  # a resumed run's file holds the checkpoint's epochs from the start
 
 
 class EpochLog(Callback):
