@@ -68,8 +68,10 @@ def _list_ints(a) -> list:
     return [int(v) for v in a]
 
 
-def _count(x: int, noun: str) -> str:
-    return f"{x} {noun}" + ("" if x == 1 else "s")
+def _left_out(k: int, noun: str, of: str, split: str) -> str:
+    """The warning that ``k`` rows (``noun``) with the inputs of an example of ``of`` were left out of ``split``."""
+    return (f"{k} {noun}{'' if k == 1 else 's'} with exactly the inputs of an example of {of} "
+            f"{'was' if k == 1 else 'were'} left out of the {split}.")
 
 
 def prepare(dataset="digits", noise="none", imbalance="none", meta_per_class=None, seed=0, *,
@@ -331,18 +333,12 @@ def _warnings(d) -> list:
             f"pass a hand-checked labelled set as meta (csv:PATH, folder:PATH or npz:PATH) "
             f"to have clean ones.")
     if d.removed:
-        warnings.append(f"{_count(d.removed, 'training example')} with exactly the inputs of an "
-                        f"example of {given.name} {'was' if d.removed == 1 else 'were'} left out "
-                        f"of the training set.")
+        warnings.append(_left_out(d.removed, "training example", given.name, "training set"))
     if d.in_test.any():
-        k = int(d.in_test.sum())
-        warnings.append(f"{_count(k, 'training example')} with exactly the inputs of an example of "
-                        f"the test set {given_test.name if given_test else 'split'} {'was' if k == 1 else 'were'} "
-                        f"left out of the training set.")
+        test_set = f"the test set {given_test.name if given_test else 'split'}"
+        warnings.append(_left_out(int(d.in_test.sum()), "training example", test_set, "training set"))
     if d.out_of_test:
-        warnings.append(f"{_count(d.out_of_test, 'test example')} with exactly the inputs of an example of "
-                        f"{given.name if given else 'the clean set'} {'was' if d.out_of_test == 1 else 'were'} "
-                        f"left out of the test split.")
+        warnings.append(_left_out(d.out_of_test, "test example", given.name if given else "the clean set", "test split"))
     if given is not None and not d.used:
         warnings.append(f"The meta set {given.name} was not used (meta_per_class=0, "
                         f"val_per_class=0).")
@@ -360,8 +356,7 @@ def _record(d, ispec, seed, noisy_tr, true_tr, T) -> dict:
 
     counts = {"train_noisy": _list_ints(np.bincount(noisy_tr, minlength=C)),
               "train_true": _list_ints(np.bincount(true_tr[known], minlength=C)),
-              "meta": counts_of(meta_split), "val": counts_of(val_split),
-              "test": _list_ints(np.bincount(test.labels.numpy(), minlength=C))}
+              "meta": counts_of(meta_split), "val": counts_of(val_split), "test": counts_of(test)}
     order = (("test set given" if given_test is not None else "test split (fixed)") + " -> meta (" + {
         "given": "given", "provided": "provided", "provided clean pool": "provided pool",
         "train": "by true class" if d.clean else "by the given labels"}[d.source]
@@ -387,10 +382,7 @@ def _record(d, ispec, seed, noisy_tr, true_tr, T) -> dict:
         "requested_transition": None if T is None else T.tolist(),
         "realised_transition": realised_transition(true_tr, noisy_tr, C).tolist() if known.any() else None,
         "counts": counts, "order": order,
-        "source_files": {"train": train.source_file,
-                         "meta": None if meta_split is None else meta_split.source_file,
-                         "val": None if val_split is None else val_split.source_file,
-                         "test": test.source_file},
+        "source_files": {k: getattr(d.splits[k], "source_file", None) for k in ("train", "meta", "val", "test")},
         "warnings": _warnings(d),
         "files": list(src.files), **src.notes, **d.record_extra,
     }
