@@ -94,6 +94,13 @@ def top_pairs(noise_matrix, class_names=None, top: int = 5) -> list[tuple[str, s
     return [(names[i], names[j], float(N[i, j])) for i, j in zip(*np.unravel_index(idx, N.shape)) if N[i, j] >= 0.5]
 
 
+def most_likely_other(probs, labels) -> np.ndarray:
+    """The most likely class other than the given label of every row: (n, C) probabilities → (n,)."""
+    other = np.array(probs, dtype=np.float64)
+    other[np.arange(len(labels)), labels] = -np.inf
+    return other.argmax(1)
+
+
 def flag_per_class(labels: np.ndarray, score: np.ndarray, counts) -> np.ndarray:
     """Mask of the ``round(counts[c])`` highest-scoring rows of every given label c."""
     flagged = np.zeros(len(labels), bool)
@@ -192,9 +199,7 @@ def find_label_issues(labels, pred_probs, *, clean_labels=None, clean_pred_probs
     interval = (float(np.percentile(rates, 2.5)), float(np.percentile(rates, 97.5))) if rates else (rate, rate)
 
     score = 1 - probs[np.arange(n), labels]
-    other = probs.copy()
-    other[np.arange(n), labels] = -np.inf
-    suggested = other.argmax(1)
+    suggested = most_likely_other(probs, labels)
     flagged = np.zeros(n, bool)
     if num_issues is not None:
         if not (isinstance(num_issues, (int, np.integer)) and 0 <= num_issues <= n):

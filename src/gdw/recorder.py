@@ -16,10 +16,10 @@ import numpy as np
 import torch
 
 from .callbacks import Callback
-from .detect import (CSV_NAME, EVIDENCE_NAME, WINDOW, _off_label, issues_table, score_examples, score_name,
+from .detect import (CSV_NAME, EVIDENCE_NAME, WINDOW, issues_table, score_examples, score_name,
                      suggest_labels, write_csv)
 from .errors import UserError
-from .issues import find_label_issues, flag_per_class
+from .issues import find_label_issues, flag_per_class, most_likely_other
 
 
 class LabelIssueRecorder(Callback):
@@ -240,7 +240,7 @@ def score_test_split(data, test: Optional[dict], found, train_given: np.ndarray)
     share = (N.sum(1) - np.diag(N)) / np.maximum(np.bincount(train_given, minlength=len(N)), 1)
     flagged = flag_per_class(given, score, share * np.bincount(given, minlength=len(N)))
     rows, paths = source_of(data.test)
-    return {"score": score, "suggested": np.where(flagged, _off_label(prob, given, -np.inf).argmax(1), given),
+    return {"score": score, "suggested": np.where(flagged, most_likely_other(prob, given), given),
             "source_rows": rows, "source_paths": np.array(paths or [], dtype=str)}
 
 
