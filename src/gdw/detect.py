@@ -1,25 +1,14 @@
 """Which labels are wrong? Label issues as a by-product of one training run.
 
-During ``gdw train`` a :class:`gdw.recorder.LabelIssueRecorder` averages, for every
-training example and over every epoch of the run, what the model predicted
-for it (the softmax of the training logits, from the same forward pass that
-trained on it; no extra pass) and what the method did with it
-(``Stats.trust``; for class-level methods such as GDW the weight of every
-class). At the end it writes two files into the run directory:
-
-``label_issues.csv``
-    ``index,given_label,suggested_label,score`` (and ``text`` when the run trains on
-    a CSV's text): one row per training example, most suspicious first. ``index`` is the
-    example's position in the dataset's original training array
-    (``split.npz['train_index']``), so it points into the user's own files. ``score``
-    is higher for more suspicious labels and is comparable within one run only. ``suggested_label``
-    differs from ``given_label`` exactly on the rows the run *flags* as label issues (see below),
-    and there it is the class the model found most likely after the given one.
-``label_evidence.npz``
-    the averaged evidence (``prob``, ``trust``, for GDW ``class_weight``;
-    ``count`` = steps seen), in training-position order, so another ranking
-    (the candidates of ``benchmarks/label_issues.py``) can be computed
-    without training again.
+During ``gdw train`` a :class:`gdw.recorder.LabelIssueRecorder` averages, for
+every training example over the run, the model's probabilities from the
+forward passes that trained on it (no extra pass) and what the method did
+with it (``Stats.trust``; for class-level methods such as GDW the weight of
+every class). At the end it writes ``label_issues.csv`` (:func:`issues_table`:
+one row per example, most suspicious first, in the user's terms) and
+``label_evidence.npz`` (the averaged evidence in training-position order, so
+that another ranking, e.g. the candidates of ``benchmarks/label_issues.py``,
+can be computed without training again).
 
 The score, for every method: ``score = 1 − p̄``, where ``p̄`` is the
 probability the model gave the example's *given* label, averaged over all
@@ -51,21 +40,11 @@ class whose weight GDW lowered most and 6% for the one it raised most: GDW
 protects the likely true class by *weakening* the push-down on its logit.
 
 How many are flagged: as many as the run estimates to be wrong
-(:func:`gdw.find_label_issues`, ``src/gdw/issues.py``): the rows whose
-most likely class is not the given label, counted per (given, likely)
-pair, then the least trusted rows of each given class up to that count.
-The estimate (share, 95% bootstrap interval, the most common pairs) is in
-``label_evidence.npz``, ``summary.json`` and ``gdw detect``'s output. The
-former rule, Otsu's threshold on the scores, flagged 28% of the rows of a
-tabular set with 9% wrong labels (precision 0.32); the estimate flagged 11%
-(precision 0.70, recall 0.87). ``gdw detect --num-issues N`` overrides it.
-
-``gdw detect`` reads these files (:func:`load_issues`), prints the top of the
-ranking and, when the true labels are known (synthetic noise, CIFAR-N,
-Clothing1M clean keys), precision / recall at the true number of mislabelled
-examples and the AUROC of the ranking; ``--format cleanlab`` writes a boolean
-mask or ranked indices in the form ``cleanlab.filter.find_label_issues``
-returns them (:func:`to_cleanlab`).
+(:func:`gdw.find_label_issues`; docs/algorithms.md, section 5c); ``gdw detect
+--num-issues N`` overrides it. ``gdw detect`` reads the files
+(:func:`load_issues`), prints the top of the ranking and, when the true labels
+are known, its precision, recall and AUROC (:func:`evaluate`);
+:func:`to_cleanlab` gives the form ``cleanlab.filter.find_label_issues`` returns.
 """
 
 from __future__ import annotations
@@ -80,7 +59,7 @@ import numpy as np
 
 from .errors import UserError
 from .io import atomic_path
-from .issues import find_label_issues, top_pairs
+from .issues import find_label_issues, most_likely_other, top_pairs
 
 WINDOW = None  # epochs averaged: None = every epoch of the run; k = the last min(k, epochs)
 CSV_NAME = "label_issues.csv"
@@ -91,12 +70,6 @@ CSV_FIELDS = ["index", "given_label", "suggested_label", "score", "is_label_issu
 
 
 # ----------------------------------------------------------------------------- scoring
-
-def _off_label(a: np.ndarray, given: np.ndarray, fill: float) -> np.ndarray:
-    a = a.astype(np.float64).copy()
-    a[np.arange(len(given)), given] = fill
-    return a
-
 
 SCORE_NAME = "confidence"  # the one score (module docstring); the candidates compared live in benchmarks/
 
@@ -114,7 +87,7 @@ def score_examples(method: str, ev: dict, given: np.ndarray) -> np.ndarray:
 
 def suggest_pred_other(ev, given):
     """argmax_{j≠y} p̄_j: the most likely other class."""
-    return _off_label(ev["prob"], given, -np.inf).argmax(1)
+    return most_likely_other(ev["prob"], given)
 
 
 def suggest_labels(method: str, ev: dict, given: np.ndarray, score: np.ndarray, flagged=None) -> np.ndarray:
