@@ -116,16 +116,14 @@ class TrainConfig:
         def flag(name):
             return "--" + name.replace("_", "-")
 
-        for name in ("epochs", "batch_size", "meta_batch_size", "seed", "val_per_class", "early_stop"):
+        for name in ("epochs", "batch_size", "meta_batch_size", "seed", "val_per_class", "early_stop",
+                     "meta_per_class"):
             value = getattr(self, name)
-            if name == "early_stop" and value is None:
+            if name in ("early_stop", "meta_per_class") and value is None:
                 continue
-            low = 0 if name in ("seed", "val_per_class") else 1
+            low = 0 if name in ("seed", "val_per_class", "meta_per_class") else 1
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise UserError(f"{flag(name)} must be a whole number >= {low}, got {value!r}")
-        if self.meta_per_class is not None and (not isinstance(self.meta_per_class, int)
-                                                or isinstance(self.meta_per_class, bool) or self.meta_per_class < 0):
-            raise UserError(f"--meta-per-class must be a whole number >= 0, got {self.meta_per_class!r}")
         for name in ("lr", "momentum", "weight_decay", "test_fraction"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 \
