@@ -150,16 +150,10 @@ class Checkpointer(Callback):
     def on_epoch_end(self, state: FitState) -> None:
         if not state.is_main:
             return
-        atomic_torch_save({
-            "epoch": state.epoch,
-            "model": state.model.state_dict(),
-            "optimizer": state.optimizer.state_dict(),
-            "method": state.method.state_dict(),
-            "rng": rng_state(),
-            "history": state.history,
-            "fingerprint": self.fingerprint,
-            "callbacks": {name: cb.state_dict() for name, cb in self.stateful.items()},
-        }, self.path)
+        atomic_torch_save({"epoch": state.epoch, "model": state.model.state_dict(),
+                           "optimizer": state.optimizer.state_dict(), "method": state.method.state_dict(),
+                           "rng": rng_state(), "history": state.history, "fingerprint": self.fingerprint,
+                           "callbacks": {name: cb.state_dict() for name, cb in self.stateful.items()}}, self.path)
 
 
 class MetricsWriter(Callback):

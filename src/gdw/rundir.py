@@ -161,22 +161,13 @@ def _config_record(cfg: TrainConfig, data, device, comm: Comm, fingerprint: str)
     base = Path(cfg.out).resolve()
     rel = dataclasses.replace(cfg, **_map_paths(cfg, lambda p: os.path.relpath(p, base)))
     settings = {**dataclasses.asdict(rel), "out": ".", "resume": False}
-    return {
-        **settings,
-        "device": str(device),
-        "world_size": comm.world,
-        "num_classes": data.num_classes,
-        "classes": list(data.classes),
-        "input_shape": list(data.input_shape),
-        "preprocess": getattr(data, "preprocess", None),
-        "data": data.record,
-        "data_files": data_files(cfg),
-        "method_params": cfg.method_params(),
-        "fingerprint": fingerprint,
-        "versions": {"gdw": __version__, "torch": torch.__version__, "numpy": np.__version__,
-                     "python": platform.python_version()},
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
+    return {**settings, "device": str(device), "world_size": comm.world, "num_classes": data.num_classes,
+            "classes": list(data.classes), "input_shape": list(data.input_shape),
+            "preprocess": getattr(data, "preprocess", None), "data": data.record, "data_files": data_files(cfg),
+            "method_params": cfg.method_params(), "fingerprint": fingerprint,
+            "versions": {"gdw": __version__, "torch": torch.__version__, "numpy": np.__version__,
+                         "python": platform.python_version()},
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
 def _summary(cfg, data, history, train_seconds, steps_per_epoch, world) -> dict:
