@@ -27,18 +27,13 @@ PREPROCESS_FORMAT = 1
 REQUIRED = ("format", "kind", "input", "stored_shape", "dtype", "mean", "std", "out_hw", "pad")
 
 
-def stored_format(store) -> tuple[list, str]:
-    """``(shape of one stored input, "uint8" or "float32")`` of a store."""
-    if isinstance(store, ImageFileStore):
-        return list(store.shape), "uint8"
-    return list(store.shape), "uint8" if store.x.dtype == torch.uint8 else "float32"
-
-
 def source_format(src) -> dict:
-    """What :func:`read_examples` needs to read files like the training data of ``src``."""
-    shape, dtype = stored_format(src.x_train)
-    return {**src.preprocess, "dataset": src.name, "stored_shape": shape, "dtype": dtype,
-            "streamed": isinstance(src.x_train, ImageFileStore)}
+    """What :func:`read_examples` needs to read files like the training data of ``src``: its
+    preprocess entries, the shape of one stored input and its type ("uint8" or "float32")."""
+    store = src.x_train
+    streamed = isinstance(store, ImageFileStore)  # image files are read as uint8
+    return {**src.preprocess, "dataset": src.name, "stored_shape": list(store.shape),
+            "dtype": "uint8" if streamed or store.x.dtype == torch.uint8 else "float32", "streamed": streamed}
 
 
 def preprocess_record(src, view: View, input_shape, dataset, classes) -> dict:

@@ -164,13 +164,11 @@ class Prepared:
 
 
 def _split_arrays(name: str, split: Split | None) -> dict:
-    empty = np.zeros(0, dtype=np.int64)
-    if split is None:
-        return {f"{name}_index": empty, f"{name}_labels": empty,
-                f"{name}_source_rows": empty, f"{name}_source_paths": np.array([], dtype=str)}
-    paths = split.source_paths if split.source_paths is not None else []
-    return {f"{name}_index": split.index.numpy(), f"{name}_labels": split.labels.numpy(),
-            f"{name}_source_rows": split.source_rows,
+    """The ``<name>_...`` arrays of :meth:`Prepared.save_split` (empty ones for an absent split)."""
+    parts = (split.index.numpy(), split.labels.numpy(), split.source_rows) if split is not None else \
+        (np.zeros(0, dtype=np.int64),) * 3
+    paths = getattr(split, "source_paths", None) or []
+    return {**{f"{name}_{k}": a for k, a in zip(("index", "labels", "source_rows"), parts)},
             f"{name}_source_paths": np.array(paths, dtype=str)}
 
 
