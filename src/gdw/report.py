@@ -90,8 +90,7 @@ def write_results_csv(rows: Sequence[dict], path: Path, extra_fields: Sequence[s
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=[*RESULT_FIELDS, *extra_fields], extrasaction="ignore")
         w.writeheader()
-        for r in rows:
-            w.writerow(r)
+        w.writerows(rows)
 
 
 def read_results_csv(path: Path) -> list[dict]:
@@ -160,10 +159,7 @@ def results_markdown(rows: Sequence[dict], metric: str = "final") -> str:
         raise ValueError(f"metric must be one of {', '.join(map(repr, METRICS))}, not {metric!r}")
     settings, methods, cells = aggregate(rows)
     mean, std = f"{metric}_mean", f"{metric}_std"
-    lines = [
-        "| method | " + " | ".join(settings) + " |",
-        "|---|" + "---|" * len(settings),
-    ]
+    lines = ["| method | " + " | ".join(settings) + " |", "|---|" + "---|" * len(settings)]
     best = {s: max((cells[(s, m)][mean] for m in methods if (s, m) in cells), default=None) for s in settings}
     for m in methods:
         row = []
@@ -176,8 +172,7 @@ def results_markdown(rows: Sequence[dict], metric: str = "final") -> str:
             row.append(f"**{text}**" if c[mean] == best[s] else text)
         lines.append(f"| {m} | " + " | ".join(row) + " |")
     n = sorted({c["n"] for c in cells.values()})
-    lines.append("")
-    lines.append(f"{METRICS[metric]} (%), mean ± std over {', '.join(map(str, n))} seed(s); best per setting in bold.")
+    lines += ["", f"{METRICS[metric]} (%), mean ± std over {', '.join(map(str, n))} seed(s); best per setting in bold."]
     return "\n".join(lines) + "\n"
 
 

@@ -111,13 +111,10 @@ def read_folder(path, image_size=None, test_fraction=0.2, stream=None) -> Source
         raise UserError(f"cannot read image {ptr[0]}: {one_line(e)}") from None
     size = _size(image_size) or first
     ch = 1 if mode in ("1", "L", "LA", "I", "I;16", "F") else 3
-    n_bytes = (len(ptr) + len(pte)) * ch * size[0] * size[1]
     if stream is None:
-        stream = n_bytes > FOLDER_MEMORY_LIMIT
+        stream = (len(ptr) + len(pte)) * ch * size[0] * size[1] > FOLDER_MEMORY_LIMIT
     train = image_store(ptr, size, ch, stream=bool(stream))
-    rows = None
-    if stream:
-        rows = torch.from_numpy(np.random.default_rng(SPLIT_SEED).permutation(len(ptr))[:256])
+    rows = torch.from_numpy(np.random.default_rng(SPLIT_SEED).permutation(len(ptr))[:256]) if stream else None
     return Source(f"folder:{root}", classes, train, ytr, image_store(pte, size, ch, stream=bool(stream)),
                   yte, image_view(train, rows=rows), augment=cifar_style(train),
                   files=[str(root)], notes={"test_split": note, "streamed": bool(stream)},

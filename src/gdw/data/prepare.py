@@ -338,7 +338,8 @@ def _warnings(d) -> list:
         test_set = f"the test set {given_test.name if given_test else 'split'}"
         warnings.append(_left_out(int(d.in_test.sum()), "training example", test_set, "training set"))
     if d.out_of_test:
-        warnings.append(_left_out(d.out_of_test, "test example", given.name if given else "the clean set", "test split"))
+        clean_set = given.name if given else "the clean set"
+        warnings.append(_left_out(d.out_of_test, "test example", clean_set, "test split"))
     if given is not None and not d.used:
         warnings.append(f"The meta set {given.name} was not used (meta_per_class=0, "
                         f"val_per_class=0).")

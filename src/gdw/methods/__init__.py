@@ -54,7 +54,8 @@ def make(name: str, model, num_classes: int, **hparams) -> Method:
     accepted = set(_keyword_params(cls))
     unknown = sorted(set(hparams) - accepted)
     if unknown:
-        raise UserError(f"method {name!r} has no parameter {', '.join(unknown)}; it takes: {', '.join(sorted(accepted))}")
+        raise UserError(f"method {name!r} has no parameter {', '.join(unknown)}; "
+                        f"it takes: {', '.join(sorted(accepted))}")
     return cls(model, num_classes, **hparams)
 
 
