@@ -9,3 +9,10 @@ it into a one-line message and exit code 2, with no traceback.
 
 class UserError(ValueError):
     """Bad input that the user can fix; the message says what is wrong."""
+
+
+def one_line(e: BaseException, limit: int = 200) -> str:
+    """``Type: message`` of an exception on one line, at most ``limit`` characters
+    (a wrapped error's text inside a UserError)."""
+    text = " ".join(f"{type(e).__name__}: {e}".split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."

@@ -43,10 +43,8 @@ def flagged_rows(issues, num_issues: Optional[int] = None) -> tuple[dict, dict]:
     """``{user row: suggested class}`` of the flagged training examples (the
     run's own flagged set, or the ``num_issues`` most suspicious), and the
     same for the flagged rows of a test split drawn from the user's data."""
-    if num_issues is None:
-        picks = np.flatnonzero(issues.suggested != issues.given)
-    else:
-        picks = issues.order[: max(0, int(num_issues))]
+    picks = np.flatnonzero(issues.suggested != issues.given) if num_issues is None else \
+        issues.order[: max(0, int(num_issues))]
     rows = issues.rows if issues.rows is not None else issues.index
     train = {int(rows[i]): int(issues.suggested[i]) if issues.suggested[i] != issues.given[i] else None
              for i in picks}

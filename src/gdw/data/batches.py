@@ -24,8 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import UserError
-from ._errors import one_line
+from ..errors import UserError, one_line
 
 
 class TensorStore:

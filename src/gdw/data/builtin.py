@@ -15,8 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import UserError
-from ._errors import one_line
+from ..errors import UserError, one_line
 from .batches import ImageFileStore, TensorStore, View
 from .download import cache_dir, fetch_official, safe_extract
 from .noise import check_labels

@@ -23,9 +23,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from ..errors import UserError
+from ..errors import UserError, one_line
 from ..io import file_digest
-from ._errors import one_line
 
 # Official files: dataset -> (base URL, {file name: md5}). The md5 values are the ones
 # published with the datasets (Fashion-MNIST README, CIFAR page) and used by common loaders.

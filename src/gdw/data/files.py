@@ -10,8 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import UserError
-from ._errors import one_line
+from ..errors import UserError, one_line
 from .batches import ImageFileStore, TensorStore, View, channel_stats, load_image, _pil
 from .labels import classes_from, ids_by_name, label_names
 from .noise import check_labels
@@ -167,10 +166,8 @@ def npz_label_ids(y: np.ndarray, classes: list, what: str, *, indices: bool,
         return ids_by_name(label_names(y, what), classes, what)
     known = (y != -1) if unknown and y.dtype.kind in "if" else np.ones(len(y), bool)
     out = np.full(len(y), -1, dtype=np.int64)
-    if indices:
-        out[known] = check_labels(y[known], len(classes), what)
-    else:
-        out[known] = ids_by_name(label_names(y[known], what), classes, what)
+    out[known] = check_labels(y[known], len(classes), what) if indices else \
+        ids_by_name(label_names(y[known], what), classes, what)
     return out
 
 

@@ -40,8 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import UserError
-from ._errors import one_line
+from ..errors import UserError, one_line
 
 SYNTHETIC = ("uniform", "symmetric", "flip", "pair")
 NOISE_KINDS = ("none",) + SYNTHETIC + ("matrix", "cifar10n", "cifar100n")
@@ -90,10 +89,8 @@ def load_matrix(path: str | Path) -> np.ndarray:
     if not path.is_file():
         raise UserError(f"noise matrix file not found: {path}")
     try:
-        if path.suffix.lower() == ".npy":
-            m = np.load(path, allow_pickle=False)
-        else:
-            m = np.loadtxt(path, delimiter=",", ndmin=2)
+        npy = path.suffix.lower() == ".npy"
+        m = np.load(path, allow_pickle=False) if npy else np.loadtxt(path, delimiter=",", ndmin=2)
         m = np.asarray(m, dtype=np.float64)
     except (ValueError, OSError) as e:
         raise UserError(f"cannot read noise matrix {path}: {one_line(e)}") from None

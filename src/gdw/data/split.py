@@ -11,8 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import UserError
-from ._errors import one_line
+from ..errors import UserError, one_line
 from .batches import View, iterate
 
 
@@ -145,8 +144,7 @@ class Prepared:
 
         Returns the path written."""
         path = Path(path)
-        if path.suffix != ".npz":
-            path = path.with_name(path.name + ".npz")
+        path = path if path.suffix == ".npz" else path.with_name(path.name + ".npz")
         tr = self.train
         true = tr.true_labels if tr.true_labels is not None else torch.full_like(tr.labels, -1)
         arrays = {}

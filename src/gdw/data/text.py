@@ -30,9 +30,8 @@ from typing import Optional
 
 import numpy as np
 
-from ..errors import UserError
+from ..errors import UserError, one_line
 from ..io import atomic_path
-from ._errors import one_line
 from .sources import cached_digest
 
 ENCODER_FILE = "text_encoder.npz"
