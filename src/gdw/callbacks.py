@@ -8,19 +8,11 @@ and the :class:`Checkpointer` saves them with the model. Only rank 0 writes
 files or logs (``state.is_main``); collective work (summing per-example
 statistics over ranks) runs on every rank.
 
-    Evaluator        test accuracy, per-class accuracy and loss of every epoch
-    WeightStats      per-example weights of the last epoch → example_weights.npy,
-                     class_weights.npy, instance_weights.npy; the mean weight on
-                     clean and on mislabelled examples when true labels are known
-    BestModel        best.pt at the best validation accuracy; early stopping
-    Checkpointer     checkpoint.pt, atomically, with the history, random states,
-                     the config fingerprint and every stateful callback
-    MetricsWriter    metrics.jsonl, rewritten from the history (no duplicate rows
-                     whatever instant a run is killed at)
-    EpochLog         one line per epoch
-    Plots            curves.png and weights.png at the end
-    LabelIssueRecorder (gdw.detect) per-example evidence over the run →
-                     label_issues.csv at the end
+``gdw train`` runs, in this order (:func:`gdw.train._callbacks`), the
+:class:`gdw.recorder.LabelIssueRecorder`, :class:`Evaluator`,
+:class:`WeightStats`, :class:`BestModel`, :class:`Checkpointer`,
+:class:`MetricsWriter`, :class:`EpochLog`, :class:`Plots` and
+:class:`LabelIssues`; each says what it adds to the row or writes.
 """
 
 from __future__ import annotations

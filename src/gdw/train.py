@@ -3,21 +3,8 @@
 ``train(TrainConfig(...))`` prepares the data, builds the model and the
 method, trains through :func:`gdw.fit.fit` with SGD (momentum 0.9, weight
 decay 5e-4, cosine decay per epoch as in the paper) and the callbacks of
-:mod:`gdw.callbacks`, and writes a run directory:
-
-    config.json          every resolved setting (paths relative to the run
-                         directory), versions, device, the data record
-    metrics.jsonl        one JSON object per finished epoch
-    summary.json         final numbers (accuracies are fractions in [0, 1])
-    split.npz            the data split (indices, noisy and true labels)
-    checkpoint.pt        written atomically at the end of every epoch
-    example_weights.npy  per training example, the mean over the last epoch
-                         of ``Stats.trust``: the weight on its labelled class
-    class_weights.npy    (class-level methods) per example and class, float16
-    instance_weights.npy (GDW, DM) per example, the instance-level weight
-    label_issues.csv     training examples ranked from most to least likely
-                         mislabelled (gdw.detect), with label_evidence.npz
-    curves.png, weights.png
+:mod:`gdw.callbacks`, and writes a run directory (what each file holds: the
+run-directory contract in CONTRIBUTING.md).
 
 A run is defined by its settings. ``resume=True`` continues the run in
 ``out`` with the settings saved there; a setting that differs from the
