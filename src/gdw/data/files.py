@@ -237,8 +237,13 @@ class CsvTable:
     lines: list
     delimiter: str = ","
 
-    def column(self, name: str) -> np.ndarray:
-        return np.char.strip(self.table[:, self.header.index(name)])
+    def column(self, name: str, empty: str | None = None) -> np.ndarray:
+        """The stripped values of column ``name``; with ``empty`` (what a value is, e.g. "label"),
+        UserError naming the line of the first empty one."""
+        v = np.char.strip(self.table[:, self.header.index(name)])
+        if empty is not None and (v == "").any():
+            raise UserError(f"{self.path}, line {self.lines[int(np.argmax(v == ''))]}: empty {empty}")
+        return v
 
     def features(self, names: list, categories: dict | None = None) -> np.ndarray:
         """The columns ``names`` as float32 (n, D). A
@@ -331,9 +336,7 @@ def read_csv(path, label_column="label", test_fraction=0.2, features=None, ignor
         raise UserError(f"CSV file {path} has no column {label_column!r} (columns: {t.header})")
     if encoder is not None and text_column is None:
         raise UserError("--encoder turns a text column into features: give --text-column too")
-    raw = t.column(label_column)
-    if (raw == "").any():
-        raise UserError(f"{path}, line {t.lines[int(np.argmax(raw == ''))]}: empty label")
+    raw = t.column(label_column, empty="label")
     classes = classes_from(raw)
     y = ids_by_name(raw, classes, f"column {label_column!r} of {path}")
     tr, te = stratified_split(y, test_fraction)

@@ -118,9 +118,7 @@ def _read_csv(path, pre, classes, what, need_labels, name, stream=None) -> Examp
     n = len(x)
     labels = np.full(n, -1, dtype=np.int64)
     if has:
-        raw = t.column(label_column)
-        if need_labels and (raw == "").any():
-            raise UserError(f"{path}, line {t.lines[int(np.argmax(raw == ''))]}: empty label")
+        raw = t.column(label_column, empty="label" if need_labels else None)
         labels = ids_by_name(raw, classes, f"column {label_column!r} of {path}",
                              empty_unknown=True)
     return Examples(TensorStore(torch.from_numpy(x)), labels, has,

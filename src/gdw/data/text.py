@@ -210,11 +210,7 @@ def column_texts(table, column: str) -> np.ndarray:
     for a missing column or an empty text (naming the line)."""
     if column not in table.header:
         raise UserError(f"CSV file {table.path} has no text column {column!r} (columns: {table.header})")
-    texts = table.column(column)
-    empty = np.flatnonzero(texts == "")
-    if len(empty):
-        raise UserError(f"{table.path}, line {table.lines[int(empty[0])]}: empty text in column {column!r}")
-    return texts
+    return table.column(column, empty=f"text in column {column!r}")
 
 
 def _key(path, column: str, enc) -> str:
