@@ -111,11 +111,9 @@ def issues_table(given, suggested, score, classes, rows, paths=None, texts=None)
     order = np.argsort(-np.asarray(score), kind="stable")
     table = []
     for i in order:
-        row = {"index": int(rows[i])}
-        if paths is not None:
-            row["path"] = paths[i]
-        row.update(given_label=str(classes[int(given[i])]), suggested_label=str(classes[int(suggested[i])]),
-                   score=float(score[i]), is_label_issue=bool(suggested[i] != given[i]))
+        row = {"index": int(rows[i]), **({"path": paths[i]} if paths is not None else {}),
+               "given_label": str(classes[int(given[i])]), "suggested_label": str(classes[int(suggested[i])]),
+               "score": float(score[i]), "is_label_issue": bool(suggested[i] != given[i])}
         table.append(row if texts is None else {**row, "text": texts[i]})
     return table
 

@@ -70,13 +70,9 @@ class LabelIssues:
         ``row_ids`` maps positions to the user's own row numbers."""
         names = self.class_names or [str(c) for c in range(self.noise_matrix.shape[0])]
         ids = np.arange(len(self.labels)) if row_ids is None else np.asarray(row_ids)
-        out = []
-        for i in self.order[:top]:
-            given = int(self.labels[i])
-            out.append({"row": ids[i].item(), "given_label": names[given],
-                        "suggested_label": names[int(self.suggested[i]) if self.flagged[i] else given],
-                        "score": round(float(self.score[i]), 6), "flagged": bool(self.flagged[i])})
-        return out
+        return [{"row": ids[i].item(), "given_label": names[int(self.labels[i])],
+                 "suggested_label": names[int(self.suggested[i] if self.flagged[i] else self.labels[i])],
+                 "score": round(float(self.score[i]), 6), "flagged": bool(self.flagged[i])} for i in self.order[:top]]
 
     def pairs(self, top: int = 5) -> list[tuple[str, str, float]]:
         """The largest off-diagonal entries of ``noise_matrix``:

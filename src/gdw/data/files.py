@@ -373,11 +373,8 @@ def _feature_columns(t: CsvTable, label_column: str, features, ignore) -> tuple[
     names = [h for h in (chosen or t.header) if h and h != label_column and h not in (ignored or [])]
     if not names:
         raise UserError(f"CSV file {path} has no feature columns left (columns: {t.header})")
-    categories = {}
-    for n in names:  # a column without a single number holds categories
-        v = t.column(n)
-        if not any(_finite(s) for s in v):
-            categories[n] = sorted(set(v.tolist()))
+    columns = {n: t.column(n) for n in names}  # a column without a single number holds categories
+    categories = {n: sorted(set(v.tolist())) for n, v in columns.items() if not any(_finite(s) for s in v)}
     return names, {"feature_columns": names, "categories": categories}
 
 

@@ -45,13 +45,6 @@ def class_balanced_weights(counts: torch.Tensor, beta: float) -> torch.Tensor:
     return w * (len(w) / w.sum())
 
 
-def check_beta(value) -> float:
-    beta = check_positive("beta", value, allow_zero=True)
-    if beta >= 1:
-        raise UserError(f"beta must lie in [0, 1), got {value!r}")
-    return beta
-
-
 @METHODS.register("cb")
 class CB(LossMethod):
     """Class-balanced cross-entropy (1/B) Σ_i w_{y_i} CE_i, w_c ∝ 1/effective number.
@@ -70,7 +63,9 @@ class CB(LossMethod):
 
     def __init__(self, model, num_classes, *, class_counts=None, beta: float = 0.9999, **kw):
         super().__init__(model, num_classes, **kw)
-        self.beta = check_beta(beta)
+        self.beta = check_positive("beta", beta, allow_zero=True)
+        if self.beta >= 1:
+            raise UserError(f"beta must lie in [0, 1), got {beta!r}")
         self.class_counts = check_class_counts(class_counts, self.num_classes)
         self.class_weights = class_balanced_weights(self.class_counts, self.beta)
 

@@ -38,10 +38,6 @@ def check_int(name: str, value, minimum: int = 1) -> int:
     return int(v)
 
 
-_TRUE_WORDS = ("true", "yes", "1")
-_FALSE_WORDS = ("false", "no", "0")
-
-
 def check_bool(name: str, value) -> bool:
     """Return ``value`` as a bool, or raise UserError naming ``name``.
 
@@ -54,9 +50,9 @@ def check_bool(name: str, value) -> bool:
         return value
     if isinstance(value, str):
         word = value.strip().lower()
-        if word in _TRUE_WORDS:
+        if word in ("true", "yes", "1"):
             return True
-        if word in _FALSE_WORDS:
+        if word in ("false", "no", "0"):
             return False
     elif isinstance(value, numbers.Integral) and value in (0, 1):
         return bool(value)
