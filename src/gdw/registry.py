@@ -33,9 +33,7 @@ class Registry(Generic[T]):
     def get(self, name: str) -> T:
         key = str(name).lower()
         if key not in self._items:
-            raise UserError(
-                f"unknown {self.kind} {name!r}; choose one of: {', '.join(self.names())}"
-            )
+            raise UserError(f"unknown {self.kind} {name!r}; choose one of: {', '.join(self.names())}")
         return self._items[key]
 
     def names(self) -> list[str]:

@@ -206,15 +206,12 @@ def transition_matrix(spec: str | NoiseSpec, num_classes: int,
         return s.rate / C + (1 - s.rate) * eye
     if s.kind == "symmetric":
         return (1 - s.rate) * eye + s.rate / max(C - 1, 1) * (1 - eye)
-    if s.kind in ("pair", "flip"):
-        if s.kind == "pair":
-            target = (np.arange(C) + 1) % C
-        else:
-            if rng is None:
-                raise UserError("flip noise needs a random generator (rng)")
-            target = (np.arange(C) + rng.integers(1, C, size=C)) % C
+    if s.kind in ("pair", "flip"):  # class c moves to c + 1, or (flip) to c + a shift drawn per class
+        if s.kind == "flip" and rng is None:
+            raise UserError("flip noise needs a random generator (rng)")
+        shift = 1 if s.kind == "pair" else rng.integers(1, C, size=C)
         T = (1 - s.rate) * eye
-        T[np.arange(C), target] += s.rate
+        T[np.arange(C), (np.arange(C) + shift) % C] += s.rate
         return T
     if s.kind == "matrix":
         return s.matrix.copy()

@@ -41,14 +41,11 @@ class Split:
     def __init__(self, name: str, store, index, labels, true_labels, view: View, *,
                  augment: bool = False, num_workers: int = 0, source_rows=None,
                  source_paths=None, source_file: str | None = None):
-        self.name = name
-        self.store, self.view = store, view
+        self.name, self.store, self.view = name, store, view
         self.index = torch.tensor(np.asarray(index), dtype=torch.long)
         self.labels = torch.tensor(np.asarray(labels), dtype=torch.long)
-        self.true_labels = None if true_labels is None else \
-            torch.tensor(np.asarray(true_labels), dtype=torch.long)
-        self.augment = bool(augment)
-        self.num_workers = int(num_workers)
+        self.true_labels = None if true_labels is None else torch.tensor(np.asarray(true_labels), dtype=torch.long)
+        self.augment, self.num_workers = bool(augment), int(num_workers)
         self.source_rows = self.index.numpy().copy() if source_rows is None else \
             np.asarray(source_rows, dtype=np.int64).reshape(-1)
         self.source_paths = None if source_paths is None else [str(p) for p in source_paths]
