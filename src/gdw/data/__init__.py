@@ -21,9 +21,8 @@ specs, :mod:`gdw.data.batches` for how batches are formed and
 
 from .batches import crop_flip, epoch_plan
 from .download import fetch, safe_extract
-from .noise import (ImbalanceSpec, NoiseSpec, apply_imbalance, apply_noise, longtail_counts,
-                    parse_imbalance, parse_noise, realised_noise_rate, realised_transition,
-                    step_counts, transition_matrix)
+from .noise import (ImbalanceSpec, NoiseSpec, apply_imbalance, apply_noise, longtail_counts, parse_imbalance,
+                    parse_noise, realised_noise_rate, realised_transition, step_counts, transition_matrix)
 from . import builtin, files  # noqa: F401 - they register the dataset formats
 from .builtin import read_idx
 from .sources import FORMATS, register_format, stratified_split

@@ -56,8 +56,7 @@ def _pil():
     return Image
 
 
-def load_image(path: str | Path, size: tuple[int, int], channels: int,
-               fit: str = "squash") -> torch.Tensor:
+def load_image(path: str | Path, size: tuple[int, int], channels: int, fit: str = "squash") -> torch.Tensor:
     """Read one image file as a uint8 tensor (channels, h, w), ``size = (h, w)``.
 
     ``fit="squash"`` resizes to exactly (h, w); ``fit="center"`` scales the image so it
@@ -71,8 +70,7 @@ def load_image(path: str | Path, size: tuple[int, int], channels: int,
             im = im.convert("L" if channels == 1 else "RGB")
             if fit == "center":
                 scale = max(h / im.height, w / im.width)
-                im = im.resize((max(w, round(im.width * scale)), max(h, round(im.height * scale))),
-                               Image.BILINEAR)
+                im = im.resize((max(w, round(im.width * scale)), max(h, round(im.height * scale))), Image.BILINEAR)
                 left, top = (im.width - w) // 2, (im.height - h) // 2
                 im = im.crop((left, top, left + w, top + h))
             elif im.size != (w, h):
@@ -93,8 +91,7 @@ class ImageFileStore(torch.utils.data.Dataset):
 
     streaming = True
 
-    def __init__(self, paths: Sequence[str | Path], size: tuple[int, int], channels: int,
-                 fit: str = "squash"):
+    def __init__(self, paths: Sequence[str | Path], size: tuple[int, int], channels: int, fit: str = "squash"):
         self.paths = [str(p) for p in paths]
         self.size, self.channels, self.fit = tuple(size), int(channels), fit
 
@@ -114,8 +111,7 @@ class ImageFileStore(torch.utils.data.Dataset):
                                                num_workers=num_workers, collate_fn=torch.stack)
 
 
-def channel_stats(store, rows: torch.Tensor | None = None, chunk: int = 4096
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+def channel_stats(store, rows: torch.Tensor | None = None, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and std (float32) of a store's inputs after scaling to [0, 1]: per channel for
     images (N, C, H, W) -> shape (C,), per feature for tabular (N, D) -> shape (D,).
     ``rows`` restricts to some rows. A zero std is replaced by 1."""
@@ -158,8 +154,7 @@ def mix_seed(seed: int, epoch: int = 0) -> int:
     return int(state >> np.uint64(1))
 
 
-def epoch_plan(n: int, *, shuffle: bool, seed: int, epoch: int,
-               jitter: tuple[int, int] | None = None):
+def epoch_plan(n: int, *, shuffle: bool, seed: int, epoch: int, jitter: tuple[int, int] | None = None):
     """Draw an epoch's randomness on the CPU.
 
     Returns ``(order, aug)``: ``order`` (n,) LongTensor, a permutation of 0..n-1 (identity
@@ -223,8 +218,7 @@ def iterate(store, rows: torch.Tensor, labels: torch.Tensor, view: View, batch_s
             shuffle: bool, seed: int, epoch: int, device, augment: bool, drop_last: bool,
             start: int = 0, num_workers: int = 0, shard: tuple[int, int] | None = None):
     """The batch generator behind :meth:`gdw.data.Split.batches` (see there)."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) \
-            or batch_size < 1:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise UserError(f"batch_size must be a positive integer, got {batch_size!r}")
     if augment and view.out_hw is None:
         raise UserError("augmentation (crop/flip) needs image inputs; use augment=False")

@@ -50,8 +50,7 @@ def read_digits(test_fraction: float = 0.2) -> Source:
 # ----------------------------------------------------------------------------- IDX
 
 IDX_TYPES = {0x08: "u1", 0x09: "i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
-IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
-             "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
 
 def read_idx(path: str | Path) -> np.ndarray:
@@ -76,8 +75,7 @@ def read_idx(path: str | Path) -> np.ndarray:
     dtype = np.dtype(IDX_TYPES[data[2]])
     expected = head + int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
     if len(data) != expected:
-        raise UserError(f"IDX file {path} is truncated or corrupt: {len(data)} bytes, "
-                        f"header says {expected}")
+        raise UserError(f"IDX file {path} is truncated or corrupt: {len(data)} bytes, header says {expected}")
     return np.frombuffer(data, dtype, offset=head).reshape(dims)
 
 
@@ -95,8 +93,7 @@ def read_idx_dataset(name: str, data_root=None, download=False, mirror=None) -> 
             fetch_official(name, stem + ".gz", mirror=mirror)
         folder = cache_dir(name)
     if folder is None:
-        raise UserError(f"{name} IDX files not found in {', '.join(map(str, dirs))}; "
-                        "pass data_root= or download=True")
+        raise UserError(f"{name} IDX files not found in {', '.join(map(str, dirs))}; pass data_root= or download=True")
     paths = []
     for stem in IDX_FILES:
         p = present(folder, stem)
@@ -124,9 +121,8 @@ def read_idx_dataset(name: str, data_root=None, download=False, mirror=None) -> 
 class _SafeUnpickler(pickle.Unpickler):
     """Unpickles only plain containers and numpy arrays (what the CIFAR files contain)."""
 
-    ALLOWED = {("numpy._core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "scalar"),
-               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
-               ("collections", "OrderedDict")}
+    ALLOWED = {("numpy._core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "scalar"), ("numpy", "ndarray"),
+               ("numpy", "dtype"), ("_codecs", "encode"), ("collections", "OrderedDict")}
 
     def find_class(self, module, name):
         if module.startswith("numpy.core") and hasattr(np, "_core"):
@@ -166,8 +162,7 @@ def read_cifar_batch(path: str | Path, label_key: str) -> tuple[np.ndarray, np.n
     x = np.asarray(d["data"])
     y = np.asarray(d[label_key])
     if x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != 3072 or len(y) != len(x):
-        raise UserError(f"{path}: expected 'data' uint8 (N, 3072) and N labels, got "
-                        f"{x.dtype} {x.shape} and {y.shape}")
+        raise UserError(f"{path}: expected 'data' uint8 (N, 3072) and N labels, got {x.dtype} {x.shape} and {y.shape}")
     return x.reshape(-1, 3, 32, 32), y
 
 
@@ -182,8 +177,7 @@ def read_cifar(name: str, data_root=None, download=False, mirror=None) -> Source
     dirs = search_dirs(name, data_root)
     base = next((b for d in dirs for b in (d / sub, d) if (b / marker).is_file()), None)
     if base is None and download:
-        archive = fetch_official(name, "cifar-10-python.tar.gz" if ten else
-                                 "cifar-100-python.tar.gz", mirror=mirror)
+        archive = fetch_official(name, "cifar-10-python.tar.gz" if ten else "cifar-100-python.tar.gz", mirror=mirror)
         safe_extract(archive, archive.parent)
         base = archive.parent / sub
     if base is None:
@@ -212,8 +206,7 @@ def read_cifar(name: str, data_root=None, download=False, mirror=None) -> Source
                   preprocess=image_preprocess("cifar", train))
 
 
-CIFAR_N = {"cifar10n": ("cifar10", "CIFAR-10_human.pt"),
-           "cifar100n": ("cifar100", "CIFAR-100_human.pt")}
+CIFAR_N = {"cifar10n": ("cifar10", "CIFAR-10_human.pt"), "cifar100n": ("cifar100", "CIFAR-100_human.pt")}
 CIFAR_N_KEYS = {"aggregate": "aggre_label", "worst": "worse_label", "rand1": "random_label1",
                 "rand2": "random_label2", "rand3": "random_label3", "random1": "random_label1",
                 "random2": "random_label2", "random3": "random_label3"}
@@ -270,8 +263,7 @@ def read_cifar_n(kind: str, key: str, path=None, data_root=None, n_train: int = 
         raise UserError(f"no label key {key!r} in {path}; available: {', '.join(sorted(d))}")
     y = d[name]
     y = y.numpy() if isinstance(y, torch.Tensor) else np.asarray(y)
-    y = check_labels(y.reshape(-1) if y.ndim == 2 and 1 in y.shape else y, num_classes,
-                     f"{name} in {path}")
+    y = check_labels(y.reshape(-1) if y.ndim == 2 and 1 in y.shape else y, num_classes, f"{name} in {path}")
     if len(y) != n_train:
         raise UserError(f"{name} in {path} has {len(y)} labels but the training set has {n_train}")
     return y, name, str(path)
@@ -304,8 +296,7 @@ def _clothing_root(root, data_root) -> tuple[Path, Path]:
     """``(root, folder of the lists)`` of Clothing1M, found or checked; UserError if a list is missing."""
     if root is None:
         dirs = search_dirs("clothing1m", data_root)
-        root = next((d for d in dirs for a in (d, d / "annotations")
-                     if (a / CLOTHING_LISTS[0]).is_file()), None)
+        root = next((d for d in dirs for a in (d, d / "annotations") if (a / CLOTHING_LISTS[0]).is_file()), None)
         if root is None:
             raise UserError(f"Clothing1M lists ({CLOTHING_LISTS[0]}, ...) not found in "
                             f"{', '.join(map(str, dirs))}; pass 'clothing1m:/path/to/root'")
@@ -339,8 +330,7 @@ def read_clothing1m(root=None, data_root=None, image_size=None) -> Source:
         ks = keys[listname]
         y = np.array([kv.get(k, -1) for k in ks], dtype=np.int64)
         if not unknown_ok and (y < 0).any():
-            raise UserError(f"key {ks[int(np.argmax(y < 0))]} of {ann / listname} has no label "
-                            f"in {ann / kvname}")
+            raise UserError(f"key {ks[int(np.argmax(y < 0))]} of {ann / listname} has no label in {ann / kvname}")
         if (y >= C).any():
             raise UserError(f"label {y.max()} of {ks[int(np.argmax(y >= C))]} in {ann / kvname} "
                             f"is out of range 0..{C - 1}")

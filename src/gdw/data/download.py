@@ -130,8 +130,7 @@ def safe_extract(archive: str | Path, target: str | Path) -> Path:
                                     "only plain files and folders are extracted")
                 inside = where == root and m.isdir() or root in where.parents
                 if not inside:
-                    raise UserError(f"unsafe member {m.name!r} in {archive}: "
-                                    f"path escapes {target}")
+                    raise UserError(f"unsafe member {m.name!r} in {archive}: path escapes {target}")
             target.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=target))
             try:

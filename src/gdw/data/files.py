@@ -23,8 +23,7 @@ from .sources import (FOLDER_MEMORY_LIMIT, IMAGE_SUFFIXES, SPLIT_SEED, Origin, S
 
 def list_images(folder: Path) -> list[Path]:
     """Image files under ``folder`` (recursively), sorted by path."""
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES
-                  and p.is_file())
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
 def class_folders(root: Path) -> list[str]:
@@ -42,8 +41,7 @@ def _scan(root: Path, classes=None):
         if not classes:
             raise UserError(f"no class sub-folders in {root}")
     elif set(found) - set(classes):
-        raise UserError(f"{root} has class folders not in the training set: "
-                        f"{sorted(set(found) - set(classes))}")
+        raise UserError(f"{root} has class folders not in the training set: {sorted(set(found) - set(classes))}")
     paths, labels = [], []
     for c, name in enumerate(classes):
         d = root / name
@@ -135,8 +133,7 @@ def _inputs(a: np.ndarray, what: str, path) -> torch.Tensor:
     elif a.ndim == 4 and a.shape[1] > 4 and a.shape[-1] <= 4:
         a = a.transpose(0, 3, 1, 2)  # N x H x W x C -> N x C x H x W
     elif a.ndim not in (2, 4):
-        raise UserError(f"{path}: {what} must be (N, D), (N, H, W) or (N, C, H, W), "
-                        f"got shape {a.shape}")
+        raise UserError(f"{path}: {what} must be (N, D), (N, H, W) or (N, C, H, W), got shape {a.shape}")
     a = a if a.dtype == np.uint8 and a.ndim == 4 else a.astype(np.float32)
     return torch.from_numpy(np.ascontiguousarray(a))
 
@@ -154,8 +151,7 @@ def read_npz_arrays(path) -> dict:
         raise UserError(f"cannot read npz file {path}: {one_line(e)}{hint}") from None
 
 
-def npz_label_ids(y: np.ndarray, classes: list, what: str, *, indices: bool,
-                  unknown: bool = False) -> np.ndarray:
+def npz_label_ids(y: np.ndarray, classes: list, what: str, *, indices: bool, unknown: bool = False) -> np.ndarray:
     """Class ids of one npz label array. ``indices``: the file has a ``classes`` array, so
     numeric labels are positions in it (checked to be in range); string labels are always
     matched by name. ``unknown``: -1 (numeric) means an unknown label."""
@@ -252,8 +248,7 @@ class CsvTable:
         column of a non-numeric value."""
         missing = [n for n in names if n not in self.header]
         if missing:
-            raise UserError(f"CSV file {self.path} lacks the feature columns {missing} of the "
-                            f"training data")
+            raise UserError(f"CSV file {self.path} lacks the feature columns {missing} of the training data")
         parts = []
         for name in names:
             v = self.column(name)
@@ -300,8 +295,7 @@ def read_csv_table(path) -> CsvTable:
     header = [h.strip() for h in rows[0]]
     bad = next((i for i, r in enumerate(rows) if len(r) != len(header)), None)
     if bad is not None:
-        raise UserError(f"{path}, line {numbered[bad][0]}: {len(rows[bad])} fields, "
-                        f"header has {len(header)}")
+        raise UserError(f"{path}, line {numbered[bad][0]}: {len(rows[bad])} fields, header has {len(header)}")
     twice = next((h for k, h in enumerate(header) if h and h in header[:k]), None)
     if twice is not None:
         raise UserError(f"CSV file {path} has two columns named {twice!r}; give each column its own name")

@@ -103,8 +103,7 @@ def check_stochastic(m: np.ndarray, where: str, num_classes: int | None = None) 
     if m.ndim != 2 or m.shape[0] != m.shape[1]:
         raise UserError(f"noise matrix {where} must be square, got shape {m.shape}")
     if num_classes is not None and m.shape[0] != num_classes:
-        raise UserError(f"noise matrix {where} is {m.shape[0]}x{m.shape[1]} "
-                        f"but the dataset has {num_classes} classes")
+        raise UserError(f"noise matrix {where} is {m.shape[0]}x{m.shape[1]} but the dataset has {num_classes} classes")
     if not np.isfinite(m).all() or (m < 0).any():
         raise UserError(f"noise matrix {where} has negative or non-finite entries")
     sums = m.sum(axis=1)
@@ -163,8 +162,7 @@ def parse_noise(spec: str | NoiseSpec, num_classes: int | None = None) -> NoiseS
             example = "worse" if kind == "cifar10n" else "noisy"
             raise UserError(f"noise spec {spec!r} needs a label key, e.g. '{kind}:{example}'")
         return NoiseSpec(kind, key=key, path=path or None, text=text)
-    raise UserError(f"unknown noise kind {kind!r} in spec {spec!r}; "
-                    f"choose from {', '.join(NOISE_KINDS)}")
+    raise UserError(f"unknown noise kind {kind!r} in spec {spec!r}; choose from {', '.join(NOISE_KINDS)}")
 
 
 def parse_imbalance(spec: str | ImbalanceSpec | None) -> ImbalanceSpec:
@@ -178,8 +176,7 @@ def parse_imbalance(spec: str | ImbalanceSpec | None) -> ImbalanceSpec:
     if kind == "none":
         return ImbalanceSpec("none", text="none")
     if kind not in IMBALANCE_KINDS:
-        raise UserError(f"unknown imbalance kind {kind!r} in spec {spec!r}; "
-                        f"choose from {', '.join(IMBALANCE_KINDS)}")
+        raise UserError(f"unknown imbalance kind {kind!r} in spec {spec!r}; choose from {', '.join(IMBALANCE_KINDS)}")
     if not arg:
         raise UserError(f"imbalance spec {spec!r} needs a ratio, e.g. '{kind}:100'")
     rho = _number(arg, "imbalance ratio", spec)
@@ -188,8 +185,7 @@ def parse_imbalance(spec: str | ImbalanceSpec | None) -> ImbalanceSpec:
     return ImbalanceSpec(kind, rho=rho, text=text)
 
 
-def transition_matrix(spec: str | NoiseSpec, num_classes: int,
-                      rng: np.random.Generator | None = None) -> np.ndarray:
+def transition_matrix(spec: str | NoiseSpec, num_classes: int, rng: np.random.Generator | None = None) -> np.ndarray:
     """The requested (C, C) float64 transition matrix ``T[true, noisy]`` of a synthetic spec.
 
     ``flip`` draws its per-class targets from ``rng`` (required for flip). ``cifar10n`` /
@@ -346,6 +342,5 @@ def apply_imbalance(labels: np.ndarray, num_classes: int, spec: str | ImbalanceS
     n_max = int(available[available > 0].min()) if available.any() else 0
     make = longtail_counts if s.kind == "longtail" else step_counts
     target = np.minimum(make(n_max, num_classes, s.rho), available)
-    keep = [rng.choice(np.flatnonzero(y == c), size=target[c], replace=False)
-            for c in range(num_classes)]
+    keep = [rng.choice(np.flatnonzero(y == c), size=target[c], replace=False) for c in range(num_classes)]
     return np.sort(np.concatenate(keep)).astype(np.int64)

@@ -53,10 +53,8 @@ def preprocess_record(src, view: View, input_shape, dataset, classes) -> dict:
 
 def view_of(pre: dict) -> View:
     """The batch :class:`View` (normalisation, output size) described by ``pre``."""
-    return View(torch.tensor(pre["mean"], dtype=torch.float32),
-                torch.tensor(pre["std"], dtype=torch.float32),
-                None if pre["out_hw"] is None else tuple(int(s) for s in pre["out_hw"]),
-                int(pre["pad"]))
+    return View(torch.tensor(pre["mean"], dtype=torch.float32), torch.tensor(pre["std"], dtype=torch.float32),
+                None if pre["out_hw"] is None else tuple(int(s) for s in pre["out_hw"]), int(pre["pad"]))
 
 
 @dataclass
@@ -78,8 +76,7 @@ def _images_ok(pre: dict) -> bool:
     return pre.get("input") == "image" and (pre["dtype"] == "uint8" or pre.get("kind") == "digits")
 
 
-def read_examples(spec, pre: dict, classes, *, what: str, need_labels: bool,
-                  stream: bool | None = None) -> Examples:
+def read_examples(spec, pre: dict, classes, *, what: str, need_labels: bool, stream: bool | None = None) -> Examples:
     """Read ``csv:PATH``, ``folder:PATH`` or ``npz:PATH`` (or a bare path) like the
     training data described by ``pre`` (:func:`source_format` or a preprocess record).
 
@@ -100,9 +97,8 @@ def read_examples(spec, pre: dict, classes, *, what: str, need_labels: bool,
 
 def _read_csv(path, pre, classes, what, need_labels, name, stream=None) -> Examples:
     if pre.get("kind") != "csv":
-        raise UserError(f"{what} {name} is a CSV file, but the training data "
-                        f"({pre.get('dataset') or pre.get('kind')}) is not: a CSV needs "
-                        f"training data read from a CSV (its feature columns)")
+        raise UserError(f"{what} {name} is a CSV file, but the training data ({pre.get('dataset') or pre.get('kind')}) "
+                        f"is not: a CSV needs training data read from a CSV (its feature columns)")
     t = read_csv_table(path)
     label_column = pre["label_column"]
     if pre.get("input") == "text":
@@ -113,16 +109,13 @@ def _read_csv(path, pre, classes, what, need_labels, name, stream=None) -> Examp
         x = t.features(list(pre["feature_columns"]), pre.get("categories"))
     has = label_column in t.header
     if need_labels and not has:
-        raise UserError(f"CSV file {path} has no label column {label_column!r} "
-                        f"(columns: {t.header})")
+        raise UserError(f"CSV file {path} has no label column {label_column!r} (columns: {t.header})")
     n = len(x)
     labels = np.full(n, -1, dtype=np.int64)
     if has:
         raw = t.column(label_column, empty="label" if need_labels else None)
-        labels = ids_by_name(raw, classes, f"column {label_column!r} of {path}",
-                             empty_unknown=True)
-    return Examples(TensorStore(torch.from_numpy(x)), labels, has,
-                    Origin(str(path), np.arange(n)), name)
+        labels = ids_by_name(raw, classes, f"column {label_column!r} of {path}", empty_unknown=True)
+    return Examples(TensorStore(torch.from_numpy(x)), labels, has, Origin(str(path), np.arange(n)), name)
 
 
 def _top_images(root: Path) -> list[Path]:
@@ -132,8 +125,7 @@ def _top_images(root: Path) -> list[Path]:
 def _read_folder(root, pre, classes, what, need_labels, name, stream) -> Examples:
     if not _images_ok(pre):
         raise UserError(f"{what} {name} is a folder of images, but the training inputs "
-                        f"({pre.get('dataset') or pre.get('kind')}) are not images stored "
-                        f"as uint8")
+                        f"({pre.get('dataset') or pre.get('kind')}) are not images stored as uint8")
     if not root.is_dir():
         raise UserError(f"image folder not found: {root}")
     groups = [(d, list_images(root / d)) for d in class_folders(root)]
@@ -143,16 +135,12 @@ def _read_folder(root, pre, classes, what, need_labels, name, stream) -> Example
         raise UserError(f"{root} has both image files and class sub-folders of images; "
                         f"use one sub-folder per class, or only image files (unlabelled)")
     if not groups and (need_labels or not top):
-        needs = "one sub-folder per class" if need_labels else \
-            "one sub-folder per class or image files"
-        raise UserError(f"{what} {root} has no images: it needs {needs} "
-                        f"({', '.join(sorted(IMAGE_SUFFIXES))})")
+        needs = "one sub-folder per class" if need_labels else "one sub-folder per class or image files"
+        raise UserError(f"{what} {root} has no images: it needs {needs} ({', '.join(sorted(IMAGE_SUFFIXES))})")
     if groups:
-        ids = ids_by_name(np.array([d for d, _ in groups]), classes,
-                          f"the class folders of {root}")
+        ids = ids_by_name(np.array([d for d, _ in groups]), classes, f"the class folders of {root}")
         paths = [p for _, files in groups for p in files]
-        labels = np.concatenate([np.full(len(files), i, np.int64)
-                                 for i, (_, files) in zip(ids, groups)])
+        labels = np.concatenate([np.full(len(files), i, np.int64) for i, (_, files) in zip(ids, groups)])
     else:
         paths, labels = top, np.full(len(top), -1, dtype=np.int64)
     size, channels = pre["image_size"], int(pre["channels"])
@@ -165,12 +153,10 @@ def _read_folder(root, pre, classes, what, need_labels, name, stream) -> Example
 
 def _read_npz(path, pre, classes, what, need_labels, name, stream=None) -> Examples:
     arrays = read_npz_arrays(path)
-    xk, yk = next(((a, b) for a, b in (("x", "y"), ("x_meta", "y_meta")) if a in arrays),
-                  (None, None))
+    xk, yk = next(((a, b) for a, b in (("x", "y"), ("x_meta", "y_meta")) if a in arrays), (None, None))
     if xk is None or (need_labels and yk not in arrays):
         want = "x and y" if need_labels else "x (and optionally y)"
-        raise UserError(f"{what} {path} needs arrays {want} (or x_meta and y_meta); "
-                        f"found {sorted(arrays)}")
+        raise UserError(f"{what} {path} needs arrays {want} (or x_meta and y_meta); found {sorted(arrays)}")
     x = _inputs(arrays[xk], xk, path)
     dtype = "uint8" if x.dtype == torch.uint8 else "float32"
     shape = list(x.shape[1:])
@@ -178,16 +164,14 @@ def _read_npz(path, pre, classes, what, need_labels, name, stream=None) -> Examp
         raise UserError(f"{path}: {xk} holds inputs of shape {tuple(shape)}, but the training "
                         f"inputs are {tuple(pre['stored_shape'])}")
     if dtype != pre["dtype"]:
-        raise UserError(f"{path}: {xk} is {arrays[xk].dtype}, but the training images are "
-                        f"stored as {pre['dtype']}; give them with the same type (uint8 0..255 "
-                        f"or floats as in the training data)")
+        raise UserError(f"{path}: {xk} is {arrays[xk].dtype}, but the training images are stored as {pre['dtype']}; "
+                        "give them with the same type (uint8 0..255 or floats as in the training data)")
     has = yk in arrays
     labels = np.full(len(x), -1, dtype=np.int64)
     if has:
         y = np.asarray(arrays[yk])
         if y.ndim != 1 or len(y) != len(x):
-            raise UserError(f"{path}: {yk} must hold one label per row of {xk} "
-                            f"({len(x)}), got shape {y.shape}")
+            raise UserError(f"{path}: {yk} must hold one label per row of {xk} ({len(x)}), got shape {y.shape}")
         if "classes" in arrays and y.dtype.kind in "iuf":
             own = label_names(arrays["classes"].reshape(-1), f"classes in {path}")
             y = own[check_labels(y, len(own), f"{yk} in {path} (positions in its classes)")]
@@ -245,14 +229,12 @@ def load_new(spec, preprocess: dict, classes=None, *, stream: bool | None = None
     from .split import Split
 
     if not isinstance(preprocess, dict):
-        raise UserError(f"preprocess must be a dict (Prepared.preprocess), got "
-                        f"{type(preprocess).__name__}")
+        raise UserError(f"preprocess must be a dict (Prepared.preprocess), got {type(preprocess).__name__}")
     missing = [k for k in REQUIRED if k not in preprocess]
     if missing:
         raise UserError(f"preprocess lacks {missing}: it is not a Prepared.preprocess record")
     if preprocess["format"] != PREPROCESS_FORMAT:
-        raise UserError(f"preprocess has format {preprocess['format']!r}; this gdw reads "
-                        f"format {PREPROCESS_FORMAT}")
+        raise UserError(f"preprocess has format {preprocess['format']!r}; this gdw reads format {PREPROCESS_FORMAT}")
     classes = list(preprocess.get("classes", [])) if classes is None else [str(c) for c in classes]
     if not classes:
         raise UserError("load_new needs the training classes (none given or recorded)")
@@ -260,7 +242,6 @@ def load_new(spec, preprocess: dict, classes=None, *, stream: bool | None = None
     ex = read_examples(spec, pre, classes, what="new data", need_labels=False, stream=stream)
     n = len(ex.labels)
     rows, paths = ex.origin.rows_of(np.arange(n)), ex.origin.paths_of(np.arange(n))
-    split = Split("new", ex.store, np.arange(n), ex.labels, None, view_of(preprocess),
-                  num_workers=num_workers, source_rows=rows, source_paths=paths,
-                  source_file=ex.origin.file)
+    split = Split("new", ex.store, np.arange(n), ex.labels, None, view_of(preprocess), num_workers=num_workers,
+                  source_rows=rows, source_paths=paths, source_file=ex.origin.file)
     return NewData(split, rows, paths, ex.has_labels, ex.origin.file, classes)

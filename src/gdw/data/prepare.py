@@ -49,8 +49,7 @@ from .split import Prepared, Split, _same_inputs, per_class_draw
 def _needs(k: int, n_val: int) -> tuple[str, str]:
     """``(what the meta and validation sets need per class, which option to lower)``."""
     if k and n_val:
-        return (f"the meta set needs {k} and the validation set {n_val} per class",
-                "meta_per_class or val_per_class")
+        return (f"the meta set needs {k} and the validation set {n_val} per class", "meta_per_class or val_per_class")
     if k:
         return f"the meta set needs {k} per class", "meta_per_class"
     return f"the validation set needs {n_val} per class", "val_per_class"
@@ -170,8 +169,7 @@ def _read(d, nspec, test, meta, options: dict) -> None:
     """1. The source (``d.src``, ``d.C``, ``d.kind``), the given test and meta sets, the noise spec."""
     d.kind = resolve(d.dataset)[0]
     if nspec.kind in CIFAR_N and d.kind != CIFAR_N[nspec.kind][0]:
-        raise UserError(f"noise {nspec.text!r} is for dataset {CIFAR_N[nspec.kind][0]!r}, "
-                        f"not {d.dataset!r}")
+        raise UserError(f"noise {nspec.text!r} is for dataset {CIFAR_N[nspec.kind][0]!r}, not {d.dataset!r}")
     d.src = src = load_source(d.dataset, **options)
     d.C = len(src.classes)
     d.given_test = None if test is None else read_examples(
@@ -249,8 +247,7 @@ def _clean_sets(d, rng_meta, rng_val) -> None:
                 f"set; lower val_per_class" if N else
                 "every class of the training data needs at least 1 example in it"))
         d.val_idx = per_class_draw(labels, N, C, rng_val) if N else None
-        d.meta_idx = np.arange(len(labels)) if d.val_idx is None else \
-            np.setdiff1d(np.arange(len(labels)), d.val_idx)
+        d.meta_idx = np.arange(len(labels)) if d.val_idx is None else np.setdiff1d(np.arange(len(labels)), d.val_idx)
     else:
         k = int(d.K) if mpc != 0 else 0
         if k + N:
@@ -341,8 +338,7 @@ def _warnings(d) -> list:
         clean_set = given.name if given else "the clean set"
         warnings.append(_left_out(d.out_of_test, "test example", clean_set, "test split"))
     if given is not None and not d.used:
-        warnings.append(f"The meta set {given.name} was not used (meta_per_class=0, "
-                        f"val_per_class=0).")
+        warnings.append(f"The meta set {given.name} was not used (meta_per_class=0, val_per_class=0).")
     return warnings
 
 

@@ -37,11 +37,9 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".ti
 MNIST_CLASSES = [str(i) for i in range(10)]
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
                    "Sneaker", "Bag", "Ankle boot"]
-CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
-                   "ship", "truck"]
-CLOTHING_CLASSES = ["T-Shirt", "Shirt", "Knitwear", "Chiffon", "Sweater", "Hoodie",
-                    "Windbreaker", "Jacket", "Downcoat", "Suit", "Shawl", "Dress", "Vest",
-                    "Underwear"]
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+CLOTHING_CLASSES = ["T-Shirt", "Shirt", "Knitwear", "Chiffon", "Sweater", "Hoodie", "Windbreaker", "Jacket",
+                    "Downcoat", "Suit", "Shawl", "Dress", "Vest", "Underwear"]
 CIFAR_STATS = {  # the usual per-channel mean / std of the CIFAR training sets
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
@@ -140,8 +138,7 @@ def stratified_split(labels: np.ndarray, fraction: float, seed: int = SPLIT_SEED
     """Split positions into (train, test), sorted int64: round(fraction * n_c) of each
     class c go to test, keeping at least one example of every class in train. Fraction 0
     (the test set is given separately): everything is train."""
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float, np.floating)) \
-            or not 0 <= fraction < 1:
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float, np.floating)) or not 0 <= fraction < 1:
         raise UserError(f"test_fraction must be in [0, 1), got {fraction!r}")
     if fraction == 0:
         return np.arange(len(labels), dtype=np.int64), np.zeros(0, dtype=np.int64)
@@ -159,8 +156,7 @@ def image_view(store, *, stats=None, out_hw=None, rows=None) -> View:
     padding max(1, round(H / 8)) (4 for 32x32 and 28x28) for the CIFAR-style random crop."""
     H, W = store.shape[-2:]
     out_hw = tuple(out_hw or (H, W))
-    mean, std = (torch.tensor(s, dtype=torch.float32) for s in stats) if stats \
-        else channel_stats(store, rows)
+    mean, std = (torch.tensor(s, dtype=torch.float32) for s in stats) if stats else channel_stats(store, rows)
     pad = max(1, round(H / 8)) if out_hw == (H, W) else 0
     return View(mean, std, out_hw, pad)
 
@@ -225,8 +221,7 @@ def resolve(dataset) -> tuple[str, str | None]:
     for f in FORMATS._items.values():
         if ("/" in f.suffixes and path.is_dir()) or (path.suffix.lower() in f.suffixes and path.is_file()):
             return f.name, text
-    raise UserError(f"unknown dataset {text!r}: not an existing folder/.npz/.csv and not one "
-                    f"of {', '.join(DATASETS)}")
+    raise UserError(f"unknown dataset {text!r}: not an existing folder/.npz/.csv and not one of {', '.join(DATASETS)}")
 
 
 def files_digest(dataset) -> Optional[str]:

@@ -38,9 +38,8 @@ class Split:
         input_shape: shape of one model input, e.g. (3, 32, 32) or (D,).
     """
 
-    def __init__(self, name: str, store, index, labels, true_labels, view: View, *,
-                 augment: bool = False, num_workers: int = 0, source_rows=None,
-                 source_paths=None, source_file: str | None = None):
+    def __init__(self, name: str, store, index, labels, true_labels, view: View, *, augment: bool = False,
+                 num_workers: int = 0, source_rows=None, source_paths=None, source_file: str | None = None):
         self.name, self.store, self.view = name, store, view
         self.index = torch.tensor(np.asarray(index), dtype=torch.long)
         self.labels = torch.tensor(np.asarray(labels), dtype=torch.long)
@@ -53,8 +52,7 @@ class Split:
         n = len(self.labels)
         if len(self.index) != n or len(self.source_rows) != n or \
                 (self.source_paths is not None and len(self.source_paths) != n):
-            raise ValueError(f"split {name!r}: index, labels, source_rows and source_paths "
-                             f"must have the same length")
+            raise ValueError(f"split {name!r}: index, labels, source_rows and source_paths must have the same length")
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -66,9 +64,9 @@ class Split:
     def input_shape(self) -> tuple:
         return (self.store.shape[0], *self.view.out_hw) if self.view.out_hw else self.store.shape
 
-    def batches(self, batch_size: int, *, shuffle: bool = True, seed: int = 0, epoch: int = 0,
-                device="cpu", augment: bool | None = None, drop_last: bool = False,
-                start: int = 0, shard: tuple[int, int] | None = None):
+    def batches(self, batch_size: int, *, shuffle: bool = True, seed: int = 0, epoch: int = 0, device="cpu",
+                augment: bool | None = None, drop_last: bool = False, start: int = 0,
+                shard: tuple[int, int] | None = None):
         """Iterate over the split in batches.
 
         Yields ``(x, y, pos)`` on ``device``: x float32 (b, *input_shape), scaled and
@@ -145,8 +143,7 @@ class Prepared:
         tr = self.train
         true = tr.true_labels if tr.true_labels is not None else torch.full_like(tr.labels, -1)
         arrays = {}
-        for name, split in (("train", tr), ("meta", self.meta), ("val", self.val),
-                            ("test", self.test)):
+        for name, split in (("train", tr), ("meta", self.meta), ("val", self.val), ("test", self.test)):
             arrays.update(_split_arrays(name, split))
         np.savez(path, **arrays, train_true_labels=true.numpy(),
                  meta_source=np.array(self.record["meta_source"]),
