@@ -1,13 +1,14 @@
-"""The benchmark grid runner shared by ``paper_protocol.py`` and ``robustness.py``.
+"""What the benchmark grids share beyond gdw's runner and its table of variants.
 
 A grid is a list of cells, each an ordinary ``gdw train`` run directory
 ``OUT/<name>`` (``name`` may hold a ``/``: ``digits/flip0.4_none_ce_s0``),
-trained through :func:`gdw.compare.run_cell`. A cell with a ``summary.json``
-is finished and skipped; one with only a checkpoint is resumed. While a
-process trains a cell it holds a ``flock`` on ``OUT/.running/<name>.lock``
-(``/`` written as ``__``), so any number of processes started on one grid
-share it out between them; the lock ends with its process. ``shard=(K, N)`` splits the grid
-statically instead (every N-th cell from K).
+trained by :func:`gdw.compare.sweep`, the runner of ``gdw compare`` too: a
+cell with a ``summary.json`` is finished and skipped; one with only a
+checkpoint is resumed. While a process trains a cell it holds a ``flock`` on
+``OUT/.running/<name>.lock`` (``/`` written as ``__``), so any number of
+processes started on one grid share it out between them; the lock ends with
+its process. ``shard=(K, N)`` splits the grid statically instead (every N-th
+cell from K). The methods are labels of :mod:`gdw.variants`.
 
 The report helpers here read only what every grid writes: ``summary.json``,
 ``metrics.jsonl`` and ``config.json`` of each cell (the files kept by
@@ -16,47 +17,43 @@ The report helpers here read only what every grid writes: ``summary.json``,
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import fcntl
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
+from gdw.compare import FAILED, claimed, lock_path, sweep  # noqa: F401  (claimed, lock_path: the tests' way in)
+
 KEEP = {"summary.json", "metrics.jsonl", "config.json"}  # what is committed of each cell
 SPLIT_FIELDS = ["many_shot_accuracy", "few_shot_accuracy"]
 
 
-# ----------------------------------------------------------------------------- sharing the cells out
+def cell_config(dataset, meta_per_class, noise, imbalance, method, seed, epochs, device, val_per_class=0,
+                model="mlp"):
+    """The ``TrainConfig`` of one cell: ``method`` is a variant ``(gdw method,
+    method_args, head_only)``; every other hyper-parameter is the grids' own."""
+    from gdw.train import TrainConfig
 
-@contextlib.contextmanager
-def claimed(lock: Path):
-    """Hold the cell's lock file while the block runs: yields True for this
-    process, False when another one holds it (so any number of processes can
-    work through one grid). The lock is the operating system's (``flock``): it
-    ends with its process, so a killed process leaves no lock behind."""
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock, "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        yield True
+    name, method_args, head = method
+    return TrainConfig(dataset=dataset, noise=noise, imbalance=imbalance, method=name, method_args=dict(method_args),
+                       head_only=head, seed=seed, model=model, epochs=epochs, batch_size=100, meta_batch_size=100,
+                       lr=0.1, meta_per_class=meta_per_class, val_per_class=val_per_class, progress=False,
+                       device=device)
 
 
-def lock_path(out: Path, name: str) -> Path:
-    return out / ".running" / (name.replace("/", "__") + ".lock")
+def run_grid(out: Path, cells: Sequence[tuple[str, object]], shard: tuple[int, int] = (0, 1), *,
+             keep_going: bool = False, verify: bool = False) -> list[tuple[str, str]]:
+    """Train every cell ``(name, TrainConfig)`` that is neither finished nor
+    held by another process, in order (:func:`gdw.compare.sweep`, its
+    ``shard``, ``keep_going`` and ``verify``); ``(name, error message)`` of
+    every cell that failed."""
+    return [(name, result) for name, _, how, result in sweep(
+        out, cells, shard=shard, share=True, verify=verify, keep_going=keep_going, progress=True) if how == "failed"]
 
 
-FAILED = "failed.json"  # written into a cell whose run diverged or collapsed: {"error": the message}
-
-
-def failed_cells(out: Path, pattern: str = "*/*/failed.json") -> list[dict]:
+def failed_cells(out: Path, pattern: str = f"*/*/{FAILED}") -> list[dict]:
     """The cells under ``out`` whose run diverged or collapsed: ``run_dir``
     (relative to ``out``), ``error`` and the run's settings (``method``,
     ``method_args``, ``head_only``, ``noise``, ``imbalance``, ``seed``, and
@@ -70,69 +67,6 @@ def failed_cells(out: Path, pattern: str = "*/*/failed.json") -> list[dict]:
                                                                   "imbalance", "seed", "num_classes")},
                      "error": record["error"], "run_dir": path.parent.relative_to(out).as_posix()})
     return rows
-
-
-def run_grid(out: Path, cells: Sequence[tuple[str, object]], shard: tuple[int, int] = (0, 1), *,
-             keep_going: bool = False, verify: bool = False) -> list[tuple[str, str]]:
-    """Train every cell of ``cells`` that is neither finished nor held by
-    another process, in order.
-
-    Args:
-        out: the grid's directory.
-        cells: ``(name, config)`` pairs: the run directory ``out/name`` and its
-            :class:`gdw.train.TrainConfig` (its ``out`` is set here).
-        shard: ``(K, N)``: only every N-th cell from the K-th.
-        keep_going: a cell that fails (a UserError, such as a method
-            parameter that does not exist yet, or a diverged run) is reported
-            and the next cell is trained; otherwise the error propagates.
-        verify: compare a finished cell's saved settings with the requested
-            ones and report the cell as failed when they differ (otherwise a
-            finished cell is skipped unread).
-    Returns:
-        ``(name, error message)`` of every cell that failed.
-    """
-    from gdw.compare import run_cell
-    from gdw.errors import UserError
-    from gdw.fit import TrainingDiverged
-    from gdw.train import TrainConfig
-
-    k, n = shard
-    mine = list(cells)[k::n]
-    failed = []
-    for i, (name, cfg) in enumerate(mine, 1):
-        run_dir = out / name
-        cfg = dataclasses.replace(cfg, out=str(run_dir))
-        if (run_dir / FAILED).exists():  # a run that diverged or collapsed does so again: not retried
-            failed.append((name, json.loads((run_dir / FAILED).read_text())["error"]))
-            continue
-        if (run_dir / "summary.json").exists():
-            if verify:
-                diff = cfg.first_difference(TrainConfig.load(run_dir))
-                if diff:
-                    failed.append((name, f"finished with {diff[0]} = {diff[2]!r}, but the grid asks for {diff[1]!r}"))
-            continue
-        with claimed(lock_path(out, name)) as ours:
-            if not ours or (run_dir / "summary.json").exists():  # another's, or finished since the check
-                continue
-            t0 = time.time()
-            print(f"[shard {k}/{n}: {i}/{len(mine)}] {name}", flush=True)
-            try:
-                summary, _ = run_cell(cfg, log=lambda *a, **kw: None)
-            except (UserError, TrainingDiverged) as err:
-                if not keep_going:
-                    raise
-                message = str(err).splitlines()[0] if str(err) else type(err).__name__
-                print(f"    failed: {message}", flush=True)
-                failed.append((name, message))
-                if isinstance(err, TrainingDiverged):  # the cell's settings with it: a run that failed in its
-                    run_dir.mkdir(parents=True, exist_ok=True)  # first epoch leaves no config.json
-                    record = {"error": message, **{k: getattr(cfg, k) for k in (
-                        "method", "method_args", "head_only", "noise", "imbalance", "seed")}}
-                    (run_dir / FAILED).write_text(json.dumps(record) + "\n")
-                continue
-            print(f"    final {100 * summary['final_test_accuracy']:.2f}%  "
-                  f"best {100 * summary['best_test_accuracy']:.2f}%  {time.time() - t0:.0f}s", flush=True)
-    return failed
 
 
 # ----------------------------------------------------------------------------- reading finished cells

@@ -72,6 +72,7 @@ from gdw.detect import auroc, evaluate, load_issues, precision_recall_at
 from gdw.models import create_model
 from gdw.fit import fit, predict_proba
 from gdw.train import TrainConfig
+from gdw.variants import variant
 
 DATASET = "fashion-mnist"
 
@@ -141,8 +142,9 @@ def cleanlab_row(dataset, noise, seed, epochs, folds) -> dict:
 
 def gdw_row(dataset, noise, seed, epochs, method, out: Path) -> dict:
     run = out / f"{noise.replace(':', '')}-{method}-s{seed}"
-    cfg = TrainConfig(dataset=dataset, noise=noise, method=method, model="mlp", epochs=epochs, seed=seed,
-                      out=str(run), progress=False)
+    name, method_args, head = variant(method)  # a method's name or a label of gdw's table of variants
+    cfg = TrainConfig(dataset=dataset, noise=noise, method=name, method_args=dict(method_args), head_only=head,
+                      model="mlp", epochs=epochs, seed=seed, out=str(run), progress=False)
     summary, _ = run_cell(cfg, log=lambda line: print("  " + line, file=sys.stderr, flush=True))
     m = evaluate(load_issues(run))
     return {"method": f"{method} (1 run)", **m, "seconds": summary["train_seconds"], "trainings": 1,
@@ -263,7 +265,8 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=int, default=30, help="epochs of every training (default 30, as in the paper)")
     ap.add_argument("--quick", action="store_true", help="3 epochs on a 3000-example subset (smoke test)")
     ap.add_argument("--noise", default="uniform:0.4,flip:0.4", help="comma-separated noise specs")
-    ap.add_argument("--methods", default="gdw,mwnet", help="gdw methods to run once each (comma-separated)")
+    ap.add_argument("--methods", default="gdw,mwnet", help="gdw methods or variants (gdw.variants) to run once each "
+                    "(comma-separated)")
     ap.add_argument("--folds", type=int, default=5, help="K of cleanlab's cross-validation (default 5)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--runs", help="where the gdw run directories go (default: a temporary folder)")

@@ -13,11 +13,13 @@ released when its process ends), so several processes started on one grid share 
 ``--shard K/N`` splits it statically instead. ``--report`` (also run at the
 end of a full pass) reads every finished cell and writes ``results.csv``,
 ``results.md``, ``accuracy.png``, ``gdw_weights.png`` and
-``gdw_example.png``. The locks, the loop over the cells and the report
-helpers that are not specific to Fashion-MNIST are ``benchmarks/grid.py``,
-shared with ``benchmarks/robustness.py``.
+``gdw_example.png``. The loop over the cells and the locks are ``gdw
+compare``'s runner (``gdw.compare.sweep``); the report helpers that are not
+specific to Fashion-MNIST are ``benchmarks/grid.py``, shared with
+``benchmarks/robustness.py``.
 
-Methods: the labels of ``METHODS``, each a gdw method with its arguments and
+Methods: the labels of ``METHODS``, taken from gdw's one table of variants
+(``gdw.variants``), each a gdw method with its arguments and
 whether it weights the output layer only. ``gdw-paper`` is the paper's
 algorithm (MW-Net's weighting network as stage one, no fine-tuning),
 ``gdw-paper-head`` the same on the output layer only, ``gdw`` is GDW with
@@ -40,7 +42,6 @@ BatchNorm.
 from __future__ import annotations
 
 import argparse
-import math
 import json
 import sys
 from pathlib import Path
@@ -48,8 +49,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import grid  # noqa: E402  (benchmarks/grid.py: the grid runner shared with robustness.py)
+import grid  # noqa: E402  (benchmarks/grid.py: what the grids share)
 from grid import KEEP, SPLIT_FIELDS, data_notes, head_tail_accuracy, split_markdown  # noqa: E402,F401
+from gdw.variants import pick  # noqa: E402
 
 SETTINGS = [  # (noise, imbalance): the paper's six families
     ("uniform:0.4", "none"),
@@ -59,27 +61,9 @@ SETTINGS = [  # (noise, imbalance): the paper's six families
     ("none", "longtail:100"),
     ("uniform:0.4", "longtail:10"),
 ]
-METHODS = {  # label -> (gdw method, method_args, head_only), in the order of the tables' rows
-    "ce": ("ce", {}, False),
-    "finetune": ("finetune", {}, False),
-    "l2rw": ("l2rw", {}, False),
-    "mwnet": ("mwnet", {}, False),
-    "dm": ("dm", {}, False),
-    "gdw-paper": ("gdw", {"stage_one": "mwnet"}, False),  # the paper's algorithm
-    "gdw-paper-head": ("gdw", {"stage_one": "mwnet"}, True),  # the same, weighting the output layer only
-    "gdw-raw": ("gdw", {"stage_one": "l2rw", "finetune_fraction": 0.2, "tau": 1.0, "meta_grad": "fd",
-                        "weight_norm": "kept", "class_grad": "raw",
-                        "max_weight": math.inf}, False),  # the default before class_grad
-    "gdw": ("gdw", {"stage_one": "l2rw", "finetune_fraction": 0.2, "tau": 1.0, "meta_grad": "fd",
-                    "weight_norm": "kept", "class_grad": "constrained", "max_weight": 1.0}, False),  # gdw's defaults
-    "gdw-uncapped": ("gdw", {"stage_one": "l2rw", "finetune_fraction": 0.2, "tau": 1.0, "meta_grad": "fd",
-                             "weight_norm": "kept", "class_grad": "constrained",
-                             "max_weight": math.inf}, False),  # the default before max_weight
-    "gdw-jvp": ("gdw", {"stage_one": "l2rw", "finetune_fraction": 0.2, "tau": 1.0, "meta_grad": "jvp",
-                        "weight_norm": "kept", "class_grad": "constrained", "max_weight": 1.0}, False),
-    "cb": ("cb", {}, False),  # the class-balanced loss
-    "la": ("la", {}, False),  # logit-adjusted CE
-}
+# label -> (gdw method, method_args, head_only), from gdw's table of variants; in the order of the tables' rows
+METHODS = pick(["ce", "finetune", "l2rw", "mwnet", "dm", "gdw-paper", "gdw-paper-head", "gdw-raw", "gdw", "gdw-uncapped",
+                "gdw-jvp", "cb", "la"])
 IMBALANCE_ONLY = {"cb", "la"}  # the long-tail baselines run only in the settings with imbalance
 # the exact meta-gradient (forward mode), checked against the default's finite difference on the balanced noisy settings
 ONLY_IN = {"gdw-jvp": {("uniform:0.4", "none"), ("uniform:0.6", "none"), ("flip:0.4", "none")}}
@@ -103,18 +87,10 @@ def cells(seeds):
 
 def run_grid(args) -> None:
     from gdw.compare import cell_name
-    from gdw.train import TrainConfig
 
-    todo = []
-    for noise, imbalance, label, seed in cells(args.seeds):
-        method, method_args, head = METHODS[label]
-        todo.append((cell_name(noise, imbalance, label, seed), TrainConfig(
-            dataset=args.dataset, noise=noise, imbalance=imbalance, method=method, method_args=dict(method_args),
-            head_only=head, seed=seed,
-            model="mlp", epochs=args.epochs, batch_size=100, meta_batch_size=100, lr=0.1,
-            meta_per_class=args.meta_per_class, progress=False, device=args.device,
-        )))
-    grid.run_grid(args.out, todo, args.shard)
+    grid.run_grid(args.out, [(cell_name(noise, imbalance, label, seed), grid.cell_config(
+        args.dataset, args.meta_per_class, noise, imbalance, METHODS[label], seed, args.epochs, args.device))
+        for noise, imbalance, label, seed in cells(args.seeds)], args.shard)
 
 
 def method_label(summary: dict, run: Path) -> str:

@@ -48,7 +48,8 @@ name, size, SHA-256 and the versions it was made with are also recorded in
 Settings: ``flip:0.4``, ``uniform:0.6``, ``none`` + ``longtail:100``,
 ``uniform:0.4`` + ``longtail:10``, and where most real data is, ``none``,
 ``uniform:0.1`` and ``uniform:0.2`` (``--settings`` takes them as
-``flip:0.4,none+longtail:100``). Methods: the labels of ``METHODS`` (``la``
+``flip:0.4,none+longtail:100``). Methods: the labels of ``METHODS``, taken
+from gdw's one table of variants (``gdw.variants``; ``la``
 only under imbalance); ``gdw-paper`` is GDW whose first stage is MW-Net's
 weighting network, as in the paper, ``gdw`` is GDW with gdw's defaults
 spelled out, ``gdw-jvp`` the default with the exact JVP, ``gdw-raw`` the
@@ -80,8 +81,8 @@ setting the methods that the acceptance questions compare first (``ce``,
 ``gdw train`` run directory ``--out/<regime>/<cell>``; a finished cell is
 skipped (and refused if it was trained with other settings), an interrupted
 one resumed, and a process marks the cell it trains with a lock file in
-``--out/.running/`` (the grid runner is ``benchmarks/grid.py``, shared with
-``paper_protocol.py``). A cell that fails is reported and the grid goes on;
+``--out/.running/`` (the runner is ``gdw compare``'s, ``gdw.compare.sweep``;
+``benchmarks/grid.py`` has what the grids share besides). A cell that fails is reported and the grid goes on;
 the exit code is then 1. ``--prune`` deletes from finished cells all but
 ``summary.json``, ``metrics.jsonl`` and ``config.json``, which are committed.
 
@@ -110,7 +111,6 @@ for every noisy cell, ``gdw`` − max(``l2rw``, ``mwnet``) ≥ −0.5 and
 from __future__ import annotations
 
 import argparse
-import math
 import hashlib
 import json
 import os
@@ -122,41 +122,16 @@ from pathlib import Path
 import numpy as np
 
 from gdw.io import atomic_path, atomic_write
+from gdw.variants import pick
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import grid  # noqa: E402  (benchmarks/grid.py: the grid runner shared with paper_protocol.py)
+import grid  # noqa: E402  (benchmarks/grid.py: what the grids share)
+from grid import cell_config  # noqa: E402,F401  (also design_study.py's and model_choice.py's)
 
-METHODS = {  # label -> (gdw method, method_args, head_only); GDW's variants spelled out in full
-    "ce": ("ce", {}, False),
-    "finetune": ("finetune", {}, False),
-    "dm": ("dm", {}, False),
-    "la": ("la", {}, False),  # only under imbalance
-    "l2rw": ("l2rw", {}, False),
-    "l2rw-ft": ("l2rw", {"finetune_fraction": 0.2}, False),
-    "mwnet": ("mwnet", {}, False),
-    "gdw-paper": ("gdw", {"stage_one": "mwnet", "finetune_fraction": 0.0}, False),  # the paper's algorithm
-    "gdw-l2rw": ("gdw", {"stage_one": "l2rw", "finetune_fraction": 0.0, "tau": 0.0, "meta_grad": "jvp",
-                         "weight_norm": "batch", "class_grad": "raw",
-                         "max_weight": math.inf}, False),  # the class-level step on L2RW exactly
-    "gdw-l2rw-c": ("gdw", {"stage_one": "l2rw", "finetune_fraction": 0.0, "tau": 0.0, "meta_grad": "jvp",
-                           "weight_norm": "batch", "class_grad": "constrained",
-                           "max_weight": math.inf}, False),  # ... through the constraint
-    "gdw-tau0": ("gdw", {"stage_one": "l2rw", "finetune_fraction": 0.2, "tau": 0.0, "meta_grad": "fd",
-                         "weight_norm": "kept", "class_grad": "raw", "max_weight": math.inf}, False),
-    "gdw-batch": ("gdw", {"stage_one": "l2rw", "finetune_fraction": 0.2, "tau": 1.0, "meta_grad": "fd",
-                          "weight_norm": "batch", "class_grad": "raw",
-                          "max_weight": math.inf}, False),  # the default before weight_norm="kept"
-    "gdw-raw": ("gdw", {"stage_one": "l2rw", "finetune_fraction": 0.2, "tau": 1.0, "meta_grad": "fd",
-                        "weight_norm": "kept", "class_grad": "raw",
-                        "max_weight": math.inf}, False),  # the default before class_grad
-    "gdw": ("gdw", {"stage_one": "l2rw", "finetune_fraction": 0.2, "tau": 1.0, "meta_grad": "fd",
-                    "weight_norm": "kept", "class_grad": "constrained", "max_weight": 1.0}, False),  # gdw's defaults
-    "gdw-uncapped": ("gdw", {"stage_one": "l2rw", "finetune_fraction": 0.2, "tau": 1.0, "meta_grad": "fd",
-                             "weight_norm": "kept", "class_grad": "constrained",
-                             "max_weight": math.inf}, False),  # the default before max_weight
-    "gdw-jvp": ("gdw", {"stage_one": "l2rw", "finetune_fraction": 0.2, "tau": 1.0, "meta_grad": "jvp",
-                        "weight_norm": "kept", "class_grad": "constrained", "max_weight": 1.0}, False),
-}
+# label -> (gdw method, method_args, head_only), from gdw's table of variants (GDW's spelled out in full); its
+# gdw-paper cells were trained with fine-tuning written out as off: the table's gdw-paper-ft0
+METHODS = pick(["ce", "finetune", "dm", "la", "l2rw", "l2rw-ft", "mwnet", "gdw-paper", "gdw-l2rw", "gdw-l2rw-c",
+                "gdw-tau0", "gdw-batch", "gdw-raw", "gdw", "gdw-uncapped", "gdw-jvp"], {"gdw-paper": "gdw-paper-ft0"})
 IMBALANCE_ONLY = {"la"}
 RUN_ORDER = ["ce", "gdw", "l2rw", "mwnet", "gdw-paper", "gdw-l2rw", "gdw-l2rw-c", "finetune", "l2rw-ft", "gdw-uncapped",
              "gdw-raw", "gdw-batch", "gdw-jvp", "gdw-tau0", "dm", "la"]
@@ -363,20 +338,6 @@ def run_grid(args) -> list[tuple[str, str]]:
                          model=REGIMES[regime].get("model", "mlp")))
             for regime, noise, imbalance, label, seed in cells(args.datasets, args.methods, args.settings, args.seeds)]
     return grid.run_grid(args.out, todo, args.shard, keep_going=True, verify=True)
-
-
-def cell_config(dataset, meta_per_class, noise, imbalance, method, seed, epochs, device, val_per_class=0,
-                model="mlp"):
-    """The ``TrainConfig`` of one cell: ``method`` is a ``METHODS`` value
-    ``(gdw method, method_args, head_only)``; every other hyper-parameter is
-    the grid's own."""
-    from gdw.train import TrainConfig
-
-    name, method_args, head = method
-    return TrainConfig(dataset=dataset, noise=noise, imbalance=imbalance, method=name, method_args=dict(method_args),
-                       head_only=head, seed=seed, model=model, epochs=epochs, batch_size=100, meta_batch_size=100,
-                       lr=0.1, meta_per_class=meta_per_class, val_per_class=val_per_class, progress=False,
-                       device=device)
 
 
 # ----------------------------------------------------------------------------- the report

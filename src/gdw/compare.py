@@ -1,30 +1,29 @@
-"""``gdw compare``: a grid of methods × settings × seeds, each cell an
-ordinary run directory, tabulated into results.csv, results.md and
-compare.png. A finished cell is reused and an interrupted one resumed only
-when its saved settings are the requested ones (:func:`run_cell`), so a
-stopped grid continues where it was and a changed grid never reports old
-numbers under new settings."""
+"""``gdw compare`` and the benchmark grids' one runner: a grid of cells,
+each an ordinary run directory. A finished cell is reused and an interrupted
+one resumed only when its saved settings are the requested ones
+(:func:`run_cell`), so a stopped grid continues where it was and a changed
+grid never reports old numbers under new settings; :func:`sweep` walks the
+cells, shared out between processes by locks when asked. ``gdw compare``
+tabulates its grid into results.csv, results.md and compare.png."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Optional, Sequence
 
 from .errors import UserError
-from .methods import METHODS
 from .report import VAL_FIELDS, plot_compare, results_markdown, validation_markdown, write_results_csv
 from .train import RunInterrupted, TrainConfig, changed_data_files, describe_difference, train
+from .variants import variant
 
-
-def method_variant(spec: str) -> tuple[str, bool]:
-    """``"gdw-head"`` → ("gdw", True); ``"gdw"`` → ("gdw", False)."""
-    name, head = (spec[:-5], True) if spec.endswith("-head") else (spec, False)
-    METHODS.get(name)  # unknown → UserError listing the methods
-    return name, head
+FAILED = "failed.json"  # written into a cell whose run diverged or collapsed: {"error": the message, its settings}
 
 
 def cell_name(noise: str, imbalance: str, method: str, seed: int) -> str:
@@ -71,6 +70,83 @@ def run_cell(cfg: TrainConfig, *, force: bool = False, log=print) -> tuple[dict,
     return train(dataclasses.replace(cfg, resume=resume), log=log), "resumed" if resume else "new"
 
 
+@contextlib.contextmanager
+def claimed(lock: Path):
+    """Hold the cell's lock file while the block runs: yields True for this
+    process, False when another one holds it (so any number of processes can
+    work through one grid). The lock is the operating system's (``flock``): it
+    ends with its process, so a killed process leaves no lock behind."""
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+
+
+def lock_path(out: Path, name: str) -> Path:
+    return out / ".running" / (name.replace("/", "__") + ".lock")
+
+
+def sweep(out: Path, cells, *, shard: tuple[int, int] = (0, 1), share: bool = False, verify: bool = False,
+          keep_going: bool = False, force: bool = False, progress: bool = False, log=lambda *a, **kw: None):
+    """Train the cells ``(name, config)`` (run directory ``out/name``) in
+    order, yielding ``(name, config, how, result)``: ``how`` "finished"
+    (reused), "new" or "resumed" (``result``: the summary) or "failed" (the
+    message). ``shard=(K, N)``: every N-th cell from the K-th. ``share``: a
+    cell is trained under its lock in ``out/.running/``, and one another
+    process holds is left to it (not yielded). ``verify``: a finished cell
+    saved with other settings fails (else it is reused unread). ``keep_going``:
+    a cell whose run raises a UserError or diverges fails and the next one
+    is trained (a diverged one leaves :data:`FAILED` and is not retried).
+    ``force``: cells saved with other settings are rerun (:func:`run_cell`).
+    ``progress``: a line before and after each cell trained; ``log``: the
+    runs' epoch lines. Ctrl-C raises RunInterrupted naming the cell."""
+    from .fit import TrainingDiverged
+
+    k, n = shard
+    mine = list(cells)[k::n]
+    for i, (name, cfg) in enumerate(mine, 1):
+        run_dir = out / name
+        cfg, done = dataclasses.replace(cfg, out=str(run_dir)), run_dir / "summary.json"
+        if keep_going and (run_dir / FAILED).exists():  # a run that diverged or collapsed does so again
+            yield name, cfg, "failed", json.loads((run_dir / FAILED).read_text())["error"]
+            continue
+        if done.exists() and not force:
+            diff = verify and cfg.first_difference(TrainConfig.load(run_dir))
+            if diff:
+                yield name, cfg, "failed", f"finished with {diff[0]} = {diff[2]!r}, but the grid asks for {diff[1]!r}"
+            else:
+                yield name, cfg, "finished", json.loads(done.read_text())
+            continue
+        with claimed(lock_path(out, name)) if share else contextlib.nullcontext(True) as ours:
+            if not ours or (done.exists() and not force):  # another's, or finished since the check
+                continue
+            t0 = time.time()
+            if progress:
+                print(f"[shard {k}/{n}: {i}/{len(mine)}] {name}", flush=True)
+            try:
+                result, how = run_cell(cfg, force=force, log=log)
+            except RunInterrupted:
+                raise RunInterrupted(f"interrupted in cell {name}; finished cells are kept: run the same command "
+                                     "again to continue") from None
+            except (UserError, TrainingDiverged) as err:
+                if not keep_going:
+                    raise
+                result, how = str(err).splitlines()[0] if str(err) else type(err).__name__, "failed"
+                if isinstance(err, TrainingDiverged):  # the cell's settings with it: a run that failed in its
+                    run_dir.mkdir(parents=True, exist_ok=True)  # first epoch leaves no config.json
+                    record = {"error": result, **{key: getattr(cfg, key) for key in (
+                        "method", "method_args", "head_only", "noise", "imbalance", "seed")}}
+                    (run_dir / FAILED).write_text(json.dumps(record) + "\n")
+        if progress:
+            print(f"    failed: {result}" if how == "failed" else f"    final {100 * result['final_test_accuracy']:.2f}%  "
+                  f"best {100 * result['best_test_accuracy']:.2f}%  {time.time() - t0:.0f}s", flush=True)
+        yield name, cfg, how, result
+
+
 def compare(
     base: TrainConfig,
     methods: Sequence[str],
@@ -84,7 +160,8 @@ def compare(
 
     Args:
         base: settings shared by every cell (dataset, model, epochs, ...).
-        methods: method names; ``NAME-head`` runs NAME with head_only=True.
+        methods: labels of :func:`gdw.variants.variant`: method names (``NAME-head``
+            runs NAME with head_only=True) or the table's variants.
         settings: (noise spec, imbalance spec) pairs.
         seeds: random seeds.
         out: the grid's directory; each cell is ``out/<cell>/``.
@@ -96,7 +173,7 @@ def compare(
         UserError: a bad setting, or a cell saved with other settings (without ``force``).
         RunInterrupted: Ctrl-C; finished cells are kept.
     """
-    variants = [(spec, *method_variant(spec)) for spec in methods]
+    variants = [(label, *variant(label)) for label in methods]
     if not variants or not settings or not seeds:
         raise UserError("compare needs at least one method, one setting and one seed")
     root = Path(out)
@@ -108,13 +185,9 @@ def compare(
         raise UserError(stale)
     root.mkdir(parents=True, exist_ok=True)
     rows = []
-    for k, (label, cfg) in enumerate(configs, 1):
-        name = Path(cfg.out).name
-        try:
-            summary, how = run_cell(cfg, force=force, log=(lambda *a, **kw: None) if quiet else print)
-        except RunInterrupted:
-            raise RunInterrupted(f"interrupted in cell {name}; finished cells are kept: run the same gdw compare "
-                                 "command again to continue") from None
+    cells = [(Path(cfg.out).name, cfg) for _, cfg in configs]
+    for k, ((label, _), (name, _, how, summary)) in enumerate(zip(configs, sweep(
+            root, cells, force=force, log=(lambda *a, **kw: None) if quiet else print)), 1):
         if not quiet:
             print(f"[{k}/{len(configs)}] {name}: " + {"finished": "finished, skipped", "resumed": "resumed and finished",
                                                       "new": "trained"}[how], flush=True)
@@ -127,10 +200,11 @@ def compare(
 def cell_configs(base: TrainConfig, variants, settings, seeds, root: Path, quiet: bool) -> list:
     """``(label, TrainConfig)`` of every (setting, method variant, seed) cell, checked."""
     configs = []
-    for (noise, imbalance), (label, name, head), seed in ((s, v, seed) for s in settings for v in variants
+    for (noise, imbalance), (label, name, args, head), seed in ((s, v, seed) for s in settings for v in variants
                                                           for seed in seeds):
         cfg = dataclasses.replace(
-            base, noise=noise, imbalance=imbalance, method=name, head_only=head or base.head_only, seed=seed,
+            base, noise=noise, imbalance=imbalance, method=name, method_args={**args, **base.method_args},
+            head_only=head or base.head_only, seed=seed,
             out=str(root / cell_name(noise, imbalance, label, seed)), resume=False, progress=base.progress and not quiet,
         )
         configs.append((label, cfg.validate()))

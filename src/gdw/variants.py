@@ -1,0 +1,57 @@
+"""The named method variants of ``gdw compare`` and the benchmark grids: one
+table, label -> ``(method, method_args, head_only)``. A method's name is a
+variant too, the method at its defaults; ``LABEL-head`` is LABEL on the
+output layer only. GDW's variants are spelled out in full, so that a label
+keeps its parameters when a default changes (the old default then takes a
+label, as ``gdw-raw`` did): ``gdw`` here writes the defaults out for the
+benchmarks' cells, while ``gdw compare --methods gdw`` runs the method by
+its name; the tests check that the two agree.
+"""
+
+from __future__ import annotations
+
+import math
+
+from .errors import UserError
+from .methods import METHODS
+
+DEFAULT = {"stage_one": "l2rw", "finetune_fraction": 0.2, "tau": 1.0, "meta_grad": "fd", "weight_norm": "kept",
+           "class_grad": "constrained", "max_weight": 1.0}  # gdw's defaults
+L2RW_STEP = {"stage_one": "l2rw", "finetune_fraction": 0.0, "tau": 0.0, "meta_grad": "jvp", "weight_norm": "batch",
+             "class_grad": "raw", "max_weight": math.inf}  # the class-level step on L2RW alone, exactly
+VARIANTS = {
+    "l2rw-ft": ("l2rw", {"finetune_fraction": 0.2}, False),
+    "gdw-paper": ("gdw", {"stage_one": "mwnet"}, False),  # the paper's algorithm
+    # the same parameters, spelled as the robustness suite's cells were trained (it shows them as gdw-paper)
+    "gdw-paper-ft0": ("gdw", {"stage_one": "mwnet", "finetune_fraction": 0.0}, False),
+    "gdw": ("gdw", {**DEFAULT}, False),
+    "gdw-jvp": ("gdw", {**DEFAULT, "meta_grad": "jvp"}, False),
+    "gdw-uncapped": ("gdw", {**DEFAULT, "max_weight": math.inf}, False),  # the default before max_weight
+    "gdw-raw": ("gdw", {**DEFAULT, "class_grad": "raw", "max_weight": math.inf}, False),  # ... before class_grad
+    "gdw-batch": ("gdw", {**DEFAULT, "weight_norm": "batch", "class_grad": "raw", "max_weight": math.inf},
+                  False),  # ... before weight_norm="kept"
+    "gdw-tau0": ("gdw", {**DEFAULT, "tau": 0.0, "class_grad": "raw", "max_weight": math.inf}, False),
+    "gdw-l2rw": ("gdw", {**L2RW_STEP}, False),
+    "gdw-l2rw-c": ("gdw", {**L2RW_STEP, "class_grad": "constrained"}, False),  # ... through the constraint
+}
+
+
+def variant(label: str) -> tuple[str, dict, bool]:
+    """``(method, method_args, head_only)`` of ``label``: a method's name
+    (``NAME-head``: head-only) at its defaults, else the table's entry."""
+    base, head = (label[:-5], True) if label.endswith("-head") else (label, False)
+    if base in METHODS:
+        return base, {}, head
+    if label in VARIANTS or base in VARIANTS:
+        method, args, head_only = VARIANTS.get(label) or VARIANTS[base]
+        return method, args, head_only or head
+    raise UserError(f"unknown method {label!r}; choose one of: {', '.join(METHODS.names())} (NAME-head: the "
+                    f"output layer only), or a variant: {', '.join(VARIANTS)}")
+
+
+def pick(labels, renamed=None) -> dict:
+    """A benchmark's table, ``{label: variant}`` in the order of ``labels``:
+    the table's entry, else :func:`variant`'s; ``renamed`` maps a label to
+    the one it runs (cells trained under another spelling keep their label)."""
+    names = {label: (renamed or {}).get(label, label) for label in labels}
+    return {label: VARIANTS.get(name) or variant(name) for label, name in names.items()}
