@@ -35,8 +35,7 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
 
 def rng_state() -> dict:
     """The CPU and (when present) every CUDA device's random state."""
-    return {"cpu": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
 def set_rng_state(state: dict) -> None:

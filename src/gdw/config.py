@@ -73,8 +73,7 @@ class TrainConfig:
     test: Optional[str] = setting(None, "your own labelled test set (e.g. hand-checked), used as the test split: "
                                         "csv:PATH, folder:PATH or npz:PATH, read like --meta; the dataset is then not "
                                         "split, all of it trains")
-    early_stop: Optional[int] = setting(None, "stop after K epochs without a better validation accuracy",
-                                        metavar="K")
+    early_stop: Optional[int] = setting(None, "stop after K epochs without a better validation accuracy", metavar="K")
     label_column: str = setting("label", "label column of a csv: dataset")
     features: Optional[str] = setting(None, "csv: the feature columns, comma-separated (default: all but the label "
                                             "column and columns without a name; text columns are one-hot encoded)",
@@ -90,8 +89,7 @@ class TrainConfig:
                                            "and scored by the final model (gdw detect --folds N runs all N)",
                                      metavar="K/N")
     method: str = setting("gdw", "weighting method: " + ", ".join(METHODS.names()))
-    method_args: dict = setting(dict, "the method's hyper-parameters, key=value,... (e.g. lam=0.5,beta=8)",
-                                type=str)
+    method_args: dict = setting(dict, "the method's hyper-parameters, key=value,... (e.g. lam=0.5,beta=8)", type=str)
     head_only: bool = setting(False, "only the classifier head takes the virtual step")
     model: str = setting("mlp", "mlp, mlp-plain (no BatchNorm), cnn, resnet32 or module.path:factory")
     epochs: int = setting(30, "training epochs")

@@ -46,8 +46,7 @@ def flagged_rows(issues, num_issues: Optional[int] = None) -> tuple[dict, dict]:
     picks = np.flatnonzero(issues.suggested != issues.given) if num_issues is None else \
         issues.order[: max(0, int(num_issues))]
     rows = issues.rows if issues.rows is not None else issues.index
-    train = {int(rows[i]): int(issues.suggested[i]) if issues.suggested[i] != issues.given[i] else None
-             for i in picks}
+    train = {int(rows[i]): int(issues.suggested[i]) if issues.suggested[i] != issues.given[i] else None for i in picks}
     t = issues.test if num_issues is None else None
     test = {} if t is None else {int(r): int(s) for r, s, g in zip(t["source_rows"], t["suggested"], t["given"])
                                  if s != g}

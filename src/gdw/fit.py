@@ -111,11 +111,8 @@ def batches(method, train_loader, meta_loader, *, label_key: str = "labels") -> 
     of fine-tuning is a pass over the data it trains on. Call
     ``method.on_epoch_start(epoch, epochs)`` first.
 
-    A loader's batch is ``(inputs, labels, ...)``, the inputs a tensor, a
-    dict of tensors (keyword arguments of the model) or a tuple
-    (positional), or a dict with the labels under ``label_key`` and the
-    model's keyword arguments under the rest (a tokenizer's output
-    collated with its labels); see :func:`inputs_and_labels`.
+    A loader's batch is read by :func:`inputs_and_labels` (the labels under
+    ``label_key`` when it is a dict).
     """
     if getattr(method, "finetuning", False):
         for batch in meta_loader:
@@ -300,8 +297,7 @@ def _count_classes(counts, logits: torch.Tensor, y: torch.Tensor) -> torch.Tenso
     """``counts`` (2×C, on the device) plus this batch's predicted classes
     (row 0) and labels (row 1); no host synchronisation."""
     C = logits.shape[1]
-    now = torch.stack([torch.bincount(logits.detach().argmax(1), minlength=C)[:C],
-                       torch.bincount(y, minlength=C)[:C]])
+    now = torch.stack([torch.bincount(logits.detach().argmax(1), minlength=C)[:C], torch.bincount(y, minlength=C)[:C]])
     return now if counts is None else counts + now
 
 
@@ -330,11 +326,8 @@ def _check_collapse(counts, mean_loss: float, epoch: int, state: FitState) -> No
         return
     before = [h.get("prediction_share") for h in state.history]
     learned = any(s is not None and s < COLLAPSE_SHARE for s in before)
-    streak = 1
-    for s in reversed(before):
-        if s is None or s < COLLAPSE_SHARE:
-            break
-        streak += 1
+    fine = [s is None or s < COLLAPSE_SHARE for s in reversed(before)]  # the epochs before it, the latest first
+    streak = 1 + (fine.index(True) if True in fine else len(fine))  # this epoch and the collapsed ones just before
     if learned or streak >= COLLAPSE_EPOCHS:
         cls = int(counts[0].argmax())
         names = getattr(state.data, "classes", None)

@@ -151,9 +151,7 @@ class LabelIssueRecorder(Callback):
     def write(self, out, data, method: str, *, model=None, batch_size: int = 500, fits_meta: bool = False) -> Path:
         """Score every training example (and the rows of a test split drawn
         from the user's data, :func:`score_test_split`) and write
-        ``label_evidence.npz`` and ``label_issues.csv`` (in the user's terms,
-        :func:`issues_table`; a ``split`` column when test rows are in it, a
-        ``text`` column when the run trains on a CSV's text) into
+        ``label_evidence.npz`` and ``label_issues.csv`` (:func:`_table`) into
         the run directory ``out``. ``fits_meta``: the method trained
         towards the meta set (``Method.needs_meta``), so the final model's
         mistakes on it stand for its mistakes on clean training rows and
