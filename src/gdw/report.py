@@ -28,8 +28,7 @@ def plot_curves(history: Sequence[dict], path: Path, title: str = "") -> None:
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
     a.plot(epochs, [100 * h["test_accuracy"] for h in history], marker="o", ms=3, label="test")
     if any("val_accuracy" in h for h in history):
-        a.plot(epochs, [100 * h.get("val_accuracy", math.nan) for h in history], marker="s", ms=3,
-               label="validation")
+        a.plot(epochs, [100 * h.get("val_accuracy", math.nan) for h in history], marker="s", ms=3, label="validation")
     a.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
     a.grid(alpha=0.3)
     tuned = [h["epoch"] for h in history if h.get("finetuning")]
@@ -77,11 +76,9 @@ def plot_weights(weights: np.ndarray, noisy: Optional[np.ndarray], path: Path, t
     return lo, hi
 
 
-RESULT_FIELDS = [
-    "dataset", "noise", "imbalance", "method", "seed", "final_test_accuracy", "final_test_balanced_accuracy",
-    "best_test_accuracy",
-    "best_epoch", "realised_noise_rate", "train_seconds", "run_dir",
-]
+RESULT_FIELDS = ["dataset", "noise", "imbalance", "method", "seed", "final_test_accuracy",
+                 "final_test_balanced_accuracy", "best_test_accuracy", "best_epoch", "realised_noise_rate",
+                 "train_seconds", "run_dir"]
 
 
 def write_results_csv(rows: Sequence[dict], path: Path, extra_fields: Sequence[str] = ()) -> None:

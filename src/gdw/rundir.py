@@ -174,25 +174,17 @@ def _summary(cfg, data, history, train_seconds, steps_per_epoch, world) -> dict:
     accs = [h["test_accuracy"] for h in history]
     last = accs[-min(5, len(accs)):]
     balanced = [h.get("test_balanced_accuracy", math.nan) for h in history][-len(last):]
-    return {
-        **{k: getattr(cfg, k) for k in ("method", "dataset", "noise", "imbalance", "seed", "epochs", "model",
-                                        "head_only", "method_args")},
-        "final_test_accuracy": float(np.mean(last)),
-        "final_test_balanced_accuracy": float(np.mean(balanced)),
-        "best_test_accuracy": float(max(accs)),
-        "best_epoch": int(np.argmax(accs)) + 1,
-        "per_class_test_accuracy": history[-1]["per_class_test_accuracy"],
-        "realised_noise_rate": data.record.get("realised_noise_rate"),
-        "train_seconds": train_seconds,
-        "steps_per_second": sum(h.get("steps", steps_per_epoch) for h in history) / max(train_seconds, 1e-9),
-        "mean_weight_clean": history[-1].get("mean_weight_clean"),
-        "mean_weight_noisy": history[-1].get("mean_weight_noisy"),
-        **({"guard_shrink": history[-1]["guard_shrink"]} if "guard_shrink" in history[-1] else {}),
-        "world_size": world,
-        "epochs_trained": len(history),
-        **_best_val(history),
-        **({"n_val": data.record["n_val"]} if data.record.get("n_val") else {}),
-    }
+    return {**{k: getattr(cfg, k) for k in ("method", "dataset", "noise", "imbalance", "seed", "epochs", "model",
+                                            "head_only", "method_args")},
+            "final_test_accuracy": float(np.mean(last)), "final_test_balanced_accuracy": float(np.mean(balanced)),
+            "best_test_accuracy": float(max(accs)), "best_epoch": int(np.argmax(accs)) + 1,
+            "per_class_test_accuracy": history[-1]["per_class_test_accuracy"],
+            "realised_noise_rate": data.record.get("realised_noise_rate"), "train_seconds": train_seconds,
+            "steps_per_second": sum(h.get("steps", steps_per_epoch) for h in history) / max(train_seconds, 1e-9),
+            **{k: history[-1].get(k) for k in ("mean_weight_clean", "mean_weight_noisy")},
+            **({"guard_shrink": history[-1]["guard_shrink"]} if "guard_shrink" in history[-1] else {}),
+            "world_size": world, "epochs_trained": len(history), **_best_val(history),
+            **({"n_val": data.record["n_val"]} if data.record.get("n_val") else {})}
 
 
 def _best_val(history) -> dict:
