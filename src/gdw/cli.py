@@ -266,15 +266,6 @@ def _print_issues(run: Path, issues, args) -> None:
           f"suggested label = true label for {100 * m['suggestion_accuracy']:.1f}% of the flagged mislabelled examples")
 
 
-def _detect_folds(args, settings: dict) -> int:
-    """gdw detect --folds N: cross-fitted label issues (:mod:`gdw.crossfit`)."""
-    from .crossfit import detect_folds
-
-    if args.run_dir is not None or args.export or args.format == "cleanlab":
-        raise UserError("--folds trains its own runs: give the training flags, not RUN_DIR, --export or --format")
-    return detect_folds(TrainConfig(**settings), args.folds)
-
-
 def cmd_detect(args) -> int:
     import numpy as np
 
@@ -291,8 +282,12 @@ def cmd_detect(args) -> int:
     if args.format != "cleanlab" and (args.output or args.ranked):
         raise UserError("--output and --ranked go with --format cleanlab")
     settings = resolve_config(args, exclude=DETECT_ONLY)
-    if args.folds is not None:
-        return _detect_folds(args, settings)
+    if args.folds is not None:  # cross-fitted label issues (gdw.crossfit)
+        if args.run_dir is not None or args.export or args.format == "cleanlab":
+            raise UserError("--folds trains its own runs: give the training flags, not RUN_DIR, --export or --format")
+        from .crossfit import detect_folds
+
+        return detect_folds(TrainConfig(**settings), args.folds)
     if args.run_dir is not None:
         if settings or args.nproc is not None:
             given = sorted(settings) + (["nproc"] if args.nproc is not None else [])
