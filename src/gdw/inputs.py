@@ -60,9 +60,7 @@ def tensors(x: Inputs) -> list[torch.Tensor]:
 def device_of(x: Inputs, default: Optional[torch.device] = None) -> torch.device:
     """The device of the first tensor in ``x`` (``default``, else the CPU, when it holds none)."""
     held = tensors(x)
-    if held:
-        return held[0].device
-    return default if default is not None else torch.device("cpu")
+    return held[0].device if held else default if default is not None else torch.device("cpu")
 
 
 def _each(x: Inputs, fn) -> Inputs:
