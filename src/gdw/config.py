@@ -340,8 +340,7 @@ def data_files(cfg: TrainConfig) -> dict:
     checked against the files as they are now."""
     from .data.sources import files_digest
 
-    specs = {"dataset": cfg.dataset, "meta": cfg.meta, "test": cfg.test}
-    digests = {k: files_digest(v) for k, v in specs.items() if v is not None}
+    digests = {k: files_digest(getattr(cfg, k)) for k in ("dataset", "meta", "test") if getattr(cfg, k) is not None}
     return {k: v for k, v in digests.items() if v is not None}
 
 

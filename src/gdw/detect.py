@@ -361,7 +361,6 @@ def format_table(issues: Issues, top: int = 20) -> str:
             row.append(text if len(text) <= TEXT_WIDTH else text[:TEXT_WIDTH - 1] + "…")
         rows.append(row)
     widths = [max(len(h), *(len(r[j]) for r in rows)) if rows else len(h) for j, h in enumerate(head)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths)).rstrip()]
-    lines.append("  ".join("-" * w for w in widths))
+    lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths)).rstrip(), "  ".join("-" * w for w in widths)]
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     return "\n".join(lines)

@@ -118,14 +118,9 @@ def aggregate(rows: Sequence[dict], extra: Sequence[str] = ()) -> tuple[list[str
     ``extra``, and the number of seeds ``n``.
     """
     groups = defaultdict(list)
-    settings, methods = [], []
     for r in rows:
-        setting = setting_label(r["noise"], r["imbalance"])
-        if setting not in settings:
-            settings.append(setting)
-        if r["method"] not in methods:
-            methods.append(r["method"])
-        groups[(setting, r["method"])].append(r)
+        groups[(setting_label(r["noise"], r["imbalance"]), r["method"])].append(r)
+    settings, methods = (list(dict.fromkeys(key[i] for key in groups)) for i in (0, 1))  # in order of appearance
     columns = {"final": "final_test_accuracy", "best": "best_test_accuracy",
                "balanced": "final_test_balanced_accuracy", **{name: name for name in extra}}
     cells = {}

@@ -122,9 +122,7 @@ class ModelEncoder:
             raise UserError(f"--encoder {path}: not a model folder (it has neither modules.json nor config.json)")
         files = sorted(p for p in self.path.rglob("*") if p.is_file() and not p.name.startswith("."))
         self.digest = _digest(self.kind, *(f"{p.relative_to(self.path).as_posix()}={cached_digest(p)}" for p in files))
-        self.embedded: dict = {}
-        self.cache_dir = None
-        self._model = None
+        self.embedded, self.cache_dir, self._model = {}, None, None  # as TfidfSvd's; the model loaded when first used
 
     def record(self) -> dict:
         return {"kind": self.kind, "digest": self.digest, "path": str(self.path)}
