@@ -62,7 +62,8 @@ def test_each_question_compares_its_own_pair(ds):
     assert overall == pytest.approx({"gdw-kept": 71.0, "gdw-constrained": 15.0})
     for choice, a, b, *_ in ds.QUESTIONS:
         args_a, args_b = ds.CANDIDATES[a][1], ds.CANDIDATES[b][1]
-        assert {k for k in args_a.keys() | args_b.keys() if args_a.get(k) != args_b.get(k)} == {choice}
+        differ = {k for k in args_a.keys() | args_b.keys() if args_a.get(k) != args_b.get(k)}
+        assert choice in differ and all(k.startswith(choice) for k in differ)  # e.g. gate with its gate_form
 
 
 def test_study_trains_with_a_validation_split_and_labels_its_runs(ds, tmp_path, monkeypatch):
@@ -74,21 +75,24 @@ def test_study_trains_with_a_validation_split_and_labels_its_runs(ds, tmp_path, 
     out = tmp_path / "out"
     assert ds.main(["--datasets", "digits", "--epochs", "1", "--out", str(out)]) == 0
     summaries = sorted(out.glob("digits/*/summary.json"))
-    assert len(summaries) == 6
+    assert len(summaries) == 11  # 7 candidates on seed 0; question 7's two on its own seeds 2 and 3
     for path in summaries:
         config = json.loads((path.parent / "config.json").read_text())
         assert config["val_per_class"] == config["meta_per_class"] == 13
         params = config["method_params"]
         inf = float("inf")
-        label = {("batch", "raw", inf, 0): "gdw-batch", ("kept", "raw", inf, 0): "gdw-kept",
-                 ("kept", "constrained", inf, 0): "gdw-constrained", ("kept", "constrained", 1.0, 0): "gdw-capped",
-                 ("binary", "constrained", 1.0, 0): "gdw-binary", ("kept", "constrained", 1.0, 0.05): "gdw-guarded"}[
-            params["weight_norm"], params["class_grad"], params["max_weight"], params["guard"]]
+        label = {("batch", "raw", inf, 0, 0): "gdw-batch", ("kept", "raw", inf, 0, 0): "gdw-kept",
+                 ("kept", "constrained", inf, 0, 0): "gdw-constrained",
+                 ("kept", "constrained", 1.0, 0, 0): "gdw-capped", ("binary", "constrained", 1.0, 0, 0): "gdw-binary",
+                 ("kept", "constrained", 1.0, 0.05, 0): "gdw-guarded",
+                 ("kept", "constrained", 1.0, 0, 0.2): "gdw-gated", ("kept", "constrained", 1.0, 0, 0.05): "gdw-stepped"}[
+            params["weight_norm"], params["class_grad"], params["max_weight"], params["guard"], params["gate"]]
         assert path.parent.name.split("_")[-2] == label
     md = (out / "results.md").read_text()
     assert md.count("No decision yet: 2 of 8 runs finished.") == 2  # 4 regimes × 1 setting × 1 seed × 2 candidates
     assert md.count("No decision yet: 2 of 12 runs finished.") == 2  # questions 3 and 4: the suite's 6 regimes
-    assert md.count("No decision yet: 2 of 14 runs finished.") == 1  # question 5: all 7 regimes
+    assert md.count("No decision yet: 2 of 14 runs finished.") == 2  # questions 5 and 6: all 7 regimes
+    assert md.count("No decision yet: 4 of 28 runs finished.") == 1  # question 7: seeds 2 and 3
 
 
 def test_a_failed_run_counts_at_chance(ds, tmp_path):

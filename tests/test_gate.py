@@ -141,3 +141,42 @@ def test_gate_decides_at_the_start_of_the_second_epoch():
     method.on_epoch_start(1, 10)
     assert method.gate.decided and method.gate.rate < 0 and method.gate.lam == 1.0
     assert method.epoch_record() == {"gate_noise": method.gate.rate, "gate_shrink": 1.0}
+
+
+def test_step_form_is_all_or_nothing():
+    for rate, lam in ((0.049, 1.0), (0.05, 0.0), (0.3, 0.0), (-0.1, 1.0)):
+        gate = NoiseGate(0.05, 2, form="step")
+        # a_m = 0.9; a_t chosen so that r̂ = rate: a_t = a_m − rate (C a_m − 1)/(C − 1)
+        a_t = 0.9 - rate * (2 * 0.9 - 1)
+        gate.counts = torch.tensor([a_t * 500, a_t * 500, 500, 500, 90, 100, 50, 50], dtype=torch.float64)
+        gate.decide(Comm())
+        assert gate.rate == pytest.approx(rate, abs=1e-9) and gate.lam == lam
+        assert gate.off is (lam == 1.0)
+    # below r₀, but one class 3 times the other: the weighting stays
+    gate = NoiseGate(0.05, 2, form="step")
+    gate.counts = torch.tensor([675, 225, 750, 250, 90, 100, 50, 50], dtype=torch.float64)  # a_t = a_m = 0.9
+    gate.decide(Comm())
+    assert gate.rate == pytest.approx(0.0, abs=1e-12) and gate.imbalance == 3.0 and gate.lam == 0.0
+    with pytest.raises(gdw.UserError, match="gate_form"):
+        gdw.make("gdw", make_model("mlp"), C, gate=0.05, gate_form="bogus")
+
+
+def test_a_gated_off_step_is_plain_training_on_the_adjusted_loss():
+    """After the step gate turns the weighting off: no meta-gradient, and the
+    parameters' gradient is autograd's of the logit-adjusted cross-entropy."""
+    x, y = make_batch("mlp", 12, 1)
+    xm, ym = make_batch("mlp", 6, 2)
+    counts = [5, 3, 2, 2]
+    model = make_model("mlp")
+    method = gdw.make("gdw", copy.deepcopy(model), C, gate=0.05, gate_form="step", class_counts=counts)
+    method.gate.decided, method.gate.lam = True, 1.0
+    assert method.meta_before_forward(x, xm, ym) is None
+    stats = method.backward(x, y, xm, ym, inner_lr=LR)
+    assert stats.meta_loss is None and torch.equal(stats.instance_weights, torch.ones(12, dtype=stats.logits.dtype))
+    log_pi = torch.log(torch.tensor(counts, dtype=torch.float64) / sum(counts))
+    ref = copy.deepcopy(model)
+    torch.nn.functional.cross_entropy(ref(x) + log_pi, y).backward()
+    for p, q in zip(method.model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-12)
+    method.on_epoch_start(8, 10)
+    assert not method.finetuning

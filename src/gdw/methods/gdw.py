@@ -53,7 +53,7 @@ from ..distributed import Comm
 from ..errors import UserError
 from ..engine import full
 from .base import METHODS, check_bool, check_positive, logit_error
-from .gate import NoiseGate
+from .gate import GATE_FORMS, NoiseGate
 from .guard import MetaGuard
 from .la import log_prior
 from .meta import WeightNetMethod
@@ -155,6 +155,12 @@ class GDW(WeightNetMethod):
             one example could otherwise get a weight of up to K, a step that
             blew up models without normalisation layers); no cap with
             ``"mwnet"``.
+        gate: r₀ ≥ 0 of the noise gate (gate.py; ``stage_one="l2rw"``
+            only; 0: off): the training labels' excess noise over the meta
+            set's, estimated in the first epoch, decides how much weighting
+            the rest of the run gets.
+        gate_form: ``"linear"`` (λ = clamp(1 − r̂/r₀, 0, 1)) or ``"step"``
+            (plain training where r̂ < r₀, else the full weighting).
         class_grad: the gradient the class-level step follows: ``"raw"``
             (the paper's: ∂L_meta/∂ω of the constrained ω, whose labelled
             column the constraint then overwrites) or ``"constrained"``
@@ -175,12 +181,13 @@ class GDW(WeightNetMethod):
     # the defaults that follow stage_one: the paper's algorithm with "mwnet", gdw's own with "l2rw"
     STAGE_DEFAULTS = {"l2rw": {"finetune_fraction": 0.2, "tau": 1.0, "meta_grad": "fd", "weight_norm": "kept",
                                "class_grad": "constrained", "max_weight": 1.0, "guard": 0.0,
-                               "gate": 0.0},
+                               "gate": 0.0, "gate_form": "linear"},
                       "mwnet": {"finetune_fraction": 0.0, "tau": 0.0, "meta_grad": "jvp", "weight_norm": "batch",
-                                "class_grad": "raw", "max_weight": math.inf, "guard": 0.0, "gate": 0.0}}
+                                "class_grad": "raw", "max_weight": math.inf, "guard": 0.0, "gate": 0.0,
+                                "gate_form": "linear"}}
     ADDED_PARAMS = {"weight_norm": "batch", "class_grad": "raw",
                     "max_weight": math.inf, "shrink": 0.0, "guard": 0.0,
-                    "gate": 0.0}  # what runs recorded before these existed used
+                    "gate": 0.0, "gate_form": "linear"}  # what runs recorded before these existed used
 
     @classmethod
     def resolve_params(cls, params: dict) -> dict:
@@ -193,16 +200,16 @@ class GDW(WeightNetMethod):
                  zero_mean: bool = True, class_grad: str | None = None, finetune_fraction: float | None = None,
                  tau: float | None = None, meta_grad: str | None = None, class_counts=None,
                  max_weight: float | None = None, shrink: float = 0.0, guard: float | None = None,
-                 gate: float | None = None, **kw):
+                 gate: float | None = None, gate_form: str | None = None, **kw):
         if stage_one not in STAGE_ONE:
             raise UserError(f"stage_one must be one of {', '.join(STAGE_ONE)}, got {stage_one!r}")
         resolved = self.resolve_params({"stage_one": stage_one, "finetune_fraction": finetune_fraction,
                                         "tau": tau, "meta_grad": meta_grad, "weight_norm": weight_norm,
                                         "class_grad": class_grad, "max_weight": max_weight, "guard": guard,
-                                        "gate": gate})
-        finetune_fraction, tau, meta_grad, weight_norm, class_grad, max_weight, guard, gate = (
+                                        "gate": gate, "gate_form": gate_form})
+        finetune_fraction, tau, meta_grad, weight_norm, class_grad, max_weight, guard, gate, gate_form = (
             resolved[k] for k in ("finetune_fraction", "tau", "meta_grad", "weight_norm", "class_grad", "max_weight",
-                                  "guard", "gate"))
+                                  "guard", "gate", "gate_form"))
         super().__init__(model, num_classes, finetune_fraction=finetune_fraction, meta_grad=meta_grad, **kw)
         self.stage_one = stage_one
         if weight_norm not in WEIGHT_NORM:
@@ -220,7 +227,9 @@ class GDW(WeightNetMethod):
         gate = check_positive("gate", gate, allow_zero=True)
         if gate > 0 and stage_one != "l2rw":
             raise UserError("gate needs stage_one='l2rw' (set gate=0 with stage_one='mwnet')")
-        self.gate = NoiseGate(gate, self.num_classes) if gate > 0 else None
+        if gate_form not in GATE_FORMS:
+            raise UserError(f"gate_form must be one of {', '.join(GATE_FORMS)}, got {gate_form!r}")
+        self.gate = NoiseGate(gate, self.num_classes, gate_form) if gate > 0 else None
         if stage_one == "l2rw":
             self.virtual_step = False
             del self.vnet, self.vopt  # no weighting network
@@ -288,6 +297,12 @@ class GDW(WeightNetMethod):
                 self.guard.finetune = self.guard.trusts_meta_set()
             self.finetuning = self.guard.finetune
 
+    def meta_before_forward(self, x, x_meta, y_meta):
+        """As :class:`MetaMethod`'s; nothing once the gate has turned the weighting off."""
+        if self.gate is not None and self.gate.off:
+            return None
+        return super().meta_before_forward(x, x_meta, y_meta)
+
     def _scale(self, w: torch.Tensor, total, kept, n) -> torch.Tensor:
         """Stage-one instance weights from the clamped alignments ``w`` (B,)."""
         if self.weight_norm == "binary":  # one for every example kept: its plain-training weight
@@ -320,6 +335,10 @@ class GDW(WeightNetMethod):
             z = full(z)
             z = z + self.tau * self.log_prior.to(z.device, z.dtype)
         p, e = logit_error(z, y, C, self.p_max)
+        if self.gate is not None and self.gate.off:  # plain training on the adjusted loss (gate.py)
+            ones = torch.ones_like(e)
+            G = (F.softmax(z, 1) - F.one_hot(y, C).to(z.dtype)) / n  # unclamped: exactly the loss's gradient
+            return {"G": G, "weights": ones, "meta_loss": None, "instance_weights": ones[:, 0]}
         if self.stage_one == "l2rw":
             meta_loss, dA = self.meta_step(fwd, None, x_meta, y_meta, lr)
             g = dA * e / n
