@@ -167,11 +167,13 @@ def question_parts(question) -> tuple:
             list(seeds[0]) if seeds else list(rb.SEEDS))
 
 
-def study_cells(datasets, labels=None):
+def study_cells(datasets, labels=None, only_seeds=None):
     """``(regime, noise, imbalance, label, seed)`` of every question's cells
-    among ``datasets`` (and of the candidates ``labels``; None: all), each once, seed by seed."""
+    among ``datasets`` (and of the candidates ``labels`` and seeds
+    ``only_seeds``; None: all), each once, seed by seed."""
     seen = {}
-    all_seeds = sorted({s for q in QUESTIONS for s in question_parts(q)[4]})
+    all_seeds = sorted({s for q in QUESTIONS for s in question_parts(q)[4]
+                        if only_seeds is None or s in only_seeds})
     for seed in all_seeds:
         for question in QUESTIONS:
             _, names, regimes, settings, seeds = question_parts(question)
@@ -189,7 +191,7 @@ def run(args) -> list:
     todo = [(rb.run_dir_name(regime, noise, imbalance, label, seed),
              rb.cell_config(*data[regime], noise, imbalance, CANDIDATES[label], seed, args.epochs, args.device,
                             val_per_class=data[regime][1], model=rb.REGIMES[regime].get("model", "mlp")))
-            for regime, noise, imbalance, label, seed in study_cells(args.datasets, args.labels)]
+            for regime, noise, imbalance, label, seed in study_cells(args.datasets, args.labels, args.seeds)]
     return grid.run_grid(args.out, todo, args.shard, keep_going=True, verify=True)
 
 
@@ -299,6 +301,8 @@ def main(argv=None) -> int:
                    help="regimes, comma-separated (default: all; a decision needs all)")
     p.add_argument("--labels", type=rb._subset(list(CANDIDATES)), default=None,
                    help="run only these candidates' cells, comma-separated (default: all)")
+    p.add_argument("--seeds", type=lambda t: [int(v) for v in t.split(",")], default=None,
+                   help="run only these seeds' cells, comma-separated (default: every question's)")
     p.add_argument("--epochs", type=int, default=rb.EPOCHS, help="(default: %(default)s; other values for a smoke test)")
     p.add_argument("--shard", type=lambda s: tuple(int(v) for v in s.split("/")), default=(0, 1))
     p.add_argument("--device", default=None)
