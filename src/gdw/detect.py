@@ -59,7 +59,7 @@ import numpy as np
 
 from .errors import UserError
 from .io import atomic_path
-from .issues import find_label_issues, most_likely_other, top_pairs
+from .issues import top_pairs
 
 WINDOW = None  # epochs averaged: None = every epoch of the run; k = the last min(k, epochs)
 CSV_NAME = "label_issues.csv"
@@ -77,26 +77,6 @@ SCORE_NAME = "confidence"  # the one score (module docstring); the candidates co
 def score_name(method: str) -> str:
     """The score a run of ``method`` ranks by (the same for every method)."""
     return SCORE_NAME
-
-
-def score_examples(method: str, ev: dict, given: np.ndarray) -> np.ndarray:
-    """1 − p̄_y of every example (position order): the window-mean probability
-    of the given label, from the model being trained; higher = more suspicious."""
-    return 1.0 - ev["prob"][np.arange(len(given)), given].astype(np.float64)
-
-
-def suggest_pred_other(ev, given):
-    """argmax_{j≠y} p̄_j: the most likely other class."""
-    return most_likely_other(ev["prob"], given)
-
-
-def suggest_labels(method: str, ev: dict, given: np.ndarray, score: np.ndarray, flagged=None) -> np.ndarray:
-    """The suggested label: for flagged examples (default: as many as
-    :func:`gdw.find_label_issues` estimates) the most likely other class
-    (:func:`suggest_pred_other`), else the given label."""
-    if flagged is None:
-        flagged = find_label_issues(given, ev["prob"], bootstrap=0).flagged
-    return np.where(flagged, suggest_pred_other(ev, given), given).astype(np.int64)
 
 
 # ----------------------------------------------------------------------------- files

@@ -16,8 +16,7 @@ import numpy as np
 import torch
 
 from .callbacks import Callback
-from .detect import (CSV_NAME, EVIDENCE_NAME, WINDOW, issues_table, score_examples, score_name,
-                     suggest_labels, write_csv)
+from .detect import CSV_NAME, EVIDENCE_NAME, WINDOW, issues_table, score_name, write_csv
 from .errors import UserError
 from .issues import find_label_issues, flag_per_class, most_likely_other
 
@@ -179,19 +178,19 @@ class LabelIssueRecorder(Callback):
                 ev["trust"][missing] = np.nan
         given = train_split.labels.numpy()
         held = self.held_out(data, model, batch_size)
-        score = score_examples(method, ev, given)
+        score = 1.0 - ev["prob"][np.arange(len(given)), given].astype(np.float64)  # 1 − p̄_y: higher = more suspicious
         # the model's own mistakes where labels are right: on the meta set, which a meta method fits about as
         # well as the clean training rows (docs/algorithms.md, 5c)
         meta = held.get("meta") if fits_meta else None
-        found = find_label_issues(given, ev["prob"], **({"clean_labels": meta["given"], "clean_pred_probs": meta["prob"]}
-                                                         if meta is not None else {}))
+        clean = {"clean_labels": meta["given"], "clean_pred_probs": meta["prob"]} if meta is not None else {}
+        found = find_label_issues(given, ev["prob"], **clean)
         self.noise = {"estimated_noise_rate": found.noise_rate, "estimated_noise_interval": list(found.noise_interval)}
-        suggested = suggest_labels(method, ev, given, score, found.flagged)
+        suggested = np.where(found.flagged, most_likely_other(ev["prob"], given), given).astype(np.int64)
         rows, paths = source_of(train_split)
         test = score_test_split(data, held.get("test"), found, given)
-        np.savez(out / EVIDENCE_NAME, **{f"test_{k}": v for k, v in test.items()}, method=np.array(method), score_name=np.array(score_name(method)),
-                 noise_rate=found.noise_rate, noise_interval=np.array(found.noise_interval),
-                 noise_matrix=found.noise_matrix,
+        np.savez(out / EVIDENCE_NAME, **{f"test_{k}": v for k, v in test.items()}, method=np.array(method),
+                 score_name=np.array(score_name(method)), noise_rate=found.noise_rate,
+                 noise_interval=np.array(found.noise_interval), noise_matrix=found.noise_matrix,
                  **{f"{name}_{k}": v for name, part in held.items() for k, v in part.items()},
                  epochs=np.array(self.epochs_seen, dtype=np.int64), given=given, index=train_split.index.numpy(),
                  suggested=suggested, score=score, source_rows=rows,
