@@ -41,8 +41,8 @@ from ..distributed import Comm
 from ..engine import (MetaGradient, RngState, TrainForward, check_logits_shape, full, logits_of)
 from ..errors import UserError
 from ..registry import Registry
-from .checks import (_check_inputs, _check_labels, check_bool, check_class_counts, check_int,  # noqa: F401
-                     check_optimizer, check_positive, logit_error)
+from .checks import (_check_labels, check_bool, check_class_counts, check_int, check_positive,  # noqa: F401
+                     logit_error)
 
 METHODS: Registry = Registry("method")
 
@@ -169,7 +169,9 @@ class Method:
             raise UserError(f"output must be None or a callable returning the logits, got {type(output).__name__}")
         self.model = model
         self.num_classes = int(num_classes)
-        self.optimizer = check_optimizer(optimizer)
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise UserError(f"optimizer must be None or a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        self.optimizer = optimizer
         self.output = output
         if comm is not None and not isinstance(comm, Comm):
             raise UserError(f"comm must be None or a gdw.distributed.Comm, got {type(comm).__name__}")
@@ -385,13 +387,13 @@ class Method:
         ``(y, y_meta)``. Value checks on an accelerator run only until the
         first call has passed them (see ``backward``)."""
         values = not self._values_checked
-        n = _check_inputs(x, "training", values=values)
+        n = model_inputs.check(x, "training", values=values)
         self._check_dtype(x, "training")
         y = _check_labels(y, n, self.num_classes, "training", values=values)
         if self.needs_meta:
             if x_meta is None or y_meta is None:
                 raise UserError(f"{type(self).__name__} needs a meta batch: pass x_meta and y_meta")
-            n_meta = _check_inputs(x_meta, "meta", values=values)
+            n_meta = model_inputs.check(x_meta, "meta", values=values)
             self._check_dtype(x_meta, "meta")
             y_meta = _check_labels(y_meta, n_meta, self.num_classes, "meta", values=values)
         self._values_checked = True

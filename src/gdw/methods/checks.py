@@ -11,7 +11,6 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .. import inputs as model_inputs
 from ..engine import full
 from ..errors import UserError
 
@@ -61,13 +60,6 @@ def check_bool(name: str, value) -> bool:
     raise UserError(f"{name} must be True or False (or 1/0, 'true'/'false', 'yes'/'no'), got {value!r}")
 
 
-def check_optimizer(optimizer) -> Optional[torch.optim.Optimizer]:
-    """``optimizer`` if it is None or a ``torch.optim.Optimizer``, else raise UserError."""
-    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-        raise UserError(f"optimizer must be None or a torch.optim.Optimizer, got {type(optimizer).__name__}")
-    return optimizer
-
-
 def _check_labels(y: torch.Tensor, n: int, num_classes: int, what: str, *, values: bool = True) -> torch.Tensor:
     """Integer (B,) labels as int64. The range check reads the labels: it
     always runs on the CPU, and on an accelerator only when ``values``."""
@@ -84,14 +76,6 @@ def _check_labels(y: torch.Tensor, n: int, num_classes: int, what: str, *, value
         if lo < 0 or hi >= num_classes:
             raise UserError(f"{what} labels must lie in [0, {num_classes}), got values from {lo} to {hi}")
     return y.long()
-
-
-def _check_inputs(x, what: str, *, values: bool = True) -> int:
-    """Type and shape always (a tensor, a dict of tensors or a tuple:
-    :func:`gdw.inputs.check`); return the number of examples. The finiteness
-    check reads the inputs: it always runs on the CPU, and on an accelerator
-    only when ``values``."""
-    return model_inputs.check(x, what, values=values)
 
 
 def check_class_counts(counts, num_classes: int) -> torch.Tensor:
