@@ -180,7 +180,7 @@ def test_gdw_on_l2rw_stage_one_matches_reference(kind, mode, head_only, low_memo
     kw = {"meta_grad": mode, "head_only": head_only, "low_memory": low_memory, "stage_one": "l2rw", "eta": eta,
           "max_weight": math.inf, **({"weight_norm": weight_norm} if weight_norm else {})}  # the scaling uncapped
     method, _, stats = run_method("gdw", model, x, y, xm, ym, **kw)
-    assert not hasattr(method, "vnet") and method.state_dict() == {}
+    assert method.vnet is None and method.state_dict() == {}  # no weighting network
     assert method.weight_norm == (weight_norm or "kept")
     info = {}
     w_ref, g_ref, _ = reference("gdw", before, None, x, y, xm, ym, head_only=head_only, eta=eta,
@@ -444,7 +444,7 @@ def test_modes_agree_over_several_steps_with_dropout(name):
         model = make_model("mlp", dropout=0.3)
         opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
         method = gdw.make(name, model, C, meta_grad=mode, optimizer=opt, low_memory=low)
-        if hasattr(method, "vnet"):
+        if getattr(method, "vnet", None) is not None:
             torch.manual_seed(5)
             method.vnet = gdw.WeightNet().double()
             method.vopt = torch.optim.Adam(method.vnet.parameters(), lr=1e-3, weight_decay=1e-4)

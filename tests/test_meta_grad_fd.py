@@ -211,7 +211,7 @@ def run_method(name, kind, dtype, meta_grad, low_memory=False, steps=2):
     kw = {"eta": 3.0} if name == "gdw" else {}
     torch.manual_seed(5)
     method = gdw.make(name, model, C, meta_grad=meta_grad, optimizer=opt, low_memory=low_memory, **kw)
-    if hasattr(method, "vnet"):
+    if getattr(method, "vnet", None) is not None:
         method.vnet.to(dtype)
     torch.manual_seed(7)
     for step in range(steps):
@@ -275,7 +275,7 @@ def test_head_only_uses_the_exact_closed_form(name, mode):
         x, y, xm, ym = batches("cnn", torch.float64)
         torch.manual_seed(5)
         method = gdw.make(name, model, C, meta_grad=m, head_only=True)
-        if hasattr(method, "vnet"):
+        if getattr(method, "vnet", None) is not None:
             method.vnet.double()
         calls = count_forwards(model)
         stats = method.backward(x, y, xm, ym, inner_lr=LR)

@@ -210,6 +210,7 @@ class GDW(WeightNetMethod):
         finetune_fraction, tau, meta_grad, weight_norm, class_grad, max_weight, guard, gate, gate_form = (
             resolved[k] for k in ("finetune_fraction", "tau", "meta_grad", "weight_norm", "class_grad", "max_weight",
                                   "guard", "gate", "gate_form"))
+        self.has_weight_net = stage_one == "mwnet"  # V only for the paper's stage one
         super().__init__(model, num_classes, finetune_fraction=finetune_fraction, meta_grad=meta_grad, **kw)
         self.stage_one = stage_one
         if weight_norm not in WEIGHT_NORM:
@@ -232,7 +233,6 @@ class GDW(WeightNetMethod):
         self.gate = NoiseGate(gate, self.num_classes, gate_form) if gate > 0 else None
         if stage_one == "l2rw":
             self.virtual_step = False
-            del self.vnet, self.vopt  # no weighting network
         self.eta = check_positive("eta", 10.0 * self.num_classes if eta is None else eta, allow_zero=True)
         self.clip = check_positive("clip", clip, allow_zero=True)
         self.omega_min = check_positive("omega_min", omega_min, allow_zero=True)
@@ -260,7 +260,7 @@ class GDW(WeightNetMethod):
         return zero_mean(omega, p, y) if self.zero_mean else omega
 
     def state_dict(self) -> dict:
-        state = super().state_dict() if hasattr(self, "vnet") else {}
+        state = super().state_dict()
         if self.gate is not None:
             state = {**state, "gate": self.gate.state_dict()}
         return {**state, "guard": self.guard.state_dict()} if self.guard is not None else state
@@ -272,8 +272,7 @@ class GDW(WeightNetMethod):
             self.gate.load_state_dict(gate, self.device)
         if self.guard is not None and guard is not None:
             self.guard.load_state_dict(guard)
-        if hasattr(self, "vnet"):
-            super().load_state_dict(state)
+        super().load_state_dict(state)
 
     def epoch_record(self) -> dict:
         """With the guard: its λ and ρ at the end of the epoch (guard.py); with

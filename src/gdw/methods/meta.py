@@ -122,17 +122,23 @@ class WeightNet(nn.Module):
 
 
 class WeightNetMethod(MetaMethod):
-    """A meta method that owns a weighting network V and its Adam optimizer."""
+    """A meta method that owns a weighting network V and its Adam optimizer.
+
+    ``vnet`` and ``vopt`` are ``None`` when ``has_weight_net`` is false (a
+    subclass sets it on the instance before this ``__init__`` runs, as GDW
+    does on L2RW's stage one); V's settings are checked either way."""
+
+    has_weight_net = True
 
     def __init__(self, model, num_classes, *, hidden: int = 100, meta_lr: float = 1e-3,
                  meta_weight_decay: float = 1e-4, **kw):
         super().__init__(model, num_classes, **kw)
-        self.vnet = WeightNet(check_int("hidden", hidden)).to(self.device)
-        self.vopt = torch.optim.Adam(
-            self.vnet.parameters(),
-            lr=check_positive("meta_lr", meta_lr),
-            weight_decay=check_positive("meta_weight_decay", meta_weight_decay, allow_zero=True),
-        )
+        hidden, meta_lr = check_int("hidden", hidden), check_positive("meta_lr", meta_lr)
+        meta_weight_decay = check_positive("meta_weight_decay", meta_weight_decay, allow_zero=True)
+        self.vnet = self.vopt = None
+        if self.has_weight_net:
+            self.vnet = WeightNet(hidden).to(self.device)
+            self.vopt = torch.optim.Adam(self.vnet.parameters(), lr=meta_lr, weight_decay=meta_weight_decay)
 
     def update_vnet(self, out: torch.Tensor, grad: torch.Tensor, comm) -> None:
         """One Adam step on V given ∂L_meta/∂out for an output ``out`` of V
@@ -143,8 +149,9 @@ class WeightNetMethod(MetaMethod):
         self.vopt.step()
 
     def state_dict(self) -> dict:
-        return {"vnet": self.vnet.state_dict(), "vopt": self.vopt.state_dict()}
+        return {} if self.vnet is None else {"vnet": self.vnet.state_dict(), "vopt": self.vopt.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.vnet.load_state_dict(state["vnet"])
-        self.vopt.load_state_dict(state["vopt"])
+        if self.vnet is not None:
+            self.vnet.load_state_dict(state["vnet"])
+            self.vopt.load_state_dict(state["vopt"])
