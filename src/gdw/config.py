@@ -301,20 +301,16 @@ def load_config_file(path: str) -> dict:
     return {str(k).replace("-", "_"): v for k, v in data.items()}
 
 
-def path_prefixes() -> tuple:
-    """The ``kind:`` prefixes after which a setting holds a path: every dataset format
-    that takes one (:data:`gdw.data.FORMATS`), and a noise ``matrix:``."""
+def _map_paths(cfg: TrainConfig, fn) -> dict:
+    """The path-bearing settings of ``cfg`` with ``fn`` applied to each path: the part after the ``kind:``
+    prefix of every dataset format that takes one (:data:`gdw.data.FORMATS`) and of a noise ``matrix:``."""
     from .data import FORMATS
 
-    return tuple(f"{name}:" for name in FORMATS.names() if FORMATS.get(name).path != "none") + ("matrix:",)
-
-
-def _map_paths(cfg: TrainConfig, fn) -> dict:
-    """The path-bearing settings of ``cfg`` with ``fn`` applied to each path."""
+    prefixes = [f"{name}:" for name in FORMATS.names() if FORMATS.get(name).path != "none"] + ["matrix:"]
     out = {}
     for name in ("dataset", "noise", "meta", "test"):
         value = getattr(cfg, name)
-        for prefix in path_prefixes():
+        for prefix in prefixes:
             if isinstance(value, str) and value.startswith(prefix) and len(value) > len(prefix):
                 out[name] = prefix + fn(value[len(prefix):])
     for name in ("data_root", "encoder"):

@@ -221,19 +221,14 @@ def target_prior(cfg: TrainConfig, data, method) -> tuple[dict, Optional[torch.T
              "line": describe(prior, counts, [str(c) for c in data.classes], how)}, shift)
 
 
-def _tensorboard(out: Path):
-    """--logger tensorboard: the rows as scalars in ``out``/tensorboard."""
-    from .integrations.tensorboard import TensorBoardLogger
-
-    return TensorBoardLogger(out / "tensorboard")
-
-
 def _callbacks(cfg: TrainConfig, data, out: Path, device, log, shift, fingerprint: str):
     """The callbacks of a ``gdw train`` run, in the order they must run at an
     epoch end: rows are complete before the checkpoint, the checkpoint is
     saved before metrics.jsonl is rewritten from it."""
     from .recorder import LabelIssueRecorder
 
+    if cfg.logger == "tensorboard":  # the rows as scalars in out/tensorboard
+        from .integrations.tensorboard import TensorBoardLogger
     true = data.train.true_labels
     noisy = (data.train.labels != true).numpy() if true is not None and bool((true >= 0).all()) else None
     recorder = LabelIssueRecorder(len(data.train), data.num_classes, cfg.epochs, device)
@@ -250,7 +245,7 @@ def _callbacks(cfg: TrainConfig, data, out: Path, device, log, shift, fingerprin
         Checkpointer(out / "checkpoint.pt", fingerprint, stateful),
         MetricsWriter(out / "metrics.jsonl"),
         EpochLog(log, test_clean=data.record.get("test_known_clean", True)),
-        *([_tensorboard(out)] if cfg.logger == "tensorboard" else []),
+        *([TensorBoardLogger(out / "tensorboard")] if cfg.logger == "tensorboard" else []),
         Plots(out, title, noisy),
         LabelIssues(recorder, out, data, cfg.method),
     ], stateful

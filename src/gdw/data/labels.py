@@ -87,11 +87,11 @@ def _as_int_text(u: str):
     return str(int(f)) if np.isfinite(f) and f == int(f) else None
 
 
-def class_counts_check(labels: np.ndarray, num_classes: int, classes, need: int, what: str, explain) -> None:
+def class_counts_check(labels: np.ndarray, classes, need: int, what: str, explain: str) -> None:
     """UserError naming the first class with fewer than ``need`` examples in ``labels``;
-    ``explain(count)`` is the rest of the message."""
-    counts = np.bincount(labels[labels >= 0], minlength=num_classes)
+    ``explain`` is the rest of the message."""
+    counts = np.bincount(labels[labels >= 0], minlength=len(classes))
     short = np.flatnonzero(counts < need)
     if short.size:
         c = int(short[0])
-        raise UserError(f"class {c} ({classes[c]!r}) has {counts[c]} examples in {what}, but {explain(counts[c])}")
+        raise UserError(f"class {c} ({classes[c]!r}) has {counts[c]} examples in {what}, but {explain}")

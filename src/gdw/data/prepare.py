@@ -111,7 +111,7 @@ def prepare(dataset="digits", noise="none", imbalance="none", meta_per_class=Non
                                      label_column=label_column, image_size=image_size, stream=stream,
                                      features=features, ignore=ignore, text_column=text_column, encoder=encoder,
                                      text_dir=text_dir, test_fraction=0 if test is not None else test_fraction))
-    rng_meta, rng_imb, rng_noise, rng_val = (np.random.default_rng(s) for s in np.random.SeedSequence(int(seed)).spawn(4))
+    rng_meta, rng_imb, rng_noise, rng_val = map(np.random.default_rng, np.random.SeedSequence(int(seed)).spawn(4))
     _labels(d, data_root)
     _clean_sets(d, rng_meta, rng_val)
     _leave_out_duplicates(d)
@@ -230,8 +230,8 @@ def _clean_sets(d, rng_meta, rng_val) -> None:
         d.store, d.labels, d.origin = src.x_train, d.true, src.origin("train")
         if k + N:
             need, lower = _needs(k, N)
-            class_counts_check(d.true, C, src.classes, k + N + 1, d.what, lambda _: (
-                f"{need} plus at least 1 left for training; lower {lower}"))
+            class_counts_check(d.true, src.classes, k + N + 1, d.what,
+                               f"{need} plus at least 1 left for training; lower {lower}")
         d.meta_idx = per_class_draw(d.true, k, C, rng_meta) if k else None
         d.val_idx = per_class_draw(d.true, N, C, rng_val, exclude=d.meta_idx) if N else None
         taken = [i for i in (d.meta_idx, d.val_idx) if i is not None]
@@ -242,17 +242,16 @@ def _clean_sets(d, rng_meta, rng_val) -> None:
     labels = d.labels
     if d.all_mode:
         if d.given is not None or N:
-            class_counts_check(labels, C, src.classes, N + 1, d.what, lambda cnt: (
-                f"the validation set needs {N} per class plus at least 1 left for the meta "
-                f"set; lower val_per_class" if N else
-                "every class of the training data needs at least 1 example in it"))
+            class_counts_check(labels, src.classes, N + 1, d.what, f"the validation set needs {N} per class plus "
+                               "at least 1 left for the meta set; lower val_per_class" if N else
+                               "every class of the training data needs at least 1 example in it")
         d.val_idx = per_class_draw(labels, N, C, rng_val) if N else None
         d.meta_idx = np.arange(len(labels)) if d.val_idx is None else np.setdiff1d(np.arange(len(labels)), d.val_idx)
     else:
         k = int(d.K) if mpc != 0 else 0
         if k + N:
             need, lower = _needs(k, N)
-            class_counts_check(labels, C, src.classes, k + N, d.what, lambda _: f"{need}; lower {lower}")
+            class_counts_check(labels, src.classes, k + N, d.what, f"{need}; lower {lower}")
         d.meta_idx = per_class_draw(labels, k, C, rng_meta) if k else None
         d.val_idx = per_class_draw(labels, N, C, rng_val, exclude=d.meta_idx) if N else None
     if mpc == 0:

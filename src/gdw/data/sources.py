@@ -209,14 +209,10 @@ def resolve(dataset) -> tuple[str, str | None]:
     kind, _, arg = text.partition(":")
     kind = ALIASES.get(kind.lower(), kind.lower())
     fmt = FORMATS._items.get(kind)
-    if fmt is not None and fmt.path == "required":
-        if not arg:
-            raise UserError(f"dataset {text!r} needs a path, e.g. '{kind}:/data/x'")
-        return kind, arg
-    if fmt is not None and fmt.path == "optional":
+    if fmt is not None and fmt.path == "required" and not arg:
+        raise UserError(f"dataset {text!r} needs a path, e.g. '{kind}:/data/x'")
+    if fmt is not None and (fmt.path != "none" or not arg):
         return kind, arg or None
-    if fmt is not None and not arg:
-        return kind, None
     path = Path(text)
     for f in FORMATS._items.values():
         if ("/" in f.suffixes and path.is_dir()) or (path.suffix.lower() in f.suffixes and path.is_file()):

@@ -29,7 +29,7 @@ The model's output may be the logits tensor or a structure holding it; see
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Optional
 
 import torch
@@ -366,10 +366,8 @@ class Method:
         fwd.B = comm.count(y_meta.shape[0], z.device)
         _, e = logit_error(z, y_meta, self.num_classes)
         self._backprop(fwd, (e / fwd.B).to(z.dtype))
-        ones = torch.ones(y_meta.shape[0], device=z.device, dtype=e.dtype)
-        with torch.no_grad():
-            loss = (comm.sum(F.cross_entropy(full(z.detach()), y_meta, reduction="sum")) / fwd.B).float()
-        return Stats(loss=loss, meta_loss=loss, weights=ones, logits=z.detach(), trust=ones, trained_on="meta")
+        stats = self._stats(fwd, z, y_meta, {"weights": torch.ones(y_meta.shape[0], device=z.device, dtype=e.dtype)})
+        return replace(stats, meta_loss=stats.loss, trained_on="meta")
 
     def _check_dtype(self, x, what: str) -> None:
         """Floating inputs must have the model's dtype (torch would raise a bare
