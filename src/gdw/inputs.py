@@ -152,20 +152,11 @@ class InputSplit:
                 shard: Optional[tuple[int, int]] = None):
         """Yield ``(x, y, pos)`` on ``device`` (arguments as :meth:`gdw.data.Split.batches`;
         no augmentation)."""
-        from .data.batches import epoch_plan
+        from .data.batches import batch_plan
 
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise UserError(f"batch_size must be a positive integer, got {batch_size!r}")
         if augment:
             raise UserError("InputSplit does not augment; use augment=False")
-        n = len(self)
-        order, _ = epoch_plan(n, shuffle=shuffle, seed=seed, epoch=epoch)
-        stop = n - n % batch_size if drop_last else n
-        for i in range(int(start) * batch_size, stop, batch_size):
-            pos = order[i:i + batch_size]
-            if shard is not None:
-                rank, world = shard
-                if len(pos) < world:
-                    continue
-                pos = torch.tensor_split(pos, world)[rank]
+        _, chunks, _ = batch_plan(len(self), batch_size, shuffle=shuffle, seed=seed, epoch=epoch,
+                                  drop_last=drop_last, start=start, shard=shard)
+        for pos in chunks:
             yield to(take(self.inputs, pos), device), self.labels[pos].to(device), pos.to(device)

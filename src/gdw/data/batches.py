@@ -214,31 +214,21 @@ def to_model_input(raw: torch.Tensor, view: View, device, aug=None) -> torch.Ten
     return x.mul_(scale / std).sub_(view.mean.to(device).view(shape) / std)
 
 
-def iterate(store, rows: torch.Tensor, labels: torch.Tensor, view: View, batch_size: int, *,
-            shuffle: bool, seed: int, epoch: int, device, augment: bool, drop_last: bool,
-            start: int = 0, num_workers: int = 0, shard: tuple[int, int] | None = None):
-    """The batch generator behind :meth:`gdw.data.Split.batches` (see there)."""
+def batch_plan(n: int, batch_size: int, *, shuffle: bool, seed: int, epoch: int, drop_last: bool = False,
+               start: int = 0, shard: tuple[int, int] | None = None, jitter: tuple[int, int] | None = None):
+    """The batches of an epoch over positions 0..n-1 (arguments as :meth:`gdw.data.Split.batches`):
+    ``(offsets, chunks, aug)``, each batch's positions, its offset in the epoch's order and the
+    augmentation draws of :func:`epoch_plan` (``jitter``). UserError for a bad batch_size."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise UserError(f"batch_size must be a positive integer, got {batch_size!r}")
-    if augment and view.out_hw is None:
-        raise UserError("augmentation (crop/flip) needs image inputs; use augment=False")
-    n = len(rows)
-    jitter = None
-    if augment:
-        (H, W), (h, w) = store.shape[-2:], view.out_hw
-        jitter = (H + 2 * view.pad - h, W + 2 * view.pad - w)
     order, aug = epoch_plan(n, shuffle=shuffle, seed=seed, epoch=epoch, jitter=jitter)
     stop = n - n % batch_size if drop_last else n
-    starts = range(int(start) * batch_size, stop, batch_size)
-    chunks = [order[i:i + batch_size] for i in starts]
-    offsets = list(starts)
+    offsets = list(range(int(start) * batch_size, stop, batch_size))
+    chunks = [order[i:i + batch_size] for i in offsets]
     if shard is not None:
         rank, world = shard
         keep = [k for k, c in enumerate(chunks) if len(c) >= world]
         sizes = [torch.tensor_split(torch.arange(len(chunks[k])), world)[rank] for k in keep]
         offsets = [offsets[k] + int(s[0]) for k, s in zip(keep, sizes)]
         chunks = [chunks[k][s] for k, s in zip(keep, sizes)]
-    raw_batches = store.read([rows[c] for c in chunks], num_workers)
-    for i, pos, raw in zip(offsets, chunks, raw_batches):
-        a = None if aug is None else tuple(t[i:i + len(pos)] for t in aug)
-        yield to_model_input(raw, view, device, a), labels[pos].to(device), pos.to(device)
+    return offsets, chunks, aug

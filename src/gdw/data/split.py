@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError, one_line
-from .batches import View, iterate
+from .batches import View, batch_plan, to_model_input
 
 
 class Split:
@@ -87,11 +87,18 @@ class Split:
         Every example appears exactly once per epoch (unless dropped by drop_last).
         Raises UserError for a bad batch_size/seed/epoch or augment=True on tabular data.
         """
-        aug = self.augment if augment is None else bool(augment)
-        return iterate(self.store, self.index, self.labels, self.view, batch_size,
-                       shuffle=shuffle, seed=seed, epoch=epoch, device=device, augment=aug,
-                       drop_last=drop_last, start=start, num_workers=self.num_workers,
-                       shard=shard)
+        view, augment, jitter = self.view, self.augment if augment is None else bool(augment), None
+        if augment and view.out_hw is None:
+            raise UserError("augmentation (crop/flip) needs image inputs; use augment=False")
+        if augment:
+            (H, W), (h, w) = self.store.shape[-2:], view.out_hw
+            jitter = (H + 2 * view.pad - h, W + 2 * view.pad - w)
+        offsets, chunks, aug = batch_plan(len(self), batch_size, shuffle=shuffle, seed=seed, epoch=epoch,
+                                          drop_last=drop_last, start=start, shard=shard, jitter=jitter)
+        raw_batches = self.store.read([self.index[c] for c in chunks], self.num_workers)
+        for i, pos, raw in zip(offsets, chunks, raw_batches):
+            a = None if aug is None else tuple(t[i:i + len(pos)] for t in aug)
+            yield to_model_input(raw, view, device, a), self.labels[pos].to(device), pos.to(device)
 
 
 @dataclass
