@@ -142,8 +142,8 @@ def sweep(out: Path, cells, *, shard: tuple[int, int] = (0, 1), share: bool = Fa
                         "method", "method_args", "head_only", "noise", "imbalance", "seed")}}
                     (run_dir / FAILED).write_text(json.dumps(record) + "\n")
         if progress:
-            print(f"    failed: {result}" if how == "failed" else f"    final {100 * result['final_test_accuracy']:.2f}%  "
-                  f"best {100 * result['best_test_accuracy']:.2f}%  {time.time() - t0:.0f}s", flush=True)
+            print(f"    failed: {result}" if how == "failed" else f"    final {100 * result['final_test_accuracy']:.2f}"
+                  f"%  best {100 * result['best_test_accuracy']:.2f}%  {time.time() - t0:.0f}s", flush=True)
         yield name, cfg, how, result
 
 
@@ -189,8 +189,8 @@ def compare(
     for k, ((label, _), (name, _, how, summary)) in enumerate(zip(configs, sweep(
             root, cells, force=force, log=(lambda *a, **kw: None) if quiet else print)), 1):
         if not quiet:
-            print(f"[{k}/{len(configs)}] {name}: " + {"finished": "finished, skipped", "resumed": "resumed and finished",
-                                                      "new": "trained"}[how], flush=True)
+            done = {"finished": "finished, skipped", "resumed": "resumed and finished", "new": "trained"}[how]
+            print(f"[{k}/{len(configs)}] {name}: {done}", flush=True)
         rows.append({**summary, "method": label, "run_dir": name})
         write_results_csv(rows, root / "results.csv", extra_fields=VAL_FIELDS)
     _report(rows, root, title=f"{base.dataset}, {base.model}, {base.epochs} epochs")
@@ -199,16 +199,11 @@ def compare(
 
 def cell_configs(base: TrainConfig, variants, settings, seeds, root: Path, quiet: bool) -> list:
     """``(label, TrainConfig)`` of every (setting, method variant, seed) cell, checked."""
-    configs = []
-    for (noise, imbalance), (label, name, args, head), seed in ((s, v, seed) for s in settings for v in variants
-                                                          for seed in seeds):
-        cfg = dataclasses.replace(
-            base, noise=noise, imbalance=imbalance, method=name, method_args={**args, **base.method_args},
-            head_only=head or base.head_only, seed=seed,
-            out=str(root / cell_name(noise, imbalance, label, seed)), resume=False, progress=base.progress and not quiet,
-        )
-        configs.append((label, cfg.validate()))
-    return configs
+    return [(label, dataclasses.replace(
+        base, noise=noise, imbalance=imbalance, method=name, method_args={**args, **base.method_args},
+        head_only=head or base.head_only, seed=seed, out=str(root / cell_name(noise, imbalance, label, seed)),
+        resume=False, progress=base.progress and not quiet).validate())
+        for noise, imbalance in settings for label, name, args, head in variants for seed in seeds]
 
 
 def _report(rows: list[dict], root: Path, title: str) -> None:
