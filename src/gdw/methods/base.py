@@ -254,13 +254,9 @@ class Method:
     def forward(self, x) -> TrainForward:
         """The real forward of the training batch (updates BatchNorm stats once)."""
         rng = RngState(model_inputs.device_of(x, self.device))
-        with torch.set_grad_enabled(self.forward_needs_graph()):
+        with torch.enable_grad():
             return TrainForward(self.model, x, logits_of(model_inputs.call(self.model, x), self.output), rng,
                                 output=self.output, comm=self.comm if self.comm is not None else Comm())
-
-    def forward_needs_graph(self) -> bool:
-        """Whether the real forward must record an autograd graph."""
-        return True
 
     def meta_before_forward(self, x, x_meta, y_meta) -> Optional[MetaGradient]:
         """What the method computes from the meta batch before the real
