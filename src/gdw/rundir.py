@@ -108,32 +108,24 @@ def check_same_data(out: Path, data) -> None:
                             f"{out / 'split.npz'}); a run keeps its data: start a new run with another --out")
 
 
-class RunDir:
-    """Creates the run directory on entry and, if the run fails or is
-    interrupted before its first checkpoint, removes everything it created."""
-
-    def __init__(self, out: Path, main: bool):
-        self.out, self.main = out, main
-
-    def __enter__(self) -> "RunDir":
-        self.created = None
-        if self.main:
-            top = self.out
-            while not top.parent.exists():
-                top = top.parent
-            self.created = None if self.out.exists() else top
-            self.out.mkdir(parents=True, exist_ok=True)
-            self.before = set(self.out.iterdir())
-        return self
-
-    def __exit__(self, kind, err, tb) -> None:
-        if kind is None or not self.main or (self.out / "checkpoint.pt").exists():
-            return
-        if self.created is not None:
-            shutil.rmtree(self.created, ignore_errors=True)
-        else:
-            for p in set(self.out.iterdir()) - self.before:
+@contextlib.contextmanager
+def run_dir(out: Path, main: bool):
+    """Creates the run directory on entry (on rank 0, ``main``) and, if the run fails or
+    is interrupted before its first checkpoint, removes everything it created."""
+    top, before = out, set()
+    while not top.parent.exists():
+        top = top.parent
+    created = None if out.exists() else top
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        before = set(out.iterdir())
+    try:
+        yield
+    except BaseException:
+        if main and not (out / "checkpoint.pt").exists():
+            for p in [created] if created is not None else set(out.iterdir()) - before:
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        raise
 
 
 @contextlib.contextmanager

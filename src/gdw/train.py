@@ -29,13 +29,12 @@ from .callbacks import (BestModel, Checkpointer, EpochLog, Evaluator, LabelIssue
 from .distributed import Comm, init_from_env, launched_by_torchrun
 from .io import atomic_write
 from .errors import UserError
-from .fit import TrainingCollapsed, TrainingDiverged, cosine_lr, fit  # noqa: F401 - re-exported
+from .fit import TrainingDiverged, fit  # noqa: F401 - re-exported
 from .methods import METHODS, make
 from .models import check_logits, create_model
-from .config import (NEUTRAL, RESERVED_METHOD_ARGS, TrainConfig,  # noqa: F401 - re-exported
-                     changed_data_files, data_files, default_out)
-from .rundir import (RunDir, RunInterrupted, _config_record, _interrupts, _summary,  # noqa: F401 - re-exported
-                     check_run_dir, check_same_data, describe_difference, load_checkpoint, never_checkpointed)
+from .config import NEUTRAL, TrainConfig, changed_data_files, default_out  # noqa: F401 - re-exported
+from .rundir import (RunInterrupted, _config_record, _interrupts, _summary, check_run_dir,  # noqa: F401 - re-exported
+                     check_same_data, describe_difference, load_checkpoint, run_dir)
 
 
 def pick_device(requested: Optional[str]) -> torch.device:
@@ -141,7 +140,7 @@ def train(cfg: TrainConfig, log=print, comm: Optional[Comm] = None) -> dict:
         _restore(ckpt, model, opt, method, stateful)
     start, history = (ckpt["epoch"] + 1, ckpt["history"]) if ckpt else (0, [])
     _log_start(log, cfg, data, device, out, target, start if ckpt else None)
-    with RunDir(out, main), _interrupts(out, cfg):
+    with run_dir(out, main), _interrupts(out, cfg):
         if main and ckpt is None:
             record = {**_config_record(cfg, data, device, comm, fingerprint),
                       "target": {k: v for k, v in target.items() if k != "line"}}
