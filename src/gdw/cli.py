@@ -106,10 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
 def resolve_config(args: argparse.Namespace, exclude=()) -> dict:
     """Defaults < --config file < flags given on the command line."""
     settings = load_config_file(args.config) if getattr(args, "config", None) else {}
-    for key, value in vars(args).items():
-        if key in ("config", "command", "argv") or key in exclude or value is None:
-            continue
-        settings[key] = value
+    settings.update({key: value for key, value in vars(args).items()
+                     if key not in ("config", "command", "argv", *exclude) and value is not None})
     if isinstance(settings.get("method_args"), str):
         settings["method_args"] = parse_method_args(settings["method_args"])
     unknown = sorted(set(settings) - set(FIELDS) - set(exclude))

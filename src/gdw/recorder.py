@@ -60,12 +60,10 @@ class LabelIssueRecorder(Callback):
         order; rows never seen are 0), with ``count``; empty before the first epoch."""
         return _means(self.last_epoch) if self.last_epoch else {}
 
-    def _shape(self, name: str):
-        return (self.n, self.num_classes) if name in ("prob", "class_weight") else (self.n,)
-
     def _add(self, name: str, pos: torch.Tensor, values: torch.Tensor) -> None:
         if name not in self.epoch_sums:
-            self.epoch_sums[name] = torch.zeros(self._shape(name), device=self.device)
+            shape = (self.n, self.num_classes) if name in ("prob", "class_weight") else (self.n,)
+            self.epoch_sums[name] = torch.zeros(shape, device=self.device)
         self.epoch_sums[name].index_add_(0, pos, values.float())
 
     def update(self, epoch: int, pos: torch.Tensor, stats) -> None:
@@ -178,7 +176,7 @@ class LabelIssueRecorder(Callback):
                 ev["trust"][missing] = np.nan
         given = train_split.labels.numpy()
         held = self.held_out(data, model, batch_size)
-        score = 1.0 - ev["prob"][np.arange(len(given)), given].astype(np.float64)  # 1 − p̄_y: higher = more suspicious
+        score = 1.0 - ev["prob"][np.arange(len(given)), given].astype(np.float64)  # 1 − p̄_y: higher, more suspect
         # the model's own mistakes where labels are right: on the meta set, which a meta method fits about as
         # well as the clean training rows (docs/algorithms.md, 5c)
         meta = held.get("meta") if fits_meta else None

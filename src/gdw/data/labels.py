@@ -47,11 +47,6 @@ def classes_from(names: np.ndarray) -> list[str]:
     return [str(v) for v in np.unique(ints)]
 
 
-def _show(classes, limit: int = 10) -> str:
-    shown = ", ".join(map(str, classes[:limit]))
-    return shown + (f", ... ({len(classes)} in all)" if len(classes) > limit else "")
-
-
 def ids_by_name(names, classes, what: str, *, empty_unknown: bool = False) -> np.ndarray:
     """Class ids (int64) of label names (see :func:`label_names`) by matching them to
     ``classes``: exactly, else as the same integer. ``empty_unknown``: an empty name
@@ -68,8 +63,9 @@ def ids_by_name(names, classes, what: str, *, empty_unknown: bool = False) -> np
         if i is None:
             i = lookup.get(_as_int_text(u))
         if i is None:
+            more = f", ... ({len(classes)} in all)" if len(classes) > 10 else ""
             raise UserError(f"label {u!r} in {what} is not a class of the training data "
-                            f"(classes: {_show(list(classes))})")
+                            f"(classes: {', '.join(map(str, list(classes)[:10]))}{more})")
         ids[k] = i
     return ids[inverse.reshape(-1)]
 

@@ -51,12 +51,6 @@ def preprocess_record(src, view: View, input_shape, dataset, classes) -> dict:
     }
 
 
-def view_of(pre: dict) -> View:
-    """The batch :class:`View` (normalisation, output size) described by ``pre``."""
-    return View(torch.tensor(pre["mean"], dtype=torch.float32), torch.tensor(pre["std"], dtype=torch.float32),
-                None if pre["out_hw"] is None else tuple(int(s) for s in pre["out_hw"]), int(pre["pad"]))
-
-
 @dataclass
 class Examples:
     """Examples read by :func:`read_examples`: inputs in ``store``, ``labels`` (int64 class
@@ -70,19 +64,13 @@ class Examples:
     name: str
 
 
-def _images_ok(pre: dict) -> bool:
-    """Image files (uint8, scaled by 1/255) can stand for the training inputs: images
-    stored as uint8, or digits (floats in [0, 1])."""
-    return pre.get("input") == "image" and (pre["dtype"] == "uint8" or pre.get("kind") == "digits")
-
-
 def read_examples(spec, pre: dict, classes, *, what: str, need_labels: bool, stream: bool | None = None) -> Examples:
     """Read ``csv:PATH``, ``folder:PATH`` or ``npz:PATH`` (or a bare path) like the
     training data described by ``pre`` (:func:`source_format` or a preprocess record).
 
     csv: the training feature columns (by name; other columns ignored) or text column
-    (:mod:`gdw.data.text`) and, if present, the label column (an empty label is -1 unless labels are needed). folder: one
-    sub-folder per class, or (unlabelled) image files directly in it; images loaded at
+    (:mod:`gdw.data.text`) and, if present, the label column (an empty label is -1 unless
+    labels are needed). folder: one sub-folder per class, or (unlabelled) image files directly in it; images loaded at
     the training size, channels and fit. npz: ``x`` and optional ``y`` (or ``x_meta``,
     ``y_meta``); a ``classes`` array makes numeric ``y`` positions in it. Labels are
     matched to ``classes`` by name. ``what`` names the data in messages. UserError for
@@ -118,19 +106,16 @@ def _read_csv(path, pre, classes, what, need_labels, name, stream=None) -> Examp
     return Examples(TensorStore(torch.from_numpy(x)), labels, has, Origin(str(path), np.arange(n)), name)
 
 
-def _top_images(root: Path) -> list[Path]:
-    return sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-
-
 def _read_folder(root, pre, classes, what, need_labels, name, stream) -> Examples:
-    if not _images_ok(pre):
+    # image files (uint8, scaled by 1/255) stand for training images stored as uint8, or digits (floats in [0, 1])
+    if pre.get("input") != "image" or (pre["dtype"] != "uint8" and pre.get("kind") != "digits"):
         raise UserError(f"{what} {name} is a folder of images, but the training inputs "
                         f"({pre.get('dataset') or pre.get('kind')}) are not images stored as uint8")
     if not root.is_dir():
         raise UserError(f"image folder not found: {root}")
     groups = [(d, list_images(root / d)) for d in class_folders(root)]
     groups = [(d, files) for d, files in groups if files]
-    top = _top_images(root)
+    top = sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if groups and top:
         raise UserError(f"{root} has both image files and class sub-folders of images; "
                         f"use one sub-folder per class, or only image files (unlabelled)")
@@ -242,6 +227,8 @@ def load_new(spec, preprocess: dict, classes=None, *, stream: bool | None = None
     ex = read_examples(spec, pre, classes, what="new data", need_labels=False, stream=stream)
     n = len(ex.labels)
     rows, paths = ex.origin.rows_of(np.arange(n)), ex.origin.paths_of(np.arange(n))
-    split = Split("new", ex.store, np.arange(n), ex.labels, None, view_of(preprocess), num_workers=num_workers,
+    view = View(*(torch.tensor(preprocess[k], dtype=torch.float32) for k in ("mean", "std")),
+                None if preprocess["out_hw"] is None else tuple(map(int, preprocess["out_hw"])), int(preprocess["pad"]))
+    split = Split("new", ex.store, np.arange(n), ex.labels, None, view, num_workers=num_workers,
                   source_rows=rows, source_paths=paths, source_file=ex.origin.file)
     return NewData(split, rows, paths, ex.has_labels, ex.origin.file, classes)

@@ -63,10 +63,6 @@ def default_meta_per_class(labels: np.ndarray, num_classes: int) -> int:
     return max(1, min(100 if num_classes <= 10 else 10, int(counts.min()) // 10))
 
 
-def _list_ints(a) -> list:
-    return [int(v) for v in a]
-
-
 def _left_out(k: int, noun: str, of: str, split: str) -> str:
     """The warning that ``k`` rows (``noun``) with the inputs of an example of ``of`` were left out of ``split``."""
     return (f"{k} {noun}{'' if k == 1 else 's'} with exactly the inputs of an example of {of} "
@@ -348,10 +344,10 @@ def _record(d, ispec, seed, noisy_tr, true_tr, T) -> dict:
     known = true_tr >= 0
 
     def counts_of(split):
-        return _list_ints(np.bincount(split.labels.numpy(), minlength=C)) if split is not None else [0] * C
+        return np.bincount(split.labels.numpy(), minlength=C).tolist() if split is not None else [0] * C
 
-    counts = {"train_noisy": _list_ints(np.bincount(noisy_tr, minlength=C)),
-              "train_true": _list_ints(np.bincount(true_tr[known], minlength=C)),
+    counts = {"train_noisy": np.bincount(noisy_tr, minlength=C).tolist(),
+              "train_true": np.bincount(true_tr[known], minlength=C).tolist(),
               "meta": counts_of(meta_split), "val": counts_of(val_split), "test": counts_of(test)}
     order = (("test set given" if given_test is not None else "test split (fixed)") + " -> meta (" + {
         "given": "given", "provided": "provided", "provided clean pool": "provided pool",
