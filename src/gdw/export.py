@@ -30,15 +30,6 @@ from .errors import UserError
 from .io import atomic_path
 
 
-def _source(config: dict, run: Path) -> tuple[str, Path]:
-    """The run's data file or folder (recorded relative to the run directory)."""
-    spec = str(config.get("dataset", ""))
-    kind, _, rest = spec.partition(":")
-    if kind in ("csv", "npz", "folder") and rest:
-        return kind, run / rest  # an absolute path stays itself
-    raise UserError(f"--export works on the user's own data (csv:, npz: or folder:); this run trained on {spec!r}")
-
-
 def flagged_rows(issues, num_issues: Optional[int] = None) -> tuple[dict, dict]:
     """``{user row: suggested class}`` of the flagged training examples (the
     run's own flagged set, or the ``num_issues`` most suspicious), and the
@@ -64,7 +55,11 @@ def export(run_dir, out_file, *, relabel: bool = False, num_issues: Optional[int
     run = Path(run_dir)
     issues = load_issues(run)
     config = json.loads((run / "config.json").read_text())
-    kind, source = _source(config, run)
+    spec = str(config.get("dataset", ""))
+    kind, _, rest = spec.partition(":")
+    if kind not in ("csv", "npz", "folder") or not rest:
+        raise UserError(f"--export works on the user's own data (csv:, npz: or folder:); this run trained on {spec!r}")
+    source = run / rest  # the data file or folder, recorded relative to the run directory (an absolute path stays)
     if not source.exists():
         raise UserError(f"--export: the run's data {source} is gone")
     flagged, test = flagged_rows(issues, num_issues)

@@ -30,20 +30,12 @@ from .errors import UserError
 Inputs = Union[torch.Tensor, Mapping[str, Any], tuple, list]
 
 
-def split_args(x: Inputs) -> tuple[tuple, dict]:
-    """``(args, kwargs)`` of the call ``model(*args, **kwargs)`` for inputs ``x``."""
-    if isinstance(x, Mapping):
-        return (), dict(x)
-    if isinstance(x, (tuple, list)):
-        return tuple(x), {}
-    return (x,), {}
-
-
 def call(model: nn.Module, x: Inputs, params: Optional[dict] = None):
     """The model's output on ``x`` (see the module's docstring); with
     ``params`` (names → tensors, buffers included) through
     ``torch.func.functional_call``, the module itself unchanged."""
-    args, kwargs = split_args(x)
+    args = () if isinstance(x, Mapping) else tuple(x) if isinstance(x, (tuple, list)) else (x,)
+    kwargs = dict(x) if isinstance(x, Mapping) else {}
     if params is None:
         return model(*args, **kwargs)
     return functional_call(model, params, args, kwargs)

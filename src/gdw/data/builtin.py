@@ -6,6 +6,7 @@ Clothing1M. Lookup of the files: :func:`gdw.data.sources.search_dirs`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import gzip
 import pickle
 import struct
@@ -364,12 +365,6 @@ def read_clothing1m(root=None, data_root=None, image_size=None) -> Source:
                   preprocess=image_preprocess("clothing1m", train, fit="center"))
 
 
-def _published(reader, name: str):
-    """Register the published dataset ``name``, read by ``reader(name, data_root, download, mirror)``."""
-    register_format(name, options=("data_root", "download", "mirror"))(lambda **o: reader(name, **o))
-
-
-for _name in ("mnist", "fashion-mnist"):
-    _published(read_idx_dataset, _name)
-for _name in ("cifar10", "cifar100"):
-    _published(read_cifar, _name)
+for _name, _reader in (("mnist", read_idx_dataset), ("fashion-mnist", read_idx_dataset), ("cifar10", read_cifar),
+                       ("cifar100", read_cifar)):  # the published datasets: reader(name, data_root, download, mirror)
+    register_format(_name, options=("data_root", "download", "mirror"))(functools.partial(_reader, _name))

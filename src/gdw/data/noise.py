@@ -79,9 +79,10 @@ def _number(text: str, what: str, spec: str) -> float:
     return value
 
 
-def load_matrix(path: str | Path) -> np.ndarray:
+def load_matrix(path: str | Path, num_classes: int | None = None) -> np.ndarray:
     """Read a transition matrix from ``.npy`` or ``.csv``/``.txt`` (comma-separated) and check
-    it is square, finite, non-negative with rows summing to 1 within 1e-6.
+    it is square (C x C when ``num_classes`` is given), finite, non-negative with rows summing
+    to 1 within 1e-6.
 
     Returns a float64 (C, C) array. Raises UserError naming the file otherwise.
     """
@@ -94,7 +95,7 @@ def load_matrix(path: str | Path) -> np.ndarray:
         m = np.asarray(m, dtype=np.float64)
     except (ValueError, OSError) as e:
         raise UserError(f"cannot read noise matrix {path}: {one_line(e)}") from None
-    check_stochastic(m, str(path))
+    check_stochastic(m, str(path), num_classes)
     return m
 
 
@@ -152,10 +153,7 @@ def parse_noise(spec: str | NoiseSpec, num_classes: int | None = None) -> NoiseS
     if kind == "matrix":
         if not arg:
             raise UserError(f"noise spec {spec!r} needs a file, e.g. 'matrix:T.npy'")
-        m = load_matrix(arg)
-        if num_classes is not None:
-            check_stochastic(m, arg, num_classes)
-        return NoiseSpec("matrix", matrix=m, path=arg, text=text)
+        return NoiseSpec("matrix", matrix=load_matrix(arg, num_classes), path=arg, text=text)
     if kind in ("cifar10n", "cifar100n"):
         key, _, path = arg.partition(":")
         if not key:
