@@ -102,7 +102,7 @@ def prepare(dataset="digits", noise="none", imbalance="none", meta_per_class=Non
     """
     nspec, ispec = parse_noise(noise), parse_imbalance(imbalance)
     _check_sizes(seed, meta_per_class, val_per_class)
-    d = SimpleNamespace(dataset=dataset, N=int(val_per_class), meta_per_class=meta_per_class)
+    d = SimpleNamespace(dataset=dataset, N=int(val_per_class), meta_per_class=meta_per_class, fold=holdout)
     _read(d, nspec, test, meta, dict(data_root=data_root, download=download, mirror=mirror,
                                      label_column=label_column, image_size=image_size, stream=stream,
                                      features=features, ignore=ignore, text_column=text_column, encoder=encoder,
@@ -115,10 +115,7 @@ def prepare(dataset="digits", noise="none", imbalance="none", meta_per_class=Non
     src, C = d.src, d.C
     train_pos = d.train_pos[apply_imbalance(d.true[d.train_pos], C, ispec, rng_imb)]
     true_tr = d.true[train_pos]
-    if d.real_noise:
-        noisy_tr, T = d.observed[train_pos], None
-    else:
-        noisy_tr, T = apply_noise(true_tr, C, d.nspec, rng_noise)
+    noisy_tr, T = (d.observed[train_pos], None) if d.real_noise else apply_noise(true_tr, C, d.nspec, rng_noise)
     if not (src.clean or src.y_train_true is not None or d.nspec.kind != "none"):
         # the user's own labels, as they are: their truth is unknown, not equal to them
         true_tr = np.full_like(true_tr, -1)
@@ -127,15 +124,11 @@ def prepare(dataset="digits", noise="none", imbalance="none", meta_per_class=Non
         keep = fold_keep(noisy_tr, holdout, seed)
         d.holdout = (train_pos[~keep], noisy_tr[~keep], true_tr[~keep])
         train_pos, noisy_tr, true_tr = train_pos[keep], noisy_tr[keep], true_tr[keep]
-    d.splits = _splits(d, train_pos, noisy_tr, true_tr, num_workers)
+    d.splits = s = _splits(d, train_pos, noisy_tr, true_tr, num_workers)
     d.clean = d.pool is not None or src.clean or src.y_train_true is not None
-    record = _record(d, ispec, seed, noisy_tr, true_tr, T)
-    train, meta_split, test, val_split = (d.splits[k] for k in ("train", "meta", "test", "val"))
-    preprocess = preprocess_record(src, src.view, train.input_shape, dataset, src.classes)
-    if d.holdout is not None:
-        record.update(holdout=holdout, n_holdout=len(d.splits["holdout"]))
-    return Prepared(train, meta_split, test, list(src.classes), train.input_shape, record,
-                    val=val_split, preprocess=preprocess, holdout=d.splits["holdout"])
+    return Prepared(s["train"], s["meta"], s["test"], list(src.classes), s["train"].input_shape,
+                    _record(d, ispec, seed, noisy_tr, true_tr, T), val=s["val"], holdout=s["holdout"],
+                    preprocess=preprocess_record(src, src.view, s["train"].input_shape, dataset, src.classes))
 
 
 def fold_keep(labels: np.ndarray, holdout: str, seed: int) -> np.ndarray:
@@ -377,4 +370,5 @@ def _record(d, ispec, seed, noisy_tr, true_tr, T) -> dict:
         "source_files": {k: getattr(d.splits[k], "source_file", None) for k in ("train", "meta", "val", "test")},
         "warnings": _warnings(d),
         "files": list(src.files), **src.notes, **d.record_extra,
+        **({} if d.fold is None else {"holdout": d.fold, "n_holdout": len(d.splits["holdout"])}),
     }
