@@ -42,20 +42,16 @@ def cross_fit(cfg: TrainConfig, folds: int, log=print) -> dict:
         log(f"gdw detect: fold {k + 1} of {folds} → {run}")
         train(dataclasses.replace(cfg, out=str(run), holdout=f"{k}/{folds}"), log=lambda *a, **kw: None)
         with np.load(run / EVIDENCE_NAME) as z:
-            parts.append({key: z[key] for key in z.files if key.startswith(("holdout_", "val_")) or key == "classes"})
-    rows = np.concatenate([p["holdout_source_rows"] for p in parts])
-    labels = np.concatenate([p["holdout_given"] for p in parts])
-    probs = np.concatenate([p["holdout_prob"] for p in parts]).astype(np.float64)
-    clean = {}
-    if all("val_prob" in p for p in parts):  # the clean validation split, as each fold's model sees it
-        clean = {"clean_labels": np.concatenate([p["val_given"] for p in parts]),
-                 "clean_pred_probs": np.concatenate([p["val_prob"] for p in parts]).astype(np.float64)}
+            parts.append({key: z[key] for key in z.files if key.startswith(("holdout_", "val_"))})
+    cat = {key: np.concatenate([p[key] for p in parts]) for key in parts[0] if all(key in p for p in parts)}
+    rows, labels, probs = cat["holdout_source_rows"], cat["holdout_given"], cat["holdout_prob"].astype(np.float64)
+    clean = ({"clean_labels": cat["val_given"], "clean_pred_probs": cat["val_prob"].astype(np.float64)}
+             if "val_prob" in cat else {})  # the clean validation split, as each fold's model sees it
     classes = [str(c) for c in json.loads((root / "fold0" / "config.json").read_text())["classes"]]
     found = find_label_issues(labels, probs, class_names=classes, **clean)
     suggested = np.where(found.flagged, found.suggested, labels)  # as in a run's label_issues.csv
     write_csv(root / CSV_NAME, issues_table(labels, suggested, found.score, classes, rows))
-    return {"issues": found, "rows": rows, "true": np.concatenate([p["holdout_true"] for p in parts]),
-            "clean": bool(clean), "csv": root / CSV_NAME}
+    return {"issues": found, "rows": rows, "true": cat["holdout_true"], "clean": bool(clean), "csv": root / CSV_NAME}
 
 
 def detect_folds(cfg: TrainConfig, folds: int) -> int:

@@ -48,11 +48,6 @@ def check_real(name: str, value) -> float:
     return v
 
 
-def emphasis_logits(p_y: torch.Tensor, one_minus_p: torch.Tensor, lam: float, beta: float) -> torch.Tensor:
-    """``β · p^λ · (1 − p)``, the log of the (unnormalised) emphasis density."""
-    return beta * p_y.pow(lam) * one_minus_p
-
-
 @METHODS.register("dm")
 class DM(Method):
     """Derivative Manipulation: each example's logit gradient gets L1 norm w_i / Σ_k w_k.
@@ -80,7 +75,7 @@ class DM(Method):
         onehot = F.one_hot(y, self.num_classes).to(p.dtype)
         p_y = (p * onehot).sum(1)
         one_minus_p = (p * (1 - onehot)).sum(1)  # 1 − p_y without cancellation
-        a = emphasis_logits(p_y, one_minus_p, self.lam, self.beta)
+        a = self.beta * p_y.pow(self.lam) * one_minus_p  # β · p^λ · (1 − p), the log of the emphasis density
         w = torch.exp(a - fwd.comm.max(a.max()))  # a softmax over the whole batch, all ranks
         w_bar = w / fwd.comm.sum(w.sum())
         scale = w_bar / (2 * one_minus_p + 1e-6)
