@@ -26,6 +26,7 @@ import torch
 
 from .fit import FitState, evaluate
 from .io import atomic_path, atomic_write
+from .report import plot_curves, plot_weights
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
@@ -242,8 +243,6 @@ class Plots(Callback):
     def on_fit_end(self, state: FitState) -> None:
         if not state.is_main or not state.history:
             return
-        from .report import plot_curves, plot_weights
-
         plot_curves(state.history, self.out / "curves.png", title=self.title)
         weights = self.out / "example_weights.npy"
         if weights.exists():

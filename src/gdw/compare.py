@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 
 from .errors import UserError
 from .report import VAL_FIELDS, plot_compare, results_markdown, validation_markdown, write_results_csv
-from .train import RunInterrupted, TrainConfig, changed_data_files, describe_difference, train
+from .train import RunInterrupted, TrainConfig, TrainingDiverged, changed_data_files, describe_difference, train
 from .variants import variant
 
 FAILED = "failed.json"  # written into a cell whose run diverged or collapsed: {"error": the message, its settings}
@@ -104,8 +104,6 @@ def sweep(out: Path, cells, *, shard: tuple[int, int] = (0, 1), share: bool = Fa
     ``force``: cells saved with other settings are rerun (:func:`run_cell`).
     ``progress``: a line before and after each cell trained; ``log``: the
     runs' epoch lines. Ctrl-C raises RunInterrupted naming the cell."""
-    from .fit import TrainingDiverged
-
     k, n = shard
     mine = list(cells)[k::n]
     for i, (name, cfg) in enumerate(mine, 1):

@@ -18,7 +18,8 @@ from typing import Any, Optional
 
 
 from .errors import UserError
-from .methods import METHODS
+from .methods import METHODS, recorded_params, resolved_params
+from .prior import TARGET_PRIORS
 
 
 NEUTRAL = ("device", "progress", "out", "resume", "data_root", "download", "logger")
@@ -131,8 +132,6 @@ class TrainConfig:
         for name in ("download", "head_only", "amp", "sync_bn", "resume", "progress"):
             if not isinstance(getattr(self, name), bool):
                 raise UserError(f"{flag(name)} must be true or false, got {getattr(self, name)!r}")
-        from .prior import TARGET_PRIORS
-
         if self.target_prior not in TARGET_PRIORS:
             raise UserError(f"--target-prior must be one of {', '.join(TARGET_PRIORS)}, got {self.target_prior!r}")
         for name in ("dataset", "noise", "imbalance", "method", "model", "label_column"):
@@ -181,8 +180,6 @@ class TrainConfig:
     def method_params(self) -> dict:
         """The method's hyper-parameters as they will be used (its defaults
         updated by ``method_args`` and ``head_only``)."""
-        from .methods import resolved_params
-
         given = {**self.method_args, **({"head_only": True} if self.head_only else {})}
         return json.loads(json.dumps(resolved_params(self.method, given), default=str))
 
@@ -202,8 +199,6 @@ class TrainConfig:
         a, b = self.result_settings(), other.result_settings()
         saved = getattr(other, "saved_method_params", None)
         if saved is not None:
-            from .methods import recorded_params
-
             b["method_params"] = recorded_params(other.method, saved)
         for k in {**a, **b}:  # method_args are compared by their effect, in method_params below
             if k not in ("method_params", "method_args") and (only is None or k in only) and a.get(k) != b.get(k):

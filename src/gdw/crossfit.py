@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import TrainConfig
-from .detect import CSV_NAME, issues_table, write_csv
+from .detect import CSV_NAME, EVIDENCE_NAME, auroc, issues_table, write_csv
 from .errors import UserError
 from .issues import find_label_issues
+from .train import TrainConfig, default_out, train
 
 
 def cross_fit(cfg: TrainConfig, folds: int, log=print) -> dict:
@@ -28,9 +28,6 @@ def cross_fit(cfg: TrainConfig, folds: int, log=print) -> dict:
     found with the rows' ids: ``{"issues", "rows", "true", "clean", "csv"}``
     (``true``: the true labels where known, else -1; ``clean``: whether a
     validation split corrected the estimate)."""
-    from .recorder import EVIDENCE_NAME
-    from .train import train
-
     if isinstance(folds, bool) or not isinstance(folds, int) or folds < 2:
         raise UserError(f"--folds must be a whole number >= 2, got {folds!r}")
     if cfg.holdout is not None:
@@ -58,9 +55,6 @@ def detect_folds(cfg: TrainConfig, folds: int) -> int:
     """``gdw detect --folds N``: :func:`cross_fit` under ``cfg.out`` (default a fresh
     folder under ``runs/``), then the estimate, the flagged count and, where the true
     labels are known (injected noise), how well the flagged set finds them."""
-    from .detect import auroc
-    from .train import default_out
-
     cfg.out = cfg.out or str(default_out(cfg))
     got = cross_fit(cfg.validate(), folds)
     found, known = got["issues"], got["true"] >= 0

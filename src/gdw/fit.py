@@ -29,6 +29,7 @@ import torch
 
 from . import inputs as model_inputs
 from .distributed import Comm
+from .engine import logits_of
 from .errors import UserError
 
 CHECK_EVERY = 50  # steps between finite-loss checks (each one synchronises with the device)
@@ -152,8 +153,6 @@ def predict_proba(model, split, batch_size: int = 500, device=None, shift=None) 
     ``shift``: (C,) added to the logits first (a run's prediction shift
     towards its target prior, :func:`gdw.prior.prediction_shift`)."""
     device = device or next(model.parameters()).device
-    from .engine import logits_of
-
     was_training = model.training
     model.eval()
     b = 0.0 if shift is None else torch.as_tensor(shift, dtype=torch.float32, device=device)

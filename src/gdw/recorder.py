@@ -18,6 +18,7 @@ import torch
 from .callbacks import Callback
 from .detect import CSV_NAME, EVIDENCE_NAME, WINDOW, issues_table, score_name, write_csv
 from .errors import UserError
+from .fit import predict_proba
 from .issues import find_label_issues, flag_per_class, most_likely_other
 
 
@@ -131,8 +132,6 @@ class LabelIssueRecorder(Callback):
         those a run has), e.g. ``{"val": {"prob": (m, C), "given": (m,)}}``."""
         if model is None:
             return {}
-        from .fit import predict_proba
-
         out = {}
         for name in ("meta", "val", "test", "holdout"):
             split = getattr(data, name, None)
@@ -168,8 +167,6 @@ class LabelIssueRecorder(Callback):
             if model is None:
                 raise UserError("no training statistics were recorded in the last epochs; cannot rank labels")
             prob = ev.get("prob", np.zeros((self.n, self.num_classes), np.float32))
-            from .fit import predict_proba
-
             prob[missing] = predict_proba(model, train_split, batch_size, self.device).cpu().numpy()[missing]
             ev["prob"] = prob
             if "trust" in ev:

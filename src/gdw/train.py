@@ -32,6 +32,8 @@ from .errors import UserError
 from .fit import TrainingDiverged, fit  # noqa: F401 - re-exported
 from .methods import METHODS, make
 from .models import check_logits, create_model
+from .prior import describe, prediction_shift, resolve_target_prior
+from .recorder import LabelIssueRecorder
 from .config import NEUTRAL, TrainConfig, changed_data_files, default_out  # noqa: F401 - re-exported
 from .rundir import (RunInterrupted, _config_record, _interrupts, _summary, check_run_dir,  # noqa: F401 - re-exported
                      check_same_data, describe_difference, load_checkpoint, run_dir)
@@ -203,8 +205,6 @@ def target_prior(cfg: TrainConfig, data, method) -> tuple[dict, Optional[torch.T
     ``prediction_shift`` (C floats, or None) and ``line``, the sentence
     printed at the start) and the shift added to the logits of every
     prediction (:mod:`gdw.prior`)."""
-    from .prior import describe, prediction_shift, resolve_target_prior
-
     C = data.num_classes
     true = data.train.true_labels
     labels = true if true is not None and bool((true >= 0).all()) else data.train.labels
@@ -224,8 +224,6 @@ def _callbacks(cfg: TrainConfig, data, out: Path, device, log, shift, fingerprin
     """The callbacks of a ``gdw train`` run, in the order they must run at an
     epoch end: rows are complete before the checkpoint, the checkpoint is
     saved before metrics.jsonl is rewritten from it."""
-    from .recorder import LabelIssueRecorder
-
     if cfg.logger == "tensorboard":  # the rows as scalars in out/tensorboard
         from .integrations.tensorboard import TensorBoardLogger
     true = data.train.true_labels

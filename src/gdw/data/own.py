@@ -22,6 +22,8 @@ from .labels import ids_by_name, label_names
 from .noise import check_labels
 from .files import _inputs, class_folders, image_store, list_images, read_csv_table, read_npz_arrays, relative_paths
 from .sources import FORMATS, IMAGE_SUFFIXES, Origin, resolve
+from .split import Split
+from .text import text_examples
 
 PREPROCESS_FORMAT = 1
 REQUIRED = ("format", "kind", "input", "stored_shape", "dtype", "mean", "std", "out_hw", "pad")
@@ -90,8 +92,6 @@ def _read_csv(path, pre, classes, what, need_labels, name, stream=None) -> Examp
     t = read_csv_table(path)
     label_column = pre["label_column"]
     if pre.get("input") == "text":
-        from .text import text_examples
-
         x = text_examples(t, pre)
     else:
         x = t.features(list(pre["feature_columns"]), pre.get("categories"))
@@ -211,8 +211,6 @@ def load_new(spec, preprocess: dict, classes=None, *, stream: bool | None = None
     Returns a :class:`NewData`. Raises UserError for an unknown label, missing feature
     columns, inputs of another shape or type than the training inputs, a bad preprocess.
     """
-    from .split import Split
-
     if not isinstance(preprocess, dict):
         raise UserError(f"preprocess must be a dict (Prepared.preprocess), got {type(preprocess).__name__}")
     missing = [k for k in REQUIRED if k not in preprocess]

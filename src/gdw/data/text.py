@@ -32,6 +32,7 @@ import numpy as np
 
 from ..errors import UserError, one_line
 from ..io import atomic_path
+from .files import read_csv_table
 from .sources import cached_digest
 
 ENCODER_FILE = "text_encoder.npz"
@@ -271,8 +272,6 @@ def split_texts(split, pre: Optional[dict]) -> Optional[list]:
     when the run does not train on text."""
     if not pre or pre.get("input") != "text" or getattr(split, "source_file", None) is None:
         return None
-    from .files import read_csv_table
-
     texts = read_csv_table(split.source_file).column(pre["text_column"])
     return [str(texts[int(r)]) for r in split.source_rows]
 
