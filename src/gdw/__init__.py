@@ -22,7 +22,6 @@ from .prior import prediction_shift
 
 __version__ = "0.1.0"
 
-__all__ = ["Callback", "CE", "GDW", "L2RW", "MWNet", "METHODS", "Method", "MetaMethod", "Stats", "UserError", "WeightNet", "cycle",
-           "batches", "read_label_issues", "prediction_shift", "find_label_issues", "LabelIssues",
-           "LabelIssueRecorder",
-           "fit", "make", "__version__"]
+__all__ = ["Callback", "CE", "GDW", "L2RW", "MWNet", "METHODS", "Method", "MetaMethod", "Stats", "UserError",
+           "WeightNet", "cycle", "batches", "read_label_issues", "prediction_shift", "find_label_issues", "LabelIssues",
+           "LabelIssueRecorder", "fit", "make", "__version__"]

@@ -66,10 +66,11 @@ def _add_train_flags(p: argparse.ArgumentParser, grid: bool = False) -> None:
         flag, opts = _flag_options(f)
         p.add_argument(flag, **opts)
     if grid:
-        p.add_argument("--force", action="store_true", default=None,
-                       help="rerun cells whose saved settings differ from the requested ones (their results are replaced)")
+        p.add_argument("--force", action="store_true", default=None, help="rerun cells whose saved settings differ "
+                       "from the requested ones (their results are replaced)")
     else:
-        p.add_argument("--nproc", type=int, help="data-parallel processes on this machine (launches torchrun; one per GPU)")
+        p.add_argument("--nproc", type=int,
+                       help="data-parallel processes on this machine (launches torchrun; one per GPU)")
     p.add_argument("--threads", type=int, metavar="N", help="CPU threads of torch (default: torch's own choice; on a "
                                                             "busy or shared machine, 1 is often much faster)")
 
@@ -294,7 +295,8 @@ def cmd_detect(args) -> int:
         run = Path(args.run_dir)
     else:
         if args.nproc is not None and args.nproc > 1:
-            raise UserError("gdw detect trains in one process; train with gdw train --nproc, then run gdw detect RUN_DIR")
+            raise UserError("gdw detect trains in one process; train with gdw train --nproc, "
+                            "then run gdw detect RUN_DIR")
         from .train import default_out, train
 
         cfg = TrainConfig(**settings)

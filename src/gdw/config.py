@@ -127,8 +127,8 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 \
                     or (name in ("lr", "test_fraction") and value == 0) or (name == "test_fraction" and value >= 1):
-                kind = {"lr": "a positive number", "test_fraction": "a number in (0, 1)"}.get(name, "a non-negative number")
-                raise UserError(f"{flag(name)} must be {kind}, got {value!r}")
+                kinds = {"lr": "a positive number", "test_fraction": "a number in (0, 1)"}
+                raise UserError(f"{flag(name)} must be {kinds.get(name, 'a non-negative number')}, got {value!r}")
         for name in ("download", "head_only", "amp", "sync_bn", "resume", "progress"):
             if not isinstance(getattr(self, name), bool):
                 raise UserError(f"{flag(name)} must be true or false, got {getattr(self, name)!r}")
@@ -146,9 +146,10 @@ class TrainConfig:
         for name in ("meta", "test", "features", "ignore", "text_column", "encoder"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):
-                raise UserError(f"{flag(name)} must be " + {"meta": "a dataset spec such as csv:PATH", "test": "a dataset "
-                                "spec such as csv:PATH", "text_column": "a column name", "encoder": "a model folder"}.get(
-                                    name, "column names separated by commas") + f", got {value!r}")
+                kinds = {"meta": "a dataset spec such as csv:PATH", "test": "a dataset spec such as csv:PATH",
+                         "text_column": "a column name", "encoder": "a model folder"}
+                kind = kinds.get(name, "column names separated by commas")
+                raise UserError(f"{flag(name)} must be {kind}, got {value!r}")
         if self.encoder is not None and self.text_column is None:
             raise UserError("--encoder turns a text column into features: give --text-column too")
         if not isinstance(self.method_args, dict):
@@ -224,7 +225,8 @@ class TrainConfig:
             names = {f.name for f in dataclasses.fields(cls)}
             cfg = cls(**{k: v for k, v in saved.items() if k in names})
         except (OSError, ValueError, TypeError) as err:
-            raise UserError(f"cannot read {path}: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+            first = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise UserError(f"cannot read {path}: {first}") from None
         base = run.resolve()
         cfg = dataclasses.replace(cfg, **_map_paths(cfg, lambda p: str((base / p).resolve())))
         cfg = dataclasses.replace(cfg, out=str(run))
@@ -274,6 +276,8 @@ def load_config_file(path: str) -> dict:
         text = p.read_text()
     except OSError as err:
         raise UserError(f"--config: cannot read {path}: {err.strerror}") from None
+    if p.suffix.lower() not in (".toml", ".yaml", ".yml"):
+        raise UserError(f"--config: {path} must end in .toml, .yaml or .yml")
     try:
         if p.suffix.lower() == ".toml":
             try:
@@ -281,14 +285,10 @@ def load_config_file(path: str) -> dict:
             except ModuleNotFoundError:  # Python 3.10
                 import tomli as tomllib
             data = tomllib.loads(text)
-        elif p.suffix.lower() in (".yaml", ".yml"):
+        else:
             import yaml
 
             data = yaml.safe_load(text) or {}
-        else:
-            raise UserError(f"--config: {path} must end in .toml, .yaml or .yml")
-    except UserError:
-        raise
     except Exception as err:  # a parse error of the file's syntax
         raise UserError(f"--config: cannot parse {path}: {str(err).splitlines()[0]}") from None
     if not isinstance(data, dict):
@@ -316,7 +316,8 @@ def _map_paths(cfg: TrainConfig, fn) -> dict:
 
 def default_out(cfg: TrainConfig) -> Path:
     """A fresh directory under ``runs/`` named after the run."""
-    stem = "-".join(str(s).replace(":", "").replace("/", "_") for s in (cfg.dataset, cfg.noise, cfg.method, f"s{cfg.seed}"))
+    stem = "-".join(str(s).replace(":", "").replace("/", "_")
+                    for s in (cfg.dataset, cfg.noise, cfg.method, f"s{cfg.seed}"))
     base = Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     path, k = base, 1
     while path.exists():

@@ -222,7 +222,7 @@ def load_issues(run_dir) -> Issues:
                   method=str(config.get("method", "?")), run_dir=run, score_name=str(ev["score_name"]),
                   rows=ev["source_rows"].astype(np.int64), paths=paths,
                   noise_rate=float(noise["noise_rate"]) if "noise_rate" in noise else None,
-                  noise_interval=tuple(float(v) for v in noise["noise_interval"]) if "noise_interval" in noise else None,
+                  noise_interval=tuple(map(float, noise["noise_interval"])) if "noise_interval" in noise else None,
                   noise_matrix=noise.get("noise_matrix"), test=test if "score" in test else None,
                   texts=_texts(run / CSV_NAME, ev["source_rows"]))
 
@@ -232,7 +232,8 @@ def _texts(path: Path, rows) -> Optional[list]:
     if not path.is_file():
         return None
     with open(path, newline="", encoding="utf-8") as f:
-        by_row = {int(r["index"]): r["text"] for r in csv.DictReader(f) if r.get("split", "train") == "train" and "text" in r}
+        by_row = {int(r["index"]): r["text"] for r in csv.DictReader(f)
+                  if r.get("split", "train") == "train" and "text" in r}
     return [by_row.get(int(i), "") for i in rows] if by_row else None
 
 
@@ -282,8 +283,9 @@ def evaluate(issues: Issues, num_issues: Optional[int] = None) -> Optional[dict]
         p_f, r_f = precision_recall_at(order, noisy, n_flag)
     hit = noisy & (issues.suggested[known] != issues.given[known])  # mislabelled and flagged
     recovered = float((issues.suggested[known][hit] == issues.true[known][hit]).mean()) if hit.any() else float("nan")
-    return {"n": int(known.sum()), "n_noisy": k, "auroc": auroc(score, noisy), "precision_at_k": p_k, "recall_at_k": r_k,
-            "num_flagged": n_flag, "precision_flagged": p_f, "recall_flagged": r_f, "suggestion_accuracy": recovered}
+    return {"n": int(known.sum()), "n_noisy": k, "auroc": auroc(score, noisy), "precision_at_k": p_k,
+            "recall_at_k": r_k, "num_flagged": n_flag, "precision_flagged": p_f, "recall_flagged": r_f,
+            "suggestion_accuracy": recovered}
 
 
 def to_cleanlab(issues: Issues, num_issues: Optional[int] = None, ranked: bool = False) -> np.ndarray:

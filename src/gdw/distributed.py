@@ -128,7 +128,8 @@ def init_from_env(device_request: str | None, timeout_minutes: float = 10.0) -> 
     waits for a rank that died silently.
     """
     local = int(os.environ.get("LOCAL_RANK", 0))
-    use_cuda = torch.cuda.is_available() and (device_request in (None, "", "auto") or str(device_request).startswith("cuda"))
+    use_cuda = torch.cuda.is_available() and (device_request in (None, "", "auto")
+                                              or str(device_request).startswith("cuda"))
     if use_cuda:
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)

@@ -285,7 +285,8 @@ def _double(fwd, A, x_meta, y_meta, lr):
     grads = torch.autograd.grad(
         fwd.logits, ps, A_var.to(fwd.logits.dtype), create_graph=True, retain_graph=True, allow_unused=True
     )
-    virtual = {n: p.detach() if g is None else p.detach() - lr * fwd.comm.sum_autograd(g) for n, p, g in zip(names, ps, grads)}
+    virtual = {n: p.detach() if g is None else p.detach() - lr * fwd.comm.sum_autograd(g)
+               for n, p, g in zip(names, ps, grads)}
     with _meta_random_state(fwd, A):
         meta_logits = stateless_forward(fwd.model, virtual, x_meta, fwd.output)
     meta_loss = _meta_ce(meta_logits, y_meta, fwd.comm)

@@ -63,9 +63,8 @@ def cnn(input_shape, num_classes, width: int = 32) -> nn.Module:
     def block(i, o):
         return [nn.Conv2d(i, o, 3, padding=1, bias=False), nn.BatchNorm2d(o), nn.ReLU(inplace=True), nn.MaxPool2d(2)]
 
-    return nn.Sequential(
-        *block(c, width), *block(width, 2 * width), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * width, num_classes)
-    )
+    return nn.Sequential(*block(c, width), *block(width, 2 * width), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(2 * width, num_classes))
 
 
 class BasicBlock(nn.Module):

@@ -164,7 +164,8 @@ def results_markdown(rows: Sequence[dict], metric: str = "final") -> str:
             row.append(f"**{text}**" if c[mean] == best[s] else text)
         lines.append(f"| {m} | " + " | ".join(row) + " |")
     n = sorted({c["n"] for c in cells.values()})
-    lines += ["", f"{METRICS[metric]} (%), mean ± std over {', '.join(map(str, n))} seed(s); best per setting in bold."]
+    lines += ["", f"{METRICS[metric]} (%), mean ± std over {', '.join(map(str, n))} seed(s); "
+                  "best per setting in bold."]
     return "\n".join(lines) + "\n"
 
 

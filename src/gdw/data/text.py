@@ -145,7 +145,7 @@ class ModelEncoder:
             return AutoTokenizer.from_pretrained(self.path), AutoModel.from_pretrained(self.path).to(device).eval()
         except ImportError as err:
             raise UserError(f"--encoder {self.path} needs the {err.name} package "
-                            f"(pip install {'sentence-transformers' if self.kind != 'transformers' else 'transformers'})") from None
+                            f"(pip install {self.kind})") from None
         except (OSError, ValueError) as err:
             raise UserError(f"--encoder {self.path}: cannot load the model ({one_line(err)})") from None
 

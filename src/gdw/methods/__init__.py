@@ -69,6 +69,7 @@ def recorded_params(name: str, saved: dict) -> dict:
     return {**added, **{k: added[k] if v is None and added.get(k) is not None else v for k, v in saved.items()}}
 
 
-__all__ = ["METHODS", "Method", "MetaMethod", "Stats", "resolved_params", "CE", "GDW", "L2RW", "MWNet", "WeightNet", "make", "zero_mean",
-           "CB", "DM", "Finetune", "Focal", "GCE", "LDAM", "LogitAdjusted", "LossMethod", "SCE", "WeightNetMethod"]
+__all__ = ["METHODS", "Method", "MetaMethod", "Stats", "resolved_params", "CE", "GDW", "L2RW", "MWNet", "WeightNet",
+           "make", "zero_mean", "CB", "DM", "Finetune", "Focal", "GCE", "LDAM", "LogitAdjusted", "LossMethod", "SCE",
+           "WeightNetMethod"]
 
