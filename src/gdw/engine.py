@@ -180,10 +180,8 @@ def _first_order(fwd, A, x_meta, y_meta, lr, mode="jvp", fd_scale=None):
         meta_loss = _meta_ce(meta_logits, y_meta, fwd.comm)
         u = torch.autograd.grad(meta_loss, virtual, allow_unused=True)
         fwd.comm.sum_(u)
-    if mode != "jvp":
-        tangent = _fd_tangent(fwd, names, ps, u, mode == "fd_central", fd_scale)
-    else:
-        tangent = _jvp_tangent(fwd, names, ps, u)
+    tangent = (_jvp_tangent(fwd, names, ps, u) if mode == "jvp"
+               else _fd_tangent(fwd, names, ps, u, mode == "fd_central", fd_scale))
     if fwd.recompute:  # the graph for the real backward, from the same random state
         with fwd.rng.replay(), torch.enable_grad():
             fwd.backward_logits = stateless_forward(fwd.model, params, fwd.x, fwd.output)
@@ -206,9 +204,7 @@ def _jvp_tangent(fwd, names, ps, u):
         duals = {n: p.detach() if t is None else fwAD.make_dual(p.detach(), t) for n, p, t in zip(names, ps, u)}
         # the logits are taken from the output inside the dual level, before unpacking
         tangent = fwAD.unpack_dual(stateless_forward(fwd.model, duals, fwd.x, fwd.output)).tangent
-    if tangent is None:  # no parameter reaches the logits
-        tangent = torch.zeros_like(fwd.logits)
-    return tangent
+    return tangent if tangent is not None else torch.zeros_like(fwd.logits)  # None: no parameter reaches the logits
 
 
 def default_fd_scale(dtypes) -> float:

@@ -71,9 +71,7 @@ def build(cfg: TrainConfig, device: torch.device, comm: Comm):
     if cfg.sync_bn:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    hparams = dict(cfg.method_args)
-    if cfg.head_only:
-        hparams["head_only"] = True
+    hparams = {**cfg.method_args, **({"head_only": True} if cfg.head_only else {})}
     if method_cls.needs_class_counts:
         hparams["class_counts"] = torch.bincount(data.train.labels, minlength=C).tolist()
     method = make(cfg.method, model, C, optimizer=opt, comm=comm, **hparams)

@@ -26,6 +26,7 @@ Needs ``pip install 'gdw[hf]'`` (transformers and accelerate).
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Optional
 
 import torch
@@ -116,10 +117,7 @@ class WeightedTrainer(transformers.Trainer):
         columns the model does not take removed, as for the training set),
         shuffled with a generator seeded from ``args.seed``."""
         dataset, collator = self.meta_dataset, self.data_collator
-        try:
-            import datasets
-        except ImportError:
-            datasets = None
+        datasets = sys.modules.get("datasets")  # a datasets.Dataset means the package is loaded
         if datasets is not None and isinstance(dataset, datasets.Dataset):
             dataset = self._remove_unused_columns(dataset, description="meta")
         else:
