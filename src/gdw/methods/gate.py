@@ -95,7 +95,8 @@ class NoiseGate:
         if form not in GATE_FORMS:
             raise ValueError(f"form must be one of {GATE_FORMS}, got {form!r}")
         self.full_at, self.C, self.form = float(full_at), int(num_classes), form
-        self.counts = None  # device tensor: [train correct (C), train seen (C), meta correct, meta seen, meta per class (C)]
+        # a device tensor: train correct (C), train seen (C), meta correct, meta seen, meta per class (C)
+        self.counts = None
         self.rate = None  # r̂, once decided
         self.lam = 0.0
         self.decided = False

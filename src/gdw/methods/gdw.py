@@ -369,7 +369,8 @@ class GDW(WeightNetMethod):
             if self.class_grad == "constrained" and self.zero_mean:
                 g = zero_mean_grad(g, p, y)
             total = fwd.comm.sum(g.abs().sum())
-            step = torch.where(total > 0, self.eta * g / total.clamp(min=torch.finfo(g.dtype).tiny), torch.zeros_like(g))
+            tiny = torch.finfo(g.dtype).tiny
+            step = torch.where(total > 0, self.eta * g / total.clamp(min=tiny), torch.zeros_like(g))
             omega = (omega.detach() - step.clamp(-self.clip, self.clip)).clamp(self.omega_min, self.omega_max)
             omega = self._constrain(omega, p, y)
         return {"G": omega * e / n, "weights": omega, "meta_loss": meta_loss, "instance_weights": v.detach()}
