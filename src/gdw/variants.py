@@ -30,6 +30,10 @@ VARIANTS = {
     "gdw-raw": ("gdw", {**DEFAULT, "class_grad": "raw", "max_weight": math.inf}, False),  # ... before class_grad
     "gdw-batch": ("gdw", {**DEFAULT, "weight_norm": "batch", "class_grad": "raw", "max_weight": math.inf},
                   False),  # ... before weight_norm="kept"
+    "gdw-binary": ("gdw", {**DEFAULT, "weight_norm": "binary"}, False),  # one for each kept example
+    "gdw-guarded": ("gdw", {**DEFAULT, "guard": 0.05}, False),  # the held-out check on the meta batch
+    "gdw-gated": ("gdw", {**DEFAULT, "gate": 0.2, "gate_form": "linear"}, False),  # the noise gate, in proportion
+    "gdw-stepped": ("gdw", {**DEFAULT, "gate": 0.05, "gate_form": "step"}, False),  # ... all or nothing
     "gdw-tau0": ("gdw", {**DEFAULT, "tau": 0.0, "class_grad": "raw", "max_weight": math.inf}, False),
     "gdw-l2rw": ("gdw", {**L2RW_STEP}, False),
     "gdw-l2rw-c": ("gdw", {**L2RW_STEP, "class_grad": "constrained"}, False),  # ... through the constraint
