@@ -50,8 +50,8 @@ import torch.nn.functional as F
 
 from .. import inputs as model_inputs
 from ..distributed import Comm
-from ..errors import UserError
 from ..engine import full
+from ..errors import UserError
 from .base import METHODS, check_bool, check_positive, logit_error
 from .gate import GATE_FORMS, NoiseGate
 from .guard import MetaGuard
@@ -64,6 +64,19 @@ def _is_inf(value) -> bool:
         return math.isinf(float(value)) and float(value) > 0
     except (TypeError, ValueError):
         return False
+
+
+def _l2rw_only(name: str, value, stage_one: str) -> float:
+    """A non-negative option that only L2RW's stage one takes (0: off)."""
+    value = check_positive(name, value, allow_zero=True)
+    if value > 0 and stage_one != "l2rw":
+        raise UserError(f"{name} needs stage_one='l2rw' (set {name}=0 with stage_one='mwnet')")
+    return value
+
+
+def toward_plain(v: torch.Tensor, lam) -> torch.Tensor:
+    """(1 − λ)·v + λ: instance weights mixed with plain training's (λ = 0: ``v`` itself)."""
+    return v if isinstance(lam, (int, float)) and lam == 0 else (1 - lam) * v + lam
 
 
 def zero_mean(omega: torch.Tensor, p: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -221,13 +234,8 @@ class GDW(WeightNetMethod):
             raise UserError(f"shrink must lie in [0, 1], got {shrink!r}")
         # inf: no cap
         self.max_weight = None if _is_inf(max_weight) else check_positive("max_weight", max_weight)
-        guard = check_positive("guard", guard, allow_zero=True)
-        if guard > 0 and stage_one != "l2rw":
-            raise UserError("guard needs stage_one='l2rw' (set guard=0 with stage_one='mwnet')")
+        guard, gate = (_l2rw_only(name, value, stage_one) for name, value in (("guard", guard), ("gate", gate)))
         self.guard = MetaGuard(guard) if guard > 0 else None
-        gate = check_positive("gate", gate, allow_zero=True)
-        if gate > 0 and stage_one != "l2rw":
-            raise UserError("gate needs stage_one='l2rw' (set gate=0 with stage_one='mwnet')")
         if gate_form not in GATE_FORMS:
             raise UserError(f"gate_form must be one of {', '.join(GATE_FORMS)}, got {gate_form!r}")
         self.gate = NoiseGate(gate, self.num_classes, gate_form) if gate > 0 else None
@@ -285,8 +293,9 @@ class GDW(WeightNetMethod):
         return record
 
     def on_epoch_start(self, epoch: int, epochs: int) -> None:
-        """As :class:`Method`'s; with the guard the fine-tuning phase starts
-        only while the meta set's weighting carries over (guard.py)."""
+        """As :class:`Method`'s; the gate decides at the start of the second
+        epoch (gate.py), and with the gate or the guard the fine-tuning phase
+        starts only while the meta set's weighting carries over (guard.py)."""
         super().on_epoch_start(epoch, epochs)
         if self.gate is not None and epoch >= 1:
             self.gate.decide(self.comm if self.comm is not None else Comm())
@@ -336,7 +345,7 @@ class GDW(WeightNetMethod):
         p, e = logit_error(z, y, C, self.p_max)
         if self.gate is not None and self.gate.off:  # plain training on the adjusted loss (gate.py)
             ones = torch.ones_like(e)
-            G = (F.softmax(z, 1) - F.one_hot(y, C).to(z.dtype)) / n  # unclamped: exactly the loss's gradient
+            G = logit_error(z, y, C)[1] / n  # unclamped: exactly the loss's gradient
             return {"G": G, "weights": ones, "meta_loss": None, "instance_weights": ones[:, 0]}
         if self.stage_one == "l2rw":
             meta_loss, dA = self.meta_step(fwd, None, x_meta, y_meta, lr)
@@ -345,18 +354,15 @@ class GDW(WeightNetMethod):
             # mean one over the batch, or over the examples that keep a weight (both sums over ranks, one collective)
             total, kept = fwd.comm.sum(torch.stack([w.sum(), (w > 0).sum().to(w.dtype)]))
             v = self._scale(w, total, kept, n)
-            if self.shrink > 0:  # toward plain training's weights
-                v = (1 - self.shrink) * v + self.shrink
+            v = toward_plain(v, self.shrink)
             if self.gate is not None:
                 if not self.gate.decided and fwd.meta is not None and fwd.meta.correct is not None:
                     self.gate.add(fwd.logits.detach(), y, fwd.meta.correct, y_meta)
-                elif self.gate.lam > 0:
-                    v = (1 - self.gate.lam) * v + self.gate.lam
+                v = toward_plain(v, self.gate.lam)
             if self.guard is not None and y_meta.shape[0] >= 4:
                 due = self.guard.due()
                 lam = self._guard_shrink(fwd, dA, e, x_meta, y_meta, lr) if due else self.guard.shrink()
-                lam = lam.to(v.device, v.dtype)
-                v = (1 - lam) * v + lam
+                v = toward_plain(v, lam.to(v.device, v.dtype))
             omega = self._constrain(v[:, None].expand(B, C), p, y)
         else:
             losses = F.cross_entropy(full(z), y, reduction="none")
