@@ -637,63 +637,13 @@ def mild_rows(args) -> list[dict]:
     return rows
 
 
-def report(args) -> str:
-    """Write results.csv, results.md and accuracy.png from the finished cells
-    of the selected grid; returns results.md's text."""
-    from gdw.report import read_results_csv, setting_label, write_results_csv
+def regime_sections(rows: list[dict], regimes, settings, methods, out: Path) -> list[str]:
+    """results.md's section per regime: its data, its table, its notes and, under
+    imbalance, the accuracy of its frequent and its rare classes."""
+    from gdw.report import setting_label
 
-    found = [r for r in finished_rows(args.out) if _selected(r, args)]
-    if not found:
-        print("no finished cells yet")
-        return ""
-    epochs = sorted({int(r["epochs"]) for r in found})
-    # written aside and moved into place: several processes of one grid each report at the end
-    with atomic_path(args.out / "results.csv") as csv_path:
-        write_results_csv(found, csv_path, extra_fields=[*grid.SPLIT_FIELDS, "failed"])
-        rows = read_results_csv(csv_path)  # the tables are computed from the CSV alone
-    expected = [run_dir_name(*c) for c in cells(args.datasets, args.methods, args.settings, args.seeds)]
-    finished = {r["run_dir"] for r in rows}
-    missing = [name for name in expected if name not in finished]
-    regimes = [r for r in REGIMES if r in args.datasets]
-    settings = [s for s in SETTINGS if s in args.settings]
-    methods = [m for m in METHODS if m in args.methods]
-    records = {r: json.loads(p.read_text()) for r in regimes if (p := args.out / r / "dataset.json").exists()}
-
-    text = [
-        "# Data weighting across data regimes\n",
-        f"MLP (two hidden layers of 256 with BatchNorm; without it in the `-plain` regimes), "
-        f"{', '.join(map(str, epochs))} "
-        f"epoch{'s' if epochs != [1] else ''}, batch 100, meta batch "
-        f"100, SGD 0.1 cosine, momentum 0.9, weight decay 5e-4, every method with its default hyper-parameters; "
-        f"{len(finished)} of {len(expected)} runs finished. Test accuracy (%): mean of the last 5 epochs, mean ± std "
-        "over seeds, the best per setting in bold; – : not finished; empty: not part of the grid "
-        "(`la` runs only under imbalance).\n",
-        "## Acceptance questions\n",
-        "For every heavily noisy setting GDW (gdw's defaults) against the better of L2RW and MW-Net (needs ≥ −0.5 "
-        "points) and against CE (needs ≥ +2 points); for the setting with imbalance alone GDW against CE (needs ≥ 0); "
-        "for the clean and mildly noisy settings (none, uniform 10% and 20%) GDW against CE in accuracy and in "
-        "balanced accuracy (needs ≥ −0.5 each). "
-        "Differences of the means over seeds, judged as shown (rounded to 0.01 points); ± SE is the standard "
-        "error of the difference from the spread over seeds, sqrt(s²/n + s'²/n'): with two seeds a difference "
-        "smaller than about two of them cannot be told from the noise of training.\n",
-        acceptance_markdown(acceptance(rows, regimes, settings)),
-        "### The clean and mildly noisy cells over every seed run\n",
-        "The same questions for `none`, `uniform:0.1` and `uniform:0.2`, from every finished seed of `gdw` and "
-        "`ce` (the tables elsewhere keep to the selected seeds; these cells also ran more, so that the standard "
-        "error of a difference comes near half a point).\n",
-        acceptance_markdown(acceptance(mild_rows(args), regimes, [s for s in settings if s in MILD])),
-        "## Headline\n",
-        "The README's table: the mean over the regimes, settings and seeds of each group of the last-5-epoch test "
-        "accuracy (%); under the long tail of 100 the test split is balanced, so accuracy is balanced accuracy.\n",
-        headline_table(rows),
-        "## Overview\n",
-        "Mean over seeds of the last-5-epoch test accuracy (%), the best of each row in bold (the README's table; "
-        "the stds are in the tables per regime below).\n",
-        overview_table(rows, regimes, settings, methods),
-        "Balanced accuracy (%, the mean of the per-class accuracies), mean of the last 5 epochs, mean over seeds "
-        "(runs recorded before it existed have none):\n",
-        overview_table(rows, regimes, settings, methods, "final_test_balanced_accuracy"),
-    ]
+    records = {r: json.loads(p.read_text()) for r in regimes if (p := out / r / "dataset.json").exists()}
+    text = []
     for regime in regimes:
         mine = [r for r in rows if r["dataset"] == regime]
         text.append(f"## {regime}\n")
@@ -711,12 +661,17 @@ def report(args) -> str:
             text.append("No finished run yet.\n")
             continue
         text.append(regime_table(mine, settings, methods))
-        text.append(grid.data_notes(mine, args.out))
+        text.append(grid.data_notes(mine, out))
         split = grid.split_markdown(mine, [setting_label(n, i) for n, i in settings], methods)
         if split:
             text.append("Under imbalance, test accuracy (%, last 5 epochs, mean over seeds) of the half of the "
                         "classes with the most training examples / the half with the fewest:\n\n" + split)
-    text.append("## Missing cells\n")
+    return text
+
+
+def missing_and_failed(rows: list[dict], missing: list[str]) -> list[str]:
+    """results.md's sections on the cells not finished and the runs that failed."""
+    text = ["## Missing cells\n"]
     if missing:
         by_regime = {}
         for name in missing:
@@ -731,6 +686,75 @@ def report(args) -> str:
     text.append(("A run that collapses or diverges stops with exit 1; its cell counts at the chance level (100/C %) "
                  "in every table above.\n\n" + "\n".join(f"- `{r['run_dir']}`: {r['failed']}" for r in failed) + "\n")
                 if failed else "None.\n")
+    return text
+
+
+def acceptance_sections(rows: list[dict], mild: list[dict], regimes, settings) -> list[str]:
+    """results.md's acceptance questions: on the selected seeds (``rows``) and,
+    for the clean and mildly noisy cells, on every seed run (``mild``)."""
+    return [
+        "## Acceptance questions\n",
+        "For every heavily noisy setting GDW (gdw's defaults) against the better of L2RW and MW-Net (needs ≥ −0.5 "
+        "points) and against CE (needs ≥ +2 points); for the setting with imbalance alone GDW against CE (needs ≥ 0); "
+        "for the clean and mildly noisy settings (none, uniform 10% and 20%) GDW against CE in accuracy and in "
+        "balanced accuracy (needs ≥ −0.5 each). "
+        "Differences of the means over seeds, judged as shown (rounded to 0.01 points); ± SE is the standard "
+        "error of the difference from the spread over seeds, sqrt(s²/n + s'²/n'): with two seeds a difference "
+        "smaller than about two of them cannot be told from the noise of training.\n",
+        acceptance_markdown(acceptance(rows, regimes, settings)),
+        "### The clean and mildly noisy cells over every seed run\n",
+        "The same questions for `none`, `uniform:0.1` and `uniform:0.2`, from every finished seed of `gdw` and "
+        "`ce` (the tables elsewhere keep to the selected seeds; these cells also ran more, so that the standard "
+        "error of a difference comes near half a point).\n",
+        acceptance_markdown(acceptance(mild, regimes, [s for s in settings if s in MILD])),
+    ]
+
+
+def report(args) -> str:
+    """Write results.csv, results.md and accuracy.png from the finished cells
+    of the selected grid; returns results.md's text."""
+    from gdw.report import read_results_csv, write_results_csv
+
+    found = [r for r in finished_rows(args.out) if _selected(r, args)]
+    if not found:
+        print("no finished cells yet")
+        return ""
+    epochs = sorted({int(r["epochs"]) for r in found})
+    # written aside and moved into place: several processes of one grid each report at the end
+    with atomic_path(args.out / "results.csv") as csv_path:
+        write_results_csv(found, csv_path, extra_fields=[*grid.SPLIT_FIELDS, "failed"])
+        rows = read_results_csv(csv_path)  # the tables are computed from the CSV alone
+    expected = [run_dir_name(*c) for c in cells(args.datasets, args.methods, args.settings, args.seeds)]
+    finished = {r["run_dir"] for r in rows}
+    missing = [name for name in expected if name not in finished]
+    regimes = [r for r in REGIMES if r in args.datasets]
+    settings = [s for s in SETTINGS if s in args.settings]
+    methods = [m for m in METHODS if m in args.methods]
+
+    text = [
+        "# Data weighting across data regimes\n",
+        f"MLP (two hidden layers of 256 with BatchNorm; without it in the `-plain` regimes), "
+        f"{', '.join(map(str, epochs))} "
+        f"epoch{'s' if epochs != [1] else ''}, batch 100, meta batch "
+        f"100, SGD 0.1 cosine, momentum 0.9, weight decay 5e-4, every method with its default hyper-parameters; "
+        f"{len(finished)} of {len(expected)} runs finished. Test accuracy (%): mean of the last 5 epochs, mean ± std "
+        "over seeds, the best per setting in bold; – : not finished; empty: not part of the grid "
+        "(`la` runs only under imbalance).\n",
+        *acceptance_sections(rows, mild_rows(args), regimes, settings),
+        "## Headline\n",
+        "The README's table: the mean over the regimes, settings and seeds of each group of the last-5-epoch test "
+        "accuracy (%); under the long tail of 100 the test split is balanced, so accuracy is balanced accuracy.\n",
+        headline_table(rows),
+        "## Overview\n",
+        "Mean over seeds of the last-5-epoch test accuracy (%), the best of each row in bold (the README's table; "
+        "the stds are in the tables per regime below).\n",
+        overview_table(rows, regimes, settings, methods),
+        "Balanced accuracy (%, the mean of the per-class accuracies), mean of the last 5 epochs, mean over seeds "
+        "(runs recorded before it existed have none):\n",
+        overview_table(rows, regimes, settings, methods, "final_test_balanced_accuracy"),
+    ]
+    text += regime_sections(rows, regimes, settings, methods, args.out)
+    text += missing_and_failed(rows, missing)
     text.append("## Provenance\n")
     text.append(grid.provenance(args.out, command_line(args, epochs[0] if len(epochs) == 1 else args.epochs),
                                 pattern="*/*/config.json",
