@@ -1,5 +1,5 @@
 """gdw.find_label_issues: the noise estimate against simulations whose truth
-is known, hand-worked flagged sets, and the documented own-loop example."""
+is known, hand-worked flagged sets, and the README's own-loop example."""
 
 import re
 from pathlib import Path
@@ -93,12 +93,12 @@ def test_bad_inputs_are_user_errors(bad, match):
         gdw.find_label_issues(**bad)
 
 
-def test_the_documented_label_issue_loop_runs_and_finds_the_flipped_rows():
-    """The own-loop example of docs/methods.md, executed as written: two well separated
+def test_the_readme_label_issue_loop_runs_and_finds_the_flipped_rows():
+    """The README's own-loop example, executed as written: two well separated
     clusters with 15 of 100 labels flipped and a clean meta set; the
     recorder's evidence and find_label_issues find the flipped rows."""
-    text = (Path(__file__).resolve().parents[1] / "docs" / "methods.md").read_text()
-    section = text[text.index("### Label issues in your own loop"):]
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text[text.index("## Which labels are wrong?"):]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     g = torch.Generator().manual_seed(0)
     true = torch.arange(100) % 2
