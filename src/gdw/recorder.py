@@ -194,6 +194,64 @@ class LabelIssueRecorder(Callback):
         return write_csv(out / CSV_NAME, _table(data, given, suggested, score, rows, paths, held, test))
 
 
+class FinetuneCheck(Callback):
+    """Skips a method's fine-tuning phase on the meta set where the run's
+    labels look clean (its ``finetune_min_noise`` > 0; GDW's parameter).
+
+    When the phase would start, the share of wrong training labels is
+    estimated as at the end of a run (:func:`gdw.find_label_issues` on the
+    ``recorder``'s evidence so far, corrected by the model's confusion on the
+    meta set, predicted now). Below ``finetune_min_noise``, and with no
+    training class 3 or more times as frequent as another
+    (``IMBALANCE_BOUND``), training goes on as before to the end: the phase
+    trades every training label for the meta set's few, which costs where
+    the labels are clean and helps where noise got through. Decided once;
+    the decision and the estimate are in the epoch's row
+    (``finetune_noise_estimate``, ``finetune_skipped``) and in the checkpoint.
+    """
+
+    name = "finetune_check"
+    IMBALANCE_BOUND = 3.0
+
+    def __init__(self, recorder: LabelIssueRecorder, data, batch_size: int = 500):
+        self.recorder, self.data, self.batch_size = recorder, data, int(batch_size)
+        self.skip: Optional[bool] = None
+
+    def on_epoch_start(self, state) -> None:
+        method = state.method
+        threshold = float(getattr(method, "finetune_min_noise", 0.0) or 0.0)
+        if threshold <= 0 or not getattr(method, "finetuning", False):
+            return
+        if self.skip is None:
+            rate = self.estimate(state.model)
+            counts = np.bincount(self.data.train.labels.numpy(), minlength=self.recorder.num_classes)
+            balanced = counts.max() < self.IMBALANCE_BOUND * max(counts.min(), 1)
+            self.skip = bool(rate < threshold and balanced)
+            state.row.update(finetune_noise_estimate=rate, finetune_skipped=self.skip)
+        if self.skip:
+            method.finetuning = False
+
+    def estimate(self, model) -> float:
+        """The estimated share of wrong training labels (:func:`gdw.find_label_issues`)."""
+        ev = self.recorder.evidence()
+        seen = ev["count"] > 0
+        if not seen.any():
+            return float("nan")  # nothing recorded: no reason to skip (NaN < threshold is False)
+        meta = self.data.meta
+        with torch.no_grad():
+            prob = predict_proba(model, meta, self.batch_size, self.recorder.device).cpu().numpy()
+        given = self.data.train.labels.numpy()
+        found = find_label_issues(given[seen], ev["prob"][seen], clean_labels=meta.labels.numpy(),
+                                  clean_pred_probs=prob)
+        return float(found.noise_rate)
+
+    def state_dict(self) -> dict:
+        return {"skip": self.skip}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.skip = state.get("skip")
+
+
 def _means(sums: dict) -> dict:
     """Each of ``sums`` divided by ``sums["count"]`` per row (rows never seen: 0); ``count`` as it is."""
     denom = sums["count"].clamp(min=1)

@@ -33,7 +33,7 @@ from .fit import TrainingDiverged, fit  # noqa: F401 - re-exported
 from .methods import METHODS, make
 from .models import check_logits, create_model
 from .prior import describe, prediction_shift, resolve_target_prior
-from .recorder import LabelIssueRecorder
+from .recorder import FinetuneCheck, LabelIssueRecorder
 from .config import NEUTRAL, TrainConfig, changed_data_files, default_out  # noqa: F401 - re-exported
 from .rundir import (RunInterrupted, _config_record, _interrupts, _summary, check_run_dir,  # noqa: F401 - re-exported
                      check_same_data, describe_difference, load_checkpoint, run_dir)
@@ -172,7 +172,8 @@ def _restore(ckpt: dict, model, opt, method, stateful: dict) -> None:
     opt.load_state_dict(ckpt["optimizer"])
     method.load_state_dict(ckpt["method"])
     for name, cb in stateful.items():
-        cb.load_state_dict(ckpt["callbacks"][name])
+        if name in ckpt["callbacks"]:  # a checkpoint from before a callback existed has none of its state
+            cb.load_state_dict(ckpt["callbacks"][name])
     set_rng_state(ckpt["rng"])
 
 
@@ -228,12 +229,13 @@ def _callbacks(cfg: TrainConfig, data, out: Path, device, log, shift, fingerprin
     noisy = (data.train.labels != true).numpy() if true is not None and bool((true >= 0).all()) else None
     recorder = LabelIssueRecorder(len(data.train), data.num_classes, cfg.epochs, device)
     val = getattr(data, "val", None)
-    stateful = {"label_issues": recorder}
+    stateful = {"label_issues": recorder, "finetune_check": FinetuneCheck(recorder, data, cfg.batch_size)}
     if val is not None:
         stateful["best_model"] = BestModel(out / "best.pt", cfg.early_stop)
     title = f"{cfg.method} on {cfg.dataset}, {cfg.noise}"
     return [
         recorder,
+        stateful["finetune_check"],
         Evaluator({"val": val, "test": data.test}, data.num_classes, cfg.batch_size, shift),
         WeightStats(recorder, out, noisy),
         *([stateful["best_model"]] if val is not None else []),

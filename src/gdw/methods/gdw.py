@@ -174,6 +174,13 @@ class GDW(WeightNetMethod):
             the rest of the run gets.
         gate_form: ``"linear"`` (λ = clamp(1 − r̂/r₀, 0, 1)) or ``"step"``
             (plain training where r̂ < r₀, else the full weighting).
+        finetune_min_noise: in [0, 1); > 0: ``gdw.fit`` (``gdw train``)
+            starts the fine-tuning phase only where the run's estimate of
+            the share of wrong training labels, made from its label-issue
+            evidence when the phase would start, reaches it, or where a
+            training class is 3 or more times as frequent as another
+            (:class:`gdw.recorder.FinetuneCheck`; a loop of your own
+            fine-tunes regardless). Default 0: always.
         class_grad: the gradient the class-level step follows: ``"raw"``
             (the paper's: ∂L_meta/∂ω of the constrained ω, whose labelled
             column the constraint then overwrites) or ``"constrained"``
@@ -194,13 +201,14 @@ class GDW(WeightNetMethod):
     # the defaults that follow stage_one: the paper's algorithm with "mwnet", gdw's own with "l2rw"
     STAGE_DEFAULTS = {"l2rw": {"finetune_fraction": 0.2, "tau": 1.0, "meta_grad": "fd", "weight_norm": "kept",
                                "class_grad": "constrained", "max_weight": 1.0, "guard": 0.0,
-                               "gate": 0.0, "gate_form": "linear"},
+                               "gate": 0.0, "gate_form": "linear", "finetune_min_noise": 0.0},
                       "mwnet": {"finetune_fraction": 0.0, "tau": 0.0, "meta_grad": "jvp", "weight_norm": "batch",
                                 "class_grad": "raw", "max_weight": math.inf, "guard": 0.0, "gate": 0.0,
-                                "gate_form": "linear"}}
+                                "gate_form": "linear", "finetune_min_noise": 0.0}}
     ADDED_PARAMS = {"weight_norm": "batch", "class_grad": "raw",
                     "max_weight": math.inf, "shrink": 0.0, "guard": 0.0,
-                    "gate": 0.0, "gate_form": "linear"}  # what runs recorded before these existed used
+                    "gate": 0.0, "gate_form": "linear",
+                    "finetune_min_noise": 0.0}  # what runs recorded before these existed used
 
     @classmethod
     def resolve_params(cls, params: dict) -> dict:
@@ -213,19 +221,24 @@ class GDW(WeightNetMethod):
                  zero_mean: bool = True, class_grad: str | None = None, finetune_fraction: float | None = None,
                  tau: float | None = None, meta_grad: str | None = None, class_counts=None,
                  max_weight: float | None = None, shrink: float = 0.0, guard: float | None = None,
-                 gate: float | None = None, gate_form: str | None = None, **kw):
+                 gate: float | None = None, gate_form: str | None = None, finetune_min_noise: float | None = None,
+                 **kw):
         if stage_one not in STAGE_ONE:
             raise UserError(f"stage_one must be one of {', '.join(STAGE_ONE)}, got {stage_one!r}")
         resolved = self.resolve_params({"stage_one": stage_one, "finetune_fraction": finetune_fraction,
                                         "tau": tau, "meta_grad": meta_grad, "weight_norm": weight_norm,
                                         "class_grad": class_grad, "max_weight": max_weight, "guard": guard,
-                                        "gate": gate, "gate_form": gate_form})
-        finetune_fraction, tau, meta_grad, weight_norm, class_grad, max_weight, guard, gate, gate_form = (
+                                        "gate": gate, "gate_form": gate_form,
+                                        "finetune_min_noise": finetune_min_noise})
+        finetune_fraction, tau, meta_grad, weight_norm, class_grad, max_weight, guard, gate, gate_form, min_noise = (
             resolved[k] for k in ("finetune_fraction", "tau", "meta_grad", "weight_norm", "class_grad", "max_weight",
-                                  "guard", "gate", "gate_form"))
+                                  "guard", "gate", "gate_form", "finetune_min_noise"))
         self.has_weight_net = stage_one == "mwnet"  # V only for the paper's stage one
         super().__init__(model, num_classes, finetune_fraction=finetune_fraction, meta_grad=meta_grad, **kw)
         self.stage_one = stage_one
+        self.finetune_min_noise = check_positive("finetune_min_noise", min_noise, allow_zero=True)
+        if self.finetune_min_noise >= 1:
+            raise UserError(f"finetune_min_noise must lie in [0, 1), got {min_noise!r}")
         if weight_norm not in WEIGHT_NORM:
             raise UserError(f"weight_norm must be one of {', '.join(WEIGHT_NORM)}, got {weight_norm!r}")
         self.weight_norm = weight_norm
