@@ -35,6 +35,7 @@ VARIANTS = {
     "gdw-gated": ("gdw", {**DEFAULT, "gate": 0.2, "gate_form": "linear"}, False),  # the noise gate, in proportion
     "gdw-stepped": ("gdw", {**DEFAULT, "gate": 0.05, "gate_form": "step"}, False),  # ... all or nothing
     "gdw-ft0": ("gdw", {**DEFAULT, "finetune_fraction": 0.0}, False),  # no fine-tuning phase on the meta set
+    "gdw-ftcheck": ("gdw", {**DEFAULT, "finetune_min_noise": 0.04}, False),  # ... only where the labels look noisy
     "gdw-tau0": ("gdw", {**DEFAULT, "tau": 0.0, "class_grad": "raw", "max_weight": math.inf}, False),
     "gdw-l2rw": ("gdw", {**L2RW_STEP}, False),
     "gdw-l2rw-c": ("gdw", {**L2RW_STEP, "class_grad": "constrained"}, False),  # ... through the constraint
