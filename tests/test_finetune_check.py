@@ -114,11 +114,12 @@ def test_bad_threshold_is_one_line(value, tmp_path, capsys):
     assert not (tmp_path / "r").exists()
 
 
-def test_the_paper_stage_accepts_it_and_the_constructor_checks_it():
+def test_defaults_by_stage_and_the_constructor_checks_it():
     import gdw
 
     model = torch.nn.Linear(4, 3)
     assert gdw.GDW(model, 3, stage_one="mwnet", finetune_min_noise=0.1).finetune_min_noise == 0.1
-    assert gdw.GDW(model, 3).finetune_min_noise == 0.0
+    assert gdw.GDW(model, 3).finetune_min_noise == 0.04  # the default (design question 9)
+    assert gdw.GDW(model, 3, stage_one="mwnet").finetune_min_noise == 0.0  # the paper always does as it says
     with pytest.raises(UserError, match="finetune_min_noise"):
         gdw.GDW(model, 3, finetune_min_noise=1.0)

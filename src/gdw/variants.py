@@ -16,27 +16,30 @@ from .errors import UserError
 from .methods import METHODS
 
 DEFAULT = {"stage_one": "l2rw", "finetune_fraction": 0.2, "tau": 1.0, "meta_grad": "fd", "weight_norm": "kept",
-           "class_grad": "constrained", "max_weight": 1.0}  # gdw's defaults
+           "class_grad": "constrained", "max_weight": 1.0, "finetune_min_noise": 0.04}  # gdw's defaults
+ALWAYS = {**DEFAULT, "finetune_min_noise": 0.0}  # the default before finetune_min_noise: it always fine-tuned
 L2RW_STEP = {"stage_one": "l2rw", "finetune_fraction": 0.0, "tau": 0.0, "meta_grad": "jvp", "weight_norm": "batch",
-             "class_grad": "raw", "max_weight": math.inf}  # the class-level step on L2RW alone, exactly
+             "class_grad": "raw", "max_weight": math.inf,
+             "finetune_min_noise": 0.0}  # the class-level step on L2RW alone, exactly
 VARIANTS = {
     "l2rw-ft": ("l2rw", {"finetune_fraction": 0.2}, False),
     "gdw-paper": ("gdw", {"stage_one": "mwnet"}, False),  # the paper's algorithm
     # the same parameters, spelled as the robustness suite's cells were trained (it shows them as gdw-paper)
     "gdw-paper-ft0": ("gdw", {"stage_one": "mwnet", "finetune_fraction": 0.0}, False),
     "gdw": ("gdw", {**DEFAULT}, False),
-    "gdw-jvp": ("gdw", {**DEFAULT, "meta_grad": "jvp"}, False),
-    "gdw-uncapped": ("gdw", {**DEFAULT, "max_weight": math.inf}, False),  # the default before max_weight
-    "gdw-raw": ("gdw", {**DEFAULT, "class_grad": "raw", "max_weight": math.inf}, False),  # ... before class_grad
-    "gdw-batch": ("gdw", {**DEFAULT, "weight_norm": "batch", "class_grad": "raw", "max_weight": math.inf},
+    "gdw-jvp": ("gdw", {**ALWAYS, "meta_grad": "jvp"}, False),
+    "gdw-uncapped": ("gdw", {**ALWAYS, "max_weight": math.inf}, False),  # the default before max_weight
+    "gdw-raw": ("gdw", {**ALWAYS, "class_grad": "raw", "max_weight": math.inf}, False),  # ... before class_grad
+    "gdw-batch": ("gdw", {**ALWAYS, "weight_norm": "batch", "class_grad": "raw", "max_weight": math.inf},
                   False),  # ... before weight_norm="kept"
-    "gdw-binary": ("gdw", {**DEFAULT, "weight_norm": "binary"}, False),  # one for each kept example
-    "gdw-guarded": ("gdw", {**DEFAULT, "guard": 0.05}, False),  # the held-out check on the meta batch
-    "gdw-gated": ("gdw", {**DEFAULT, "gate": 0.2, "gate_form": "linear"}, False),  # the noise gate, in proportion
-    "gdw-stepped": ("gdw", {**DEFAULT, "gate": 0.05, "gate_form": "step"}, False),  # ... all or nothing
-    "gdw-ft0": ("gdw", {**DEFAULT, "finetune_fraction": 0.0}, False),  # no fine-tuning phase on the meta set
-    "gdw-ftcheck": ("gdw", {**DEFAULT, "finetune_min_noise": 0.04}, False),  # ... only where the labels look noisy
-    "gdw-tau0": ("gdw", {**DEFAULT, "tau": 0.0, "class_grad": "raw", "max_weight": math.inf}, False),
+    "gdw-binary": ("gdw", {**ALWAYS, "weight_norm": "binary"}, False),  # one for each kept example
+    "gdw-guarded": ("gdw", {**ALWAYS, "guard": 0.05}, False),  # the held-out check on the meta batch
+    "gdw-gated": ("gdw", {**ALWAYS, "gate": 0.2, "gate_form": "linear"}, False),  # the noise gate, in proportion
+    "gdw-stepped": ("gdw", {**ALWAYS, "gate": 0.05, "gate_form": "step"}, False),  # ... all or nothing
+    "gdw-ft0": ("gdw", {**ALWAYS, "finetune_fraction": 0.0}, False),  # no fine-tuning phase on the meta set
+    "gdw-ftcheck": ("gdw", {**DEFAULT}, False),  # the default since question 9: fine-tune where labels look noisy
+    "gdw-ftalways": ("gdw", {**ALWAYS}, False),  # the default before it
+    "gdw-tau0": ("gdw", {**ALWAYS, "tau": 0.0, "class_grad": "raw", "max_weight": math.inf}, False),
     "gdw-l2rw": ("gdw", {**L2RW_STEP}, False),
     "gdw-l2rw-c": ("gdw", {**L2RW_STEP, "class_grad": "constrained"}, False),  # ... through the constraint
 }

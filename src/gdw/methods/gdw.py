@@ -180,7 +180,8 @@ class GDW(WeightNetMethod):
             evidence when the phase would start, reaches it, or where a
             training class is 3 or more times as frequent as another
             (:class:`gdw.recorder.FinetuneCheck`; a loop of your own
-            fine-tunes regardless). Default 0: always.
+            fine-tunes regardless). Default 0.04 with ``stage_one="l2rw"``
+            (design question 9), 0 (always) with ``"mwnet"``.
         class_grad: the gradient the class-level step follows: ``"raw"``
             (the paper's: ∂L_meta/∂ω of the constrained ω, whose labelled
             column the constraint then overwrites) or ``"constrained"``
@@ -201,7 +202,7 @@ class GDW(WeightNetMethod):
     # the defaults that follow stage_one: the paper's algorithm with "mwnet", gdw's own with "l2rw"
     STAGE_DEFAULTS = {"l2rw": {"finetune_fraction": 0.2, "tau": 1.0, "meta_grad": "fd", "weight_norm": "kept",
                                "class_grad": "constrained", "max_weight": 1.0, "guard": 0.0,
-                               "gate": 0.0, "gate_form": "linear", "finetune_min_noise": 0.0},
+                               "gate": 0.0, "gate_form": "linear", "finetune_min_noise": 0.04},
                       "mwnet": {"finetune_fraction": 0.0, "tau": 0.0, "meta_grad": "jvp", "weight_norm": "batch",
                                 "class_grad": "raw", "max_weight": math.inf, "guard": 0.0, "gate": 0.0,
                                 "gate_form": "linear", "finetune_min_noise": 0.0}}
