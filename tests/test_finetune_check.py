@@ -30,7 +30,7 @@ def same_weights(a, b):
 
 
 @pytest.mark.parametrize("noise, skipped", [("none", True), ("flip:0.4", False)])
-def test_the_phase_is_skipped_only_where_the_labels_look_clean(noise, skipped, tmp_path):
+def test_the_phase_is_skipped_only_where_the_labels_look_clean(noise, skipped, tmp_path, capsys):
     """Digits, 5 epochs (the last fine-tunes): without noise the estimate is
     below 5% and the run is the run without the phase, weight for weight;
     with 40% flips it is above, and the run is the run without the check."""
@@ -38,12 +38,15 @@ def test_the_phase_is_skipped_only_where_the_labels_look_clean(noise, skipped, t
     other = "finetune_fraction=0" if skipped else "finetune_min_noise=0"
     assert main(["train", *QUICK, "--noise", noise, "--method-args", "finetune_min_noise=0.05",
                  "--out", str(checked)]) == 0
+    line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("epoch   5/5")][0]
     assert main(["train", *QUICK, "--noise", noise, "--method-args", other, "--out", str(plain)]) == 0
     rows = rows_of(checked)
     decided = [r for r in rows if "finetune_skipped" in r]
     assert len(decided) == 1 and decided[0]["epoch"] == 5 and decided[0]["finetune_skipped"] is skipped
     estimate = decided[0]["finetune_noise_estimate"]
     assert (estimate < 0.05) if skipped else (estimate > 0.2)
+    said = "no fine-tuning on the meta set" if skipped else ": fine-tuning on the meta set"
+    assert f"{100 * estimate:.1f}% of labels look wrong" in line and said in line, line
     assert rows[-1]["finetuning"] is (not skipped)
     assert same_weights(weights_of(checked), weights_of(plain))
     ckpt = torch.load(checked / "checkpoint.pt", weights_only=False)
@@ -123,3 +126,30 @@ def test_defaults_by_stage_and_the_constructor_checks_it():
     assert gdw.GDW(model, 3, stage_one="mwnet").finetune_min_noise == 0.0  # the paper always does as it says
     with pytest.raises(UserError, match="finetune_min_noise"):
         gdw.GDW(model, 3, finetune_min_noise=1.0)
+
+
+def test_a_run_interrupted_after_the_decision_resumes_to_the_same_model(tmp_path, monkeypatch):
+    """Digits without noise, 10 epochs (the last 2 would fine-tune): Ctrl-C at
+    the end of epoch 9, after its checkpoint, where the phase was skipped;
+    the resumed run keeps skipping it and ends with the uninterrupted run's
+    weights."""
+    from gdw.callbacks import MetricsWriter
+
+    flags = ["train", "--dataset", "digits", "--meta-per-class", "10", "--epochs", "10", "--no-progress",
+             "--threads", "1"]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert main([*flags, "--out", str(full)]) == 0
+    real = MetricsWriter.on_epoch_end
+
+    def interrupt(self, state):
+        real(self, state)
+        if state.epoch == 8:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(MetricsWriter, "on_epoch_end", interrupt)
+    assert main([*flags, "--out", str(cut)]) != 0
+    assert torch.load(cut / "checkpoint.pt", weights_only=False)["callbacks"]["finetune_check"] == {"skip": True}
+    monkeypatch.setattr(MetricsWriter, "on_epoch_end", real)
+    assert main(["train", "--out", str(cut), "--resume", "--no-progress", "--threads", "1"]) == 0
+    assert [r["finetuning"] for r in rows_of(cut)] == [False] * 10
+    assert same_weights(weights_of(cut), weights_of(full))

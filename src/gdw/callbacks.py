@@ -169,7 +169,8 @@ class EpochLog(Callback):
     labels given, which may be noisy: it rises when a method stops fitting
     the wrong ones. ``test_clean=False``: the
     test labels are the user's own, not known to be clean, and the line says
-    so; fine-tuning epochs are marked."""
+    so; fine-tuning epochs are marked, and the epoch where a method decides
+    whether to fine-tune says what it found."""
 
     def __init__(self, log: Callable[[str], Any] = print, test_clean: bool = True):
         self.log, self.test_clean = log, test_clean
@@ -186,7 +187,10 @@ class EpochLog(Callback):
         if "test_accuracy" in row:
             parts.append(f"test acc {100 * row['test_accuracy']:.2f}%"
                          + ("" if self.test_clean else " (on labels not known to be clean)"))
-        if row.get("finetuning"):
+        if "finetune_skipped" in row:  # the fine-tuning check's decision (gdw.recorder.FinetuneCheck)
+            parts.append(f"{100 * row['finetune_noise_estimate']:.1f}% of labels look wrong: "
+                         + ("no fine-tuning on the meta set" if row["finetune_skipped"] else "fine-tuning on the meta set"))
+        elif row.get("finetuning"):
             parts.append("fine-tuning on the meta set")
         elif "guard_shrink" in row:
             parts.append(f"guard λ {row['guard_shrink']:.2f}")
