@@ -61,9 +61,22 @@ def test_each_question_compares_its_own_pair(ds):
     assert cells == [pytest.approx([71.0, 15.0])]
     assert overall == pytest.approx({"gdw-kept": 71.0, "gdw-constrained": 15.0})
     for choice, a, b, *_ in ds.QUESTIONS:
-        args_a, args_b = ds.CANDIDATES[a][1], ds.CANDIDATES[b][1]
+        # a candidate of DRAWS differs in a run setting: compare the method arguments and that setting together
+        args_a, args_b = ({**ds.CANDIDATES[n][1], **ds.DRAWS.get(n, (None, {}))[1]} for n in (a, b))
         differ = {k for k in args_a.keys() | args_b.keys() if args_a.get(k) != args_b.get(k)}
         assert choice in differ and all(k.startswith(choice) for k in differ)  # e.g. gate with its gate_form
+
+
+def test_setting_candidates_are_labelled_by_their_recorded_setting(ds, tmp_path):
+    """Question 10's candidates run gdw's default and differ in meta_draw: a
+    run is labelled by what its config.json records, and a run of the
+    default without the setting (an earlier question's) keeps its label."""
+    summary = {"method": "gdw", "method_args": ds.CANDIDATES["gdw-ftcheck"][1], "head_only": False}
+    for drawn, want in (("per-class", "gdw-draw-perclass"), ("target", "gdw-draw-target"), (None, "gdw-ftcheck")):
+        run = tmp_path / str(drawn)
+        run.mkdir()
+        (run / "config.json").write_text(json.dumps({"meta_draw": drawn}))
+        assert ds.label(summary, run) == want
 
 
 def test_study_trains_with_a_validation_split_and_labels_its_runs(ds, tmp_path, monkeypatch):

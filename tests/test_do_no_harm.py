@@ -204,6 +204,59 @@ def test_run_follows_its_target_prior_in_every_output(imbalanced_npz, tmp_path, 
     assert json.loads((out2 / "config.json").read_text())["target"]["prediction_shift"] is None
 
 
+def test_share_counts_by_hand():
+    from gdw.data.split import share_counts
+
+    assert share_counts([2600, 1400], 100).tolist() == [65, 35]
+    # 30 * (950, 50, 5) / 1005 = (28.36, 1.49, 0.15): floors (28, 1, 0), the one left to the largest remainder
+    # (class 1), then class 2 gets 1 from the largest class
+    assert share_counts([950, 50, 5], 30).tolist() == [27, 2, 1]
+    assert share_counts([1, 1], 0).tolist() == [0, 0]
+
+
+def test_per_class_draw_takes_one_count_or_one_per_class():
+    from gdw.data.split import per_class_draw
+
+    labels = np.random.default_rng(1).integers(0, 3, 300)
+    same = per_class_draw(labels, 4, 3, np.random.default_rng(5))
+    assert np.array_equal(same, per_class_draw(labels, [4, 4, 4], 3, np.random.default_rng(5)))
+    got = per_class_draw(labels, [6, 2, 1], 3, np.random.default_rng(5), exclude=same)
+    assert np.bincount(labels[got], minlength=3).tolist() == [6, 2, 1]
+    assert not np.isin(got, same).any()
+
+
+def test_meta_and_validation_draws_follow_the_target_prior(imbalanced_npz, tmp_path, capsys):
+    """On a 70/30 dataset of the user's the default (target prior train) draws
+    the meta and validation sets in the training labels' shares; a balanced
+    target, or an injected long tail, draws as many of every class."""
+    from gdw.data import prepare
+    from gdw.data.split import share_counts
+
+    d = prepare(f"npz:{imbalanced_npz}", meta_per_class=20, val_per_class=5)
+    pool = np.load(imbalanced_npz)["y_train"]
+    counts = np.bincount(pool, minlength=2)  # the whole training array: the test split is the file's own
+    assert d.record["meta_draw_prior"] == d.record["val_draw_prior"] == "train"
+    assert d.record["counts"]["meta"] == share_counts(counts, 40).tolist()
+    assert d.record["counts"]["val"] == share_counts(counts, 10).tolist()
+    assert d.record["counts"]["meta"][0] > 2 * d.record["counts"]["meta"][1]
+    for kw in ({"target_prior": "balanced"}, {"imbalance": "longtail:2"}):
+        b = prepare(f"npz:{imbalanced_npz}", meta_per_class=20, val_per_class=5, **kw)
+        assert b.record["meta_draw_prior"] == b.record["val_draw_prior"] == "balanced"
+        assert b.record["counts"]["meta"] == [20, 20] and b.record["counts"]["val"] == [5, 5]
+    p = prepare(f"npz:{imbalanced_npz}", meta_per_class=20, val_per_class=5, meta_draw="per-class")
+    assert p.record["meta_draw_prior"] == "balanced" and p.record["counts"]["meta"] == [20, 20]
+    assert p.record["counts"]["val"] == share_counts(counts, 10).tolist()  # the validation set follows the target
+    with pytest.raises(gdw.UserError, match="training labels' shares need"):
+        prepare(f"npz:{imbalanced_npz}", meta_per_class=750)
+    out = tmp_path / "run"
+    assert main(["train", "--dataset", f"npz:{imbalanced_npz}", "--method", "l2rw", "--epochs", "1", "--no-progress",
+                 "--meta-per-class", "20", "--out", str(out)]) == 0
+    assert "the meta set drawn from your data has them" in capsys.readouterr().out
+    # L2RW fits the meta set's prior, which is now the target's: the shift is what rounding leaves
+    shift = json.loads((out / "config.json").read_text())["target"]["prediction_shift"]
+    assert shift is None or max(abs(v) for v in shift) < 0.05
+
+
 def predict_plain(model, config, new_npz):
     """The run's probabilities on ``new_npz`` without any shift (the run's
     own preprocessing, through gdw.data.load_new)."""

@@ -27,9 +27,11 @@ NEUTRAL = ("device", "progress", "out", "resume", "data_root", "download", "logg
 and are left out of the config fingerprint."""
 
 
+META_DRAWS = ("target", "per-class")  # --meta-draw; None (unset) is "target"
+
 LOGGERS = ("none", "tensorboard")  # --logger: where the per-epoch metrics go besides metrics.jsonl
 
-ADDED_SETTINGS = ("text_column", "encoder", "holdout")
+ADDED_SETTINGS = ("text_column", "encoder", "holdout", "meta_draw")
 """Settings added after runs were recorded without them: left out of the
 fingerprint while unset (None), so that those runs keep theirs."""
 
@@ -64,6 +66,11 @@ class TrainConfig:
                                         "plain accuracy), balanced (every class alike: balanced accuracy) or auto "
                                         "(balanced under --imbalance or when the classes are about equally frequent, "
                                         "else train)", choices=["auto", "train", "balanced"])
+    meta_draw: Optional[str] = setting(None, "how a meta set drawn from the training data is shared between the "
+                                             "classes: target (the default: the training labels' shares when the "
+                                             "target prior is train, else as many of every class) or per-class (as "
+                                             "many of every class whatever the target, as in the papers)",
+                                       choices=list(META_DRAWS))
     meta: Optional[str] = setting(None, "your own clean (hand-checked) labelled set, used as the meta set: csv:PATH, "
                                         "folder:PATH or npz:PATH (arrays x, y); labels matched to the training "
                                         "classes by name")
@@ -132,6 +139,8 @@ class TrainConfig:
         for name in ("download", "head_only", "amp", "sync_bn", "resume", "progress"):
             if not isinstance(getattr(self, name), bool):
                 raise UserError(f"{flag(name)} must be true or false, got {getattr(self, name)!r}")
+        if self.meta_draw is not None and self.meta_draw not in META_DRAWS:
+            raise UserError(f"--meta-draw must be one of {', '.join(META_DRAWS)}, got {self.meta_draw!r}")
         if self.target_prior not in TARGET_PRIORS:
             raise UserError(f"--target-prior must be one of {', '.join(TARGET_PRIORS)}, got {self.target_prior!r}")
         for name in ("dataset", "noise", "imbalance", "method", "model", "label_column"):

@@ -63,7 +63,8 @@ def build(cfg: TrainConfig, device: torch.device, comm: Comm):
                    test_fraction=cfg.test_fraction, meta=cfg.meta, val_per_class=cfg.val_per_class, test=cfg.test,
                    features=cfg.features, ignore=cfg.ignore, text_column=cfg.text_column, encoder=cfg.encoder,
                    text_dir=cfg.out if cfg.resume else None,  # a resumed text run: its fitted encoder, its embeddings
-                   holdout=cfg.holdout)
+                   holdout=cfg.holdout, target_prior=cfg.target_prior,
+                   meta_draw=cfg.meta_draw or "target")
     C = data.num_classes
     method_cls = METHODS.get(cfg.method)
     model = create_model(cfg.model, data.input_shape, C).to(device)
@@ -216,7 +217,8 @@ def target_prior(cfg: TrainConfig, data, method) -> tuple[dict, Optional[torch.T
         "auto: the classes are about equally frequent" if prior == "balanced" else "auto: the classes' shares differ")
     return ({"prior": prior, "setting": cfg.target_prior, "fits": method.fits_prior,
              "prediction_shift": None if shift is None else [round(float(v), 6) for v in shift],
-             "line": describe(prior, counts, [str(c) for c in data.classes], how)}, shift)
+             "line": describe(prior, counts, [str(c) for c in data.classes], how,
+                              drawn=data.record.get("meta_draw_prior") == "train")}, shift)
 
 
 def _callbacks(cfg: TrainConfig, data, out: Path, device, log, shift, fingerprint: str):

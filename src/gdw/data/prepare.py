@@ -11,8 +11,11 @@ Order of operations (fixed):
    examples of every class drawn by TRUE label from the training array (at least one
    example of each class must stay for training) and removed from it -- clean for
    benchmark datasets; for the user's own csv / folder / npz data the labels drawn by are
-   the user's labels, which may be noisy (``record["warnings"]`` says so);
-3. validation set (``val_per_class``): drawn from the same source as the meta set,
+   the user's labels, which may be noisy (``record["warnings"]`` says so). Where the
+   target prior (``target_prior``) resolves to ``"train"``, that draw holds
+   ``meta_per_class * C`` examples in the training labels' shares instead;
+3. validation set (``val_per_class``): drawn from the same source as the meta set (in
+   the same way: per class, or in the training labels' shares),
    disjoint from it and from the training set; training examples with exactly the same
    inputs as a given meta/validation example are left out of training; in a test split drawn
    from the user's CSV file or image folder, so are test examples with the inputs of a
@@ -36,6 +39,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from ..errors import UserError
+from ..prior import resolve_target_prior
 from .batches import mix_seed
 from .builtin import CIFAR_N, read_cifar_n
 from .labels import class_counts_check
@@ -43,7 +47,7 @@ from .noise import (apply_imbalance, apply_noise, parse_imbalance, parse_noise,
                     realised_noise_rate, realised_transition)
 from .own import preprocess_record, read_examples, source_format
 from .sources import FORMATS, load_source, resolve
-from .split import Prepared, Split, _same_inputs, per_class_draw
+from .split import Prepared, Split, _same_inputs, per_class_draw, share_counts
 
 
 def _needs(k: int, n_val: int) -> tuple[str, str]:
@@ -73,7 +77,7 @@ def prepare(dataset="digits", noise="none", imbalance="none", meta_per_class=Non
             meta=None, val_per_class=0, test=None, data_root=None, download=False, label_column="label",
             test_fraction=0.2, image_size=None, stream=None, num_workers=0,
             mirror=None, features=None, ignore=None, text_column=None, encoder=None, text_dir=None,
-            holdout=None) -> Prepared:
+            holdout=None, target_prior="auto", meta_draw="target") -> Prepared:
     """Read a dataset and build noisy/imbalanced training, clean meta (and validation) and
     test splits, in the order of the module docstring.
 
@@ -95,6 +99,15 @@ def prepare(dataset="digits", noise="none", imbalance="none", meta_per_class=Non
         label_column, test_fraction, features, ignore, text_column, encoder, text_dir: csv
             options (:func:`~gdw.data.files.read_csv`, :mod:`gdw.data.text`).
         image_size, stream, num_workers: image folders and Clothing1M; streamed loading.
+        target_prior: ``"auto"``, ``"train"`` or ``"balanced"`` (:mod:`gdw.prior`); where
+            it resolves to ``"train"``, the meta and validation sets drawn from the
+            training data hold ``meta_per_class * C`` and ``val_per_class * C`` examples
+            in the training labels' shares (each class at least 1) instead of as many
+            of every class, so that the meta loss aims at the same prior as the
+            predictions. A meta set or clean pool of your own is drawn per class.
+        meta_draw: ``"target"`` (as above) or ``"per-class"``: the meta set drawn from
+            the training data holds ``meta_per_class`` of every class whatever the
+            target prior (the validation set still follows it).
 
     Returns a :class:`Prepared`; its ``record`` (JSON) says what was done, with
     ``warnings`` for the user, ``source_files``, ``meta_source`` / ``val_source`` and
@@ -102,7 +115,8 @@ def prepare(dataset="digits", noise="none", imbalance="none", meta_per_class=Non
     """
     nspec, ispec = parse_noise(noise), parse_imbalance(imbalance)
     _check_sizes(seed, meta_per_class, val_per_class)
-    d = SimpleNamespace(dataset=dataset, N=int(val_per_class), meta_per_class=meta_per_class, fold=holdout)
+    d = SimpleNamespace(dataset=dataset, N=int(val_per_class), meta_per_class=meta_per_class, fold=holdout,
+                        target_setting=target_prior, imbalance=ispec.text, meta_draw=meta_draw)
     _read(d, nspec, test, meta, dict(data_root=data_root, download=download, mirror=mirror,
                                      label_column=label_column, image_size=image_size, stream=stream,
                                      features=features, ignore=ignore, text_column=text_column, encoder=encoder,
@@ -217,12 +231,9 @@ def _clean_sets(d, rng_meta, rng_val) -> None:
     if d.pool is None:
         k = int(d.K)
         d.store, d.labels, d.origin = src.x_train, d.true, src.origin("train")
-        if k + N:
-            need, lower = _needs(k, N)
-            class_counts_check(d.true, src.classes, k + N + 1, d.what,
-                               f"{need} plus at least 1 left for training; lower {lower}")
-        d.meta_idx = per_class_draw(d.true, k, C, rng_meta) if k else None
-        d.val_idx = per_class_draw(d.true, N, C, rng_val, exclude=d.meta_idx) if N else None
+        k, N = _draw_counts(d, k, N)
+        d.meta_idx = per_class_draw(d.true, k, C, rng_meta) if np.any(k) else None
+        d.val_idx = per_class_draw(d.true, N, C, rng_val, exclude=d.meta_idx) if np.any(N) else None
         taken = [i for i in (d.meta_idx, d.val_idx) if i is not None]
         if taken:
             d.train_pos = np.setdiff1d(d.train_pos, np.concatenate(taken))
@@ -245,6 +256,35 @@ def _clean_sets(d, rng_meta, rng_val) -> None:
         d.val_idx = per_class_draw(labels, N, C, rng_val, exclude=d.meta_idx) if N else None
     if mpc == 0:
         d.meta_idx = None
+
+
+def _draw_counts(d, k: int, n_val: int):
+    """The meta and validation draws from the training data, per class: ``k`` and
+    ``n_val`` of every class, or, where the target prior resolves to ``"train"``,
+    (C,) counts of ``k * C`` and ``n_val * C`` in the training labels' shares
+    (``d.draw_prior`` says which; ``d.meta_draw_prior`` is ``"balanced"`` where
+    ``meta_draw="per-class"`` keeps the meta draw per class). Raises UserError
+    where a class has too few."""
+    src, C = d.src, d.C
+    labels = d.true[d.train_pos]
+    counts = np.bincount(labels[labels >= 0], minlength=C)
+    d.draw_prior = d.meta_draw_prior = resolve_target_prior(d.target_setting, counts, d.imbalance)
+    if d.draw_prior == "balanced" or not k + n_val or counts.min() == 0:  # a class without examples: say so
+        if k + n_val:
+            need, lower = _needs(k, n_val)
+            class_counts_check(d.true, src.classes, k + n_val + 1, d.what,
+                               f"{need} plus at least 1 left for training; lower {lower}")
+        return k, n_val
+    ks, ns = share_counts(counts, k * C), share_counts(counts, n_val * C)
+    if d.meta_draw == "per-class":
+        ks, d.meta_draw_prior = np.full(C, k, dtype=np.int64), "balanced"
+    short = np.flatnonzero(counts < ks + ns + 1)
+    if short.size:
+        c = int(short[0])
+        raise UserError(f"class {c} ({src.classes[c]!r}) has {counts[c]} examples in {d.what}, but the meta and "
+                        f"validation sets drawn in the training labels' shares need {ks[c]} and {ns[c]} of it plus "
+                        "at least 1 left for training; lower meta_per_class or val_per_class")
+    return ks, ns
 
 
 def _leave_out_duplicates(d) -> None:
@@ -350,6 +390,9 @@ def _record(d, ispec, seed, noisy_tr, true_tr, T) -> dict:
         "dataset": str(d.dataset), "source": src.name, "noise": d.nspec.text,
         "imbalance": ispec.text, "seed": int(seed),
         "meta_per_class": 0 if meta_split is None else (None if d.all_mode else int(d.K)),
+        # "train": the meta / validation draw from the training data follows its labels' shares
+        "meta_draw_prior": getattr(d, "meta_draw_prior", None) if d.source == "train" else None,
+        "val_draw_prior": getattr(d, "draw_prior", None) if d.source == "train" else None,
         "meta_source": "none" if meta_split is None else d.source, "meta": None if given is None else given.name,
         "meta_known_clean": None if meta_split is None else bool(d.clean),
         "val_per_class": d.N, "val_source": "none" if val_split is None else d.source,

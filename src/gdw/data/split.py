@@ -187,17 +187,37 @@ def load_split(path) -> dict:
     return out
 
 
-def per_class_draw(labels: np.ndarray, k: int, num_classes: int, rng: np.random.Generator,
+def per_class_draw(labels: np.ndarray, k, num_classes: int, rng: np.random.Generator,
                    exclude: np.ndarray | None = None) -> np.ndarray:
-    """Sorted positions of ``k`` random examples of every class (never a position in
-    ``exclude``, never a label -1); the caller has checked that there are enough."""
+    """Sorted positions of ``k`` random examples of every class (``k`` an int, or
+    (C,) ints: ``k[c]`` of class c), never a position in ``exclude``, never a
+    label -1; the caller has checked that there are enough."""
+    ks = np.broadcast_to(np.asarray(k, dtype=np.int64), (num_classes,))
     picks = []
     for c in range(num_classes):
         pos = np.flatnonzero(labels == c)
         if exclude is not None and len(exclude):
             pos = np.setdiff1d(pos, exclude)
-        picks.append(rng.choice(pos, size=k, replace=False))
+        picks.append(rng.choice(pos, size=int(ks[c]), replace=False))
     return np.sort(np.concatenate(picks)).astype(np.int64)
+
+
+def share_counts(counts, total: int) -> np.ndarray:
+    """(C,) ints summing to ``total`` in the shares of ``counts`` (C,): the
+    largest remainders of ``total * counts / sum(counts)`` round up, and every
+    class gets at least 1 (taken from the largest), so that no class is
+    missing from a draw of ``total`` >= C. An example: counts (2600, 1400),
+    total 100 -> (65, 35)."""
+    c = np.maximum(np.asarray(counts, dtype=np.float64), 0.0)
+    exact = total * c / c.sum()
+    out = np.floor(exact).astype(np.int64)
+    out[np.argsort(-(exact - out), kind="stable")[:total - int(out.sum())]] += 1
+    for i in np.flatnonzero(out < 1):
+        if total < len(out):
+            break
+        out[int(np.argmax(out))] -= 1
+        out[i] = 1
+    return out
 
 
 def _same_inputs(train_store, train_pos: np.ndarray, other_store, other_idx) -> np.ndarray:
