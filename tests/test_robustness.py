@@ -122,6 +122,20 @@ def test_grid_trains_skips_and_reports_from_the_csv(rb, tmp_path, capsys):
             in text)  # an --out other than the default is part of the command
     assert "Software: gdw " in text and "scikit-learn" in text
     assert (out / "accuracy.png").stat().st_size > 0
+    assert "### The other cells over every seed run" not in text  # every seed run is selected
+
+    # with seed 0 selected, the heavy cells are also judged on every seed run: digits' ce has two
+    assert rb.main([*args, "--report"]) == 0
+    capsys.readouterr()
+    text = (out / "results.md").read_text()
+    every = text.split("### The other cells over every seed run")[1].split("##")[0]
+    diff = round(means["digits", "gdw"] - means["digits", "ce"], 2)
+    line = next(l for l in every.splitlines() if l.startswith("| digits | flip:0.4 | gdw − ce |"))
+    assert f"| {diff:+.2f} |" in line
+    main_line = next(l for l in text.split("### The other cells")[0].splitlines()
+                     if l.startswith("| digits | flip:0.4 | gdw − ce |"))
+    ce0 = 100 * float(next(r["final_test_accuracy"] for r in rows if r["run_dir"] == "digits/flip0.4_none_ce_s0"))
+    assert f"| {round(means['digits', 'gdw'] - ce0, 2):+.2f} |" in main_line
 
 
 def test_acceptance_gives_the_standard_error_of_each_difference(rb):
