@@ -251,7 +251,13 @@ def test_meta_and_validation_draws_follow_the_target_prior(imbalanced_npz, tmp_p
     out = tmp_path / "run"
     assert main(["train", "--dataset", f"npz:{imbalanced_npz}", "--method", "l2rw", "--epochs", "1", "--no-progress",
                  "--meta-per-class", "20", "--out", str(out)]) == 0
-    assert "the meta set drawn from your data has them" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "the meta set drawn from your data has them" in printed
+    # the meta set comes from the user's own labels and no noise was injected: the run points to dm
+    assert "note: the meta set is as noisy as your labels" in printed and "--method dm" in printed
+    assert main(["train", "--dataset", f"npz:{imbalanced_npz}", "--method", "l2rw", "--epochs", "1", "--no-progress",
+                 "--meta-per-class", "20", "--noise", "uniform:0.2", "--out", str(tmp_path / "injected")]) == 0
+    assert "as noisy as your labels" not in capsys.readouterr().out  # drawn before the injected noise
     # L2RW fits the meta set's prior, which is now the target's: the shift is what rounding leaves
     shift = json.loads((out / "config.json").read_text())["target"]["prediction_shift"]
     assert shift is None or max(abs(v) for v in shift) < 0.05

@@ -190,6 +190,12 @@ def _log_start(log, cfg: TrainConfig, data, device, out: Path, target: dict, res
     log("gdw train: " + target["line"])
     for warning in data.record.get("warnings", []):
         log(f"gdw train: warning: {warning}")
+    rec = data.record
+    if data.meta is not None and rec.get("meta_source") == "train" and rec.get("meta_known_clean") is False \
+            and cfg.noise == "none" and cfg.method in ("gdw", "l2rw", "mwnet"):
+        log("gdw train: note: the meta set is as noisy as your labels. With 20-40% of the labels wrong and no "
+            "clean set, --method dm (no meta set) did better than gdw in every cell of the benchmark "
+            "(docs/results.md, 'No clean set')")
 
 
 def _log_end(log, summary: dict) -> None:
