@@ -216,7 +216,8 @@ def target_prior(cfg: TrainConfig, data, method) -> tuple[dict, Optional[torch.T
     labels = true if true is not None and bool((true >= 0).all()) else data.train.labels
     counts = torch.bincount(labels, minlength=C).tolist()
     meta = None if data.meta is None else torch.bincount(data.meta.labels, minlength=C).tolist()
-    prior = resolve_target_prior(cfg.target_prior, counts, cfg.imbalance)
+    # resolved once: where the meta / validation sets were drawn from the training data, as their draw was
+    prior = data.record.get("val_draw_prior") or resolve_target_prior(cfg.target_prior, counts, cfg.imbalance)
     shift = prediction_shift(method.fits_prior, prior, counts, meta)
     how = "set" if cfg.target_prior != "auto" else (
         "auto: --imbalance keeps the test split balanced" if cfg.imbalance != "none" else
