@@ -192,7 +192,7 @@ def _log_start(log, cfg: TrainConfig, data, device, out: Path, target: dict, res
         log(f"gdw train: warning: {warning}")
     rec = data.record
     if data.meta is not None and rec.get("meta_source") == "train" and rec.get("meta_known_clean") is False \
-            and cfg.noise == "none" and cfg.method in ("gdw", "l2rw", "mwnet"):
+            and cfg.noise == "none" and METHODS.get(cfg.method).needs_meta:
         log("gdw train: note: the meta set is as noisy as your labels. Without a clean set, --method dm (no meta "
             "set) did better than gdw where 20-40% of the labels were wrong, and plain training (--method ce) where "
             "few were (docs/results.md, 'No clean set')")
