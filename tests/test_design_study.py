@@ -45,6 +45,25 @@ def test_decision_is_the_higher_mean_validation_accuracy(ds):
     assert "higher in 1 of 2 cells (differences from -14.00 to +11.00 points)" in table
 
 
+def test_no_harm_question_decides_by_the_shortfall_against_the_reference(ds):
+    """Question 11's rule by hand: a candidate's shortfall is max(0, CE −
+    candidate) per cell; the smaller sum wins even against a higher mean,
+    and sums within 0.5 points fall back to the higher mean."""
+    none = ("none", "none")
+    names = ("gdw-ftcheck", "gdw-own-guarded", "ce")
+    values = {("digits", none): ((0.90,), (0.80,), (0.85,)),  # shortfalls 0 and 5
+              ("tabular", none): ((0.60,), (0.70,), (0.72,)),  # 12 and 2
+              ("reviews", none): ((0.70,), (0.69,), (0.60,))}  # 0 and 0
+    rows = rows_for(ds, values, labels=names)
+    table, winner = ds.decide_no_harm(rows, names, ["digits", "tabular", "reviews"], [none], [0])
+    assert winner == "gdw-own-guarded"  # 7 against 12, though its mean (73.0) is below the incumbent's (73.3)
+    assert "**12.00** | **7.00**" in table
+    close = rows_for(ds, {("digits", none): ((0.90,), (0.80,), (0.85,)),  # 0 and 5
+                          ("tabular", none): ((0.675,), (0.76,), (0.72,))}, labels=names)  # 4.5 and 0
+    assert ds.decide_no_harm(close, names, ["digits", "tabular"], [none], [0])[1] == "gdw-ftcheck"  # 4.5 vs 5: the higher mean, 78.75 vs 78
+    assert ds.decide_no_harm(rows[:-1], names, ["digits", "tabular", "reviews"], [none], [0])[1] is None
+
+
 def test_a_cell_with_a_missing_seed_is_left_out(ds):
     rows = rows_for(ds, {("digits", ("flip:0.4", "none")): ((0.9, 0.8), (0.7,))})
     _, cells, overall = ds.decide(rows, ("gdw-batch", "gdw-kept"))

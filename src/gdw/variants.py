@@ -39,6 +39,7 @@ VARIANTS = {
     "gdw-ft0": ("gdw", {**ALWAYS, "finetune_fraction": 0.0}, False),  # no fine-tuning phase on the meta set
     "gdw-ftcheck": ("gdw", {**DEFAULT}, False),  # the default since question 9: fine-tune where labels look noisy
     "gdw-ftalways": ("gdw", {**ALWAYS}, False),  # the default before it
+    "gdw-own-guarded": ("gdw", {**DEFAULT, "guard": 0.05}, False),  # the default with the held-out check
     "gdw-tau0": ("gdw", {**ALWAYS, "tau": 0.0, "class_grad": "raw", "max_weight": math.inf}, False),
     "gdw-l2rw": ("gdw", {**L2RW_STEP}, False),
     "gdw-l2rw-c": ("gdw", {**L2RW_STEP, "class_grad": "constrained"}, False),  # ... through the constraint
