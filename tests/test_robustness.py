@@ -158,7 +158,8 @@ def test_acceptance_questions_on_hand_made_rows(rb):
     def row(regime, setting, method, final, seed=0):
         noise, _, imbalance = setting.partition("+")
         return {"dataset": regime, "noise": noise, "imbalance": imbalance or "none", "method": method,
-                "seed": seed, "final_test_accuracy": final, "best_test_accuracy": final}
+                "seed": seed, "final_test_accuracy": final, "best_test_accuracy": final,
+                "final_test_balanced_accuracy": final}  # a balanced test split: the two are the same
 
     rows = [
         # A, flip:0.4: gdw 80.00; l2rw 80.50, mwnet 79.00 (seeds 78, 80); ce 78.00 -> -0.50 and +2.00: both pass
@@ -201,6 +202,33 @@ def test_acceptance_questions_on_hand_made_rows(rb):
     assert "gdw − max(l2rw, mwnet): 1 of 2 pass, 2 not answerable yet (cells missing)" in table
     assert "gdw − ce: 2 of 3 pass, 1 not answerable yet (cells missing)" in table
     assert "gdw − ce (imbalance only): 1 of 2 pass." in table
+
+
+def test_long_tail_cells_are_judged_on_balanced_accuracy(rb):
+    """A long tail's target prior is balanced, so where the test split keeps
+    a skewed prior (the reviews: 65% / 35%) the long-tail questions compare
+    balanced accuracy: ce always answering the majority class has accuracy
+    65% but balanced accuracy 50%; gdw 62% / 61%. The clean cell keeps both
+    questions on their own metrics."""
+    def row(setting, method, acc, bal):
+        noise, _, imbalance = setting.partition("+")
+        return {"dataset": "R", "noise": noise, "imbalance": imbalance or "none", "method": method, "seed": 0,
+                "final_test_accuracy": acc, "best_test_accuracy": acc, "final_test_balanced_accuracy": bal}
+
+    rows = [row("none+longtail:100", "gdw", 0.62, 0.61), row("none+longtail:100", "ce", 0.65, 0.50),
+            row("uniform:0.4+longtail:10", "gdw", 0.58, 0.58), row("uniform:0.4+longtail:10", "ce", 0.64, 0.55),
+            row("uniform:0.4+longtail:10", "l2rw", 0.59, 0.61), row("uniform:0.4+longtail:10", "mwnet", 0.63, 0.54),
+            row("none", "gdw", 0.74, 0.70), row("none", "ce", 0.75, 0.72)]
+    settings = [("none", "longtail:100"), ("uniform:0.4", "longtail:10"), ("none", "none")]
+    got = {(c["setting"], c["check"]): (c["difference"], c["reference_method"], c["passed"])
+           for c in rb.acceptance(rows, ["R"], settings)}
+    assert got == {
+        ("none + longtail:100", "gdw − ce (imbalance only)"): (11.0, "ce", True),
+        ("uniform:0.4 + longtail:10", "gdw − max(l2rw, mwnet)"): (-3.0, "l2rw", False),
+        ("uniform:0.4 + longtail:10", "gdw − ce"): (3.0, "ce", True),
+        ("none", "gdw − ce (clean or mild noise)"): (-1.0, "ce", False),
+        ("none", "gdw − ce (clean or mild noise), balanced accuracy"): (-2.0, "ce", False),
+    }
 
 
 def test_command_line_subsets(rb):
