@@ -21,9 +21,13 @@ LR = 0.3
 B, BM = 8, 6
 
 
+META_SHIFT = None  # (C,) added to the meta logits by the reference's meta loss, where a test sets it
+
+
 def meta_loss_at(model, params, xm, ym):
     buffers = {n: b.clone() for n, b in model.named_buffers()}
-    return F.cross_entropy(functional_call(model, {**buffers, **params}, (xm,)), ym)
+    z = functional_call(model, {**buffers, **params}, (xm,))
+    return F.cross_entropy(z if META_SHIFT is None else z + META_SHIFT, ym)
 
 
 def virtual_params(model, params, surrogate):
@@ -383,6 +387,47 @@ def test_gdw_logit_adjustment_matches_reference(kind, tau):
     # and the shift made a difference: without it the reference's gradient is another one
     _, g_plain, _ = reference("gdw", before, None, x, y, xm, ym, stage_one="l2rw")
     assert max(float((a - b).abs().max()) for a, b in zip(g_ref, g_plain)) > 1e-4
+
+
+@pytest.mark.parametrize("kind,mode,head_only", [("mlp", "jvp", False), ("cnn", "double", False),
+                                                ("mlp", "fd", False), ("mlp", "jvp", True)])
+def test_gdw_meta_loss_under_the_meta_sets_prior_matches_reference(kind, mode, head_only, monkeypatch):
+    """meta_prior="meta" with an imbalanced meta set: the meta loss is
+    CE(z_meta + log π_meta, y_meta) (π_meta from meta_counts, by hand here),
+    against the reference whose meta loss adds that shift; with a balanced
+    meta set, or meta_prior="model", it is the plain meta loss."""
+    counts = [40, 1, 7, 0, 12][:C] + [3] * max(0, C - 5)
+    meta_counts = [6, 1, 2, 3, 1][:C] + [2] * max(0, C - 5)
+    model = make_model(kind)
+    x, y = make_batch(kind, B, 1)
+    xm, ym = make_batch(kind, BM, 2)
+    before = copy.deepcopy(model)
+    args = dict(class_counts=counts, meta_grad=mode, head_only=head_only)
+    method, _, stats = run_method("gdw", model, x, y, xm, ym, meta_prior="meta", meta_counts=meta_counts, **args)
+    n = torch.tensor([max(c, 1) for c in counts], dtype=torch.float64)
+    nm = torch.tensor(meta_counts, dtype=torch.float64)
+    monkeypatch.setattr(__import__(__name__), "META_SHIFT", torch.log(nm / nm.sum()))
+    info = {}
+    w_ref, g_ref, _ = reference("gdw", before, None, x, y, xm, ym, stage_one="l2rw", shift=torch.log(n / n.sum()),
+                                head_only=head_only, info=info)
+    tol = dict(rtol=1e-6, atol=1e-8) if mode == "fd" else dict(rtol=1e-10, atol=1e-10)
+    if mode != "fd":  # the finite difference approximates J u; its own test bounds the error
+        torch.testing.assert_close(stats.weights, w_ref.detach(), **tol)
+        for (name, p), g in zip(model.named_parameters(), g_ref):
+            torch.testing.assert_close(p.grad, g, **tol, msg=f"gradient of {name}")
+    torch.testing.assert_close(torch.as_tensor(float(stats.meta_loss), dtype=torch.float64),
+                               info["meta_loss"].detach().to(torch.float64), rtol=1e-6, atol=1e-8)
+    # the shift made a difference, and it is none with a balanced meta set or meta_prior="model"
+    monkeypatch.setattr(__import__(__name__), "META_SHIFT", None)
+    _, g_plain, _ = reference("gdw", before, None, x, y, xm, ym, stage_one="l2rw", shift=torch.log(n / n.sum()),
+                              head_only=head_only)
+    assert max(float((a - b).abs().max()) for a, b in zip(g_ref, g_plain)) > 1e-6
+    assert gdw.make("gdw", make_model(kind), C, class_counts=counts, meta_prior="meta",
+                    meta_counts=[4] * C).meta_shift is None
+    assert gdw.make("gdw", make_model(kind), C, class_counts=counts, meta_counts=meta_counts).meta_shift is None
+    assert gdw.make("gdw", make_model(kind), C, meta_prior="meta", meta_counts=meta_counts).meta_shift is None
+    with pytest.raises(gdw.UserError, match="meta_prior"):
+        gdw.make("gdw", make_model(kind), C, meta_prior="test")
 
 
 @pytest.mark.parametrize("counts,kw", [

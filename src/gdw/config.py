@@ -35,7 +35,7 @@ ADDED_SETTINGS = ("text_column", "encoder", "holdout", "meta_draw")
 """Settings added after runs were recorded without them: left out of the
 fingerprint while unset (None), so that those runs keep theirs."""
 
-RESERVED_METHOD_ARGS = ("model", "num_classes", "optimizer", "class_counts", "output", "comm")
+RESERVED_METHOD_ARGS = ("model", "num_classes", "optimizer", "class_counts", "meta_counts", "output", "comm")
 
 
 def setting(default, help: str, **flag):

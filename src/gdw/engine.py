@@ -89,13 +89,14 @@ MODES = ("jvp", "double", "fd", "fd_central")
 
 def meta_gradient(model: nn.Module, x_meta: "model_inputs.Inputs", y_meta: torch.Tensor, rng: RngState, *,
                   comm: Optional[Comm] = None, output: Optional[Callable[[Any], torch.Tensor]] = None,
-                  num_classes: Optional[int] = None) -> MetaGradient:
+                  num_classes: Optional[int] = None, shift: Optional[torch.Tensor] = None) -> MetaGradient:
     """u = ∇_θ L_meta(θ): the meta forward and backward at the current
     parameters, through the stateless forward (copied buffers), with the
     random numbers of :meth:`RngState.meta_stream` of ``rng`` (the state at
     the start of the step). Its graph is freed before this returns, so
     calling it before the real forward keeps the two graphs apart.
-    ``num_classes``: check the meta logits' shape."""
+    ``num_classes``: check the meta logits' shape. ``shift`` (C,): added to
+    the meta logits before the meta loss (see :func:`meta_logit_grad`)."""
     comm = comm if comm is not None else Comm()
     params = trainable(model)
     leaves = {n: p.detach().requires_grad_() for n, p in params.items()}
@@ -104,7 +105,7 @@ def meta_gradient(model: nn.Module, x_meta: "model_inputs.Inputs", y_meta: torch
             meta_logits = stateless_forward(model, leaves, x_meta, output)
         if num_classes is not None:
             check_logits_shape(meta_logits, y_meta.shape[0], num_classes)
-        meta_loss = _meta_ce(meta_logits, y_meta, comm)
+        meta_loss = _meta_ce(meta_logits, y_meta, comm, shift)
         u = torch.autograd.grad(meta_loss, list(leaves.values()), allow_unused=True)
     comm.sum_(u)
     correct = (full(meta_logits).detach().argmax(-1) == y_meta).sum()
@@ -121,6 +122,7 @@ def meta_logit_grad(
     mode: str = "jvp",
     head: Optional[HeadCapture] = None,
     fd_scale: Optional[float] = None,
+    shift: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Meta loss after a virtual step, and its gradient with respect to ``A``.
 
@@ -142,6 +144,10 @@ def meta_logit_grad(
             modes use the same exact closed form as ``"jvp"``).
         fd_scale: c, the relative step of the finite difference (its
             parameter-space step is c·‖θ‖); default :func:`default_fd_scale`.
+        shift: (C,) or None: added to the meta logits before the meta
+            cross-entropy, L_meta = CE(z_meta + shift, y_meta) (GDW's
+            ``meta_prior="meta"``: the model's logits moved to the meta
+            set's class prior).
 
     Returns:
         ``(meta_loss, dA)``: the scalar meta loss (detached) and ∂L_meta/∂A,
@@ -150,16 +156,16 @@ def meta_logit_grad(
     if mode not in MODES:
         raise UserError(f"meta_grad must be one of {MODES}, got {mode!r}")
     if head is not None:
-        return _head_only(fwd, A, x_meta, y_meta, lr, mode, head)
+        return _head_only(fwd, A, x_meta, y_meta, lr, mode, head, shift)
     if fd_scale is not None and not (isinstance(fd_scale, (int, float)) and 0 < fd_scale < 1):
         raise UserError(f"fd_scale must be a number in (0, 1), got {fd_scale!r}")
     if mode == "double":
         with math_attention():
-            return _double(fwd, A, x_meta, y_meta, lr)
-    return _first_order(fwd, A, x_meta, y_meta, lr, mode, fd_scale)
+            return _double(fwd, A, x_meta, y_meta, lr, shift)
+    return _first_order(fwd, A, x_meta, y_meta, lr, mode, fd_scale, shift)
 
 
-def _first_order(fwd, A, x_meta, y_meta, lr, mode="jvp", fd_scale=None):
+def _first_order(fwd, A, x_meta, y_meta, lr, mode="jvp", fd_scale=None, shift=None):
     """``jvp`` and the finite-difference modes: u by one backward at θ' (at θ
     without a virtual step, usually done before the real forward), then
     J_z(θ) u by forward-mode AD or by a finite difference."""
@@ -168,7 +174,8 @@ def _first_order(fwd, A, x_meta, y_meta, lr, mode="jvp", fd_scale=None):
     if A is None:  # θ' = θ: u does not depend on the training batch, usually computed before its forward
         meta = fwd.meta
         if meta is None:
-            meta = meta_gradient(fwd.model, x_meta, y_meta, fwd.rng, comm=fwd.comm, output=fwd.output)
+            meta = meta_gradient(fwd.model, x_meta, y_meta, fwd.rng, comm=fwd.comm, output=fwd.output,
+                                 shift=shift)
         meta_loss, u = meta.loss, [meta.u[n] for n in names]
     else:
         grads = torch.autograd.grad(
@@ -177,7 +184,7 @@ def _first_order(fwd, A, x_meta, y_meta, lr, mode="jvp", fd_scale=None):
         fwd.comm.sum_(grads)
         virtual = [(p.detach() if g is None else p.detach() - lr * g).requires_grad_() for p, g in zip(ps, grads)]
         meta_logits = stateless_forward(fwd.model, dict(zip(names, virtual)), x_meta, fwd.output)
-        meta_loss = _meta_ce(meta_logits, y_meta, fwd.comm)
+        meta_loss = _meta_ce(meta_logits, y_meta, fwd.comm, shift)
         u = torch.autograd.grad(meta_loss, virtual, allow_unused=True)
         fwd.comm.sum_(u)
     tangent = (_jvp_tangent(fwd, names, ps, u) if mode == "jvp"
@@ -260,10 +267,15 @@ def _fd_tangent(fwd, names, ps, u, central: bool, scale: Optional[float]):
     return (logits_at(1.0) - full(fwd.logits.detach())) * (u_norm / h)
 
 
-def _meta_ce(meta_logits, y_meta, comm: Comm):
-    """This rank's share of the mean meta cross-entropy over all ranks."""
+def _meta_ce(meta_logits, y_meta, comm: Comm, shift=None):
+    """This rank's share of the mean meta cross-entropy over all ranks, on
+    the logits plus ``shift`` (C,) where given."""
     total = comm.count(y_meta.shape[0], meta_logits.device)
-    return F.cross_entropy(full(meta_logits), y_meta, reduction="sum") / total
+    return F.cross_entropy(_shifted(full(meta_logits), shift), y_meta, reduction="sum") / total
+
+
+def _shifted(logits, shift):
+    return logits if shift is None else logits + shift.to(logits.device, logits.dtype)
 
 
 def _meta_random_state(fwd, A):
@@ -274,7 +286,7 @@ def _meta_random_state(fwd, A):
     return fwd.rng.meta_stream() if A is None and fwd.rng is not None else contextlib.nullcontext()
 
 
-def _double(fwd, A, x_meta, y_meta, lr):
+def _double(fwd, A, x_meta, y_meta, lr, shift=None):
     params = trainable(fwd.model)
     names, ps = list(params), list(params.values())
     A_var = (torch.zeros_like(full(fwd.logits)) if A is None else full(A.detach())).requires_grad_()
@@ -285,12 +297,12 @@ def _double(fwd, A, x_meta, y_meta, lr):
                for n, p, g in zip(names, ps, grads)}
     with _meta_random_state(fwd, A):
         meta_logits = stateless_forward(fwd.model, virtual, x_meta, fwd.output)
-    meta_loss = _meta_ce(meta_logits, y_meta, fwd.comm)
+    meta_loss = _meta_ce(meta_logits, y_meta, fwd.comm, shift)
     (dA,) = torch.autograd.grad(meta_loss, A_var, retain_graph=True)
     return fwd.comm.sum(meta_loss.detach()), dA
 
 
-def _head_only(fwd, A, x_meta, y_meta, lr, mode, head: HeadCapture):
+def _head_only(fwd, A, x_meta, y_meta, lr, mode, head: HeadCapture, shift=None):
     comm = fwd.comm
     h = full(fwd.head_input)
     W, b = head.module.weight, head.module.bias
@@ -303,13 +315,13 @@ def _head_only(fwd, A, x_meta, y_meta, lr, mode, head: HeadCapture):
         A_var.requires_grad_()
         Wv = full(W.detach()) - lr * comm.sum_autograd(A_var.t() @ h)
         bv = None if b is None else full(b.detach()) - lr * comm.sum_autograd(A_var.sum(0))
-        meta_loss = F.cross_entropy(F.linear(hm, Wv, bv), y_meta, reduction="sum") / Bm
+        meta_loss = F.cross_entropy(_shifted(F.linear(hm, Wv, bv), shift), y_meta, reduction="sum") / Bm
         (dA,) = torch.autograd.grad(meta_loss, A_var)
         return comm.sum(meta_loss.detach()), dA
     with torch.no_grad():
         Wv = full(W) - lr * comm.sum(A_var.t() @ h)
         bv = None if b is None else full(b) - lr * comm.sum(A_var.sum(0))
-        meta_logits = F.linear(hm, Wv, bv)
+        meta_logits = _shifted(F.linear(hm, Wv, bv), shift)
         meta_loss = comm.sum(F.cross_entropy(meta_logits, y_meta, reduction="sum") / Bm)
         em = (meta_logits.softmax(1) - F.one_hot(y_meta, W.shape[0]).to(hm.dtype)) / Bm
         Ju = h @ comm.sum(em.t() @ hm).t()  # (J u)_i = u_W h_i + u_b

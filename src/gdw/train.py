@@ -75,6 +75,8 @@ def build(cfg: TrainConfig, device: torch.device, comm: Comm):
     hparams = {**cfg.method_args, **({"head_only": True} if cfg.head_only else {})}
     if method_cls.needs_class_counts:
         hparams["class_counts"] = torch.bincount(data.train.labels, minlength=C).tolist()
+    if getattr(method_cls, "needs_meta_counts", False) and data.meta is not None:
+        hparams["meta_counts"] = torch.bincount(data.meta.labels, minlength=C).tolist()
     method = make(cfg.method, model, C, optimizer=opt, comm=comm, **hparams)
     if method.needs_meta and data.meta is None:
         raise UserError(f"method {cfg.method!r} needs a meta set, but --meta-per-class is 0")

@@ -40,6 +40,7 @@ VARIANTS = {
     "gdw-ftcheck": ("gdw", {**DEFAULT}, False),  # the default since question 9: fine-tune where labels look noisy
     "gdw-ftalways": ("gdw", {**ALWAYS}, False),  # the default before it
     "gdw-own-guarded": ("gdw", {**DEFAULT, "guard": 0.05}, False),  # the default with the held-out check
+    "gdw-metaprior": ("gdw", {**DEFAULT, "meta_prior": "meta"}, False),  # the meta loss under the meta set's prior
     "gdw-tau0": ("gdw", {**ALWAYS, "tau": 0.0, "class_grad": "raw", "max_weight": math.inf}, False),
     "gdw-l2rw": ("gdw", {**L2RW_STEP}, False),
     "gdw-l2rw-c": ("gdw", {**L2RW_STEP, "class_grad": "constrained"}, False),  # ... through the constraint

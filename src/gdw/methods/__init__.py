@@ -20,7 +20,7 @@ from .mwnet import MWNet, WeightNet
 from .sce import SCE
 
 
-NOT_HYPER_PARAMETERS = ("optimizer", "output", "comm", "class_counts", "head")
+NOT_HYPER_PARAMETERS = ("optimizer", "output", "comm", "class_counts", "meta_counts", "head")
 
 
 def _keyword_params(cls) -> dict:

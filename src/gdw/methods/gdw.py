@@ -121,6 +121,7 @@ GUARD = 0.05  # ρ₀ of the held-out check (guard.py), when it is on
 GATE_FINETUNE = 0.5  # with the gate, the fine-tuning phase runs only while its λ is below this (gate.py)
 WEIGHT_NORM = ("batch", "kept", "binary")
 CLASS_GRAD = ("raw", "constrained")
+META_PRIOR = ("model", "meta")
 
 
 @METHODS.register("gdw")
@@ -196,20 +197,34 @@ class GDW(WeightNetMethod):
         class_counts: training examples per class, C whole numbers ≥ 0 (an
             empty class counts as one); ``gdw train`` passes the training
             labels' counts. Without it there is no adjustment, whatever τ.
+        meta_prior: which class prior the meta loss judges the model under,
+            with the logit adjustment on: ``"model"``, its logits z as they
+            are (they fit a balanced prior), or ``"meta"``, z + log π_meta
+            (π_meta the meta set's class shares, from ``meta_counts``), so
+            that where the meta set's classes are not balanced (a meta set
+            drawn in the training labels' shares) the meta-gradient does not
+            also ask for the difference between the two priors and move
+            weight from the rare classes' examples to the frequent ones'.
+            The same as ``"model"`` when the meta set is balanced, without
+            ``meta_counts`` or without the adjustment. Default ``"model"``.
+        meta_counts: meta examples per class, C whole numbers ≥ 0; ``gdw
+            train`` passes the meta set's counts.
     """
 
     needs_class_counts = True  # for the logit adjustment (tau); optional when calling it directly
+    needs_meta_counts = True  # for meta_prior="meta"; optional when calling it directly
     # the defaults that follow stage_one: the paper's algorithm with "mwnet", gdw's own with "l2rw"
     STAGE_DEFAULTS = {"l2rw": {"finetune_fraction": 0.2, "tau": 1.0, "meta_grad": "fd", "weight_norm": "kept",
                                "class_grad": "constrained", "max_weight": 1.0, "guard": 0.0,
-                               "gate": 0.0, "gate_form": "linear", "finetune_min_noise": 0.04},
+                               "gate": 0.0, "gate_form": "linear", "finetune_min_noise": 0.04,
+                               "meta_prior": "model"},
                       "mwnet": {"finetune_fraction": 0.0, "tau": 0.0, "meta_grad": "jvp", "weight_norm": "batch",
                                 "class_grad": "raw", "max_weight": math.inf, "guard": 0.0, "gate": 0.0,
-                                "gate_form": "linear", "finetune_min_noise": 0.0}}
+                                "gate_form": "linear", "finetune_min_noise": 0.0, "meta_prior": "model"}}
     ADDED_PARAMS = {"weight_norm": "batch", "class_grad": "raw",
                     "max_weight": math.inf, "shrink": 0.0, "guard": 0.0,
                     "gate": 0.0, "gate_form": "linear",
-                    "finetune_min_noise": 0.0}  # what runs recorded before these existed used
+                    "finetune_min_noise": 0.0, "meta_prior": "model"}  # what runs recorded before these existed used
 
     @classmethod
     def resolve_params(cls, params: dict) -> dict:
@@ -223,17 +238,18 @@ class GDW(WeightNetMethod):
                  tau: float | None = None, meta_grad: str | None = None, class_counts=None,
                  max_weight: float | None = None, shrink: float = 0.0, guard: float | None = None,
                  gate: float | None = None, gate_form: str | None = None, finetune_min_noise: float | None = None,
-                 **kw):
+                 meta_prior: str | None = None, meta_counts=None, **kw):
         if stage_one not in STAGE_ONE:
             raise UserError(f"stage_one must be one of {', '.join(STAGE_ONE)}, got {stage_one!r}")
         resolved = self.resolve_params({"stage_one": stage_one, "finetune_fraction": finetune_fraction,
                                         "tau": tau, "meta_grad": meta_grad, "weight_norm": weight_norm,
                                         "class_grad": class_grad, "max_weight": max_weight, "guard": guard,
                                         "gate": gate, "gate_form": gate_form,
-                                        "finetune_min_noise": finetune_min_noise})
+                                        "finetune_min_noise": finetune_min_noise, "meta_prior": meta_prior})
         finetune_fraction, tau, meta_grad, weight_norm, class_grad, max_weight, guard, gate, gate_form, min_noise = (
             resolved[k] for k in ("finetune_fraction", "tau", "meta_grad", "weight_norm", "class_grad", "max_weight",
                                   "guard", "gate", "gate_form", "finetune_min_noise"))
+        meta_prior = resolved["meta_prior"]
         self.has_weight_net = stage_one == "mwnet"  # V only for the paper's stage one
         super().__init__(model, num_classes, finetune_fraction=finetune_fraction, meta_grad=meta_grad, **kw)
         self.stage_one = stage_one
@@ -272,6 +288,14 @@ class GDW(WeightNetMethod):
         self.log_prior = None  # no adjustment without class counts
         if class_counts is not None and self.tau > 0:
             self.log_prior = log_prior(class_counts, self.num_classes)
+        if meta_prior not in META_PRIOR:
+            raise UserError(f"meta_prior must be one of {', '.join(META_PRIOR)}, got {meta_prior!r}")
+        self.meta_prior = meta_prior
+        self.meta_shift = None  # the meta loss on z + log π_meta (centred; None where that is the same as z)
+        if meta_prior == "meta" and self.log_prior is not None and meta_counts is not None:
+            shift = log_prior(meta_counts, self.num_classes)
+            shift = shift - shift.mean()
+            self.meta_shift = shift if float(shift.abs().max()) > 1e-9 else None
 
     @property
     def fits_prior(self) -> str:

@@ -55,6 +55,7 @@ class MetaMethod(Method):
     needs_inner_lr = True
 
     virtual_step = True  # False for L2RW, whose virtual model is θ itself
+    meta_shift = None  # (C,) added to the meta logits before the meta loss (GDW's meta_prior="meta")
 
     def __init__(self, model, num_classes, *, meta_grad: str = "jvp", head_only: bool = False,
                  head=None, low_memory: bool = False, fd_scale: Optional[float] = None, **kw):
@@ -89,7 +90,7 @@ class MetaMethod(Method):
             return None
         return meta_gradient(self.model, x_meta, y_meta, RngState(model_inputs.device_of(x, self.device)),
                              comm=self.comm if self.comm is not None else Comm(), output=self.output,
-                             num_classes=self.num_classes)
+                             num_classes=self.num_classes, shift=self.meta_shift)
 
     def forward(self, x):
         if self.meta_grad == "double" and self.head is None:
@@ -107,7 +108,7 @@ class MetaMethod(Method):
     def meta_step(self, fwd, A, x_meta, y_meta, lr):
         """``(meta_loss, ∂L_meta/∂A)`` for the virtual step ``θ − lr·J_zᵀA``."""
         return meta_logit_grad(fwd, A, x_meta, y_meta, lr, mode=self.meta_grad, head=self.head,
-                               fd_scale=self.fd_scale)
+                               fd_scale=self.fd_scale, shift=self.meta_shift)
 
 
 class WeightNet(nn.Module):
