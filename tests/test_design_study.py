@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "design_study.py"
@@ -160,3 +161,14 @@ def test_a_failed_run_counts_at_chance(ds, tmp_path):
     rows += rows_for(ds, {("digits-plain", flip): ((0.9, 0.8),)}, labels=("gdw-capped",))
     _, cells, overall = ds.decide(rows, ("gdw-constrained", "gdw-capped"), ["digits-plain"], [flip])
     assert cells == [pytest.approx([10.0, 85.0])]
+
+
+def test_natural_prior_subsample_follows_the_shares(ds):
+    """Hand-worked: shares 0.5 / 0.3 / 0.2 of counts 10 / 9 / 2 allow
+    m = min(10/0.5, 9/0.3, 2/0.2) = 10, so 5, 3 and 2 examples; geometric
+    shares with ratio 4 over three classes are 4 : 2 : 1."""
+    y = np.array([0] * 10 + [1] * 9 + [2] * 2)
+    idx = ds.subsample_to(y, np.array([0.5, 0.3, 0.2]), np.random.default_rng(0))
+    assert np.bincount(y[idx]).tolist() == [5, 3, 2] and (np.diff(idx) > 0).all()
+    np.testing.assert_allclose(ds.prior_shares(3, 4.0), np.array([4, 2, 1]) / 7)
+    assert set(ds.PRIOR_REGIMES.values()) <= set(ds.rb.REGIMES)
