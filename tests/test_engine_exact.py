@@ -423,7 +423,12 @@ def test_gdw_meta_loss_under_the_meta_sets_prior_matches_reference(kind, mode, h
     assert max(float((a - b).abs().max()) for a, b in zip(g_ref, g_plain)) > 1e-6
     assert gdw.make("gdw", make_model(kind), C, class_counts=counts, meta_prior="meta",
                     meta_counts=[4] * C).meta_shift is None
-    assert gdw.make("gdw", make_model(kind), C, class_counts=counts, meta_counts=meta_counts).meta_shift is None
+    assert gdw.make("gdw", make_model(kind), C, class_counts=counts, meta_prior="model",
+                    meta_counts=meta_counts).meta_shift is None
+    default = gdw.make("gdw", make_model(kind), C, class_counts=counts, meta_counts=meta_counts)  # "meta" since Q13
+    torch.testing.assert_close(default.meta_shift, torch.log(nm / nm.sum()) - torch.log(nm / nm.sum()).mean())
+    assert gdw.make("gdw", make_model(kind), C, stage_one="mwnet", class_counts=counts,
+                    meta_counts=meta_counts).meta_shift is None  # the paper: no adjustment, no shift
     assert gdw.make("gdw", make_model(kind), C, meta_prior="meta", meta_counts=meta_counts).meta_shift is None
     with pytest.raises(gdw.UserError, match="meta_prior"):
         gdw.make("gdw", make_model(kind), C, meta_prior="test")

@@ -17,10 +17,13 @@ from .methods import METHODS
 
 DEFAULT = {"stage_one": "l2rw", "finetune_fraction": 0.2, "tau": 1.0, "meta_grad": "fd", "weight_norm": "kept",
            "class_grad": "constrained", "max_weight": 1.0, "finetune_min_noise": 0.04}  # gdw's defaults
-ALWAYS = {**DEFAULT, "finetune_min_noise": 0.0}  # the default before finetune_min_noise: it always fine-tuned
+# (DEFAULT leaves meta_prior to its default, "meta" since question 13; it only changes runs whose meta set is not
+# balanced, so the suite's runs made before it keep their label wherever the meta set is balanced)
+MODEL_PRIOR = {"meta_prior": "model"}  # the meta loss on the model's own logits: every default before question 13
+ALWAYS = {**DEFAULT, "finetune_min_noise": 0.0, **MODEL_PRIOR}  # the default before finetune_min_noise
 L2RW_STEP = {"stage_one": "l2rw", "finetune_fraction": 0.0, "tau": 0.0, "meta_grad": "jvp", "weight_norm": "batch",
              "class_grad": "raw", "max_weight": math.inf,
-             "finetune_min_noise": 0.0}  # the class-level step on L2RW alone, exactly
+             "finetune_min_noise": 0.0, **MODEL_PRIOR}  # the class-level step on L2RW alone, exactly
 VARIANTS = {
     "l2rw-ft": ("l2rw", {"finetune_fraction": 0.2}, False),
     "gdw-paper": ("gdw", {"stage_one": "mwnet"}, False),  # the paper's algorithm
@@ -37,9 +40,9 @@ VARIANTS = {
     "gdw-gated": ("gdw", {**ALWAYS, "gate": 0.2, "gate_form": "linear"}, False),  # the noise gate, in proportion
     "gdw-stepped": ("gdw", {**ALWAYS, "gate": 0.05, "gate_form": "step"}, False),  # ... all or nothing
     "gdw-ft0": ("gdw", {**ALWAYS, "finetune_fraction": 0.0}, False),  # no fine-tuning phase on the meta set
-    "gdw-ftcheck": ("gdw", {**DEFAULT}, False),  # the default since question 9: fine-tune where labels look noisy
+    "gdw-ftcheck": ("gdw", {**DEFAULT, **MODEL_PRIOR}, False),  # the default from question 9 to 12
     "gdw-ftalways": ("gdw", {**ALWAYS}, False),  # the default before it
-    "gdw-own-guarded": ("gdw", {**DEFAULT, "guard": 0.05}, False),  # the default with the held-out check
+    "gdw-own-guarded": ("gdw", {**DEFAULT, **MODEL_PRIOR, "guard": 0.05}, False),  # ... with the held-out check
     "gdw-metaprior": ("gdw", {**DEFAULT, "meta_prior": "meta"}, False),  # the meta loss under the meta set's prior
     "gdw-tau0": ("gdw", {**ALWAYS, "tau": 0.0, "class_grad": "raw", "max_weight": math.inf}, False),
     "gdw-l2rw": ("gdw", {**L2RW_STEP}, False),

@@ -206,7 +206,9 @@ class GDW(WeightNetMethod):
             also ask for the difference between the two priors and move
             weight from the rare classes' examples to the frequent ones'.
             The same as ``"model"`` when the meta set is balanced, without
-            ``meta_counts`` or without the adjustment. Default ``"model"``.
+            ``meta_counts`` or without the adjustment. Default ``"meta"``
+            with ``stage_one="l2rw"`` (design question 13), ``"model"`` with
+            ``"mwnet"``.
         meta_counts: meta examples per class, C whole numbers ≥ 0; ``gdw
             train`` passes the meta set's counts.
     """
@@ -217,7 +219,7 @@ class GDW(WeightNetMethod):
     STAGE_DEFAULTS = {"l2rw": {"finetune_fraction": 0.2, "tau": 1.0, "meta_grad": "fd", "weight_norm": "kept",
                                "class_grad": "constrained", "max_weight": 1.0, "guard": 0.0,
                                "gate": 0.0, "gate_form": "linear", "finetune_min_noise": 0.04,
-                               "meta_prior": "model"},
+                               "meta_prior": "meta"},
                       "mwnet": {"finetune_fraction": 0.0, "tau": 0.0, "meta_grad": "jvp", "weight_norm": "batch",
                                 "class_grad": "raw", "max_weight": math.inf, "guard": 0.0, "gate": 0.0,
                                 "gate_form": "linear", "finetune_min_noise": 0.0, "meta_prior": "model"}}
