@@ -236,6 +236,60 @@ def test_resume_rewrites_metrics_from_the_checkpoint(tmp_path, capsys):
     assert epochs == [1]
 
 
+def _rewound(tmp_path, name, source):
+    """A copy of the finished run ``source`` set back to the end of its first
+    epoch (checkpoint, history and summary), so that a resume trains the rest."""
+    import shutil
+
+    out = tmp_path / name
+    shutil.copytree(source, out)
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+    ckpt["epoch"], ckpt["history"] = 0, ckpt["history"][:1]
+    torch.save(ckpt, out / "checkpoint.pt")
+    (out / "summary.json").unlink()
+    return out
+
+
+def test_resume_after_a_default_changed_goes_on_with_the_runs_own_parameters(tmp_path, capsys, monkeypatch):
+    """A gdw run stopped before a default changed resumes with the method
+    parameters it started with: the same model, bit for bit, as the same
+    resume without the change, one line on stderr naming the parameter; the
+    changed default would have given another model."""
+    from gdw.methods import GDW
+
+    first = tmp_path / "first"
+    assert main(["train", *QUICK, "--epochs", "4", "--method", "gdw", "--out", str(first)]) == 0
+    same, changed = _rewound(tmp_path, "same", first), _rewound(tmp_path, "changed", first)
+    assert main(["train", "--out", str(same), "--resume", "--no-progress"]) == 0
+    capsys.readouterr()
+    stages = {k: dict(v) for k, v in GDW.STAGE_DEFAULTS.items()}
+    stages["l2rw"]["max_weight"] = float("inf")  # a new default, as a later gdw could have
+    monkeypatch.setattr(GDW, "STAGE_DEFAULTS", stages)
+    code, err = run_cli(["train", "--out", str(changed), "--resume", "--no-progress"], capsys)
+    assert code == 0, err
+    assert "resuming with the run's own method parameters: max_weight=1.0 (now: inf)" in err
+    a, b = _final_params(same), _final_params(changed)
+    ta, tb = list(_tensors(a["model"])), list(_tensors(b["model"]))
+    assert len(ta) == len(tb) and all(torch.equal(x, y) for x, y in zip(ta, tb))
+    assert json.loads((changed / "summary.json").read_text())["method_args"]["max_weight"] == 1.0
+    # the new default itself trains another model from the same checkpoint
+    fresh = _rewound(tmp_path, "fresh", first)
+    config = json.loads((fresh / "config.json").read_text())
+    config["method_params"]["max_weight"] = float("inf")  # as if the run had started under the new default
+    (fresh / "config.json").write_text(json.dumps(config))
+    from gdw.config import TrainConfig
+
+    new = TrainConfig.load(fresh).fingerprint()  # the record and the checkpoint of such a run
+    ckpt = torch.load(fresh / "checkpoint.pt", weights_only=False)
+    config["fingerprint"] = ckpt["fingerprint"] = new
+    (fresh / "config.json").write_text(json.dumps(config))
+    torch.save(ckpt, fresh / "checkpoint.pt")
+    code, err = run_cli(["train", "--out", str(fresh), "--resume", "--no-progress"], capsys)
+    assert code == 0 and "resuming with" not in err, err
+    tc = list(_tensors(_final_params(fresh)["model"]))
+    assert not all(torch.equal(x, y) for x, y in zip(ta, tc))
+
+
 @pytest.mark.parametrize("content", [b"", b"PK\x03\x04 truncated", None])
 def test_corrupt_checkpoint_is_one_line(finished_run, tmp_path, content, capsys):
     import shutil

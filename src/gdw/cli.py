@@ -122,8 +122,12 @@ def resume_config(settings: dict) -> TrainConfig:
     in R; a flag that would change the result must equal its saved value."""
     if not settings.get("out"):
         raise UserError("--resume needs --out RUN_DIR, the run to continue")
-    saved = TrainConfig.load(settings["out"])
+    saved, changes = TrainConfig.load(settings["out"]).with_recorded_params()
+    if changes:  # a default changed since the run started: it goes on with its own
+        print(f"gdw train: resuming with the run's own method parameters: {'; '.join(changes)}", file=sys.stderr)
     neutral = {k: settings.get(k, getattr(TrainConfig(), k)) for k in NEUTRAL}
+    if "method_args" in settings:  # compared by their effect on the run's own parameters
+        settings = {**settings, "method_args": {**saved.method_args, **settings["method_args"]}}
     given = TrainConfig(**{**dataclasses.asdict(saved), **settings}).validate()
     diff = given.first_difference(saved, only=set(settings))
     if diff:

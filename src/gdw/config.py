@@ -193,6 +193,15 @@ class TrainConfig:
         given = {**self.method_args, **({"head_only": True} if self.head_only else {})}
         return json.loads(json.dumps(resolved_params(self.method, given), default=str))
 
+    def _record_is_whole(self) -> bool:
+        """Whether the fingerprint a loaded run recorded is that of its
+        recorded settings and method parameters (not so for a config.json
+        edited by hand, or written by a gdw that fingerprinted otherwise)."""
+        recorded = getattr(self, "saved_fingerprint", None)
+        d = {**self.result_settings(), "method_params": self.saved_method_params}
+        return recorded is not None and hashlib.sha256(
+            json.dumps(d, sort_keys=True).encode()).hexdigest()[:16] == recorded
+
     def fingerprint(self) -> str:
         """A short hash of :meth:`result_settings`; stored in every checkpoint."""
         text = json.dumps(self.result_settings(), sort_keys=True)
@@ -240,7 +249,31 @@ class TrainConfig:
         cfg = dataclasses.replace(cfg, **_map_paths(cfg, lambda p: str((base / p).resolve())))
         cfg = dataclasses.replace(cfg, out=str(run))
         cfg.saved_method_params = saved.get("method_params")  # absent in runs of older versions
+        cfg.saved_fingerprint = saved.get("fingerprint")
         return cfg
+
+    def with_recorded_params(self) -> tuple[TrainConfig, list[str]]:
+        """For a config :meth:`load`-ed from a run: ``(config, changes)``, the
+        config with the method's hyper-parameters spelled out as the run
+        recorded them where a default has changed since it started (so that
+        ``--resume`` goes on with the run's own), and one ``"P=recorded
+        (now: default)"`` per parameter that changed; ``(self, [])`` where
+        none did or nothing was recorded. UserError if this gdw no longer has
+        a parameter the run used."""
+        saved = getattr(self, "saved_method_params", None)
+        if saved is None or not self._record_is_whole():
+            return self, []
+        then, now = recorded_params(self.method, saved), self.method_params()
+        gone = sorted(set(then) - set(now))
+        if gone:
+            raise UserError(f"the run in {self.out} used method parameter(s) {', '.join(gone)}, which this gdw no "
+                            "longer has; start the run again with another --out")
+        changes = [f"{p}={then[p]} (now: {now[p]})" for p in sorted(now) if p in then and then[p] != now[p]]
+        if not changes:
+            return self, []
+        pinned = dataclasses.replace(self, method_args={k: v for k, v in then.items() if k != "head_only"})
+        pinned.saved_method_params = saved
+        return pinned, changes
 
 
 # ----------------------------------------------------------------------------- settings written as text

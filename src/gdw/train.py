@@ -52,6 +52,19 @@ def pick_device(requested: Optional[str]) -> torch.device:
     return device
 
 
+def _resumed_fingerprint(cfg: TrainConfig, out: Path, fingerprint: str) -> str:
+    """The fingerprint the run in ``out`` recorded, where ``cfg`` is that run
+    with its method parameters spelled out (a default changed since it
+    started: :meth:`TrainConfig.with_recorded_params`); else ``fingerprint``,
+    and the checkpoint's check decides."""
+    path = out / "config.json"
+    recorded = json.loads(path.read_text()).get("fingerprint") if path.is_file() else None
+    if recorded is None or recorded == fingerprint:
+        return fingerprint
+    saved = TrainConfig.load(out)
+    return recorded if saved._record_is_whole() and cfg.first_difference(saved) is None else fingerprint
+
+
 def build(cfg: TrainConfig, device: torch.device, comm: Comm):
     """``(data, model, optimizer, method)`` for ``cfg``; every user mistake
     in them raises UserError before anything is written."""
@@ -132,6 +145,8 @@ def train(cfg: TrainConfig, log=print, comm: Optional[Comm] = None) -> dict:
             "epochs); nothing to resume, nothing changed")
         return summary
     fingerprint = cfg.fingerprint()  # once: the checkpoint, its check on --resume and config.json
+    if cfg.resume:
+        fingerprint = _resumed_fingerprint(cfg, out, fingerprint)
     ckpt = load_checkpoint(out, device, fingerprint) if cfg.resume else None
     data, model, opt, method = build(cfg, device, comm)
     if ckpt is not None:
