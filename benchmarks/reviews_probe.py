@@ -25,10 +25,13 @@ Two parts, both on the suite's reviews regime (``robustness.py``):
   and ``ce`` and ``gdw`` with a meta set of 150 per class (``-meta150``: 300
   of the 4,000 training reviews instead of 100; CE loses them from training
   as GDW does).
-- **As a user** (``USER``): ``gdw train`` with its own defaults
-  on the same data, ``--model mlp --epochs 20`` (the meta set gdw draws by
-  default: 100 per class, no validation split), seeds 0 to 5, CE against
-  GDW, under no added noise and uniform 10% and 20%.
+- **As a user** (``USER``): ``gdw train`` with its own defaults,
+  ``--model mlp --epochs 20`` (the meta set gdw draws by default: 100 per
+  class, at most a tenth of the rarest class, no validation split), seeds 0
+  to 5, CE against GDW, under no added noise and uniform 10% and 20%, on
+  the reviews and on the design study's two regimes with a natural class
+  prior written in (``prior-tabular``, ``prior-fashion-mnist-5k``: 2.5 : 1
+  from the first class to the last, in training and test alike).
 
 Reported: test accuracy and balanced accuracy (%, mean of the last 5 epochs,
 mean ± standard error over the six seeds) and, for the probe, validation
@@ -49,6 +52,7 @@ from gdw.io import atomic_path, atomic_write
 from gdw.variants import DEFAULT
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import design_study as ds  # noqa: E402
 import grid  # noqa: E402
 import robustness as rb  # noqa: E402
 
@@ -72,6 +76,7 @@ USER = {"ce": ("ce", {}, False), "gdw": ("gdw", {}, False)}  # the method by its
 USER_SETTINGS = [("none", "none"), ("uniform:0.1", "none"), ("uniform:0.2", "none")]
 USER_SEEDS = [0, 1, 2, 3, 4, 5]
 USER_EPOCHS = 20
+USER_REGIMES = [REGIME, *ds.PRIOR_REGIMES]
 DEFAULT_OUT = Path(__file__).parent / "results" / "reviews-probe"
 
 
@@ -79,9 +84,10 @@ def slug(label: str) -> str:
     return label.replace(" ", "_").replace("=", "")
 
 
-def cells(data) -> list[tuple[str, object]]:
-    """``(run directory, TrainConfig)`` of every cell: the probe's, then the user's."""
-    dataset, meta = data
+def cells(datas: dict) -> list[tuple[str, object]]:
+    """``(run directory, TrainConfig)`` of every cell: the probe's, then the
+    user's; ``datas``: regime -> ``(dataset, meta_per_class)``."""
+    dataset, meta = datas[REGIME]
     todo = []
     for seed in PROBE_SEEDS:
         for noise, imbalance in PROBE_SETTINGS:
@@ -89,27 +95,30 @@ def cells(data) -> list[tuple[str, object]]:
                 cfg = grid.cell_config(dataset, meta, noise, imbalance, method, seed, rb.EPOCHS, None,
                                        val_per_class=meta)
                 todo.append((f"probe/{noise.replace(':', '')}_{slug(label)}_s{seed}", replace(cfg, **extra)))
-    for seed in USER_SEEDS:
-        for noise, imbalance in USER_SETTINGS:
-            for label, method in USER.items():
-                cfg = grid.cell_config(dataset, meta, noise, imbalance, method, seed, USER_EPOCHS, None)
-                cfg = replace(cfg, meta_per_class=None)  # gdw's own draw
-                todo.append((f"user/{noise.replace(':', '')}_{label}_s{seed}", cfg))
+    for regime in USER_REGIMES:
+        for seed in USER_SEEDS:
+            for noise, imbalance in USER_SETTINGS:
+                for label, method in USER.items():
+                    cfg = grid.cell_config(*datas[regime], noise, imbalance, method, seed, USER_EPOCHS, None)
+                    cfg = replace(cfg, meta_per_class=None)  # gdw's own draw
+                    todo.append((f"user/{regime}/{noise.replace(':', '')}_{label}_s{seed}", cfg))
     return todo
 
 
 def run(args) -> list:
-    data = rb.prepare_regime(REGIME, args.data, args.out)
-    return grid.run_grid(args.out, cells(data), args.shard, keep_going=True, verify=True)
+    datas = {r: ds.prepare(r, args.data, args.out) for r in dict.fromkeys([REGIME, *USER_REGIMES])}
+    return grid.run_grid(args.out, cells(datas), args.shard, keep_going=True, verify=True)
 
 
 def _label(run_dir: str, part: str) -> str:
-    name = run_dir.split("/")[1].rsplit("_s", 1)[0].split("_", 1)[1]
+    name = run_dir.split("/")[-1].rsplit("_s", 1)[0].split("_", 1)[1]
     table = PROBES if part == "probe" else USER
     return next(k for k in table if slug(k) == name)
 
 
 def table(rows: list[dict], part: str, settings, labels, keys) -> str:
+    """Markdown: one row per label, one column per setting and key, the
+    mean ± standard error over seeds (%) of the runs under ``part/``."""
     from gdw.report import setting_label
 
     got = {}
@@ -138,14 +147,14 @@ def report(args) -> str:
     rows = []
     for part in ("probe", "user"):
         rows += [{**r, "method": _label(r["run_dir"], part)}
-                 for r in grid.finished_rows(args.out, pattern=f"{part}/*/summary.json")]
+                 for r in grid.finished_rows(args.out, pattern=f"{part}/{'*/' * (part == 'user')}*/summary.json")]
     if not rows:
         print("no finished cells yet")
         return ""
     with atomic_path(args.out / "results.csv") as tmp:
         write_results_csv(rows, tmp, extra_fields=["final_val_accuracy"])
     n_probe = len(PROBE_SEEDS) * len(PROBE_SETTINGS) * len(PROBES)
-    n_user = len(USER_SEEDS) * len(USER_SETTINGS) * len(USER)
+    n_user = len(USER_SEEDS) * len(USER_SETTINGS) * len(USER) * len(USER_REGIMES)
     done = {p: sum(r["run_dir"].startswith(p + "/") for r in rows) for p in ("probe", "user")}
     md = "\n".join([
         "# The fine-food reviews: where GDW's gap to CE comes from\n",
@@ -158,9 +167,11 @@ def report(args) -> str:
         table(rows, "probe", PROBE_SETTINGS, list(PROBES), ["final_val_accuracy"]),
         f"## As a user runs it: `gdw train` at its defaults, `--model mlp --epochs {USER_EPOCHS}`, seeds "
         f"{USER_SEEDS[0]} to {USER_SEEDS[-1]} ({done['user']} of {n_user} runs)\n",
-        table(rows, "user", USER_SETTINGS, list(USER), ["final_test_accuracy", "final_test_balanced_accuracy"]),
+        *[f"### {regime}\n\n" + table(rows, f"user/{regime}", USER_SETTINGS, list(USER),
+                                       ["final_test_accuracy", "final_test_balanced_accuracy"])
+          for regime in USER_REGIMES],
         "## Provenance\n",
-        grid.provenance(args.out, "python benchmarks/reviews_probe.py", pattern="*/*/config.json",
+        grid.provenance(args.out, "python benchmarks/reviews_probe.py", pattern="**/config.json",
                         note=" (in any number of processes at once; `--report` writes this file)"),
     ])
     atomic_write(args.out / "results.md", md)

@@ -23,9 +23,10 @@ def probe(monkeypatch):
 
 
 def test_every_label_is_read_back_from_its_run_directory(probe):
-    names = [name for name, _ in probe.cells(("npz:/x.npz", 50))]
+    names = [name for name, _ in probe.cells({r: ("npz:/x.npz", 50) for r in probe.USER_REGIMES})]
     assert len(names) == len(set(names)) == (len(probe.PROBES) * len(probe.PROBE_SETTINGS) * len(probe.PROBE_SEEDS)
-                                             + len(probe.USER) * len(probe.USER_SETTINGS) * len(probe.USER_SEEDS))
+                                             + len(probe.USER) * len(probe.USER_SETTINGS) * len(probe.USER_SEEDS)
+                                             * len(probe.USER_REGIMES))
     for name in names:
         part = name.split("/")[0]
         label = probe._label(name, part)
@@ -46,9 +47,10 @@ def test_a_small_probe_runs_and_reports(probe, monkeypatch, tmp_path):
     monkeypatch.setattr(probe, "PROBE_SEEDS", [0])
     monkeypatch.setattr(probe, "USER_SETTINGS", [("none", "none")])
     monkeypatch.setattr(probe, "USER_SEEDS", [0])
+    monkeypatch.setattr(probe, "USER_REGIMES", ["digits"])
     out = tmp_path / "out"
     assert probe.main(["--out", str(out), "--data", str(tmp_path / "data")]) == 0
-    config = {p.parent.name: json.loads(p.read_text()) for p in out.glob("*/*/config.json")}
+    config = {p.parent.name: json.loads(p.read_text()) for p in out.glob("**/config.json")}
     assert set(config) == {"uniform0.2_ce_s0", "uniform0.2_gdw_tau0_s0", "uniform0.2_gdw-meta5_s0", "none_gdw_s0",
                            "none_ce_s0"}
     assert config["uniform0.2_gdw_tau0_s0"]["method_params"]["tau"] == 0.0
@@ -61,4 +63,4 @@ def test_a_small_probe_runs_and_reports(probe, monkeypatch, tmp_path):
     smallest = int(np.bincount(np.asarray(load_source("digits").y_train)).min())
     assert user["data"]["n_meta"] == 10 * (smallest // 10)  # gdw's own draw on digits: a tenth of the smallest class
     md = (out / "results.md").read_text()
-    assert "| gdw tau=0 |" in md and "| gdw-meta5 |" in md and "–" not in md.split("## As a user runs it")[1]
+    assert "| gdw tau=0 |" in md and "| gdw-meta5 |" in md and "### digits" in md and "–" not in md.split("## As a user runs it")[1]
