@@ -38,6 +38,11 @@ fingerprint while unset (None), so that those runs keep theirs."""
 RESERVED_METHOD_ARGS = ("model", "num_classes", "optimizer", "class_counts", "meta_counts", "output", "comm")
 
 
+def _digest(settings: dict) -> str:
+    """A run's fingerprint: 16 hex digits of the SHA-256 of its settings as sorted JSON."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def setting(default, help: str, **flag):
     """A :class:`TrainConfig` field: its ``default`` (a callable makes a fresh
     one per config, e.g. ``dict``) and the ``help`` of its command-line flag;
@@ -198,14 +203,12 @@ class TrainConfig:
         recorded settings and method parameters (not so for a config.json
         edited by hand, or written by a gdw that fingerprinted otherwise)."""
         recorded = getattr(self, "saved_fingerprint", None)
-        d = {**self.result_settings(), "method_params": self.saved_method_params}
-        return recorded is not None and hashlib.sha256(
-            json.dumps(d, sort_keys=True).encode()).hexdigest()[:16] == recorded
+        return recorded is not None and _digest(
+            {**self.result_settings(), "method_params": self.saved_method_params}) == recorded
 
     def fingerprint(self) -> str:
         """A short hash of :meth:`result_settings`; stored in every checkpoint."""
-        text = json.dumps(self.result_settings(), sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+        return _digest(self.result_settings())
 
     def first_difference(self, other: "TrainConfig", only=None) -> Optional[tuple[str, Any, Any]]:
         """``(name, self's value, other's value)`` of the first result setting
