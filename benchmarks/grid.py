@@ -192,13 +192,19 @@ def data_notes(rows: list[dict], out: Path) -> str:
     realised, sizes = {}, {}
     for r in rows:
         key = setting_label(r["noise"], r["imbalance"])
-        realised.setdefault(key, set()).add(round(float(r["realised_noise_rate"]), 4))
+        rate = r["realised_noise_rate"]
+        known = rate not in (None, "") and float(rate) == float(rate)  # none where the true labels are unknown
+        realised.setdefault(key, set()).update([round(float(rate), 4)] if known else [])
         config = out / r["run_dir"] / "config.json"
         if r["imbalance"] != "none" and config.exists():
-            counts = json.loads(config.read_text())["data"]["counts"]["train_true"]
+            counts = json.loads(config.read_text())["data"]["counts"]
+            # by the given labels where the true ones are not known (a data set's own labels)
+            counts = counts["train_true"] if sum(counts["train_true"]) else counts["train_noisy"]
             sizes.setdefault(key, set()).add((max(counts), min(counts), sum(counts)))
-    lines = ["Realised noise rates (fraction of training labels that differ from the true label): " + "; ".join(
-        f"{k}: {', '.join(f'{100 * v:.1f}%' for v in sorted(vs))}" for k, vs in realised.items())]
+    lines = ["Realised noise rates (fraction of training labels that differ from the true label; against the "
+             "given labels where the true ones are not known): " + "; ".join(
+                 f"{k}: {', '.join(f'{100 * v:.1f}%' for v in sorted(vs)) or 'none added'}"
+                 for k, vs in realised.items())]
     if sizes:
         lines.append("Training-set class sizes under imbalance (largest / smallest class, total): " + "; ".join(
             f"{k}: " + ", ".join(f"{a} / {b}, {n}" for a, b, n in sorted(v)) for k, v in sizes.items()))
