@@ -364,6 +364,36 @@ def test_gdw_capped_weights_match_reference(kind, mode):
         gdw.make("gdw", make_model("mlp"), C, max_weight=0)
 
 
+@pytest.mark.parametrize("kind,counts,capped", [
+    ("cnn", [10, 12, 9, 11], False),  # BatchNorm, classes about equally frequent: no cap
+    ("cnn", [40, 12, 10, 11], True),  # a class 4 times as frequent as another: the cap
+    ("cnn", None, True),  # class counts unknown: the cap
+    ("mlp", [10, 12, 9, 11], True),  # no normalisation layer: the cap
+])
+def test_gdw_auto_cap_is_the_reference_with_or_without_the_cap(kind, counts, capped):
+    """max_weight="auto" gives, step for step, the reference's weights and
+    gradients with the cap of 1 or without any cap, as the model and the
+    class counts decide (tau=0, so the counts only decide the cap)."""
+    model = make_model(kind)
+    x, y = make_batch(kind, B, 1)
+    xm, ym = make_batch(kind, BM, 2)
+    before = copy.deepcopy(model)
+    method, _, stats = run_method("gdw", model, x, y, xm, ym, meta_grad="jvp", max_weight="auto", tau=0.0,
+                                  class_counts=counts)
+    cap = 1.0 if capped else math.inf
+    assert method.resolved_params == {"max_weight": 1.0 if capped else "inf"}
+    info = {}
+    w_ref, g_ref, _ = reference("gdw", before, None, x, y, xm, ym, stage_one="l2rw", max_weight=cap, info=info)
+    torch.testing.assert_close(stats.instance_weights, info["v"], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(stats.weights, w_ref.detach(), rtol=1e-10, atol=1e-10)
+    for (n, p), g in zip(model.named_parameters(), g_ref):
+        torch.testing.assert_close(p.grad, g, rtol=1e-10, atol=1e-10, msg=f"gradient of {n}")
+    if not capped:  # the batch has a weight the cap would have cut
+        assert float(info["v"].max()) > 1.0
+    with pytest.raises(gdw.UserError, match="max_weight"):
+        gdw.make("gdw", make_model(kind), C, max_weight="sometimes")
+
+
 @pytest.mark.parametrize("kind", ["mlp", "cnn"])
 @pytest.mark.parametrize("tau", [1.0, 0.5])
 def test_gdw_logit_adjustment_matches_reference(kind, tau):

@@ -44,6 +44,8 @@ VARIANTS = {
     "gdw-ftalways": ("gdw", {**ALWAYS}, False),  # the default before it
     "gdw-own-guarded": ("gdw", {**DEFAULT, **MODEL_PRIOR, "guard": 0.05}, False),  # ... with the held-out check
     "gdw-metaprior": ("gdw", {**DEFAULT, "meta_prior": "meta"}, False),  # the meta loss under the meta set's prior
+    # no cap on the instance weights where the model has BatchNorm and the classes are about equally frequent
+    "gdw-autocap": ("gdw", {**DEFAULT, "meta_prior": "meta", "max_weight": "auto"}, False),
     "gdw-tau0": ("gdw", {**ALWAYS, "tau": 0.0, "class_grad": "raw", "max_weight": math.inf}, False),
     "gdw-l2rw": ("gdw", {**L2RW_STEP}, False),
     "gdw-l2rw-c": ("gdw", {**L2RW_STEP, "class_grad": "constrained"}, False),  # ... through the constraint
