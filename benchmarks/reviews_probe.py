@@ -49,7 +49,7 @@ from pathlib import Path
 import numpy as np
 
 from gdw.io import atomic_path, atomic_write
-from gdw.variants import DEFAULT
+from gdw.variants import CAPPED as DEFAULT  # gdw's default when the probe ran (the cap of 1, before design question 14)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import design_study as ds  # noqa: E402

@@ -136,8 +136,8 @@ def test_the_grid_of_the_paper_protocol():
     assert module.METHODS["gdw-jvp"] == ("gdw", {**default, "meta_grad": "jvp"}, False)
     from gdw.methods import resolved_params  # "gdw" spells out gdw's defaults
 
-    assert (resolved_params("gdw", {**default, "finetune_min_noise": 0.04, "meta_prior": "meta"})
-            == resolved_params("gdw", {}))
+    assert (resolved_params("gdw", {**default, "finetune_min_noise": 0.04, "meta_prior": "meta",
+                                    "max_weight": "auto"}) == resolved_params("gdw", {}))
     # a run is labelled by its method, arguments and head_only; one that is in no entry keeps its arguments
     label = module.method_label
     assert label({"method": "gdw", "method_args": {"stage_one": "mwnet"}, "head_only": True}, None) == "gdw-paper-head"

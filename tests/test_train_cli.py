@@ -32,6 +32,7 @@ def test_run_directory_schema(tmp_path, capsys):
     assert RUN_FILES <= {p.name for p in out.iterdir()}
     summary = json.loads((out / "summary.json").read_text())
     assert SUMMARY_KEYS <= set(summary)
+    assert summary["max_weight"] == "inf"  # "auto": the MLP has BatchNorm and digits' classes are about equal
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in metrics] == [1, 2, 3]
     accs = [m["test_accuracy"] for m in metrics]
@@ -263,19 +264,19 @@ def test_resume_after_a_default_changed_goes_on_with_the_runs_own_parameters(tmp
     assert main(["train", "--out", str(same), "--resume", "--no-progress"]) == 0
     capsys.readouterr()
     stages = {k: dict(v) for k, v in GDW.STAGE_DEFAULTS.items()}
-    stages["l2rw"]["max_weight"] = float("inf")  # a new default, as a later gdw could have
+    stages["l2rw"]["max_weight"] = 0.5  # a new default, as a later gdw could have
     monkeypatch.setattr(GDW, "STAGE_DEFAULTS", stages)
     code, err = run_cli(["train", "--out", str(changed), "--resume", "--no-progress"], capsys)
     assert code == 0, err
-    assert "resuming with the run's own method parameters: max_weight=1.0 (now: inf)" in err
+    assert "resuming with the run's own method parameters: max_weight=auto (now: 0.5)" in err
     a, b = _final_params(same), _final_params(changed)
     ta, tb = list(_tensors(a["model"])), list(_tensors(b["model"]))
     assert len(ta) == len(tb) and all(torch.equal(x, y) for x, y in zip(ta, tb))
-    assert json.loads((changed / "summary.json").read_text())["method_args"]["max_weight"] == 1.0
+    assert json.loads((changed / "summary.json").read_text())["method_args"]["max_weight"] == "auto"
     # the new default itself trains another model from the same checkpoint
     fresh = _rewound(tmp_path, "fresh", first)
     config = json.loads((fresh / "config.json").read_text())
-    config["method_params"]["max_weight"] = float("inf")  # as if the run had started under the new default
+    config["method_params"]["max_weight"] = 0.5  # as if the run had started under the new default
     (fresh / "config.json").write_text(json.dumps(config))
     from gdw.config import TrainConfig
 

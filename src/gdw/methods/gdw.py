@@ -247,7 +247,7 @@ class GDW(WeightNetMethod):
     needs_meta_counts = True  # for meta_prior="meta"; optional when calling it directly
     # the defaults that follow stage_one: the paper's algorithm with "mwnet", gdw's own with "l2rw"
     STAGE_DEFAULTS = {"l2rw": {"finetune_fraction": 0.2, "tau": 1.0, "meta_grad": "fd", "weight_norm": "kept",
-                               "class_grad": "constrained", "max_weight": 1.0, "guard": 0.0,
+                               "class_grad": "constrained", "max_weight": "auto", "guard": 0.0,
                                "gate": 0.0, "gate_form": "linear", "finetune_min_noise": 0.04,
                                "meta_prior": "meta"},
                       "mwnet": {"finetune_fraction": 0.0, "tau": 0.0, "meta_grad": "jvp", "weight_norm": "batch",
