@@ -52,7 +52,11 @@ Settings: ``flip:0.4``, ``uniform:0.6``, ``none`` + ``longtail:100``,
 from gdw's one table of variants (``gdw.variants``; ``la``
 only under imbalance); ``gdw-paper`` is GDW whose first stage is MW-Net's
 weighting network, as in the paper, ``gdw`` is GDW with gdw's defaults
-spelled out, ``gdw-jvp`` the default with the exact JVP, ``gdw-raw`` the
+spelled out, ``gdw-cap1`` the default before question 14 of
+``design_study.py`` (the cap of 1 on the instance weights everywhere; the
+same runs as ``gdw``, bit for bit, wherever ``gdw``'s summary.json records
+``max_weight`` 1: the models without BatchNorm, the long tail of 100, and
+the flip runs whose given labels' classes reached 4 : 1), ``gdw-jvp`` the default with the exact JVP, ``gdw-raw`` the
 default with the paper's raw class-level gradient (the default before the
 second question of ``design_study.py``), ``gdw-tau0`` and ``gdw-batch``
 ``gdw-raw`` without the logit adjustment and with L2RW's weights scaled to
@@ -135,8 +139,7 @@ METHODS = pick(["ce", "finetune", "dm", "la", "l2rw", "l2rw-ft", "mwnet", "gdw-p
                {"gdw-paper": "gdw-paper-ft0"})
 IMBALANCE_ONLY = {"la"}
 RUN_ORDER = ["ce", "gdw", "l2rw", "mwnet", "gdw-cap1", "gdw-paper", "gdw-l2rw", "gdw-l2rw-c", "finetune", "l2rw-ft",
-             "gdw-uncapped",
-             "gdw-raw", "gdw-batch", "gdw-jvp", "gdw-tau0", "dm", "la"]
+             "gdw-uncapped", "gdw-raw", "gdw-batch", "gdw-jvp", "gdw-tau0", "dm", "la"]
 SETTINGS = [  # (noise, imbalance)
     ("flip:0.4", "none"),
     ("uniform:0.6", "none"),

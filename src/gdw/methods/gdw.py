@@ -66,8 +66,8 @@ def _is_inf(value) -> bool:
         return False
 
 
-# with max_weight="auto", a class this many times as frequent as another keeps the cap: above the shift that label
-# noise gives the given labels' counts (40% flips: up to about 3 : 1 on digits), below the long tails (10 : 1 and up)
+# with max_weight="auto", a class this many times as frequent as another keeps the cap: below the long tails (10 : 1
+# and up); 40% flips move the given labels' counts to 2.3 : 1 to 4.5 : 1 (the suite's runs), some of them above it
 AUTO_CAP_RATIO = 4.0
 
 
