@@ -120,13 +120,14 @@ def run(args) -> None:
             continue
         path = args.out / f"{regime}_{noise.replace(':', '')}.json"
         rows = json.loads(path.read_text()) if path.exists() else []
-        if any(r["tool"] == "gdw (3 folds)" for r in rows):
+        have = {r["tool"] for r in rows}  # a tool's row is made where it is missing (delete one to redo it)
+        if have >= set(TOOLS):
             continue
         dataset, mpc = regime_data(regime, args.cache)
-        if not rows:
-            rows = [gdw_cell(dataset, mpc, noise, Path(tempfile.mkdtemp()) / "run"), cleanlab_cell(dataset, mpc, noise)]
-            rows = [{"regime": regime, "noise": noise, **r} for r in rows]
-        rows.append({"regime": regime, "noise": noise, **folds_cell(dataset, mpc, noise, Path(tempfile.mkdtemp()))})
+        make = {TOOLS[0]: lambda: gdw_cell(dataset, mpc, noise, Path(tempfile.mkdtemp()) / "run"),
+                TOOLS[1]: lambda: folds_cell(dataset, mpc, noise, Path(tempfile.mkdtemp())),
+                TOOLS[2]: lambda: cleanlab_cell(dataset, mpc, noise)}
+        rows += [{"regime": regime, "noise": noise, **make[tool]()} for tool in TOOLS if tool not in have]
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(rows, indent=1))
         print(f"{regime} {noise}: " + "; ".join(f"{r['tool']} {100 * r['estimate']:.1f}% (true "
@@ -137,6 +138,8 @@ def report(args) -> str:
     rows = [r for p in sorted(args.out.glob("*.json")) for r in json.loads(p.read_text())]
     if not rows:
         return "no finished cells\n"
+    rows.sort(key=lambda r: (REGIMES.index(r["regime"]), NOISES.index(r["noise"]),
+                             TOOLS.index(r["tool"]) if r["tool"] in TOOLS else len(TOOLS)))
     with open(args.out / "results.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
@@ -146,8 +149,7 @@ def report(args) -> str:
              "(see its docstring). Estimate error in points of the share of training labels.\n",
              "| regime | noise | true % | tool | estimate % | error | flagged precision | flagged recall | AUROC | s |",
              "|---|---|---:|---|---:|---:|---:|---:|---:|---:|"]
-    for r in sorted(rows, key=lambda r: (REGIMES.index(r["regime"]), NOISES.index(r["noise"]),
-                                         TOOLS.index(r["tool"]) if r["tool"] in TOOLS else len(TOOLS))):
+    for r in rows:
         lines.append(f"| {r['regime']} | {r['noise']} | {100 * r['true_rate']:.1f} | {r['tool']} | "
                      f"{100 * r['estimate']:.1f} | {100 * (r['estimate'] - r['true_rate']):+.1f} | "
                      f"{r['precision']:.3f} | {r['recall']:.3f} | {r['auroc']:.3f} | {r['seconds']:.0f} |")
