@@ -48,6 +48,8 @@ VARIANTS = {
     "gdw-cap1": ("gdw", {**CAPPED}, False),  # the same, spelled as the suite's cells were: the default to question 14
     # no cap on the instance weights where the model has BatchNorm and the classes are about equally frequent
     "gdw-autocap": ("gdw", {**CAPPED, "meta_prior": "meta", "max_weight": "auto"}, False),
+    # ... and the cap kept where the meta set's classes are 1.5 or more times as frequent as another (a natural prior)
+    "gdw-autoprior": ("gdw", {**CAPPED, "meta_prior": "meta", "max_weight": "auto", "cap_meta_ratio": 1.5}, False),
     "gdw-tau0": ("gdw", {**ALWAYS, "tau": 0.0, "class_grad": "raw", "max_weight": math.inf}, False),
     "gdw-l2rw": ("gdw", {**L2RW_STEP}, False),
     "gdw-l2rw-c": ("gdw", {**L2RW_STEP, "class_grad": "constrained"}, False),  # ... through the constraint

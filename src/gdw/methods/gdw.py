@@ -71,11 +71,15 @@ def _is_inf(value) -> bool:
 AUTO_CAP_RATIO = 4.0
 
 
-def auto_max_weight(model: torch.nn.Module, class_counts=None) -> float:
+def auto_max_weight(model: torch.nn.Module, class_counts=None, meta_counts=None,
+                    meta_ratio: float = math.inf) -> float:
     """The cap that ``max_weight="auto"`` stands for: ``math.inf`` (no cap)
     where ``model`` has a BatchNorm layer and ``class_counts`` (C training
     examples per class) are known, with no class ``AUTO_CAP_RATIO`` (4) or
-    more times as frequent as another; else 1.
+    more times as frequent as another, and, with ``meta_counts`` (the meta
+    set's C class counts), no meta class ``meta_ratio`` or more times as
+    frequent as another (a meta set drawn in the data's own shares, or
+    checked in them, shows a natural class prior); else 1.
 
     Without the cap the instance weights, scaled to mean one over the K
     examples a batch keeps, can reach K. A model without normalisation
@@ -90,6 +94,9 @@ def auto_max_weight(model: torch.nn.Module, class_counts=None) -> float:
         return 1.0
     counts = torch.as_tensor(class_counts, dtype=torch.float64).clamp(min=1)
     balanced = float(counts.max() / counts.min()) < AUTO_CAP_RATIO
+    if meta_counts is not None and math.isfinite(meta_ratio):
+        meta = torch.as_tensor(meta_counts, dtype=torch.float64).clamp(min=1)
+        balanced = balanced and float(meta.max() / meta.min()) < meta_ratio
     has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
     return math.inf if balanced and has_bn else 1.0
 
@@ -199,6 +206,11 @@ class GDW(WeightNetMethod):
             ``"mwnet"``. ``"auto"``: no cap where the model has a BatchNorm
             layer and no training class is 4 or more times as frequent as
             another (it needs ``class_counts``), else 1 (:func:`auto_max_weight`).
+        cap_meta_ratio: with ``max_weight="auto"``, the cap also stays where
+            the meta set's most frequent class is this many times as
+            frequent as its rarest (``meta_counts``: a meta set with a
+            natural class prior); ``math.inf`` (default): the meta set's
+            shares play no part.
         gate: r₀ ≥ 0 of the noise gate (gate.py; ``stage_one="l2rw"``
             only; 0: off): the training labels' excess noise over the meta
             set's, estimated in the first epoch, decides how much weighting
@@ -249,14 +261,16 @@ class GDW(WeightNetMethod):
     STAGE_DEFAULTS = {"l2rw": {"finetune_fraction": 0.2, "tau": 1.0, "meta_grad": "fd", "weight_norm": "kept",
                                "class_grad": "constrained", "max_weight": "auto", "guard": 0.0,
                                "gate": 0.0, "gate_form": "linear", "finetune_min_noise": 0.04,
-                               "meta_prior": "meta"},
+                               "meta_prior": "meta", "cap_meta_ratio": math.inf},
                       "mwnet": {"finetune_fraction": 0.0, "tau": 0.0, "meta_grad": "jvp", "weight_norm": "batch",
                                 "class_grad": "raw", "max_weight": math.inf, "guard": 0.0, "gate": 0.0,
-                                "gate_form": "linear", "finetune_min_noise": 0.0, "meta_prior": "model"}}
+                                "gate_form": "linear", "finetune_min_noise": 0.0, "meta_prior": "model",
+                                "cap_meta_ratio": math.inf}}
     ADDED_PARAMS = {"weight_norm": "batch", "class_grad": "raw",
                     "max_weight": math.inf, "shrink": 0.0, "guard": 0.0,
                     "gate": 0.0, "gate_form": "linear",
-                    "finetune_min_noise": 0.0, "meta_prior": "model"}  # what runs recorded before these existed used
+                    "finetune_min_noise": 0.0, "meta_prior": "model",
+                    "cap_meta_ratio": math.inf}  # what runs recorded before these existed used
 
     @classmethod
     def resolve_params(cls, params: dict) -> dict:
@@ -270,14 +284,15 @@ class GDW(WeightNetMethod):
                  tau: float | None = None, meta_grad: str | None = None, class_counts=None,
                  max_weight: float | None = None, shrink: float = 0.0, guard: float | None = None,
                  gate: float | None = None, gate_form: str | None = None, finetune_min_noise: float | None = None,
-                 meta_prior: str | None = None, meta_counts=None, **kw):
+                 meta_prior: str | None = None, meta_counts=None, cap_meta_ratio: float | None = None, **kw):
         if stage_one not in STAGE_ONE:
             raise UserError(f"stage_one must be one of {', '.join(STAGE_ONE)}, got {stage_one!r}")
         resolved = self.resolve_params({"stage_one": stage_one, "finetune_fraction": finetune_fraction,
                                         "tau": tau, "meta_grad": meta_grad, "weight_norm": weight_norm,
                                         "class_grad": class_grad, "max_weight": max_weight, "guard": guard,
                                         "gate": gate, "gate_form": gate_form,
-                                        "finetune_min_noise": finetune_min_noise, "meta_prior": meta_prior})
+                                        "finetune_min_noise": finetune_min_noise, "meta_prior": meta_prior,
+                                        "cap_meta_ratio": cap_meta_ratio})
         finetune_fraction, tau, meta_grad, weight_norm, class_grad, max_weight, guard, gate, gate_form, min_noise = (
             resolved[k] for k in ("finetune_fraction", "tau", "meta_grad", "weight_norm", "class_grad", "max_weight",
                                   "guard", "gate", "gate_form", "finetune_min_noise"))
@@ -295,8 +310,10 @@ class GDW(WeightNetMethod):
         if self.shrink > 1:
             raise UserError(f"shrink must lie in [0, 1], got {shrink!r}")
         # inf: no cap; "auto": no cap only where that is known to be safe (auto_max_weight)
+        meta_ratio = resolved["cap_meta_ratio"]
+        meta_ratio = math.inf if _is_inf(meta_ratio) else check_positive("cap_meta_ratio", meta_ratio)
         if max_weight == "auto":
-            max_weight = auto_max_weight(model, class_counts)
+            max_weight = auto_max_weight(model, class_counts, meta_counts, meta_ratio)
         self.max_weight = None if _is_inf(max_weight) else check_positive("max_weight", max_weight)
         guard, gate = (_l2rw_only(name, value, stage_one) for name, value in (("guard", guard), ("gate", gate)))
         self.guard = MetaGuard(guard) if guard > 0 else None
