@@ -364,22 +364,26 @@ def test_gdw_capped_weights_match_reference(kind, mode):
         gdw.make("gdw", make_model("mlp"), C, max_weight=0)
 
 
-@pytest.mark.parametrize("kind,counts,capped", [
-    ("cnn", [10, 12, 9, 11], False),  # BatchNorm, classes about equally frequent: no cap
-    ("cnn", [40, 12, 10, 11], True),  # a class 4 times as frequent as another: the cap
-    ("cnn", None, True),  # class counts unknown: the cap
-    ("mlp", [10, 12, 9, 11], True),  # no normalisation layer: the cap
+@pytest.mark.parametrize("kind,counts,meta,capped", [
+    ("cnn", [10, 12, 9, 11], None, False),  # BatchNorm, classes about equally frequent: no cap
+    ("cnn", [40, 12, 10, 11], None, True),  # a class 4 times as frequent as another: the cap
+    ("cnn", None, None, True),  # class counts unknown: the cap
+    ("mlp", [10, 12, 9, 11], None, True),  # no normalisation layer: the cap
+    ("cnn", [10, 12, 9, 11], {"meta_counts": [6, 4, 4, 4]}, False),  # the meta set's shares play no part ...
+    ("cnn", [10, 12, 9, 11], {"meta_counts": [6, 4, 4, 4], "cap_meta_ratio": 1.5}, True),  # ... unless asked: 1.5
+    ("cnn", [10, 12, 9, 11], {"meta_counts": [5, 4, 4, 4], "cap_meta_ratio": 1.5}, False),  # 1.25 < 1.5
 ])
-def test_gdw_auto_cap_is_the_reference_with_or_without_the_cap(kind, counts, capped):
+def test_gdw_auto_cap_is_the_reference_with_or_without_the_cap(kind, counts, meta, capped):
     """max_weight="auto" gives, step for step, the reference's weights and
-    gradients with the cap of 1 or without any cap, as the model and the
-    class counts decide (tau=0, so the counts only decide the cap)."""
+    gradients with the cap of 1 or without any cap, as the model, the class
+    counts and (with cap_meta_ratio) the meta set's counts decide (tau=0, so
+    the counts only decide the cap)."""
     model = make_model(kind)
     x, y = make_batch(kind, B, 1)
     xm, ym = make_batch(kind, BM, 2)
     before = copy.deepcopy(model)
     method, _, stats = run_method("gdw", model, x, y, xm, ym, meta_grad="jvp", max_weight="auto", tau=0.0,
-                                  class_counts=counts)
+                                  class_counts=counts, **(meta or {}))
     cap = 1.0 if capped else math.inf
     assert method.resolved_params == {"max_weight": 1.0 if capped else "inf"}
     info = {}
@@ -392,6 +396,8 @@ def test_gdw_auto_cap_is_the_reference_with_or_without_the_cap(kind, counts, cap
         assert float(info["v"].max()) > 1.0
     with pytest.raises(gdw.UserError, match="max_weight"):
         gdw.make("gdw", make_model(kind), C, max_weight="sometimes")
+    with pytest.raises(gdw.UserError, match="cap_meta_ratio"):
+        gdw.make("gdw", make_model(kind), C, max_weight="auto", cap_meta_ratio=-1)
 
 
 @pytest.mark.parametrize("kind", ["mlp", "cnn"])
