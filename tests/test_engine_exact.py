@@ -386,6 +386,9 @@ def test_gdw_auto_cap_is_the_reference_with_or_without_the_cap(kind, counts, met
                                   class_counts=counts, **(meta or {}))
     cap = 1.0 if capped else math.inf
     assert method.resolved_params == {"max_weight": 1.0 if capped else "inf"}
+    why = ("no cap" if not capped else "no BatchNorm" if kind == "mlp" else "no class counts" if counts is None
+           else "shares are uneven")
+    assert why in method.cap_note
     info = {}
     w_ref, g_ref, _ = reference("gdw", before, None, x, y, xm, ym, stage_one="l2rw", max_weight=cap, info=info)
     torch.testing.assert_close(stats.instance_weights, info["v"], rtol=1e-10, atol=1e-10)

@@ -48,7 +48,9 @@ def test_run_directory_schema(tmp_path, capsys):
     assert len(split.files) > 0
     config = json.loads((out / "config.json").read_text())
     assert config["device"] == "cpu" and config["versions"]["torch"] == torch.__version__
-    assert "epoch   3/3" in capsys.readouterr().out
+    out_text = capsys.readouterr().out
+    assert "epoch   3/3" in out_text
+    assert "gdw: no cap on the instance weights (the model has BatchNorm" in out_text
 
 
 def _train_cmd(out, epochs):

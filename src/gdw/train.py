@@ -157,7 +157,7 @@ def train(cfg: TrainConfig, log=print, comm: Optional[Comm] = None) -> dict:
     if ckpt is not None:
         _restore(ckpt, model, opt, method, stateful)
     start, history = (ckpt["epoch"] + 1, ckpt["history"]) if ckpt else (0, [])
-    _log_start(log, cfg, data, device, out, target, start if ckpt else None)
+    _log_start(log, cfg, data, device, out, target, start if ckpt else None, method)
     with run_dir(out, main), _interrupts(out, cfg):
         if main and ckpt is None:
             record = {**_config_record(cfg, data, device, comm, fingerprint),
@@ -196,8 +196,10 @@ def _restore(ckpt: dict, model, opt, method, stateful: dict) -> None:
     set_rng_state(ckpt["rng"])
 
 
-def _log_start(log, cfg: TrainConfig, data, device, out: Path, target: dict, resumed_after: Optional[int]) -> None:
-    """The lines a run starts with: what it trains on, its target prior, the data's warnings."""
+def _log_start(log, cfg: TrainConfig, data, device, out: Path, target: dict, resumed_after: Optional[int],
+               method=None) -> None:
+    """The lines a run starts with: what it trains on, its target prior,
+    what the method decided from the model and data, the data's warnings."""
     rate = data.record.get("realised_noise_rate")
     val = getattr(data, "val", None)
     log(f"gdw train: {cfg.method} on {cfg.dataset} ({len(data.train)} train, "
@@ -206,6 +208,8 @@ def _log_start(log, cfg: TrainConfig, data, device, out: Path, target: dict, res
         + ("true labels unknown" if rate is None else f"realised noise {rate:.3f}") + f", device {device} → {out}"
         + (f" (resuming after epoch {resumed_after})" if resumed_after is not None else ""))
     log("gdw train: " + target["line"])
+    if getattr(method, "cap_note", None):
+        log(f"gdw train: {cfg.method}: {method.cap_note}")
     for warning in data.record.get("warnings", []):
         log(f"gdw train: warning: {warning}")
     rec = data.record

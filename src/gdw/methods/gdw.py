@@ -97,8 +97,11 @@ def auto_max_weight(model: torch.nn.Module, class_counts=None, meta_counts=None,
     if meta_counts is not None and math.isfinite(meta_ratio):
         meta = torch.as_tensor(meta_counts, dtype=torch.float64).clamp(min=1)
         balanced = balanced and float(meta.max() / meta.min()) < meta_ratio
-    has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
-    return math.inf if balanced and has_bn else 1.0
+    return math.inf if balanced and _has_batchnorm(model) else 1.0
+
+
+def _has_batchnorm(model: torch.nn.Module) -> bool:
+    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
 def _l2rw_only(name: str, value, stage_one: str) -> float:
@@ -312,8 +315,15 @@ class GDW(WeightNetMethod):
         # inf: no cap; "auto": no cap only where that is known to be safe (auto_max_weight)
         meta_ratio = resolved["cap_meta_ratio"]
         meta_ratio = math.inf if _is_inf(meta_ratio) else check_positive("cap_meta_ratio", meta_ratio)
+        self.cap_note = None  # with "auto": the cap it chose, in words (gdw train prints it)
         if max_weight == "auto":
             max_weight = auto_max_weight(model, class_counts, meta_counts, meta_ratio)
+            self.cap_note = ("no cap on the instance weights (the model has BatchNorm and no class is 4 or more "
+                             "times as frequent as another)" if _is_inf(max_weight) else
+                             "instance weights capped at 1 (" + (
+                                 "no class counts" if class_counts is None else
+                                 "the model has no BatchNorm layer" if not _has_batchnorm(model) else
+                                 "the classes' shares are uneven") + "; max_weight=inf lifts it)")
         self.max_weight = None if _is_inf(max_weight) else check_positive("max_weight", max_weight)
         guard, gate = (_l2rw_only(name, value, stage_one) for name, value in (("guard", guard), ("gate", gate)))
         self.guard = MetaGuard(guard) if guard > 0 else None
