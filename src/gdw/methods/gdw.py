@@ -72,14 +72,15 @@ AUTO_CAP_RATIO = 4.0
 
 
 def auto_max_weight(model: torch.nn.Module, class_counts=None, meta_counts=None,
-                    meta_ratio: float = math.inf) -> float:
-    """The cap that ``max_weight="auto"`` stands for: ``math.inf`` (no cap)
-    where ``model`` has a BatchNorm layer and ``class_counts`` (C training
-    examples per class) are known, with no class ``AUTO_CAP_RATIO`` (4) or
-    more times as frequent as another, and, with ``meta_counts`` (the meta
-    set's C class counts), no meta class ``meta_ratio`` or more times as
-    frequent as another (a meta set drawn in the data's own shares, or
-    checked in them, shows a natural class prior); else 1.
+                    meta_ratio: float = math.inf) -> tuple[float, str]:
+    """``(cap, why)``: the cap that ``max_weight="auto"`` stands for and the
+    reason in words. ``math.inf`` (no cap) where ``model`` has a BatchNorm
+    layer and ``class_counts`` (C training examples per class) are known,
+    with no class ``AUTO_CAP_RATIO`` (4) or more times as frequent as
+    another, and, with ``meta_counts`` (the meta set's C class counts), no
+    meta class ``meta_ratio`` or more times as frequent as another (a meta
+    set drawn in the data's own shares, or checked in them, shows a natural
+    class prior); else 1.
 
     Without the cap the instance weights, scaled to mean one over the K
     examples a batch keeps, can reach K. A model without normalisation
@@ -91,17 +92,16 @@ def auto_max_weight(model: torch.nn.Module, class_counts=None, meta_counts=None,
     no such model to show that they are safe without it.
     """
     if class_counts is None:
-        return 1.0
-    counts = torch.as_tensor(class_counts, dtype=torch.float64).clamp(min=1)
-    balanced = float(counts.max() / counts.min()) < AUTO_CAP_RATIO
-    if meta_counts is not None and math.isfinite(meta_ratio):
-        meta = torch.as_tensor(meta_counts, dtype=torch.float64).clamp(min=1)
-        balanced = balanced and float(meta.max() / meta.min()) < meta_ratio
-    return math.inf if balanced and _has_batchnorm(model) else 1.0
-
-
-def _has_batchnorm(model: torch.nn.Module) -> bool:
-    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+        return 1.0, "no class counts"
+    if not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return 1.0, "the model has no BatchNorm layer"
+    for counts, bound, whose in ((class_counts, AUTO_CAP_RATIO, "classes'"), (meta_counts, meta_ratio, "meta set's")):
+        if counts is not None and math.isfinite(bound):
+            c = torch.as_tensor(counts, dtype=torch.float64).clamp(min=1)
+            ratio = float(c.max() / c.min())
+            if ratio >= bound:
+                return 1.0, f"the {whose} shares are uneven, {ratio:.1f} : 1"
+    return math.inf, "the model has BatchNorm and no class is 4 or more times as frequent as another"
 
 
 def _l2rw_only(name: str, value, stage_one: str) -> float:
@@ -317,13 +317,9 @@ class GDW(WeightNetMethod):
         meta_ratio = math.inf if _is_inf(meta_ratio) else check_positive("cap_meta_ratio", meta_ratio)
         self.cap_note = None  # with "auto": the cap it chose, in words (gdw train prints it)
         if max_weight == "auto":
-            max_weight = auto_max_weight(model, class_counts, meta_counts, meta_ratio)
-            self.cap_note = ("no cap on the instance weights (the model has BatchNorm and no class is 4 or more "
-                             "times as frequent as another)" if _is_inf(max_weight) else
-                             "instance weights capped at 1 (" + (
-                                 "no class counts" if class_counts is None else
-                                 "the model has no BatchNorm layer" if not _has_batchnorm(model) else
-                                 "the classes' shares are uneven") + "; max_weight=inf lifts it)")
+            max_weight, why = auto_max_weight(model, class_counts, meta_counts, meta_ratio)
+            self.cap_note = (f"no cap on the instance weights ({why})" if _is_inf(max_weight) else
+                             f"instance weights capped at 1 ({why}; max_weight=inf lifts it)")
         self.max_weight = None if _is_inf(max_weight) else check_positive("max_weight", max_weight)
         guard, gate = (_l2rw_only(name, value, stage_one) for name, value in (("guard", guard), ("gate", gate)))
         self.guard = MetaGuard(guard) if guard > 0 else None
