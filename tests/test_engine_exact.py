@@ -385,7 +385,7 @@ def test_gdw_auto_cap_is_the_reference_with_or_without_the_cap(kind, counts, met
     method, _, stats = run_method("gdw", model, x, y, xm, ym, meta_grad="jvp", max_weight="auto", tau=0.0,
                                   class_counts=counts, **(meta or {}))
     cap = 1.0 if capped else math.inf
-    assert method.resolved_params == {"max_weight": 1.0 if capped else "inf"}
+    assert method.decided_params == {"max_weight": 1.0 if capped else "inf"}
     why = ("no cap" if not capped else "no BatchNorm" if kind == "mlp" else "no class counts" if counts is None
            else "shares are uneven")
     assert why in method.cap_note

@@ -175,7 +175,7 @@ def train(cfg: TrainConfig, log=print, comm: Optional[Comm] = None) -> dict:
         seconds = sum(row["seconds"] for row in history)
         summary = _summary(cfg, data, history, seconds, math.ceil(len(data.train) / cfg.batch_size), comm.world)
         summary["target_prior"] = target["prior"]
-        summary.update(getattr(method, "resolved_params", {}))  # what the method decided from the model and data
+        summary.update(getattr(method, "decided_params", {}))  # what the method decided from the model and data
         summary.update(getattr(stateful.get("label_issues"), "noise", {}))
         _log_end(log, summary)
         atomic_write(out / "summary.json", json.dumps(summary, indent=2))

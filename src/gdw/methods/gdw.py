@@ -355,7 +355,7 @@ class GDW(WeightNetMethod):
             self.meta_shift = shift if float(shift.abs().max()) > 1e-9 else None
 
     @property
-    def resolved_params(self) -> dict:
+    def decided_params(self) -> dict:
         """Settings decided from the model and the data (``gdw train`` puts
         them in summary.json): with L2RW's stage one, ``max_weight``, the
         cap in force (``"inf"``: none), which ``"auto"`` resolves."""
