@@ -196,7 +196,9 @@ class LabelIssueRecorder(Callback):
 
 class FinetuneCheck(Callback):
     """Skips a method's fine-tuning phase on the meta set where the run's
-    labels look clean (its ``finetune_min_noise`` > 0; GDW's parameter).
+    labels look clean (its ``finetune_min_noise`` > 0; GDW's parameter), and
+    with ``plain_below`` > 0 (GDW's) turns the weighting off for the rest of
+    the run where they look clean a quarter of the way in.
 
     When the phase would start, the share of wrong training labels is
     estimated as at the end of a run (:func:`gdw.find_label_issues` on the
@@ -208,25 +210,48 @@ class FinetuneCheck(Callback):
     the labels are clean and helps where noise got through. Decided once;
     the decision and the estimate are in the epoch's row
     (``finetune_noise_estimate``, ``finetune_skipped``) and in the checkpoint.
+
+    The same estimate at the start of epoch ``plain_epoch(epochs)`` (a
+    quarter of the run done), below ``plain_below`` and under the same
+    bound on the classes' shares, sets the method's ``plain``: plain
+    training from that epoch on, without fine-tuning (``plain_noise_estimate``,
+    ``plain_training`` in that epoch's row).
     """
 
     name = "finetune_check"
     IMBALANCE_BOUND = 3.0
+    PLAIN_CHECK_AT = 0.25  # the share of the epochs done when plain_below is checked
 
     def __init__(self, recorder: LabelIssueRecorder, data, batch_size: int = 500):
         self.recorder, self.data, self.batch_size = recorder, data, int(batch_size)
         self.skip: Optional[bool] = None
+        self.plain: Optional[bool] = None
+
+    @classmethod
+    def plain_epoch(cls, epochs: int) -> int:
+        """The (0-based) epoch at whose start ``plain_below`` is checked."""
+        return max(1, round(cls.PLAIN_CHECK_AT * int(epochs)))
+
+    def _balanced(self) -> bool:
+        counts = np.bincount(self.data.train.labels.numpy(), minlength=self.recorder.num_classes)
+        return bool(counts.max() < self.IMBALANCE_BOUND * max(counts.min(), 1))
 
     def on_epoch_start(self, state) -> None:
         method = state.method
+        bound = float(getattr(method, "plain_below", 0.0) or 0.0)
+        if bound > 0 and self.plain is None and state.epoch >= self.plain_epoch(state.epochs):
+            rate = self.estimate(state.model)
+            self.plain = bool(rate < bound and self._balanced())
+            state.row.update(plain_noise_estimate=rate, plain_training=self.plain)
+        if self.plain:
+            method.plain, method.finetuning = True, False
+            return
         threshold = float(getattr(method, "finetune_min_noise", 0.0) or 0.0)
         if threshold <= 0 or not getattr(method, "finetuning", False):
             return
         if self.skip is None:
             rate = self.estimate(state.model)
-            counts = np.bincount(self.data.train.labels.numpy(), minlength=self.recorder.num_classes)
-            balanced = counts.max() < self.IMBALANCE_BOUND * max(counts.min(), 1)
-            self.skip = bool(rate < threshold and balanced)
+            self.skip = bool(rate < threshold and self._balanced())
             state.row.update(finetune_noise_estimate=rate, finetune_skipped=self.skip)
         if self.skip:
             method.finetuning = False
@@ -246,10 +271,10 @@ class FinetuneCheck(Callback):
         return float(found.noise_rate)
 
     def state_dict(self) -> dict:
-        return {"skip": self.skip}
+        return {"skip": self.skip, "plain": self.plain}
 
     def load_state_dict(self, state: dict) -> None:
-        self.skip = state.get("skip")
+        self.skip, self.plain = state.get("skip"), state.get("plain")
 
 
 def _means(sums: dict) -> dict:

@@ -50,6 +50,8 @@ VARIANTS = {
     "gdw-autocap": ("gdw", {**CAPPED, "meta_prior": "meta", "max_weight": "auto"}, False),
     # ... and the cap kept where the meta set's classes are 1.5 or more times as frequent as another (a natural prior)
     "gdw-autoprior": ("gdw", {**CAPPED, "meta_prior": "meta", "max_weight": "auto", "cap_meta_ratio": 1.5}, False),
+    # ... and plain training from a quarter of the run on where under 8% of the labels look wrong (question 16)
+    "gdw-lateplain": ("gdw", {**CAPPED, "meta_prior": "meta", "max_weight": "auto", "plain_below": 0.08}, False),
     "gdw-tau0": ("gdw", {**ALWAYS, "tau": 0.0, "class_grad": "raw", "max_weight": math.inf}, False),
     "gdw-l2rw": ("gdw", {**L2RW_STEP}, False),
     "gdw-l2rw-c": ("gdw", {**L2RW_STEP, "class_grad": "constrained"}, False),  # ... through the constraint

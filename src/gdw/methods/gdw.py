@@ -228,6 +228,14 @@ class GDW(WeightNetMethod):
             (:class:`gdw.recorder.FinetuneCheck`; a loop of your own
             fine-tunes regardless). Default 0.04 with ``stage_one="l2rw"``
             (design question 9), 0 (always) with ``"mwnet"``.
+        plain_below: in [0, 1); > 0: ``gdw.fit`` (``gdw train``) estimates
+            the share of wrong training labels in the same way once a
+            quarter of the epochs are done (``PLAIN_CHECK_AT``), and where it
+            is below ``plain_below`` and no training class is 3 or more
+            times as frequent as another, the rest of the run is plain
+            training on the (logit-adjusted) loss: no meta-gradient, no
+            class-level step, no fine-tuning, at a plain step's cost
+            (``stage_one="l2rw"`` only; 0, the default: off).
         class_grad: the gradient the class-level step follows: ``"raw"``
             (the paper's: ∂L_meta/∂ω of the constrained ω, whose labelled
             column the constraint then overwrites) or ``"constrained"``
@@ -264,16 +272,16 @@ class GDW(WeightNetMethod):
     STAGE_DEFAULTS = {"l2rw": {"finetune_fraction": 0.2, "tau": 1.0, "meta_grad": "fd", "weight_norm": "kept",
                                "class_grad": "constrained", "max_weight": "auto", "guard": 0.0,
                                "gate": 0.0, "gate_form": "linear", "finetune_min_noise": 0.04,
-                               "meta_prior": "meta", "cap_meta_ratio": math.inf},
+                               "meta_prior": "meta", "cap_meta_ratio": math.inf, "plain_below": 0.0},
                       "mwnet": {"finetune_fraction": 0.0, "tau": 0.0, "meta_grad": "jvp", "weight_norm": "batch",
                                 "class_grad": "raw", "max_weight": math.inf, "guard": 0.0, "gate": 0.0,
                                 "gate_form": "linear", "finetune_min_noise": 0.0, "meta_prior": "model",
-                                "cap_meta_ratio": math.inf}}
+                                "cap_meta_ratio": math.inf, "plain_below": 0.0}}
     ADDED_PARAMS = {"weight_norm": "batch", "class_grad": "raw",
                     "max_weight": math.inf, "shrink": 0.0, "guard": 0.0,
                     "gate": 0.0, "gate_form": "linear",
                     "finetune_min_noise": 0.0, "meta_prior": "model",
-                    "cap_meta_ratio": math.inf}  # what runs recorded before these existed used
+                    "cap_meta_ratio": math.inf, "plain_below": 0.0}  # what runs recorded before these existed used
 
     @classmethod
     def resolve_params(cls, params: dict) -> dict:
@@ -287,7 +295,8 @@ class GDW(WeightNetMethod):
                  tau: float | None = None, meta_grad: str | None = None, class_counts=None,
                  max_weight: float | None = None, shrink: float = 0.0, guard: float | None = None,
                  gate: float | None = None, gate_form: str | None = None, finetune_min_noise: float | None = None,
-                 meta_prior: str | None = None, meta_counts=None, cap_meta_ratio: float | None = None, **kw):
+                 meta_prior: str | None = None, meta_counts=None, cap_meta_ratio: float | None = None,
+                 plain_below: float | None = None, **kw):
         if stage_one not in STAGE_ONE:
             raise UserError(f"stage_one must be one of {', '.join(STAGE_ONE)}, got {stage_one!r}")
         resolved = self.resolve_params({"stage_one": stage_one, "finetune_fraction": finetune_fraction,
@@ -295,7 +304,7 @@ class GDW(WeightNetMethod):
                                         "class_grad": class_grad, "max_weight": max_weight, "guard": guard,
                                         "gate": gate, "gate_form": gate_form,
                                         "finetune_min_noise": finetune_min_noise, "meta_prior": meta_prior,
-                                        "cap_meta_ratio": cap_meta_ratio})
+                                        "cap_meta_ratio": cap_meta_ratio, "plain_below": plain_below})
         finetune_fraction, tau, meta_grad, weight_norm, class_grad, max_weight, guard, gate, gate_form, min_noise = (
             resolved[k] for k in ("finetune_fraction", "tau", "meta_grad", "weight_norm", "class_grad", "max_weight",
                                   "guard", "gate", "gate_form", "finetune_min_noise"))
@@ -306,6 +315,11 @@ class GDW(WeightNetMethod):
         self.finetune_min_noise = check_positive("finetune_min_noise", min_noise, allow_zero=True)
         if self.finetune_min_noise >= 1:
             raise UserError(f"finetune_min_noise must lie in [0, 1), got {min_noise!r}")
+        self.plain_below = _l2rw_only("plain_below", resolved["plain_below"], stage_one)
+        if self.plain_below >= 1:
+            raise UserError(f"plain_below must lie in [0, 1), got {resolved['plain_below']!r}")
+        # set by gdw.recorder.FinetuneCheck where the labels look clean: plain training from then on
+        self.plain = False
         if weight_norm not in WEIGHT_NORM:
             raise UserError(f"weight_norm must be one of {', '.join(WEIGHT_NORM)}, got {weight_norm!r}")
         self.weight_norm = weight_norm
@@ -410,8 +424,8 @@ class GDW(WeightNetMethod):
             self.finetuning = self.guard.finetune
 
     def meta_before_forward(self, x, x_meta, y_meta):
-        """As :class:`MetaMethod`'s; nothing once the gate has turned the weighting off."""
-        if self.gate is not None and self.gate.off:
+        """As :class:`MetaMethod`'s; nothing once the weighting is off (the gate, or ``plain``)."""
+        if self.plain or (self.gate is not None and self.gate.off):
             return None
         return super().meta_before_forward(x, x_meta, y_meta)
 
@@ -447,7 +461,7 @@ class GDW(WeightNetMethod):
             z = full(z)
             z = z + self.tau * self.log_prior.to(z.device, z.dtype)
         p, e = logit_error(z, y, C, self.p_max)
-        if self.gate is not None and self.gate.off:  # plain training on the adjusted loss (gate.py)
+        if self.plain or (self.gate is not None and self.gate.off):  # plain training on the adjusted loss
             ones = torch.ones_like(e)
             G = logit_error(z, y, C)[1] / n  # unclamped: exactly the loss's gradient
             return {"G": G, "weights": ones, "meta_loss": None, "instance_weights": ones[:, 0]}
