@@ -147,6 +147,8 @@ def run_cli(args, capsys):
         (["train", "--method-args", "eta=3,eta=4"], "'eta' is given twice"),
         (["train", "--model", "test_train_cli:wrong_signature"], "must accept (input_shape, num_classes)"),
         (["train", "--model", "test_train_cli:StringOutput"], "str"),
+        (["train", "--model", "test_train_cli:int_width"],
+         "failed when called as int_width((1, 8, 8), 10) (input_shape is the shape of one example, a tuple): TypeError"),
         (["train", "--resume"], "no config.json"),
     ],
 )
@@ -159,6 +161,10 @@ def test_user_mistakes_are_one_line_exit_2(args, message, tmp_path, capsys):
 
 def wrong_signature(a, b, c):
     return torch.nn.Linear(64, 10)
+
+
+def int_width(in_features, num_classes):  # a factory that takes the shape for a width: torch raises TypeError
+    return torch.nn.Linear(in_features, num_classes)
 
 
 class StringOutput(torch.nn.Module):

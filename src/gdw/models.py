@@ -128,7 +128,8 @@ def create_model(name: str, input_shape, num_classes: int, **kwargs) -> nn.Modul
         num_classes: C, the width of the logits.
     Raises:
         UserError: unknown name, a module or factory that cannot be imported,
-            or a factory that does not return an ``nn.Module``.
+            a factory that raises (the message says how it was called and
+            what it raised) or does not return an ``nn.Module``.
     """
     input_shape = tuple(int(s) for s in input_shape)
     if ":" in name and name not in MODELS:
@@ -155,7 +156,12 @@ def create_model(name: str, input_shape, num_classes: int, **kwargs) -> nn.Modul
                             f"{err}") from None
         except ValueError:
             pass  # no signature to check (a builtin); the call itself will tell
-        model = factory(*args, **kw)
+        try:
+            model = factory(*args, **kw)
+        except Exception as err:  # the user's own code: say how it was called and what it raised, in one line
+            call = (f"{attr}({input_shape}, {num_classes})" if positional else f"{attr}(num_classes={num_classes})")
+            raise UserError(f"model factory {name!r} failed when called as {call} (input_shape is the shape of one "
+                            f"example, a tuple): {type(err).__name__}: {err}") from None
         if not isinstance(model, nn.Module):
             raise UserError(f"model factory {name!r} returned {type(model).__name__}, not an nn.Module")
         return model
