@@ -108,35 +108,37 @@ def test_study_trains_with_a_validation_split_and_labels_its_runs(ds, tmp_path, 
     out = tmp_path / "out"
     assert ds.main(["--datasets", "digits", "--epochs", "1", "--out", str(out)]) == 0
     summaries = sorted(out.glob("digits/*/summary.json"))
-    # 8 candidates on seed 0; questions 7 and 9: three on their seeds 2 and 3; 14 and 16: three on 30, 31
-    assert len(summaries) == 20
+    # 8 candidates on seed 0; questions 7 and 9: three on their seeds 2 and 3; 14, 16 and 17: four on 30, 31
+    assert len(summaries) == 22
     for path in summaries:
         config = json.loads((path.parent / "config.json").read_text())
         assert config["val_per_class"] == config["meta_per_class"] == 13
         params = config["method_params"]
         inf = float("inf")
-        label = {("batch", "raw", inf, 0, 0, 0.2, 0, "model", 0): "gdw-batch",
-                 ("kept", "raw", inf, 0, 0, 0.2, 0, "model", 0): "gdw-kept",
-                 ("kept", "constrained", inf, 0, 0, 0.2, 0, "model", 0): "gdw-constrained",
-                 ("kept", "constrained", 1.0, 0, 0, 0.2, 0, "model", 0): "gdw-capped",
-                 ("binary", "constrained", 1.0, 0, 0, 0.2, 0, "model", 0): "gdw-binary",
-                 ("kept", "constrained", 1.0, 0.05, 0, 0.2, 0, "model", 0): "gdw-guarded",
-                 ("kept", "constrained", 1.0, 0, 0.2, 0.2, 0, "model", 0): "gdw-gated",
-                 ("kept", "constrained", 1.0, 0, 0.05, 0.2, 0, "model", 0): "gdw-stepped",
-                 ("kept", "constrained", 1.0, 0, 0, 0.0, 0, "model", 0): "gdw-ft0",
-                 ("kept", "constrained", 1.0, 0, 0, 0.2, 0.04, "model", 0): "gdw-ftcheck",
-                 ("kept", "constrained", 1.0, 0, 0, 0.2, 0.04, "meta", 0): "gdw-metaprior",
-                 ("kept", "constrained", "auto", 0, 0, 0.2, 0.04, "meta", 0): "gdw-autocap",
-                 ("kept", "constrained", "auto", 0, 0, 0.2, 0.04, "meta", 0.08): "gdw-lateplain"}[
+        label = {("batch", "raw", inf, 0, 0, 0.2, 0, "model", 0, 0): "gdw-batch",
+                 ("kept", "raw", inf, 0, 0, 0.2, 0, "model", 0, 0): "gdw-kept",
+                 ("kept", "constrained", inf, 0, 0, 0.2, 0, "model", 0, 0): "gdw-constrained",
+                 ("kept", "constrained", 1.0, 0, 0, 0.2, 0, "model", 0, 0): "gdw-capped",
+                 ("binary", "constrained", 1.0, 0, 0, 0.2, 0, "model", 0, 0): "gdw-binary",
+                 ("kept", "constrained", 1.0, 0.05, 0, 0.2, 0, "model", 0, 0): "gdw-guarded",
+                 ("kept", "constrained", 1.0, 0, 0.2, 0.2, 0, "model", 0, 0): "gdw-gated",
+                 ("kept", "constrained", 1.0, 0, 0.05, 0.2, 0, "model", 0, 0): "gdw-stepped",
+                 ("kept", "constrained", 1.0, 0, 0, 0.0, 0, "model", 0, 0): "gdw-ft0",
+                 ("kept", "constrained", 1.0, 0, 0, 0.2, 0.04, "model", 0, 0): "gdw-ftcheck",
+                 ("kept", "constrained", 1.0, 0, 0, 0.2, 0.04, "meta", 0, 0): "gdw-metaprior",
+                 ("kept", "constrained", "auto", 0, 0, 0.2, 0.04, "meta", 0, 0): "gdw-autocap",
+                 ("kept", "constrained", "auto", 0, 0, 0.2, 0.04, "meta", 0.08, 0): "gdw-lateplain",
+                 ("kept", "constrained", "auto", 0, 0, 0.2, 0.04, "meta", 0, 0.08): "gdw-latecap"}[
             params["weight_norm"], params["class_grad"], params["max_weight"], params["guard"], params["gate"],
-            params["finetune_fraction"], params["finetune_min_noise"], params["meta_prior"], params["plain_below"]]
+            params["finetune_fraction"], params["finetune_min_noise"], params["meta_prior"], params["plain_below"],
+            params["cap_below"]]
         assert path.parent.name.split("_")[-2] == label
     md = (out / "results.md").read_text()
     assert md.count("No decision yet: 2 of 8 runs finished.") == 2  # 4 regimes × 1 setting × 1 seed × 2 candidates
     assert md.count("No decision yet: 2 of 12 runs finished.") == 2  # questions 3 and 4: the suite's 6 regimes
     assert md.count("No decision yet: 2 of 14 runs finished.") == 3  # questions 5, 6 and 8: all 7 regimes
     assert md.count("No decision yet: 4 of 20 runs finished.") == 1  # question 14: 5 regimes × 1 setting × 2 × 2
-    assert md.count("No decision yet: 4 of 36 runs finished.") == 1  # question 16: 9 regimes × 1 setting × 2 × 2
+    assert md.count("No decision yet: 4 of 36 runs finished.") == 2  # questions 16, 17: 9 regimes × 1 setting × 2 × 2
     assert md.count("No decision yet: 4 of 28 runs finished.") == 2  # questions 7 and 9: seeds 2 and 3
 
 

@@ -187,9 +187,10 @@ class EpochLog(Callback):
         if "test_accuracy" in row:
             parts.append(f"test acc {100 * row['test_accuracy']:.2f}%"
                          + ("" if self.test_clean else " (on labels not known to be clean)"))
-        if "plain_training" in row:  # the check for plain training (gdw.recorder.FinetuneCheck)
-            parts.append(f"{100 * row['plain_noise_estimate']:.1f}% of labels look wrong: "
-                         + ("plain training from here" if row["plain_training"] else "weighting on"))
+        if "early_decision" in row:  # the check a quarter of the way in (gdw.recorder.FinetuneCheck)
+            parts.append(f"{100 * row['early_noise_estimate']:.1f}% of labels look wrong: "
+                         + {"plain": "plain training from here", "cap": "instance weights capped at 1 from here",
+                            "on": "weighting as it was"}[row["early_decision"]])
         if "finetune_skipped" in row:  # the fine-tuning check's decision (gdw.recorder.FinetuneCheck)
             parts.append(f"{100 * row['finetune_noise_estimate']:.1f}% of labels look wrong: "
                          + ("no fine-tuning on the meta set" if row["finetune_skipped"] else "fine-tuning on the meta set"))

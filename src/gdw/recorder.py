@@ -197,8 +197,8 @@ class LabelIssueRecorder(Callback):
 class FinetuneCheck(Callback):
     """Skips a method's fine-tuning phase on the meta set where the run's
     labels look clean (its ``finetune_min_noise`` > 0; GDW's parameter), and
-    with ``plain_below`` > 0 (GDW's) turns the weighting off for the rest of
-    the run where they look clean a quarter of the way in.
+    with ``plain_below`` or ``cap_below`` > 0 (GDW's) changes the weighting
+    for the rest of the run where they look clean a quarter of the way in.
 
     When the phase would start, the share of wrong training labels is
     estimated as at the end of a run (:func:`gdw.find_label_issues` on the
@@ -211,26 +211,28 @@ class FinetuneCheck(Callback):
     the decision and the estimate are in the epoch's row
     (``finetune_noise_estimate``, ``finetune_skipped``) and in the checkpoint.
 
-    The same estimate at the start of epoch ``plain_epoch(epochs)`` (a
-    quarter of the run done), below ``plain_below`` and under the same
-    bound on the classes' shares, sets the method's ``plain``: plain
-    training from that epoch on, without fine-tuning (``plain_noise_estimate``,
-    ``plain_training`` in that epoch's row).
+    The same estimate at the start of epoch ``check_epoch(epochs)`` (a
+    quarter of the run done), under the same bound on the classes' shares:
+    below ``plain_below`` it sets the method's ``plain`` (plain training
+    from that epoch on, without fine-tuning); else below ``cap_below`` it
+    caps the method's instance weights at 1 (``max_weight``) from then on.
+    That epoch's row has ``early_noise_estimate`` and ``early_decision``
+    (``"plain"``, ``"cap"`` or ``"on"``: the weighting as it was).
     """
 
     name = "finetune_check"
     IMBALANCE_BOUND = 3.0
-    PLAIN_CHECK_AT = 0.25  # the share of the epochs done when plain_below is checked
+    CHECK_AT = 0.25  # the share of the epochs done when plain_below and cap_below are checked
 
     def __init__(self, recorder: LabelIssueRecorder, data, batch_size: int = 500):
         self.recorder, self.data, self.batch_size = recorder, data, int(batch_size)
         self.skip: Optional[bool] = None
-        self.plain: Optional[bool] = None
+        self.early: Optional[str] = None  # "plain", "cap" or "on", once decided
 
     @classmethod
-    def plain_epoch(cls, epochs: int) -> int:
-        """The (0-based) epoch at whose start ``plain_below`` is checked."""
-        return max(1, round(cls.PLAIN_CHECK_AT * int(epochs)))
+    def check_epoch(cls, epochs: int) -> int:
+        """The (0-based) epoch at whose start ``plain_below`` and ``cap_below`` are checked."""
+        return max(1, round(cls.CHECK_AT * int(epochs)))
 
     def _balanced(self) -> bool:
         counts = np.bincount(self.data.train.labels.numpy(), minlength=self.recorder.num_classes)
@@ -238,14 +240,17 @@ class FinetuneCheck(Callback):
 
     def on_epoch_start(self, state) -> None:
         method = state.method
-        bound = float(getattr(method, "plain_below", 0.0) or 0.0)
-        if bound > 0 and self.plain is None and state.epoch >= self.plain_epoch(state.epochs):
-            rate = self.estimate(state.model)
-            self.plain = bool(rate < bound and self._balanced())
-            state.row.update(plain_noise_estimate=rate, plain_training=self.plain)
-        if self.plain:
+        plain_below, cap_below = (float(getattr(method, k, 0.0) or 0.0) for k in ("plain_below", "cap_below"))
+        if (plain_below > 0 or cap_below > 0) and self.early is None and state.epoch >= self.check_epoch(state.epochs):
+            rate, balanced = self.estimate(state.model), self._balanced()
+            self.early = ("plain" if balanced and rate < plain_below else
+                          "cap" if balanced and rate < cap_below else "on")
+            state.row.update(early_noise_estimate=rate, early_decision=self.early)
+        if self.early == "plain":
             method.plain, method.finetuning = True, False
             return
+        if self.early == "cap":
+            method.max_weight = 1.0 if method.max_weight is None else min(method.max_weight, 1.0)
         threshold = float(getattr(method, "finetune_min_noise", 0.0) or 0.0)
         if threshold <= 0 or not getattr(method, "finetuning", False):
             return
@@ -271,10 +276,10 @@ class FinetuneCheck(Callback):
         return float(found.noise_rate)
 
     def state_dict(self) -> dict:
-        return {"skip": self.skip, "plain": self.plain}
+        return {"skip": self.skip, "early": self.early}
 
     def load_state_dict(self, state: dict) -> None:
-        self.skip, self.plain = state.get("skip"), state.get("plain")
+        self.skip, self.early = state.get("skip"), state.get("early")
 
 
 def _means(sums: dict) -> dict:

@@ -176,6 +176,10 @@ def train(cfg: TrainConfig, log=print, comm: Optional[Comm] = None) -> dict:
         summary = _summary(cfg, data, history, seconds, math.ceil(len(data.train) / cfg.batch_size), comm.world)
         summary["target_prior"] = target["prior"]
         summary.update(getattr(method, "decided_params", {}))  # what the method decided from the model and data
+        early = [row for row in history if "early_decision" in row]  # the check a quarter of the way in
+        if early:
+            summary.update({k: early[0][k] for k in ("early_noise_estimate", "early_decision")},
+                           early_decision_epoch=early[0]["epoch"])
         summary.update(getattr(stateful.get("label_issues"), "noise", {}))
         _log_end(log, summary)
         atomic_write(out / "summary.json", json.dumps(summary, indent=2))

@@ -52,6 +52,8 @@ VARIANTS = {
     "gdw-autoprior": ("gdw", {**CAPPED, "meta_prior": "meta", "max_weight": "auto", "cap_meta_ratio": 1.5}, False),
     # ... and plain training from a quarter of the run on where under 8% of the labels look wrong (question 16)
     "gdw-lateplain": ("gdw", {**CAPPED, "meta_prior": "meta", "max_weight": "auto", "plain_below": 0.08}, False),
+    # ... and the instance weights capped at 1 from a quarter of the run on where under 8% look wrong (question 17)
+    "gdw-latecap": ("gdw", {**CAPPED, "meta_prior": "meta", "max_weight": "auto", "cap_below": 0.08}, False),
     "gdw-tau0": ("gdw", {**ALWAYS, "tau": 0.0, "class_grad": "raw", "max_weight": math.inf}, False),
     "gdw-l2rw": ("gdw", {**L2RW_STEP}, False),
     "gdw-l2rw-c": ("gdw", {**L2RW_STEP, "class_grad": "constrained"}, False),  # ... through the constraint

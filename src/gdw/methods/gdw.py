@@ -230,12 +230,16 @@ class GDW(WeightNetMethod):
             (design question 9), 0 (always) with ``"mwnet"``.
         plain_below: in [0, 1); > 0: ``gdw.fit`` (``gdw train``) estimates
             the share of wrong training labels in the same way once a
-            quarter of the epochs are done (``PLAIN_CHECK_AT``), and where it
+            quarter of the epochs are done (``FinetuneCheck.CHECK_AT``), and where it
             is below ``plain_below`` and no training class is 3 or more
             times as frequent as another, the rest of the run is plain
             training on the (logit-adjusted) loss: no meta-gradient, no
             class-level step, no fine-tuning, at a plain step's cost
             (``stage_one="l2rw"`` only; 0, the default: off).
+        cap_below: in [0, 1); > 0: the same check, and where the estimate
+            is below ``cap_below`` (and not below ``plain_below``), the
+            instance weights are capped at 1 for the rest of the run, as
+            ``max_weight=1`` does (``stage_one="l2rw"`` only; 0: off).
         class_grad: the gradient the class-level step follows: ``"raw"``
             (the paper's: ∂L_meta/∂ω of the constrained ω, whose labelled
             column the constraint then overwrites) or ``"constrained"``
@@ -272,16 +276,16 @@ class GDW(WeightNetMethod):
     STAGE_DEFAULTS = {"l2rw": {"finetune_fraction": 0.2, "tau": 1.0, "meta_grad": "fd", "weight_norm": "kept",
                                "class_grad": "constrained", "max_weight": "auto", "guard": 0.0,
                                "gate": 0.0, "gate_form": "linear", "finetune_min_noise": 0.04,
-                               "meta_prior": "meta", "cap_meta_ratio": math.inf, "plain_below": 0.0},
+                               "meta_prior": "meta", "cap_meta_ratio": math.inf, "plain_below": 0.0, "cap_below": 0.0},
                       "mwnet": {"finetune_fraction": 0.0, "tau": 0.0, "meta_grad": "jvp", "weight_norm": "batch",
                                 "class_grad": "raw", "max_weight": math.inf, "guard": 0.0, "gate": 0.0,
                                 "gate_form": "linear", "finetune_min_noise": 0.0, "meta_prior": "model",
-                                "cap_meta_ratio": math.inf, "plain_below": 0.0}}
+                                "cap_meta_ratio": math.inf, "plain_below": 0.0, "cap_below": 0.0}}
     ADDED_PARAMS = {"weight_norm": "batch", "class_grad": "raw",
                     "max_weight": math.inf, "shrink": 0.0, "guard": 0.0,
                     "gate": 0.0, "gate_form": "linear",
                     "finetune_min_noise": 0.0, "meta_prior": "model",
-                    "cap_meta_ratio": math.inf, "plain_below": 0.0}  # what runs recorded before these existed used
+                    "cap_meta_ratio": math.inf, "plain_below": 0.0, "cap_below": 0.0}  # what runs recorded before these existed used
 
     @classmethod
     def resolve_params(cls, params: dict) -> dict:
@@ -296,7 +300,7 @@ class GDW(WeightNetMethod):
                  max_weight: float | None = None, shrink: float = 0.0, guard: float | None = None,
                  gate: float | None = None, gate_form: str | None = None, finetune_min_noise: float | None = None,
                  meta_prior: str | None = None, meta_counts=None, cap_meta_ratio: float | None = None,
-                 plain_below: float | None = None, **kw):
+                 plain_below: float | None = None, cap_below: float | None = None, **kw):
         if stage_one not in STAGE_ONE:
             raise UserError(f"stage_one must be one of {', '.join(STAGE_ONE)}, got {stage_one!r}")
         resolved = self.resolve_params({"stage_one": stage_one, "finetune_fraction": finetune_fraction,
@@ -304,7 +308,8 @@ class GDW(WeightNetMethod):
                                         "class_grad": class_grad, "max_weight": max_weight, "guard": guard,
                                         "gate": gate, "gate_form": gate_form,
                                         "finetune_min_noise": finetune_min_noise, "meta_prior": meta_prior,
-                                        "cap_meta_ratio": cap_meta_ratio, "plain_below": plain_below})
+                                        "cap_meta_ratio": cap_meta_ratio, "plain_below": plain_below,
+                                        "cap_below": cap_below})
         finetune_fraction, tau, meta_grad, weight_norm, class_grad, max_weight, guard, gate, gate_form, min_noise = (
             resolved[k] for k in ("finetune_fraction", "tau", "meta_grad", "weight_norm", "class_grad", "max_weight",
                                   "guard", "gate", "gate_form", "finetune_min_noise"))
@@ -315,9 +320,10 @@ class GDW(WeightNetMethod):
         self.finetune_min_noise = check_positive("finetune_min_noise", min_noise, allow_zero=True)
         if self.finetune_min_noise >= 1:
             raise UserError(f"finetune_min_noise must lie in [0, 1), got {min_noise!r}")
-        self.plain_below = _l2rw_only("plain_below", resolved["plain_below"], stage_one)
-        if self.plain_below >= 1:
-            raise UserError(f"plain_below must lie in [0, 1), got {resolved['plain_below']!r}")
+        self.plain_below, self.cap_below = (_l2rw_only(k, resolved[k], stage_one) for k in ("plain_below", "cap_below"))
+        for k in ("plain_below", "cap_below"):
+            if getattr(self, k) >= 1:
+                raise UserError(f"{k} must lie in [0, 1), got {resolved[k]!r}")
         # set by gdw.recorder.FinetuneCheck where the labels look clean: plain training from then on
         self.plain = False
         if weight_norm not in WEIGHT_NORM:
@@ -335,6 +341,7 @@ class GDW(WeightNetMethod):
             self.cap_note = (f"no cap on the instance weights ({why})" if _is_inf(max_weight) else
                              f"instance weights capped at 1 ({why}; max_weight=inf lifts it)")
         self.max_weight = None if _is_inf(max_weight) else check_positive("max_weight", max_weight)
+        self.first_max_weight = self.max_weight  # as decided here (cap_below may lower it during a run)
         guard, gate = (_l2rw_only(name, value, stage_one) for name, value in (("guard", guard), ("gate", gate)))
         self.guard = MetaGuard(guard) if guard > 0 else None
         if gate_form not in GATE_FORMS:
@@ -372,10 +379,11 @@ class GDW(WeightNetMethod):
     def decided_params(self) -> dict:
         """Settings decided from the model and the data (``gdw train`` puts
         them in summary.json): with L2RW's stage one, ``max_weight``, the
-        cap in force (``"inf"``: none), which ``"auto"`` resolves."""
+        cap in force at the start (``"inf"``: none), which ``"auto"``
+        resolves."""
         if self.stage_one != "l2rw":
             return {}
-        return {"max_weight": "inf" if self.max_weight is None else self.max_weight}
+        return {"max_weight": "inf" if self.first_max_weight is None else self.first_max_weight}
 
     @property
     def fits_prior(self) -> str:

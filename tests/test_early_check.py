@@ -1,0 +1,200 @@
+"""GDW's plain_below and cap_below: ``gdw.fit``'s FinetuneCheck turns the
+weighting off, or caps its instance weights at 1, a quarter of the way into
+a run whose labels look clean (design questions 16 and 17)."""
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import gdw
+from gdw.cli import main
+from gdw.errors import UserError
+from gdw.issues import find_label_issues
+from gdw.recorder import FinetuneCheck
+
+QUICK = ["--dataset", "digits", "--meta-per-class", "10", "--epochs", "8", "--no-progress", "--threads", "1"]
+
+
+def rows_of(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def weights_of(out):
+    return torch.load(out / "checkpoint.pt", weights_only=False)["model"]
+
+
+def test_a_plain_step_is_the_logit_adjusted_loss_gradient(monkeypatch):
+    """With ``plain`` set, a step puts ∇ mean CE(z + log π, y) into .grad (by
+    autograd on a copy) and computes nothing on the meta batch."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    ref = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    ref.load_state_dict(model.state_dict())
+    counts = [30, 10, 5]
+    method = gdw.GDW(model, 3, class_counts=counts, plain_below=0.1)
+    method.plain = True
+    x, y = torch.randn(12, 5), torch.randint(0, 3, (12,))
+    meta = torch.randn(4, 5)
+    monkeypatch.setattr("gdw.methods.meta.meta_gradient", lambda *a, **k: pytest.fail("meta-gradient computed"))
+    monkeypatch.setattr(method, "meta_step", lambda *a, **k: pytest.fail("meta step taken"))
+    stats = method.backward(x, y, meta, torch.zeros(4, dtype=torch.long), inner_lr=0.1)
+    prior = torch.tensor(counts, dtype=torch.float64) / sum(counts)
+    loss = F.cross_entropy(ref(x) + prior.log().float(), y)
+    loss.backward()
+    for a, b in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6)
+    assert stats.meta_loss is None
+
+
+def test_options_are_checked():
+    model = torch.nn.Linear(4, 3)
+    assert gdw.GDW(model, 3).plain_below == 0.0  # off by default
+    with pytest.raises(UserError, match="plain_below"):
+        gdw.GDW(model, 3, plain_below=1.0)
+    with pytest.raises(UserError, match="plain_below needs stage_one='l2rw'"):
+        gdw.GDW(model, 3, stage_one="mwnet", plain_below=0.1)
+    assert gdw.GDW(model, 3).cap_below == 0.0
+    with pytest.raises(UserError, match="cap_below needs stage_one='l2rw'"):
+        gdw.GDW(model, 3, stage_one="mwnet", cap_below=0.1)
+
+
+@pytest.mark.parametrize("epochs, at", [(40, 10), (8, 2), (2, 1), (1, 1), (30, 8)])
+def test_the_check_comes_a_quarter_of_the_way_in(epochs, at):
+    assert FinetuneCheck.check_epoch(epochs) == at
+
+
+def test_clean_labels_turn_the_weighting_off_and_noisy_ones_keep_it(tmp_path, capsys):
+    """Digits, 8 epochs, the check at the start of epoch 3 (0-based 2):
+    without noise the estimate is below 50% and from then on the rows have no
+    meta loss and no fine-tuning; under 40% flips and a bound of 1e-6 the run
+    is the run without the check, weight for weight."""
+    clean = tmp_path / "clean"
+    assert main(["train", *QUICK, "--method-args", "plain_below=0.5", "--out", str(clean)]) == 0
+    out = capsys.readouterr().out
+    rows = rows_of(clean)
+    decided = [r for r in rows if "early_decision" in r]
+    assert [r["epoch"] for r in decided] == [3] and decided[0]["early_decision"] == "plain"
+    assert decided[0]["early_noise_estimate"] < 0.5
+    assert "plain training from here" in [x for x in out.splitlines() if x.startswith("epoch   3/8")][0]
+    assert all(r.get("meta_loss") is not None for r in rows[:2])
+    assert all(r.get("meta_loss") is None and not r["finetuning"] for r in rows[2:])
+    assert torch.load(clean / "checkpoint.pt", weights_only=False)["callbacks"]["finetune_check"]["early"] == "plain"
+
+    checked, plain = tmp_path / "checked", tmp_path / "plain"
+    noisy = ["--noise", "flip:0.4"]
+    assert main(["train", *QUICK, *noisy, "--method-args", "plain_below=1e-6", "--out", str(checked)]) == 0
+    assert main(["train", *QUICK, *noisy, "--out", str(plain)]) == 0
+    assert [r["early_decision"] for r in rows_of(checked) if "early_decision" in r] == ["on"]
+    a, b = weights_of(checked), weights_of(plain)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_an_interrupted_run_resumes_plain(tmp_path, monkeypatch):
+    """Ctrl-C after epoch 5, past the switch: the resumed run trains plainly
+    to the end and ends with the uninterrupted run's weights."""
+    from gdw.callbacks import MetricsWriter
+
+    flags = ["train", *QUICK, "--method-args", "plain_below=0.5"]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert main([*flags, "--out", str(full)]) == 0
+    real = MetricsWriter.on_epoch_end
+
+    def interrupt(self, state):
+        real(self, state)
+        if state.epoch == 4:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(MetricsWriter, "on_epoch_end", interrupt)
+    assert main([*flags, "--out", str(cut)]) != 0
+    monkeypatch.setattr(MetricsWriter, "on_epoch_end", real)
+    assert main(["train", "--out", str(cut), "--resume", "--no-progress", "--threads", "1"]) == 0
+    assert all(r.get("meta_loss") is None for r in rows_of(cut)[2:])
+    a, b = weights_of(cut), weights_of(full)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("name", ["plain_below", "cap_below"])
+@pytest.mark.parametrize("value", ["1", "-0.1", "x"])
+def test_bad_bound_is_one_line(name, value, tmp_path, capsys):
+    assert main(["train", *QUICK, "--method-args", f"{name}={value}", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and name in err[0]
+
+
+def fake_check(wrong, counts, plain_below=0.0, cap_below=0.0):
+    """FinetuneCheck around evidence with 0.9 on each given label of two
+    classes, the first ``wrong`` rows on the other class instead, and a meta
+    set predicted right; the state is at the check's epoch of 40."""
+    labels = np.repeat([0, 1], counts)
+    prob = np.full((len(labels), 2), 0.1)
+    pred = labels.copy()
+    pred[:wrong] = 1 - pred[:wrong]
+    prob[np.arange(len(labels)), pred] = 0.9
+    meta_labels = np.repeat([0, 1], 20)
+    meta_prob = np.full((40, 2), 0.1)
+    meta_prob[np.arange(40), meta_labels] = 0.9
+    recorder = SimpleNamespace(num_classes=2, device=torch.device("cpu"),
+                               evidence=lambda: {"count": np.ones(len(labels), np.int64), "prob": prob})
+    data = SimpleNamespace(train=SimpleNamespace(labels=torch.as_tensor(labels)),
+                           meta=SimpleNamespace(labels=torch.as_tensor(meta_labels)))
+    method = SimpleNamespace(plain_below=plain_below, cap_below=cap_below, max_weight=None, plain=False,
+                             finetune_min_noise=0.0, finetuning=False)
+    state = SimpleNamespace(method=method, model=None, row={}, epoch=10, epochs=40)
+    want = find_label_issues(labels, prob, clean_labels=meta_labels, clean_pred_probs=meta_prob).noise_rate
+    return FinetuneCheck(recorder, data), state, meta_prob, want
+
+
+@pytest.mark.parametrize("wrong, counts, plain_below, cap_below, decision", [
+    (0, (100, 100), 0.0, 0.05, "cap"),  # estimate 0 < 0.05
+    (20, (100, 100), 0.0, 0.05, "on"),  # estimate 0.1
+    (20, (100, 100), 0.0, 0.15, "cap"),
+    (0, (150, 50), 0.0, 0.05, "on"),  # 3 : 1 keeps the weighting as it is
+    (0, (100, 100), 0.05, 0.5, "plain"),  # below both: plain training wins
+    (20, (100, 100), 0.05, 0.5, "cap"),  # between the two
+])
+def test_decision_by_hand(monkeypatch, wrong, counts, plain_below, cap_below, decision):
+    cb, state, meta_prob, want = fake_check(wrong, counts, plain_below, cap_below)
+    assert want == pytest.approx(wrong / sum(counts), abs=1e-9)
+    monkeypatch.setattr("gdw.recorder.predict_proba", lambda *a, **k: torch.as_tensor(meta_prob))
+    state.epoch = 9  # before the check's epoch (10 of 40): nothing happens
+    cb.on_epoch_start(state)
+    assert cb.early is None and state.row == {} and state.method.max_weight is None
+    state.epoch = 10
+    cb.on_epoch_start(state)
+    assert state.row == {"early_noise_estimate": pytest.approx(want), "early_decision": decision}
+    assert state.method.max_weight == (1.0 if decision == "cap" else None)
+    assert state.method.plain is (decision == "plain")
+    # decided once; a resumed run (a fresh method object) gets the same from the checkpoint's state
+    monkeypatch.setattr("gdw.recorder.predict_proba", lambda *a, **k: pytest.fail("estimated twice"))
+    again = FinetuneCheck(cb.recorder, cb.data)
+    again.load_state_dict(cb.state_dict())
+    state.method.max_weight, state.method.plain, state.row, state.epoch = None, False, {}, 30
+    again.on_epoch_start(state)
+    assert state.row == {} and state.method.max_weight == (1.0 if decision == "cap" else None)
+    assert state.method.plain is (decision == "plain")
+
+
+def test_a_lower_cap_of_the_users_is_kept(monkeypatch):
+    cb, state, meta_prob, _ = fake_check(0, (100, 100), cap_below=0.05)
+    monkeypatch.setattr("gdw.recorder.predict_proba", lambda *a, **k: torch.as_tensor(meta_prob))
+    state.method.max_weight = 0.5
+    cb.on_epoch_start(state)
+    assert state.row["early_decision"] == "cap" and state.method.max_weight == 0.5
+
+
+def test_clean_labels_cap_the_weights_and_the_summary_says_when(tmp_path, capsys):
+    """Digits without noise, 8 epochs, the MLP with BatchNorm (no cap at the
+    start): the check at the start of epoch 3 caps the weights; summary.json
+    keeps the cap the run started with and says what the check decided."""
+    out = tmp_path / "run"
+    assert main(["train", *QUICK, "--method-args", "cap_below=0.5", "--out", str(out)]) == 0
+    line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("epoch   3/8")][0]
+    assert "instance weights capped at 1 from here" in line
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["max_weight"] == "inf" and summary["early_decision"] == "cap"
+    assert summary["early_decision_epoch"] == 3 and summary["early_noise_estimate"] < 0.5
+    assert all(r.get("meta_loss") is not None for r in rows_of(out)[:6])  # still weighted
