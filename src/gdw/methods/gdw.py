@@ -285,7 +285,8 @@ class GDW(WeightNetMethod):
                     "max_weight": math.inf, "shrink": 0.0, "guard": 0.0,
                     "gate": 0.0, "gate_form": "linear",
                     "finetune_min_noise": 0.0, "meta_prior": "model",
-                    "cap_meta_ratio": math.inf, "plain_below": 0.0, "cap_below": 0.0}  # what runs recorded before these existed used
+                    "cap_meta_ratio": math.inf, "plain_below": 0.0,
+                    "cap_below": 0.0}  # what runs recorded before these existed used
 
     @classmethod
     def resolve_params(cls, params: dict) -> dict:
