@@ -52,7 +52,8 @@ def test_a_plain_step_is_the_logit_adjusted_loss_gradient(monkeypatch):
 
 def test_options_are_checked():
     model = torch.nn.Linear(4, 3)
-    assert gdw.GDW(model, 3).plain_below == 0.0  # off by default
+    assert gdw.GDW(model, 3).plain_below == 0.08  # the default (design question 18)
+    assert gdw.GDW(model, 3, stage_one="mwnet").plain_below == 0.0  # the paper does as it says
     with pytest.raises(UserError, match="plain_below"):
         gdw.GDW(model, 3, plain_below=1.0)
     with pytest.raises(UserError, match="plain_below needs stage_one='l2rw'"):
@@ -87,7 +88,7 @@ def test_clean_labels_turn_the_weighting_off_and_noisy_ones_keep_it(tmp_path, ca
     checked, plain = tmp_path / "checked", tmp_path / "plain"
     noisy = ["--noise", "flip:0.4"]
     assert main(["train", *QUICK, *noisy, "--method-args", "plain_below=1e-6", "--out", str(checked)]) == 0
-    assert main(["train", *QUICK, *noisy, "--out", str(plain)]) == 0
+    assert main(["train", *QUICK, *noisy, "--method-args", "plain_below=0", "--out", str(plain)]) == 0
     assert [r["early_decision"] for r in rows_of(checked) if "early_decision" in r] == ["on"]
     a, b = weights_of(checked), weights_of(plain)
     assert all(torch.equal(a[k], b[k]) for k in a)

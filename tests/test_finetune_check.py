@@ -35,8 +35,9 @@ def test_the_phase_is_skipped_only_where_the_labels_look_clean(noise, skipped, t
     below 5% and the run is the run without the phase, weight for weight;
     with 40% flips it is above, and the run is the run without the check."""
     checked, plain = tmp_path / "checked", tmp_path / "plain"
-    other = "finetune_fraction=0" if skipped else "finetune_min_noise=0"
-    assert main(["train", *QUICK, "--noise", noise, "--method-args", "finetune_min_noise=0.05",
+    # plain_below=0: without it the clean run would train plainly from epoch 2 on (test_early_check.py)
+    other = "finetune_fraction=0,plain_below=0" if skipped else "finetune_min_noise=0,plain_below=0"
+    assert main(["train", *QUICK, "--noise", noise, "--method-args", "finetune_min_noise=0.05,plain_below=0",
                  "--out", str(checked)]) == 0
     line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("epoch   5/5")][0]
     assert main(["train", *QUICK, "--noise", noise, "--method-args", other, "--out", str(plain)]) == 0
@@ -136,7 +137,7 @@ def test_a_run_interrupted_after_the_decision_resumes_to_the_same_model(tmp_path
     from gdw.callbacks import MetricsWriter
 
     flags = ["train", "--dataset", "digits", "--meta-per-class", "10", "--epochs", "10", "--no-progress",
-             "--threads", "1"]
+             "--threads", "1", "--method-args", "plain_below=0"]
     full, cut = tmp_path / "full", tmp_path / "cut"
     assert main([*flags, "--out", str(full)]) == 0
     real = MetricsWriter.on_epoch_end

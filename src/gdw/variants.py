@@ -17,7 +17,8 @@ from .methods import METHODS
 
 CAPPED = {"stage_one": "l2rw", "finetune_fraction": 0.2, "tau": 1.0, "meta_grad": "fd", "weight_norm": "kept",
           "class_grad": "constrained", "max_weight": 1.0, "finetune_min_noise": 0.04}  # the defaults to question 14
-DEFAULT = {**CAPPED, "max_weight": "auto"}  # gdw's defaults
+AUTO = {**CAPPED, "max_weight": "auto"}  # the defaults from question 14 to question 18
+DEFAULT = {**AUTO, "plain_below": 0.08}  # gdw's defaults
 # (DEFAULT leaves meta_prior to its default, "meta" since question 13; it only changes runs whose meta set is not
 # balanced, so the suite's runs made before it keep their label wherever the meta set is balanced)
 MODEL_PRIOR = {"meta_prior": "model"}  # the meta loss on the model's own logits: every default before question 13
@@ -54,6 +55,7 @@ VARIANTS = {
     "gdw-lateplain": ("gdw", {**CAPPED, "meta_prior": "meta", "max_weight": "auto", "plain_below": 0.08}, False),
     # ... and the instance weights capped at 1 from a quarter of the run on where under 8% look wrong (question 17)
     "gdw-latecap": ("gdw", {**CAPPED, "meta_prior": "meta", "max_weight": "auto", "cap_below": 0.08}, False),
+    "gdw-auto": ("gdw", {**AUTO}, False),  # the default from question 14 to 18, spelled as the suite's cells were
     "gdw-tau0": ("gdw", {**ALWAYS, "tau": 0.0, "class_grad": "raw", "max_weight": math.inf}, False),
     "gdw-l2rw": ("gdw", {**L2RW_STEP}, False),
     "gdw-l2rw-c": ("gdw", {**L2RW_STEP, "class_grad": "constrained"}, False),  # ... through the constraint

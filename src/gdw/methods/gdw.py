@@ -235,7 +235,8 @@ class GDW(WeightNetMethod):
             times as frequent as another, the rest of the run is plain
             training on the (logit-adjusted) loss: no meta-gradient, no
             class-level step, no fine-tuning, at a plain step's cost
-            (``stage_one="l2rw"`` only; 0, the default: off).
+            (``stage_one="l2rw"`` only; 0: off). Default 0.08 with
+            ``stage_one="l2rw"`` (design question 18), 0 with ``"mwnet"``.
         cap_below: in [0, 1); > 0: the same check, and where the estimate
             is below ``cap_below`` (and not below ``plain_below``), the
             instance weights are capped at 1 for the rest of the run, as
@@ -276,7 +277,7 @@ class GDW(WeightNetMethod):
     STAGE_DEFAULTS = {"l2rw": {"finetune_fraction": 0.2, "tau": 1.0, "meta_grad": "fd", "weight_norm": "kept",
                                "class_grad": "constrained", "max_weight": "auto", "guard": 0.0,
                                "gate": 0.0, "gate_form": "linear", "finetune_min_noise": 0.04,
-                               "meta_prior": "meta", "cap_meta_ratio": math.inf, "plain_below": 0.0, "cap_below": 0.0},
+                               "meta_prior": "meta", "cap_meta_ratio": math.inf, "plain_below": 0.08, "cap_below": 0.0},
                       "mwnet": {"finetune_fraction": 0.0, "tau": 0.0, "meta_grad": "jvp", "weight_norm": "batch",
                                 "class_grad": "raw", "max_weight": math.inf, "guard": 0.0, "gate": 0.0,
                                 "gate_form": "linear", "finetune_min_noise": 0.0, "meta_prior": "model",
