@@ -28,8 +28,9 @@ Two parts, both on the suite's reviews regime (``robustness.py``):
 - **As a user** (``USER``): ``gdw train`` with its own defaults,
   ``--model mlp --epochs 20`` (the meta set gdw draws by default: 100 per
   class, at most a tenth of the rarest class, no validation split), seeds 0
-  to 5, CE against GDW (and ``gdw-cap1``, the default with the cap of 1
-  everywhere, before design question 14), under no added noise and uniform
+  to 5, CE against GDW (and ``gdw-auto``, the default before design
+  question 18, without ``plain_below``, and ``gdw-cap1``, the default with the
+  cap of 1 everywhere, before design question 14), under no added noise and uniform
   10% and 20%, on
   the reviews and on the design study's two regimes with a natural class
   prior written in (``prior-tabular``, ``prior-fashion-mnist-5k``: 2.5 : 1
@@ -75,7 +76,9 @@ PROBES = {
 PROBE_SETTINGS = [("none", "none"), ("uniform:0.1", "none"), ("uniform:0.2", "none"), ("flip:0.4", "none")]
 PROBE_SEEDS = [40, 41, 42, 43, 44, 45]
 # the method by its name, at its defaults; gdw-cap1: the default before design question 14 (its runs were made as gdw)
-USER = {"ce": ("ce", {}, False), "gdw": ("gdw", {}, False), "gdw-cap1": ("gdw", {"max_weight": 1.0}, False)}
+# gdw-auto: the default from question 14 to question 18 (its runs were made as gdw too)
+USER = {"ce": ("ce", {}, False), "gdw": ("gdw", {}, False), "gdw-auto": ("gdw", {"plain_below": 0.0}, False),
+        "gdw-cap1": ("gdw", {"max_weight": 1.0, "plain_below": 0.0}, False)}
 USER_SETTINGS = [("none", "none"), ("uniform:0.1", "none"), ("uniform:0.2", "none")]
 USER_SEEDS = [0, 1, 2, 3, 4, 5]
 USER_EPOCHS = 20
