@@ -52,9 +52,12 @@ def test_a_small_probe_runs_and_reports(probe, monkeypatch, tmp_path):
     assert probe.main(["--out", str(out), "--data", str(tmp_path / "data")]) == 0
     config = {p.parent.name: json.loads(p.read_text()) for p in out.glob("**/config.json")}
     assert set(config) == {"uniform0.2_ce_s0", "uniform0.2_gdw_tau0_s0", "uniform0.2_gdw-meta5_s0", "none_gdw_s0",
-                           "none_ce_s0", "none_gdw-cap1_s0"}
+                           "none_ce_s0", "none_gdw-cap1_s0", "none_gdw-auto_s0"}
     assert config["none_gdw-cap1_s0"]["method_params"]["max_weight"] == 1.0
+    assert config["none_gdw-cap1_s0"]["method_params"]["plain_below"] == 0.0
     assert config["none_gdw_s0"]["method_params"]["max_weight"] == "auto"
+    assert config["none_gdw_s0"]["method_params"]["plain_below"] == 0.08
+    assert config["none_gdw-auto_s0"]["method_params"]["plain_below"] == 0.0
     assert config["uniform0.2_gdw_tau0_s0"]["method_params"]["tau"] == 0.0
     assert config["uniform0.2_gdw-meta5_s0"]["data"]["n_meta"] == 5 * 10
     assert all(config[k]["val_per_class"] == 13 for k in config if k.startswith("uniform"))

@@ -16,7 +16,8 @@ from .errors import UserError
 from .methods import METHODS
 
 CAPPED = {"stage_one": "l2rw", "finetune_fraction": 0.2, "tau": 1.0, "meta_grad": "fd", "weight_norm": "kept",
-          "class_grad": "constrained", "max_weight": 1.0, "finetune_min_noise": 0.04}  # the defaults to question 14
+          "class_grad": "constrained", "max_weight": 1.0, "finetune_min_noise": 0.04,
+          "plain_below": 0.0}  # the defaults to question 14 (plain_below: off until question 18)
 AUTO = {**CAPPED, "max_weight": "auto"}  # the defaults from question 14 to question 18
 DEFAULT = {**AUTO, "plain_below": 0.08}  # gdw's defaults
 # (DEFAULT leaves meta_prior to its default, "meta" since question 13; it only changes runs whose meta set is not
@@ -25,7 +26,8 @@ MODEL_PRIOR = {"meta_prior": "model"}  # the meta loss on the model's own logits
 ALWAYS = {**CAPPED, "finetune_min_noise": 0.0, **MODEL_PRIOR}  # the default before finetune_min_noise
 L2RW_STEP = {"stage_one": "l2rw", "finetune_fraction": 0.0, "tau": 0.0, "meta_grad": "jvp", "weight_norm": "batch",
              "class_grad": "raw", "max_weight": math.inf,
-             "finetune_min_noise": 0.0, **MODEL_PRIOR}  # the class-level step on L2RW alone, exactly
+             "finetune_min_noise": 0.0, "plain_below": 0.0,
+             **MODEL_PRIOR}  # the class-level step on L2RW alone, exactly
 VARIANTS = {
     "l2rw-ft": ("l2rw", {"finetune_fraction": 0.2}, False),
     "gdw-paper": ("gdw", {"stage_one": "mwnet"}, False),  # the paper's algorithm
