@@ -85,8 +85,12 @@ def method_label(table: dict, summary: dict, run: Path) -> str:
     from gdw.methods import METHODS, recorded_params, resolved_params
 
     key = (summary["method"], summary.get("method_args") or {}, bool(summary.get("head_only")))
+    added = getattr(METHODS.get(key[0]), "ADDED_PARAMS", {}) if key[0] in METHODS else {}
     for label, (method, method_args, head) in table.items():
-        if (method, method_args, head) == key:
+        # the same arguments, but for parameters added since the run, spelled at the value the run had
+        extra = {k: v for k, v in method_args.items() if k not in key[1]}
+        if ((method, head) == (key[0], key[2]) and all(k in added and added[k] == v for k, v in extra.items())
+                and {k: v for k, v in method_args.items() if k in key[1]} == key[1]):
             return label
     # arguments spelled otherwise (e.g. a parameter added since the run spelled out at the value the run had):
     # the entry whose parameters, defaults resolved, are those the run's config.json records
