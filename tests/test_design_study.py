@@ -108,14 +108,15 @@ def test_study_trains_with_a_validation_split_and_labels_its_runs(ds, tmp_path, 
     out = tmp_path / "out"
     assert ds.main(["--datasets", "digits", "--epochs", "1", "--out", str(out)]) == 0
     summaries = sorted(out.glob("digits/*/summary.json"))
-    # 8 candidates on seed 0; questions 7 and 9: three on their seeds 2 and 3; 14, 16 and 17: four on 30, 31
-    assert len(summaries) == 22
+    # 8 candidates on seed 0; questions 7 and 9: three on their seeds 2 and 3; 14, 16, 17 and 19: five on 30, 31
+    assert len(summaries) == 24
     for path in summaries:
         config = json.loads((path.parent / "config.json").read_text())
         assert config["val_per_class"] == config["meta_per_class"] == 13
         params = config["method_params"]
         inf = float("inf")
-        label = {("batch", "raw", inf, 0, 0, 0.2, 0, "model", 0, 0): "gdw-batch",
+        restart = params.get("plain_restart", False)
+        label = "gdw-restart" if restart else {("batch", "raw", inf, 0, 0, 0.2, 0, "model", 0, 0): "gdw-batch",
                  ("kept", "raw", inf, 0, 0, 0.2, 0, "model", 0, 0): "gdw-kept",
                  ("kept", "constrained", inf, 0, 0, 0.2, 0, "model", 0, 0): "gdw-constrained",
                  ("kept", "constrained", 1.0, 0, 0, 0.2, 0, "model", 0, 0): "gdw-capped",
@@ -139,7 +140,7 @@ def test_study_trains_with_a_validation_split_and_labels_its_runs(ds, tmp_path, 
     assert md.count("No decision yet: 2 of 14 runs finished.") == 3  # questions 5, 6 and 8: all 7 regimes
     assert md.count("No decision yet: 4 of 20 runs finished.") == 1  # question 14: 5 regimes × 1 setting × 2 × 2
     assert md.count("No decision yet: 4 of 36 runs finished.") == 2  # questions 16, 17: 9 regimes × 1 setting × 2 × 2
-    assert md.count("No decision yet: 4 of 48 runs finished.") == 1  # question 18: 12 regimes × 1 setting × 2 × 2
+    assert md.count("No decision yet: 4 of 48 runs finished.") == 2  # questions 18, 19: 12 regimes × 1 setting × 2 × 2
     assert md.count("No decision yet: 4 of 28 runs finished.") == 2  # questions 7 and 9: seeds 2 and 3
 
 

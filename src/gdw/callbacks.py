@@ -190,7 +190,8 @@ class EpochLog(Callback):
         if "early_decision" in row:  # the check a quarter of the way in (gdw.recorder.FinetuneCheck)
             parts.append(f"{100 * row['early_noise_estimate']:.1f}% of labels look wrong: "
                          + {"plain": "plain training from here", "cap": "instance weights capped at 1 from here",
-                            "on": "weighting as it was"}[row["early_decision"]])
+                            "on": "weighting as it was"}[row["early_decision"]]
+                         + (", restarted from the initial weights" if row.get("early_restart") else ""))
         if "finetune_skipped" in row:  # the fine-tuning check's decision (gdw.recorder.FinetuneCheck)
             parts.append(f"{100 * row['finetune_noise_estimate']:.1f}% of labels look wrong: "
                          + ("no fine-tuning on the meta set" if row["finetune_skipped"] else "fine-tuning on the meta set"))

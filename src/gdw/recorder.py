@@ -217,7 +217,11 @@ class FinetuneCheck(Callback):
     from that epoch on, without fine-tuning); else below ``cap_below`` it
     caps the method's instance weights at 1 (``max_weight``) from then on.
     That epoch's row has ``early_noise_estimate`` and ``early_decision``
-    (``"plain"``, ``"cap"`` or ``"on"``: the weighting as it was).
+    (``"plain"``, ``"cap"`` or ``"on"``: the weighting as it was). With the
+    method's ``plain_restart``, plain training starts again from the weights
+    the model had at ``on_fit_start`` (kept on the CPU until the decision,
+    and in the checkpoint, so that a resumed run can restart too) with the
+    optimizer's state cleared; the row then has ``early_restart: True``.
     """
 
     name = "finetune_check"
@@ -228,6 +232,7 @@ class FinetuneCheck(Callback):
         self.recorder, self.data, self.batch_size = recorder, data, int(batch_size)
         self.skip: Optional[bool] = None
         self.early: Optional[str] = None  # "plain", "cap" or "on", once decided
+        self.initial: Optional[dict] = None  # the model's weights at the start, while a restart may need them
 
     @classmethod
     def check_epoch(cls, epochs: int) -> int:
@@ -238,6 +243,11 @@ class FinetuneCheck(Callback):
         counts = np.bincount(self.data.train.labels.numpy(), minlength=self.recorder.num_classes)
         return bool(counts.max() < self.IMBALANCE_BOUND * max(counts.min(), 1))
 
+    def on_fit_start(self, state) -> None:
+        if getattr(state.method, "plain_restart", False) and self.early is None and self.initial is None \
+                and state.epoch == 0:
+            self.initial = {k: v.detach().to("cpu", copy=True) for k, v in state.model.state_dict().items()}
+
     def on_epoch_start(self, state) -> None:
         method = state.method
         plain_below, cap_below = (float(getattr(method, k, 0.0) or 0.0) for k in ("plain_below", "cap_below"))
@@ -246,6 +256,11 @@ class FinetuneCheck(Callback):
             self.early = ("plain" if balanced and rate < plain_below else
                           "cap" if balanced and rate < cap_below else "on")
             state.row.update(early_noise_estimate=rate, early_decision=self.early)
+            if self.early == "plain" and self.initial is not None:
+                state.model.load_state_dict(self.initial)
+                state.optimizer.state.clear()  # no momentum carried over from the weighted steps
+                state.row.update(early_restart=True)
+            self.initial = None
         if self.early == "plain":
             method.plain, method.finetuning = True, False
             return
@@ -276,10 +291,10 @@ class FinetuneCheck(Callback):
         return float(found.noise_rate)
 
     def state_dict(self) -> dict:
-        return {"skip": self.skip, "early": self.early}
+        return {"skip": self.skip, "early": self.early, "initial": self.initial}
 
     def load_state_dict(self, state: dict) -> None:
-        self.skip, self.early = state.get("skip"), state.get("early")
+        self.skip, self.early, self.initial = state.get("skip"), state.get("early"), state.get("initial")
 
 
 def _means(sums: dict) -> dict:

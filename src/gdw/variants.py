@@ -57,6 +57,9 @@ VARIANTS = {
     "gdw-lateplain": ("gdw", {**CAPPED, "meta_prior": "meta", "max_weight": "auto", "plain_below": 0.08}, False),
     # ... and the instance weights capped at 1 from a quarter of the run on where under 8% look wrong (question 17)
     "gdw-latecap": ("gdw", {**CAPPED, "meta_prior": "meta", "max_weight": "auto", "cap_below": 0.08}, False),
+    # ... and that plain training restarted from the initial weights (question 19)
+    "gdw-restart": ("gdw", {**CAPPED, "meta_prior": "meta", "max_weight": "auto", "plain_below": 0.08,
+                            "plain_restart": True}, False),
     "gdw-auto": ("gdw", {**AUTO}, False),  # the default from question 14 to 18, spelled as the suite's cells were
     "gdw-tau0": ("gdw", {**ALWAYS, "tau": 0.0, "class_grad": "raw", "max_weight": math.inf}, False),
     "gdw-l2rw": ("gdw", {**L2RW_STEP}, False),

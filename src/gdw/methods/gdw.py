@@ -241,6 +241,13 @@ class GDW(WeightNetMethod):
             is below ``cap_below`` (and not below ``plain_below``), the
             instance weights are capped at 1 for the rest of the run, as
             ``max_weight=1`` does (``stage_one="l2rw"`` only; 0: off).
+        plain_restart: where ``plain_below`` switches to plain training, start
+            it again from the model's initial weights (those it had when
+            ``gdw.fit`` began) with the optimizer's state cleared, for the
+            epochs left, instead of going on from the weights the weighting
+            reached: with BatchNorm, the weighted steps grow the weights of
+            the layers before it, so that the plain steps that follow move
+            the model less than from the start. Default False.
         class_grad: the gradient the class-level step follows: ``"raw"``
             (the paper's: ∂L_meta/∂ω of the constrained ω, whose labelled
             column the constraint then overwrites) or ``"constrained"``
@@ -277,17 +284,19 @@ class GDW(WeightNetMethod):
     STAGE_DEFAULTS = {"l2rw": {"finetune_fraction": 0.2, "tau": 1.0, "meta_grad": "fd", "weight_norm": "kept",
                                "class_grad": "constrained", "max_weight": "auto", "guard": 0.0,
                                "gate": 0.0, "gate_form": "linear", "finetune_min_noise": 0.04,
-                               "meta_prior": "meta", "cap_meta_ratio": math.inf, "plain_below": 0.08, "cap_below": 0.0},
+                               "meta_prior": "meta", "cap_meta_ratio": math.inf, "plain_below": 0.08, "cap_below": 0.0,
+                               "plain_restart": False},
                       "mwnet": {"finetune_fraction": 0.0, "tau": 0.0, "meta_grad": "jvp", "weight_norm": "batch",
                                 "class_grad": "raw", "max_weight": math.inf, "guard": 0.0, "gate": 0.0,
                                 "gate_form": "linear", "finetune_min_noise": 0.0, "meta_prior": "model",
-                                "cap_meta_ratio": math.inf, "plain_below": 0.0, "cap_below": 0.0}}
+                                "cap_meta_ratio": math.inf, "plain_below": 0.0, "cap_below": 0.0,
+                                "plain_restart": False}}
     ADDED_PARAMS = {"weight_norm": "batch", "class_grad": "raw",
                     "max_weight": math.inf, "shrink": 0.0, "guard": 0.0,
                     "gate": 0.0, "gate_form": "linear",
                     "finetune_min_noise": 0.0, "meta_prior": "model",
                     "cap_meta_ratio": math.inf, "plain_below": 0.0,
-                    "cap_below": 0.0}  # what runs recorded before these existed used
+                    "cap_below": 0.0, "plain_restart": False}  # what runs recorded before these existed used
 
     @classmethod
     def resolve_params(cls, params: dict) -> dict:
@@ -302,7 +311,8 @@ class GDW(WeightNetMethod):
                  max_weight: float | None = None, shrink: float = 0.0, guard: float | None = None,
                  gate: float | None = None, gate_form: str | None = None, finetune_min_noise: float | None = None,
                  meta_prior: str | None = None, meta_counts=None, cap_meta_ratio: float | None = None,
-                 plain_below: float | None = None, cap_below: float | None = None, **kw):
+                 plain_below: float | None = None, cap_below: float | None = None,
+                 plain_restart: bool | None = None, **kw):
         if stage_one not in STAGE_ONE:
             raise UserError(f"stage_one must be one of {', '.join(STAGE_ONE)}, got {stage_one!r}")
         resolved = self.resolve_params({"stage_one": stage_one, "finetune_fraction": finetune_fraction,
@@ -311,7 +321,7 @@ class GDW(WeightNetMethod):
                                         "gate": gate, "gate_form": gate_form,
                                         "finetune_min_noise": finetune_min_noise, "meta_prior": meta_prior,
                                         "cap_meta_ratio": cap_meta_ratio, "plain_below": plain_below,
-                                        "cap_below": cap_below})
+                                        "cap_below": cap_below, "plain_restart": plain_restart})
         finetune_fraction, tau, meta_grad, weight_norm, class_grad, max_weight, guard, gate, gate_form, min_noise = (
             resolved[k] for k in ("finetune_fraction", "tau", "meta_grad", "weight_norm", "class_grad", "max_weight",
                                   "guard", "gate", "gate_form", "finetune_min_noise"))
@@ -326,6 +336,9 @@ class GDW(WeightNetMethod):
         for k in ("plain_below", "cap_below"):
             if getattr(self, k) >= 1:
                 raise UserError(f"{k} must lie in [0, 1), got {resolved[k]!r}")
+        self.plain_restart = check_bool("plain_restart", resolved["plain_restart"])
+        if self.plain_restart and self.plain_below == 0:
+            raise UserError("plain_restart needs plain_below > 0 (it restarts the plain training plain_below starts)")
         # set by gdw.recorder.FinetuneCheck where the labels look clean: plain training from then on
         self.plain = False
         if weight_norm not in WEIGHT_NORM:
