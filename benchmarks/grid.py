@@ -86,10 +86,16 @@ def method_label(table: dict, summary: dict, run: Path) -> str:
 
     key = (summary["method"], summary.get("method_args") or {}, bool(summary.get("head_only")))
     added = getattr(METHODS.get(key[0]), "ADDED_PARAMS", {}) if key[0] in METHODS else {}
+    inert = getattr(METHODS.get(key[0]), "INERT_UNLESS", {}) if key[0] in METHODS else {}
+
+    def same_run(k, v) -> bool:  # a parameter added since the run: at the value the run had, or inert in it
+        return k in added and (added[k] == v or (k in inert and summary.get(inert[k][0]) != inert[k][1]))
+
     for label, (method, method_args, head) in table.items():
-        # the same arguments, but for parameters added since the run, spelled at the value the run had
+        # the same arguments, but for parameters added since the run, spelled at the value the run had (or
+        # at any value where the run's summary shows that the parameter changed nothing)
         extra = {k: v for k, v in method_args.items() if k not in key[1]}
-        if ((method, head) == (key[0], key[2]) and all(k in added and added[k] == v for k, v in extra.items())
+        if ((method, head) == (key[0], key[2]) and all(same_run(k, v) for k, v in extra.items())
                 and {k: v for k, v in method_args.items() if k in key[1]} == key[1]):
             return label
     # arguments spelled otherwise (e.g. a parameter added since the run spelled out at the value the run had):

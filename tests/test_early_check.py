@@ -94,28 +94,88 @@ def test_clean_labels_turn_the_weighting_off_and_noisy_ones_keep_it(tmp_path, ca
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_an_interrupted_run_resumes_plain(tmp_path, monkeypatch):
-    """Ctrl-C after epoch 5, past the switch: the resumed run trains plainly
-    to the end and ends with the uninterrupted run's weights."""
+def interrupted_and_resumed(flags, after_epoch, tmp_path, monkeypatch, before_resume=lambda cut: None):
+    """``(cut, full)``: the run of ``flags`` stopped by Ctrl-C after 0-based
+    epoch ``after_epoch`` and resumed, and the same run uninterrupted;
+    ``before_resume(cut)`` looks at the stopped run first."""
     from gdw.callbacks import MetricsWriter
 
-    flags = ["train", *QUICK, "--method-args", "plain_below=0.5"]
     full, cut = tmp_path / "full", tmp_path / "cut"
     assert main([*flags, "--out", str(full)]) == 0
     real = MetricsWriter.on_epoch_end
 
     def interrupt(self, state):
         real(self, state)
-        if state.epoch == 4:
+        if state.epoch == after_epoch:
             raise KeyboardInterrupt
 
     monkeypatch.setattr(MetricsWriter, "on_epoch_end", interrupt)
     assert main([*flags, "--out", str(cut)]) != 0
     monkeypatch.setattr(MetricsWriter, "on_epoch_end", real)
+    before_resume(cut)
     assert main(["train", "--out", str(cut), "--resume", "--no-progress", "--threads", "1"]) == 0
+    return cut, full
+
+
+def test_an_interrupted_run_resumes_plain(tmp_path, monkeypatch):
+    """Ctrl-C after epoch 5, past the switch: the resumed run trains plainly
+    to the end and ends with the uninterrupted run's weights."""
+    cut, full = interrupted_and_resumed(["train", *QUICK, "--method-args", "plain_below=0.5"], 4, tmp_path, monkeypatch)
     assert all(r.get("meta_loss") is None for r in rows_of(cut)[2:])
     a, b = weights_of(cut), weights_of(full)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_restart_is_plain_training_from_the_initial_weights(tmp_path, monkeypatch, capsys):
+    """With ``plain_restart`` the switch at epoch 3 of 8 puts the model back
+    to its first weights with no momentum: the run ends with the weights of
+    a CE run (τ = 0, so the plain step is CE's) that starts at that epoch,
+    from the same initial weights, on the same batches and learning rates."""
+    import gdw.train
+
+    restarted, ce = tmp_path / "restarted", tmp_path / "ce"
+    args = "plain_below=0.5,plain_restart=true,tau=0"
+    assert main(["train", *QUICK, "--method-args", args, "--out", str(restarted)]) == 0
+    line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("epoch   3/8")][0]
+    assert "plain training from here, restarted from the initial weights" in line
+    decided = [r for r in rows_of(restarted) if "early_decision" in r]
+    assert decided[0]["early_decision"] == "plain" and decided[0]["early_restart"] is True
+    summary = json.loads((restarted / "summary.json").read_text())
+    assert summary["early_restart"] is True and summary["early_decision_epoch"] == 3
+    # the weights are no longer needed once decided: the checkpoint does not carry them
+    assert torch.load(restarted / "checkpoint.pt", weights_only=False)["callbacks"]["finetune_check"]["initial"] is None
+
+    real_fit = gdw.train.fit
+    monkeypatch.setattr(gdw.train, "fit", lambda *a, **k: real_fit(*a, **{**k, "start_epoch": 2}))
+    assert main(["train", *QUICK, "--method", "ce", "--out", str(ce)]) == 0
+    a, b = weights_of(restarted), weights_of(ce)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_run_interrupted_before_a_restart_restarts_from_the_same_weights(tmp_path, monkeypatch):
+    """Ctrl-C after epoch 1, before the switch: the checkpoint carries the
+    initial weights, and the resumed run ends as the uninterrupted one."""
+    def initial_weights_kept(cut):
+        kept = torch.load(cut / "checkpoint.pt", weights_only=False)["callbacks"]["finetune_check"]["initial"]
+        assert kept is not None and set(kept) == set(weights_of(cut))
+
+    flags = ["train", *QUICK, "--method-args", "plain_below=0.5,plain_restart=true"]
+    cut, full = interrupted_and_resumed(flags, 0, tmp_path, monkeypatch, initial_weights_kept)
+    assert [r.get("early_restart") for r in rows_of(cut) if "early_decision" in r] == [True]
+    a, b = weights_of(cut), weights_of(full)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_restart_needs_plain_below(tmp_path, capsys):
+    model = torch.nn.Linear(4, 3)
+    assert gdw.GDW(model, 3).plain_restart is True  # the default (design question 19)
+    assert gdw.GDW(model, 3, stage_one="mwnet").plain_restart is False
+    assert gdw.GDW(model, 3, plain_below=0).plain_restart is True  # the default, with nothing to restart: no error
+    with pytest.raises(UserError, match="plain_restart needs plain_below"):
+        gdw.GDW(model, 3, plain_below=0, plain_restart=True)
+    assert main(["train", *QUICK, "--method-args", "plain_restart=maybe", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "plain_restart" in err[0]
 
 
 @pytest.mark.parametrize("name", ["plain_below", "cap_below"])

@@ -319,3 +319,26 @@ def test_a_run_is_labelled_by_the_parameters_in_effect(tmp_path):
     assert grid.method_label({**constrained, **raw}, summary, run) == "gdw-raw"
     assert grid.method_label(constrained, summary, run) == "gdw(stage_one=l2rw,tau=1.0)"
     assert grid.method_label({"as-run": ("gdw", dict(args), False), **raw}, summary, run) == "as-run"
+
+
+def test_a_parameter_that_changed_nothing_in_a_run_takes_either_value():
+    """GDW's plain_restart acts only where the early check switched to plain
+    training: a run recorded before it existed matches an entry that spells
+    it True when its summary shows the check kept the weighting, and only the
+    entry at the value it had (False) when the check switched."""
+    import sys
+
+    sys.path.insert(0, str(SCRIPT.parent))
+    import grid
+
+    args = {"stage_one": "l2rw", "plain_below": 0.08}
+    table = {"restart": ("gdw", {**args, "plain_restart": True}, False),
+             "continue": ("gdw", {**args, "plain_restart": False}, False)}
+    kept = {"method": "gdw", "method_args": args, "head_only": False, "early_decision": "on"}
+    switched = {**kept, "early_decision": "plain"}
+    assert grid.method_label(table, kept, None) == "restart"
+    assert grid.method_label(table, switched, None) == "continue"
+    assert grid.method_label({"restart": table["restart"]}, switched, None) == "gdw(stage_one=l2rw,plain_below=0.08)"
+    # spelled by the run itself, the value counts as it is
+    spelled = {**kept, "method_args": {**args, "plain_restart": False}}
+    assert grid.method_label({"restart": table["restart"]}, spelled, None) == "gdw(stage_one=l2rw,plain_below=0.08,plain_restart=False)"

@@ -607,6 +607,29 @@ def test_method_args_are_compared_by_their_effect(spelled, same):
     assert new.first_difference(old) == expected
 
 
+@pytest.mark.parametrize("summary, same", [
+    (None, False),  # without the run's summary: the default that changed is a difference
+    ({"early_decision": "on"}, True),  # the check kept the weighting: plain_restart changed nothing
+    ({}, True),  # no check at all
+    ({"early_decision": "plain"}, False),  # it switched: restarting or not are different runs
+])
+def test_a_parameter_that_changed_nothing_is_no_difference(summary, same):
+    """GDW's plain_restart (``INERT_UNLESS``) acts only where the early check
+    switched to plain training: a run recorded before it (plain_restart False
+    in effect) is the same run as one with the default True where its
+    summary.json shows the check did not switch."""
+    from gdw.train import TrainConfig
+
+    old = TrainConfig(dataset="digits", method="gdw", method_args={})
+    saved = old.method_params()
+    del saved["plain_restart"]
+    old.saved_method_params = saved
+    new = TrainConfig(dataset="digits", method="gdw", method_args={})
+    assert new.method_params()["plain_restart"] is True
+    want = None if same else ("method parameter plain_restart", True, False)
+    assert new.first_difference(old, summary=summary) == want
+
+
 def test_version_is_the_installed_one(capsys):
     from importlib.metadata import version
 

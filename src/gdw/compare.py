@@ -31,6 +31,14 @@ def cell_name(noise: str, imbalance: str, method: str, seed: int) -> str:
     return re.sub(r"[^A-Za-z0-9_.+-]", "", raw.replace(":", ""))
 
 
+def finished_summary(run_dir: Path) -> Optional[dict]:
+    """The run's summary.json, or None where it has not finished (or the file is unreadable)."""
+    try:
+        return json.loads((Path(run_dir) / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def stale_cell(cfg: TrainConfig) -> Optional[str]:
     """Why the cell ``cfg.out`` cannot be reused for ``cfg`` (its saved
     settings differ), or None when it can (or does not exist yet)."""
@@ -38,7 +46,7 @@ def stale_cell(cfg: TrainConfig) -> Optional[str]:
     if not (run_dir / "config.json").exists():
         return None
     remedy = "pass --force to rerun such cells, or use another --out"
-    diff = cfg.first_difference(TrainConfig.load(run_dir))
+    diff = cfg.first_difference(TrainConfig.load(run_dir), summary=finished_summary(run_dir))
     if diff is not None:
         return f"cell {run_dir.name}: " + describe_difference(diff, str(run_dir), remedy)
     changed = changed_data_files(cfg, run_dir)
@@ -113,7 +121,7 @@ def sweep(out: Path, cells, *, shard: tuple[int, int] = (0, 1), share: bool = Fa
             yield name, cfg, "failed", json.loads((run_dir / FAILED).read_text())["error"]
             continue
         if done.exists() and not force:
-            diff = verify and cfg.first_difference(TrainConfig.load(run_dir))
+            diff = verify and cfg.first_difference(TrainConfig.load(run_dir), summary=json.loads(done.read_text()))
             if diff:
                 yield name, cfg, "failed", f"finished with {diff[0]} = {diff[2]!r}, but the grid asks for {diff[1]!r}"
             else:

@@ -210,14 +210,19 @@ class TrainConfig:
         """A short hash of :meth:`result_settings`; stored in every checkpoint."""
         return _digest(self.result_settings())
 
-    def first_difference(self, other: "TrainConfig", only=None) -> Optional[tuple[str, Any, Any]]:
+    def first_difference(self, other: "TrainConfig", only=None,
+                         summary: Optional[dict] = None) -> Optional[tuple[str, Any, Any]]:
         """``(name, self's value, other's value)`` of the first result setting
         that differs (among ``only`` if given), or None. Then the method's
         parameters with their defaults are compared (always): a run loaded
         from its directory brings those it was trained with, so a default
         that changed since is a difference too (name ``method parameter P``),
         and ``method_args`` that spell the same parameters otherwise (a
-        default written out) are not."""
+        default written out) are not. ``summary``: ``other``'s finished
+        run's summary.json; a parameter that changes nothing unless the
+        summary says so (the method's ``INERT_UNLESS``, e.g. GDW's
+        ``plain_restart`` where the early check did not switch) is then no
+        difference."""
         a, b = self.result_settings(), other.result_settings()
         saved = getattr(other, "saved_method_params", None)
         if saved is not None:
@@ -226,7 +231,10 @@ class TrainConfig:
             if k not in ("method_params", "method_args") and (only is None or k in only) and a.get(k) != b.get(k):
                 return k, a.get(k), b.get(k)
         pa, pb = a["method_params"], b["method_params"]
+        inert = getattr(METHODS.get(self.method), "INERT_UNLESS", {}) if self.method in METHODS else {}
         for p in sorted(set(pa) | set(pb)):
+            if summary is not None and p in inert and summary.get(inert[p][0]) != inert[p][1]:
+                continue
             if p not in pa or p not in pb or pa[p] != pb[p]:
                 if a["method_args"] != b.get("method_args") and (only is None or "method_args" in only):
                     return "method_args", a["method_args"], b.get("method_args")

@@ -244,8 +244,8 @@ class FinetuneCheck(Callback):
         return bool(counts.max() < self.IMBALANCE_BOUND * max(counts.min(), 1))
 
     def on_fit_start(self, state) -> None:
-        if getattr(state.method, "plain_restart", False) and self.early is None and self.initial is None \
-                and state.epoch == 0:
+        if getattr(state.method, "plain_restart", False) and float(getattr(state.method, "plain_below", 0) or 0) > 0 \
+                and self.early is None and self.initial is None and state.epoch == 0:
             self.initial = {k: v.detach().to("cpu", copy=True) for k, v in state.model.state_dict().items()}
 
     def on_epoch_start(self, state) -> None:

@@ -17,16 +17,17 @@ from .methods import METHODS
 
 CAPPED = {"stage_one": "l2rw", "finetune_fraction": 0.2, "tau": 1.0, "meta_grad": "fd", "weight_norm": "kept",
           "class_grad": "constrained", "max_weight": 1.0, "finetune_min_noise": 0.04,
-          "plain_below": 0.0}  # the defaults to question 14 (plain_below: off until question 18)
+          "plain_below": 0.0, "plain_restart": False}  # the defaults to question 14 (plain_below: off until 18)
 AUTO = {**CAPPED, "max_weight": "auto"}  # the defaults from question 14 to question 18
-DEFAULT = {**AUTO, "plain_below": 0.08}  # gdw's defaults
+CONTINUE = {**AUTO, "plain_below": 0.08}  # the defaults from question 18 to question 19
+DEFAULT = {**CONTINUE, "plain_restart": True}  # gdw's defaults
 # (DEFAULT leaves meta_prior to its default, "meta" since question 13; it only changes runs whose meta set is not
 # balanced, so the suite's runs made before it keep their label wherever the meta set is balanced)
 MODEL_PRIOR = {"meta_prior": "model"}  # the meta loss on the model's own logits: every default before question 13
 ALWAYS = {**CAPPED, "finetune_min_noise": 0.0, **MODEL_PRIOR}  # the default before finetune_min_noise
 L2RW_STEP = {"stage_one": "l2rw", "finetune_fraction": 0.0, "tau": 0.0, "meta_grad": "jvp", "weight_norm": "batch",
              "class_grad": "raw", "max_weight": math.inf,
-             "finetune_min_noise": 0.0, "plain_below": 0.0,
+             "finetune_min_noise": 0.0, "plain_below": 0.0, "plain_restart": False,
              **MODEL_PRIOR}  # the class-level step on L2RW alone, exactly
 VARIANTS = {
     "l2rw-ft": ("l2rw", {"finetune_fraction": 0.2}, False),
@@ -61,6 +62,7 @@ VARIANTS = {
     "gdw-restart": ("gdw", {**CAPPED, "meta_prior": "meta", "max_weight": "auto", "plain_below": 0.08,
                             "plain_restart": True}, False),
     "gdw-auto": ("gdw", {**AUTO}, False),  # the default from question 14 to 18, spelled as the suite's cells were
+    "gdw-continue": ("gdw", {**CONTINUE}, False),  # ... from 18 to 19: the plain training goes on from where it is
     "gdw-tau0": ("gdw", {**ALWAYS, "tau": 0.0, "class_grad": "raw", "max_weight": math.inf}, False),
     "gdw-l2rw": ("gdw", {**L2RW_STEP}, False),
     "gdw-l2rw-c": ("gdw", {**L2RW_STEP, "class_grad": "constrained"}, False),  # ... through the constraint

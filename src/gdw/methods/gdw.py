@@ -247,7 +247,8 @@ class GDW(WeightNetMethod):
             epochs left, instead of going on from the weights the weighting
             reached: with BatchNorm, the weighted steps grow the weights of
             the layers before it, so that the plain steps that follow move
-            the model less than from the start. Default False.
+            the model less than from the start. Default True with
+            ``stage_one="l2rw"`` (design question 19), False with ``"mwnet"``.
         class_grad: the gradient the class-level step follows: ``"raw"``
             (the paper's: ∂L_meta/∂ω of the constrained ω, whose labelled
             column the constraint then overwrites) or ``"constrained"``
@@ -285,7 +286,7 @@ class GDW(WeightNetMethod):
                                "class_grad": "constrained", "max_weight": "auto", "guard": 0.0,
                                "gate": 0.0, "gate_form": "linear", "finetune_min_noise": 0.04,
                                "meta_prior": "meta", "cap_meta_ratio": math.inf, "plain_below": 0.08, "cap_below": 0.0,
-                               "plain_restart": False},
+                               "plain_restart": True},
                       "mwnet": {"finetune_fraction": 0.0, "tau": 0.0, "meta_grad": "jvp", "weight_norm": "batch",
                                 "class_grad": "raw", "max_weight": math.inf, "guard": 0.0, "gate": 0.0,
                                 "gate_form": "linear", "finetune_min_noise": 0.0, "meta_prior": "model",
@@ -297,6 +298,9 @@ class GDW(WeightNetMethod):
                     "finetune_min_noise": 0.0, "meta_prior": "model",
                     "cap_meta_ratio": math.inf, "plain_below": 0.0,
                     "cap_below": 0.0, "plain_restart": False}  # what runs recorded before these existed used
+    # parameters that change nothing in a run unless its summary.json says so (field, value): a run recorded
+    # before one existed is the same run whatever its value where the summary shows something else
+    INERT_UNLESS = {"plain_restart": ("early_decision", "plain")}
 
     @classmethod
     def resolve_params(cls, params: dict) -> dict:
@@ -337,7 +341,7 @@ class GDW(WeightNetMethod):
             if getattr(self, k) >= 1:
                 raise UserError(f"{k} must lie in [0, 1), got {resolved[k]!r}")
         self.plain_restart = check_bool("plain_restart", resolved["plain_restart"])
-        if self.plain_restart and self.plain_below == 0:
+        if self.plain_restart and self.plain_below == 0 and plain_restart is not None:
             raise UserError("plain_restart needs plain_below > 0 (it restarts the plain training plain_below starts)")
         # set by gdw.recorder.FinetuneCheck where the labels look clean: plain training from then on
         self.plain = False
