@@ -130,6 +130,29 @@ def test_predict_reproduces_the_test_accuracy_and_takes_unlabelled_data(birds, b
         assert r["predicted_label"] == sorted(NAMES)[int(np.argmax(probs))]
 
 
+def test_predict_reads_labels_from_a_column_of_another_name(birds, birds_run, tmp_path, capsys):
+    """New data whose labels are in a column named otherwise than the run's:
+    ``--label-column`` gives the accuracy against them, the same as with the
+    run's name; a named column that is missing is one line."""
+    truth = [r["species"] for r in read_rows(birds["dir"] / "new_labelled.csv")]
+    renamed = tmp_path / "renamed.csv"
+    x = np.array([[float(r[c]) for c in FEATURES] for r in read_rows(birds["dir"] / "new_labelled.csv")])
+    write_csv(renamed, x, truth, label_column="checked_species")
+    out = tmp_path / "p.csv"
+    assert main(["predict", str(birds_run), "--data", f"csv:{renamed}", "--out", str(out),
+                 "--label-column", "checked_species"]) == 0
+    printed = capsys.readouterr().out
+    hits = np.mean([r["predicted_label"] == t for r, t in zip(read_rows(out), truth)])
+    assert f"accuracy against the labels in the data: {100 * hits:.2f}% (40 labelled examples)" in printed
+    assert main(["predict", str(birds_run), "--data", f"csv:{birds['dir'] / 'new_labelled.csv'}",
+                 "--out", str(tmp_path / "q.csv")]) == 0
+    assert f"{100 * hits:.2f}%" in capsys.readouterr().out
+    assert main(["predict", str(birds_run), "--data", f"csv:{renamed}", "--out", str(out),
+                 "--label-column", "nope"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no column 'nope'" in err[0]
+
+
 @pytest.mark.parametrize("args,message", [
     (["--data", "csv:/nonexistent.csv", "--out", "x.csv"], "nonexistent.csv"),
     (["--data", "npz:/nonexistent.npz", "--out", "x.csv"], "nonexistent.npz"),

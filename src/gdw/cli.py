@@ -96,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "run), folder:PATH (class "
                    "sub-folders, or images directly in it) or npz:PATH (x, optional y)")
     p.add_argument("--out", required=True, help="the CSV file to write")
+    p.add_argument("--label-column", help="the column of a CSV that holds its labels, to measure the accuracy "
+                   "against (default: the run's label column; without it the data is read as unlabelled)")
     p.add_argument("--model-file", choices=("best", "final"), help="best.pt (the epoch chosen on validation) or "
                    "the final model (default: best.pt only when its validation accuracy beats the final model's by "
                    "more than twice its standard error)")
@@ -193,7 +195,8 @@ def cmd_compare(args) -> int:
 def cmd_predict(args) -> int:
     from .predict import predict
 
-    result = predict(args.run_dir, args.data, args.out, model_file=args.model_file, device=args.device)
+    result = predict(args.run_dir, args.data, args.out, model_file=args.model_file, device=args.device,
+                     label_column=args.label_column)
     print(f"gdw predict: {result['n']} examples of {args.data} with {result['model_file']} of {args.run_dir} "
           f"({result['why']}) → {args.out}")
     if result["unfinished"]:

@@ -98,7 +98,7 @@ def load_model(run_dir, model_file: Optional[str] = None, device=None) -> tuple[
 
 
 def predict(run_dir, data: str, out_csv, *, model_file: Optional[str] = None, device=None,
-            batch_size: int = 500) -> dict:
+            batch_size: int = 500, label_column: Optional[str] = None) -> dict:
     """Predict ``data`` (a dataset spec: ``csv:PATH``, ``folder:PATH``,
     ``npz:PATH``) with the run in ``run_dir`` and write ``out_csv``.
 
@@ -111,7 +111,10 @@ def predict(run_dir, data: str, out_csv, *, model_file: Optional[str] = None, de
     Returns ``{"n", "accuracy" (None without labels), "n_labelled",
     "model_file", "why", "unfinished"}`` (``unfinished``: ``(epochs
     trained, epochs)`` of a run without summary.json, else None). Raises
-    UserError for a missing run, file or column, or labels unknown to the run. A
+    UserError for a missing run, file or column, or labels unknown to the run.
+    ``label_column``: the column of a CSV that holds its labels, where it is
+    not the run's own (None: the run's; then a CSV without it is read as
+    unlabelled, while a named column that is missing is an error). A
     text run reads the text column with its own encoder and caches the
     file's embeddings in ``run_dir/embeddings``.
     """
@@ -123,7 +126,14 @@ def predict(run_dir, data: str, out_csv, *, model_file: Optional[str] = None, de
     if pre is None:
         raise UserError(f"{run_dir} records no preprocessing (made by an older gdw); train it again to predict")
     classes = [str(c) for c in config["classes"]]
+    if label_column is not None:
+        if pre.get("kind") != "csv" or not str(data).startswith("csv:"):
+            raise UserError("--label-column names a column of CSV data; the labels of a folder are its sub-folders "
+                            "and those of an npz file its y")
+        pre = {**pre, "label_column": label_column}
     new = load_new(data, pre, classes, text_dir=run_dir)
+    if label_column is not None and not new.has_labels:
+        raise UserError(f"{data} has no column {label_column!r} (--label-column)")
     out = Path(out_csv)
     if out.is_dir():
         raise UserError(f"--out {out} is a directory; give a file name such as predictions.csv")
