@@ -259,3 +259,34 @@ def test_clean_labels_cap_the_weights_and_the_summary_says_when(tmp_path, capsys
     assert summary["max_weight"] == "inf" and summary["early_decision"] == "cap"
     assert summary["early_decision_epoch"] == 3 and summary["early_noise_estimate"] < 0.5
     assert all(r.get("meta_loss") is not None for r in rows_of(out)[:6])  # still weighted
+
+
+def test_early_stopping_gives_a_restart_its_own_patience(tmp_path):
+    """BestModel with patience 2: best at epoch 1, lower after; a restart at
+    epoch 3 (its row has early_restart) moves the count to epoch 2, so the
+    run stops after epoch 4 instead of 3, and best.pt stays epoch 1's unless
+    the new start beats it; the count is in the state a resume restores."""
+    from gdw.callbacks import BestModel
+    from gdw.distributed import Comm
+
+    def run(vals, restart_at=None):
+        cb = BestModel(tmp_path / "best.pt", patience=2)
+        state = SimpleNamespace(is_main=True, comm=Comm.single(), model=torch.nn.Linear(2, 2), stop=False, row={})
+        stopped = None
+        for epoch, acc in enumerate(vals, 1):
+            state.row = {"epoch": epoch, "val_accuracy": acc, **({"early_restart": True} if epoch == restart_at else {})}
+            cb.on_epoch_end(state)
+            if state.stop:
+                stopped = epoch
+                break
+        return stopped, cb
+
+    assert run([0.9, 0.8, 0.5, 0.7, 0.7])[0] == 3  # no restart: 2 epochs after the best
+    stopped, cb = run([0.9, 0.8, 0.5, 0.7, 0.7], restart_at=3)
+    assert stopped == 4 and cb.best_epoch == 1 and cb.state_dict()["restart_epoch"] == 2
+    assert run([0.9, 0.8, 0.5, 0.95, 0.7, 0.7], restart_at=3)[0] == 6  # the new start's best counts as any best
+    again = BestModel(tmp_path / "b.pt", patience=2)
+    again.load_state_dict(cb.state_dict())
+    assert again.restart_epoch == 2
+    again.load_state_dict({"best_accuracy": 0.5, "best_epoch": 1, "stopped": False})  # a checkpoint from before
+    assert again.restart_epoch == 0

@@ -209,20 +209,26 @@ class BestModel(Callback):
     """``best.pt``: the model at the epoch of the best validation accuracy
     (the first of equals), written atomically when it improves; the row gets
     ``best_val_accuracy`` and ``best_val_epoch``. With ``patience`` K, sets
-    ``state.stop`` after K epochs without improvement (early stopping);
-    a resumed run that had stopped stays stopped."""
+    ``state.stop`` after K epochs without improvement (early stopping),
+    counted from the restart where a GDW run started again from its initial
+    weights (``early_restart`` in the row) after its best epoch, so that
+    the new start gets K epochs of its own; a resumed run that had stopped
+    stays stopped."""
 
     name = "best_model"
 
     def __init__(self, path: Path, patience: Optional[int] = None):
         self.path, self.patience = Path(path), patience
         self.best_accuracy, self.best_epoch, self.stopped = -1.0, 0, False
+        self.restart_epoch = 0  # the last epoch before a restart (0: none)
 
     def on_fit_start(self, state: FitState) -> None:
         state.stop = state.stop or self.stopped
 
     def on_epoch_end(self, state: FitState) -> None:
         acc = state.row.get("val_accuracy") if state.is_main else None
+        if state.row.get("early_restart"):
+            self.restart_epoch = state.row["epoch"] - 1
         if acc is not None and acc > self.best_accuracy:
             self.best_accuracy, self.best_epoch = acc, state.row["epoch"]
             atomic_torch_save({"model": state.model.state_dict(), "epoch": self.best_epoch,
@@ -230,16 +236,18 @@ class BestModel(Callback):
         if acc is not None:
             state.row.update(best_val_accuracy=self.best_accuracy, best_val_epoch=self.best_epoch)
         if self.patience is not None:
-            self.stopped = state.comm.broadcast(state.row["epoch"] - self.best_epoch >= self.patience
+            since = max(self.best_epoch, self.restart_epoch)
+            self.stopped = state.comm.broadcast(state.row["epoch"] - since >= self.patience
                                                 if state.is_main else None)
             state.stop = self.stopped
 
     def state_dict(self) -> dict:
-        return {"best_accuracy": self.best_accuracy, "best_epoch": self.best_epoch, "stopped": self.stopped}
+        return {"best_accuracy": self.best_accuracy, "best_epoch": self.best_epoch, "stopped": self.stopped,
+                "restart_epoch": self.restart_epoch}
 
     def load_state_dict(self, state: dict) -> None:
         self.best_accuracy, self.best_epoch = state["best_accuracy"], state["best_epoch"]
-        self.stopped = state["stopped"]
+        self.stopped, self.restart_epoch = state["stopped"], state.get("restart_epoch", 0)
 
 
 class Plots(Callback):

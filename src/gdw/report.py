@@ -22,7 +22,8 @@ def _plt():
 
 def plot_curves(history: Sequence[dict], path: Path, title: str = "") -> None:
     """Test (and validation) accuracy (left) and train / meta / test loss
-    (right) per epoch; the fine-tuning epochs shaded."""
+    (right) per epoch; the fine-tuning epochs shaded, and a dotted line
+    where a GDW run started again from its initial weights."""
     plt = _plt()
     epochs = [h["epoch"] for h in history]
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
@@ -32,9 +33,13 @@ def plot_curves(history: Sequence[dict], path: Path, title: str = "") -> None:
     a.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
     a.grid(alpha=0.3)
     tuned = [h["epoch"] for h in history if h.get("finetuning")]
+    restart = [h["epoch"] for h in history if h.get("early_restart")]  # GDW's plain_restart (gdw.recorder)
     for ax in (a, b):
         if tuned:
             ax.axvspan(min(tuned) - 0.5, max(tuned) + 0.5, color="0.85", zorder=0, label="fine-tuning on the meta set")
+        if restart:
+            ax.axvline(restart[0] - 0.5, color="0.4", ls=":", lw=1,
+                       label="restart: plain training (labels look clean)")
     a.legend(fontsize=8)
     b.plot(epochs, [h["train_loss"] for h in history], label="train (noisy labels)")
     if any(h.get("meta_loss") is not None for h in history):
