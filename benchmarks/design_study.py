@@ -443,13 +443,40 @@ one choice; everything else is gdw's default of the time, spelled out):
    the 60 cells, provided that, for the challenger to win, its mean over
    the 36 clean and mildly noisy cells is not more than 0.25 points below
    the incumbent's.
+   Decided: ``plain_restart=True`` (81.03% against 81.02%; 83.47% against
+   83.46% on the 36 clean and mildly noisy cells): only the runs where the
+   check switched changed (digits +1.31, prior-tabular +1.64,
+   Fashion-MNIST-10k +0.72, ``cells`` +0.81; ``credit_data`` −2.20, tabular
+   −0.86, Fashion-MNIST-5k −0.56, ``OJ`` at uniform 10% −0.48), a margin
+   that says the two are level.
+20. ``raw_factor``: the check's switch only where the uncorrected
+   disagreement is small too. On the suite's test splits the check
+   switched in 5 of 24 reviews runs under 40% uniform noise on a long tail
+   of 10 (estimates of 2.1 to 6.0%). One scratch rerun of four of them
+   (seeds 0, 1, 2, 7, the estimate only) showed why: the share of training
+   rows whose evidence disagrees with their label was 26 to 33%, but the
+   meta set is balanced while the training data has a long tail, so the
+   model's mistakes on the meta set (balanced accuracy 0.76 to 0.83)
+   stand for more mistakes than it makes on the training rows, and the
+   correction removed 20 to 30 points; where the check switched rightly
+   (digits, tabular without noise, seed 0) the disagreement was 3.4% and
+   12.2%. ``gdw-rawcheck`` (``raw_factor=2``): the switch also needs the
+   uncorrected disagreement below twice the bound (16%); else the run is
+   the incumbent's bit for bit. Against ``gdw-restart`` (today's default).
+   Cells: question 18's 12 regimes without noise and under 40% uniform
+   noise on a long tail of 10, seeds 30 and 31 (24 cells; the condition
+   can only keep the weighting on where the incumbent switched). The rule,
+   written before the runs, is question 18's: the higher mean validation
+   accuracy over the 24 cells, provided that, for the challenger to win,
+   its mean over the 12 cells without noise is not more than 0.25 points
+   below the incumbent's; equal means keep the incumbent.
 
 The rule, fixed before each question's runs: the candidate with the higher
 mean validation accuracy (last 5 epochs, mean over seeds 0 and 1, then over
 the question's regime × setting cells: 16 for questions 1 and 2, 42 for
 questions 3 and 4, 49 for questions 5 to 9, 7 for questions 10 and 12, 15 for question 13, 25 for question 14,
-15 for question 15, 45 for questions 16 and 17, 60 for questions 18 and 19) becomes the default (question 11 has its own
-rule, and questions 14 to 19 a clause, above). The per-cell differences
+15 for question 15, 45 for questions 16 and 17, 60 for questions 18 and 19, 24 for question 20) becomes the default (question 11 has its own
+rule, and questions 14 to 20 a clause, above). The per-cell differences
 are reported alongside, so that a mean carried by a few cells is visible.
 ``results.csv`` also has the test accuracies; they play no part here.
 """
@@ -476,7 +503,7 @@ import robustness as rb  # noqa: E402
 # (gdw-capped is gdw's default as questions 3 to 9 ran, gdw-ftcheck the default since question 9)
 CANDIDATES = pick(["gdw-batch", "gdw-kept", "gdw-constrained", "gdw-capped", "gdw-binary", "gdw-guarded", "gdw-gated",
                    "gdw-stepped", "gdw-ft0", "gdw-ftcheck", "gdw-own-guarded", "gdw-metaprior", "gdw-autocap",
-                   "gdw-autoprior", "gdw-lateplain", "gdw-latecap", "gdw-restart", "ce"],
+                   "gdw-autoprior", "gdw-lateplain", "gdw-latecap", "gdw-restart", "gdw-rawcheck", "ce"],
                   {"gdw-kept": "gdw-raw", "gdw-constrained": "gdw-uncapped", "gdw-capped": "gdw-ftalways"})
 # candidates that differ in a run setting rather than in the method: label -> (the variant they run, the setting)
 DRAWS = {"gdw-draw-perclass": ("gdw-ftcheck", {"meta_draw": "per-class"}),
@@ -527,10 +554,12 @@ QUESTIONS = [  # (the choice, the incumbent, the challenger, the regimes, the se
      BALANCED_SETTINGS, (30, 31)),
     ("plain_restart", "gdw-lateplain", "gdw-restart", [*BN_REGIMES, *PLAIN_REGIMES, *PRIOR_REGIMES, *REAL_REGIMES],
      BALANCED_SETTINGS, (30, 31)),
+    ("raw_factor", "gdw-restart", "gdw-rawcheck", [*BN_REGIMES, *PLAIN_REGIMES, *PRIOR_REGIMES, *REAL_REGIMES],
+     [("none", "none"), ("uniform:0.4", "longtail:10")], (30, 31)),
 ]
 # questions whose challenger wins only if its mean over the clean and mildly noisy cells is at most this many
 # points below the incumbent's (by their index in QUESTIONS)
-MILD_CLAUSE = {13: 0.25, 14: 0.25, 15: 0.25, 16: 0.25, 17: 0.25, 18: 0.25}
+MILD_CLAUSE = {13: 0.25, 14: 0.25, 15: 0.25, 16: 0.25, 17: 0.25, 18: 0.25, 19: 0.25}
 MILD_SETTINGS = [("none", "none"), ("uniform:0.1", "none"), ("uniform:0.2", "none")]
 
 
@@ -783,7 +812,7 @@ def report(args) -> str:
                          verdict + "\n"]
             continue
         table, cells, overall = decide(rows, names, regimes, settings, seeds)
-        if finished == expected and len(cells) == len(regimes) * len(settings):
+        if 0 < expected == finished and len(cells) == len(regimes) * len(settings):
             winner = max(overall, key=overall.get)
             verdict = (f"Decision by the rule: **{winner}** (mean validation accuracy {overall[winner]:.2f}% against "
                        + ", ".join(f"{m} {v:.2f}%" for m, v in overall.items() if m != winner) + ").")

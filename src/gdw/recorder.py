@@ -253,9 +253,15 @@ class FinetuneCheck(Callback):
         plain_below, cap_below = (float(getattr(method, k, 0.0) or 0.0) for k in ("plain_below", "cap_below"))
         if (plain_below > 0 or cap_below > 0) and self.early is None and state.epoch >= self.check_epoch(state.epochs):
             rate, balanced = self.estimate(state.model), self._balanced()
-            self.early = ("plain" if balanced and rate < plain_below else
-                          "cap" if balanced and rate < cap_below else "on")
+            factor = float(getattr(method, "raw_factor", 0.0) or 0.0)
+            raw = self.disagreement() if factor > 0 else 0.0
+
+            def below(bound):
+                return balanced and rate < bound and (factor == 0 or raw < factor * bound)
+            self.early = "plain" if below(plain_below) else "cap" if below(cap_below) else "on"
             state.row.update(early_noise_estimate=rate, early_decision=self.early)
+            if factor > 0:
+                state.row.update(early_disagreement=raw)
             if self.early == "plain" and self.initial is not None:
                 state.model.load_state_dict(self.initial)
                 state.optimizer.state.clear()  # no momentum carried over from the weighted steps
@@ -289,6 +295,15 @@ class FinetuneCheck(Callback):
         found = find_label_issues(given[seen], ev["prob"][seen], clean_labels=meta.labels.numpy(),
                                   clean_pred_probs=prob)
         return float(found.noise_rate)
+
+    def disagreement(self) -> float:
+        """The share of training rows with evidence whose most probable class is not their label (uncorrected)."""
+        ev = self.recorder.evidence()
+        seen = ev["count"] > 0
+        if not seen.any():
+            return float("nan")
+        given = self.data.train.labels.numpy()[seen]
+        return float(np.mean(ev["prob"][seen].argmax(1) != given))
 
     def state_dict(self) -> dict:
         return {"skip": self.skip, "early": self.early, "initial": self.initial}

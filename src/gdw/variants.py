@@ -17,7 +17,8 @@ from .methods import METHODS
 
 CAPPED = {"stage_one": "l2rw", "finetune_fraction": 0.2, "tau": 1.0, "meta_grad": "fd", "weight_norm": "kept",
           "class_grad": "constrained", "max_weight": 1.0, "finetune_min_noise": 0.04,
-          "plain_below": 0.0, "plain_restart": False}  # the defaults to question 14 (plain_below: off until 18)
+          "plain_below": 0.0, "plain_restart": False,
+          "raw_factor": 0.0}  # the defaults to question 14 (plain_below: off until 18)
 AUTO = {**CAPPED, "max_weight": "auto"}  # the defaults from question 14 to question 18
 CONTINUE = {**AUTO, "plain_below": 0.08}  # the defaults from question 18 to question 19
 DEFAULT = {**CONTINUE, "plain_restart": True}  # gdw's defaults
@@ -27,7 +28,7 @@ MODEL_PRIOR = {"meta_prior": "model"}  # the meta loss on the model's own logits
 ALWAYS = {**CAPPED, "finetune_min_noise": 0.0, **MODEL_PRIOR}  # the default before finetune_min_noise
 L2RW_STEP = {"stage_one": "l2rw", "finetune_fraction": 0.0, "tau": 0.0, "meta_grad": "jvp", "weight_norm": "batch",
              "class_grad": "raw", "max_weight": math.inf,
-             "finetune_min_noise": 0.0, "plain_below": 0.0, "plain_restart": False,
+             "finetune_min_noise": 0.0, "plain_below": 0.0, "plain_restart": False, "raw_factor": 0.0,
              **MODEL_PRIOR}  # the class-level step on L2RW alone, exactly
 VARIANTS = {
     "l2rw-ft": ("l2rw", {"finetune_fraction": 0.2}, False),
@@ -61,6 +62,9 @@ VARIANTS = {
     # ... and that plain training restarted from the initial weights (question 19)
     "gdw-restart": ("gdw", {**CAPPED, "meta_prior": "meta", "max_weight": "auto", "plain_below": 0.08,
                             "plain_restart": True}, False),
+    # ... and the check's switch only where the uncorrected disagreement is also under twice the bound (question 20)
+    "gdw-rawcheck": ("gdw", {**CAPPED, "meta_prior": "meta", "max_weight": "auto", "plain_below": 0.08,
+                             "plain_restart": True, "raw_factor": 2.0}, False),
     "gdw-auto": ("gdw", {**AUTO}, False),  # the default from question 14 to 18, spelled as the suite's cells were
     "gdw-continue": ("gdw", {**CONTINUE}, False),  # ... from 18 to 19: the plain training goes on from where it is
     "gdw-tau0": ("gdw", {**ALWAYS, "tau": 0.0, "class_grad": "raw", "max_weight": math.inf}, False),

@@ -241,6 +241,13 @@ class GDW(WeightNetMethod):
             is below ``cap_below`` (and not below ``plain_below``), the
             instance weights are capped at 1 for the rest of the run, as
             ``max_weight=1`` does (``stage_one="l2rw"`` only; 0: off).
+        raw_factor: ≥ 0; > 0: the check of ``plain_below`` and ``cap_below``
+            also needs the uncorrected share of training labels its evidence
+            disagrees with to be below ``raw_factor`` times the bound: the
+            estimate subtracts the model's own mistakes as the meta set shows
+            them, and where the meta set's classes are shared otherwise than
+            the training data's (a long tail) that correction can remove
+            most of heavy noise. 0: no such condition (default).
         plain_restart: where ``plain_below`` switches to plain training, start
             it again from the model's initial weights (those it had when
             ``gdw.fit`` began) with the optimizer's state cleared, for the
@@ -286,21 +293,22 @@ class GDW(WeightNetMethod):
                                "class_grad": "constrained", "max_weight": "auto", "guard": 0.0,
                                "gate": 0.0, "gate_form": "linear", "finetune_min_noise": 0.04,
                                "meta_prior": "meta", "cap_meta_ratio": math.inf, "plain_below": 0.08, "cap_below": 0.0,
-                               "plain_restart": True},
+                               "plain_restart": True, "raw_factor": 0.0},
                       "mwnet": {"finetune_fraction": 0.0, "tau": 0.0, "meta_grad": "jvp", "weight_norm": "batch",
                                 "class_grad": "raw", "max_weight": math.inf, "guard": 0.0, "gate": 0.0,
                                 "gate_form": "linear", "finetune_min_noise": 0.0, "meta_prior": "model",
                                 "cap_meta_ratio": math.inf, "plain_below": 0.0, "cap_below": 0.0,
-                                "plain_restart": False}}
+                                "plain_restart": False, "raw_factor": 0.0}}
     ADDED_PARAMS = {"weight_norm": "batch", "class_grad": "raw",
                     "max_weight": math.inf, "shrink": 0.0, "guard": 0.0,
                     "gate": 0.0, "gate_form": "linear",
                     "finetune_min_noise": 0.0, "meta_prior": "model",
                     "cap_meta_ratio": math.inf, "plain_below": 0.0,
-                    "cap_below": 0.0, "plain_restart": False}  # what runs recorded before these existed used
+                    "cap_below": 0.0, "plain_restart": False,
+                    "raw_factor": 0.0}  # what runs recorded before these existed used
     # parameters that change nothing in a run unless its summary.json says so (field, value): a run recorded
     # before one existed is the same run whatever its value where the summary shows something else
-    INERT_UNLESS = {"plain_restart": ("early_decision", "plain")}
+    INERT_UNLESS = {"plain_restart": ("early_decision", "plain"), "raw_factor": ("early_decision", "plain")}
 
     @classmethod
     def resolve_params(cls, params: dict) -> dict:
@@ -316,7 +324,7 @@ class GDW(WeightNetMethod):
                  gate: float | None = None, gate_form: str | None = None, finetune_min_noise: float | None = None,
                  meta_prior: str | None = None, meta_counts=None, cap_meta_ratio: float | None = None,
                  plain_below: float | None = None, cap_below: float | None = None,
-                 plain_restart: bool | None = None, **kw):
+                 plain_restart: bool | None = None, raw_factor: float | None = None, **kw):
         if stage_one not in STAGE_ONE:
             raise UserError(f"stage_one must be one of {', '.join(STAGE_ONE)}, got {stage_one!r}")
         resolved = self.resolve_params({"stage_one": stage_one, "finetune_fraction": finetune_fraction,
@@ -325,7 +333,8 @@ class GDW(WeightNetMethod):
                                         "gate": gate, "gate_form": gate_form,
                                         "finetune_min_noise": finetune_min_noise, "meta_prior": meta_prior,
                                         "cap_meta_ratio": cap_meta_ratio, "plain_below": plain_below,
-                                        "cap_below": cap_below, "plain_restart": plain_restart})
+                                        "cap_below": cap_below, "plain_restart": plain_restart,
+                                        "raw_factor": raw_factor})
         finetune_fraction, tau, meta_grad, weight_norm, class_grad, max_weight, guard, gate, gate_form, min_noise = (
             resolved[k] for k in ("finetune_fraction", "tau", "meta_grad", "weight_norm", "class_grad", "max_weight",
                                   "guard", "gate", "gate_form", "finetune_min_noise"))
@@ -341,6 +350,7 @@ class GDW(WeightNetMethod):
             if getattr(self, k) >= 1:
                 raise UserError(f"{k} must lie in [0, 1), got {resolved[k]!r}")
         self.plain_restart = check_bool("plain_restart", resolved["plain_restart"])
+        self.raw_factor = check_positive("raw_factor", resolved["raw_factor"], allow_zero=True)
         if self.plain_restart and self.plain_below == 0 and plain_restart is not None:
             raise UserError("plain_restart needs plain_below > 0 (it restarts the plain training plain_below starts)")
         # set by gdw.recorder.FinetuneCheck where the labels look clean: plain training from then on
