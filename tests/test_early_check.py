@@ -290,3 +290,31 @@ def test_early_stopping_gives_a_restart_its_own_patience(tmp_path):
     assert again.restart_epoch == 2
     again.load_state_dict({"best_accuracy": 0.5, "best_epoch": 1, "stopped": False})  # a checkpoint from before
     assert again.restart_epoch == 0
+
+
+@pytest.mark.parametrize("estimate, raw, factor, decision", [
+    (0.02, 0.30, 2.0, "on"),  # the correction removed most of a large disagreement: kept on
+    (0.02, 0.10, 2.0, "plain"),  # under 2 × 8%
+    (0.02, 0.30, 0.0, "plain"),  # without the condition (raw_factor=0)
+    (0.10, 0.10, 2.0, "on"),  # the estimate itself above the bound
+])
+def test_the_uncorrected_disagreement_can_keep_the_weighting(monkeypatch, estimate, raw, factor, decision):
+    cb, state, _, _ = fake_check(0, (100, 100), plain_below=0.08)
+    state.method.raw_factor = factor
+    monkeypatch.setattr(FinetuneCheck, "estimate", lambda self, model: estimate)
+    monkeypatch.setattr(FinetuneCheck, "disagreement", lambda self: raw)
+    cb.on_epoch_start(state)
+    assert state.row["early_decision"] == decision and state.method.plain is (decision == "plain")
+    assert state.row.get("early_disagreement") == (raw if factor > 0 else None)
+
+
+def test_disagreement_by_hand():
+    """20 of 200 rows (the first 20) have evidence for the other class: 10%;
+    rows never seen do not count."""
+    cb, _, _, _ = fake_check(20, (100, 100))
+    assert cb.disagreement() == pytest.approx(0.1)
+    count = np.ones(200, np.int64)
+    count[:20] = 0
+    prob = cb.recorder.evidence()["prob"]
+    cb.recorder = SimpleNamespace(num_classes=2, evidence=lambda: {"count": count, "prob": prob})
+    assert cb.disagreement() == 0.0
