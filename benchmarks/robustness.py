@@ -135,7 +135,7 @@ from grid import cell_config  # noqa: E402,F401  (also design_study.py's and mod
 # label -> (gdw method, method_args, head_only), from gdw's table of variants (GDW's spelled out in full); its
 # gdw-paper cells were trained with fine-tuning written out as off: the table's gdw-paper-ft0
 METHODS = pick(["ce", "finetune", "dm", "la", "l2rw", "l2rw-ft", "mwnet", "gdw-paper", "gdw-l2rw", "gdw-l2rw-c",
-                "gdw-tau0", "gdw-batch", "gdw-raw", "gdw", "gdw-continue", "gdw-auto", "gdw-cap1", "gdw-uncapped", "gdw-jvp"],
+                "gdw-tau0", "gdw-batch", "gdw-raw", "gdw", "gdw-restarted", "gdw-continue", "gdw-auto", "gdw-cap1", "gdw-uncapped", "gdw-jvp"],
                {"gdw-paper": "gdw-paper-ft0"})
 IMBALANCE_ONLY = {"la"}
 RUN_ORDER = ["ce", "gdw", "l2rw", "mwnet", "gdw-auto", "gdw-cap1", "gdw-paper", "gdw-l2rw", "gdw-l2rw-c", "finetune", "l2rw-ft",

@@ -142,6 +142,7 @@ def test_a_restart_is_plain_training_from_the_initial_weights(tmp_path, monkeypa
     assert decided[0]["early_decision"] == "plain" and decided[0]["early_restart"] is True
     summary = json.loads((restarted / "summary.json").read_text())
     assert summary["early_restart"] is True and summary["early_decision_epoch"] == 3
+    assert 0 <= summary["early_disagreement"] < 1  # raw_factor=2 by default: the condition was checked
     # the weights are no longer needed once decided: the checkpoint does not carry them
     assert torch.load(restarted / "checkpoint.pt", weights_only=False)["callbacks"]["finetune_check"]["initial"] is None
 

@@ -139,7 +139,8 @@ def test_the_grid_of_the_paper_protocol():
     from gdw.methods import resolved_params  # "gdw" spells out gdw's defaults
 
     assert (resolved_params("gdw", {**default, "finetune_min_noise": 0.04, "meta_prior": "meta",
-                                    "max_weight": "auto", "plain_below": 0.08, "plain_restart": True})
+                                    "max_weight": "auto", "plain_below": 0.08, "plain_restart": True,
+                                    "raw_factor": 2.0})
             == resolved_params("gdw", {}))
     # a run is labelled by its method, arguments and head_only; one that is in no entry keeps its arguments
     label = module.method_label

@@ -179,7 +179,9 @@ def train(cfg: TrainConfig, log=print, comm: Optional[Comm] = None) -> dict:
         early = [row for row in history if "early_decision" in row]  # the check a quarter of the way in
         if early:
             summary.update({k: early[0][k] for k in ("early_noise_estimate", "early_decision")},
-                           early_decision_epoch=early[0]["epoch"], early_restart=bool(early[0].get("early_restart")))
+                           early_decision_epoch=early[0]["epoch"], early_restart=bool(early[0].get("early_restart")),
+                           **({"early_disagreement": early[0]["early_disagreement"]}
+                              if "early_disagreement" in early[0] else {}))
         summary.update(getattr(stateful.get("label_issues"), "noise", {}))
         _log_end(log, summary)
         atomic_write(out / "summary.json", json.dumps(summary, indent=2))

@@ -21,7 +21,8 @@ CAPPED = {"stage_one": "l2rw", "finetune_fraction": 0.2, "tau": 1.0, "meta_grad"
           "raw_factor": 0.0}  # the defaults to question 14 (plain_below: off until 18)
 AUTO = {**CAPPED, "max_weight": "auto"}  # the defaults from question 14 to question 18
 CONTINUE = {**AUTO, "plain_below": 0.08}  # the defaults from question 18 to question 19
-DEFAULT = {**CONTINUE, "plain_restart": True}  # gdw's defaults
+RESTART = {**CONTINUE, "plain_restart": True}  # the defaults from question 19 to question 20
+DEFAULT = {**RESTART, "raw_factor": 2.0}  # gdw's defaults
 # (DEFAULT leaves meta_prior to its default, "meta" since question 13; it only changes runs whose meta set is not
 # balanced, so the suite's runs made before it keep their label wherever the meta set is balanced)
 MODEL_PRIOR = {"meta_prior": "model"}  # the meta loss on the model's own logits: every default before question 13
@@ -67,6 +68,7 @@ VARIANTS = {
                              "plain_restart": True, "raw_factor": 2.0}, False),
     "gdw-auto": ("gdw", {**AUTO}, False),  # the default from question 14 to 18, spelled as the suite's cells were
     "gdw-continue": ("gdw", {**CONTINUE}, False),  # ... from 18 to 19: the plain training goes on from where it is
+    "gdw-restarted": ("gdw", {**RESTART}, False),  # ... from 19 to 20: the switch without the disagreement check
     "gdw-tau0": ("gdw", {**ALWAYS, "tau": 0.0, "class_grad": "raw", "max_weight": math.inf}, False),
     "gdw-l2rw": ("gdw", {**L2RW_STEP}, False),
     "gdw-l2rw-c": ("gdw", {**L2RW_STEP, "class_grad": "constrained"}, False),  # ... through the constraint

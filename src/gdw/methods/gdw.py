@@ -247,7 +247,8 @@ class GDW(WeightNetMethod):
             estimate subtracts the model's own mistakes as the meta set shows
             them, and where the meta set's classes are shared otherwise than
             the training data's (a long tail) that correction can remove
-            most of heavy noise. 0: no such condition (default).
+            most of heavy noise. Default 2 with ``stage_one="l2rw"`` (design
+            question 20), 0 (no such condition) with ``"mwnet"``.
         plain_restart: where ``plain_below`` switches to plain training, start
             it again from the model's initial weights (those it had when
             ``gdw.fit`` began) with the optimizer's state cleared, for the
@@ -293,7 +294,7 @@ class GDW(WeightNetMethod):
                                "class_grad": "constrained", "max_weight": "auto", "guard": 0.0,
                                "gate": 0.0, "gate_form": "linear", "finetune_min_noise": 0.04,
                                "meta_prior": "meta", "cap_meta_ratio": math.inf, "plain_below": 0.08, "cap_below": 0.0,
-                               "plain_restart": True, "raw_factor": 0.0},
+                               "plain_restart": True, "raw_factor": 2.0},
                       "mwnet": {"finetune_fraction": 0.0, "tau": 0.0, "meta_grad": "jvp", "weight_norm": "batch",
                                 "class_grad": "raw", "max_weight": math.inf, "guard": 0.0, "gate": 0.0,
                                 "gate_form": "linear", "finetune_min_noise": 0.0, "meta_prior": "model",
