@@ -121,7 +121,7 @@ def sweep(out: Path, cells, *, shard: tuple[int, int] = (0, 1), share: bool = Fa
             yield name, cfg, "failed", json.loads((run_dir / FAILED).read_text())["error"]
             continue
         if done.exists() and not force:
-            diff = verify and cfg.first_difference(TrainConfig.load(run_dir), summary=json.loads(done.read_text()))
+            diff = verify and cfg.first_difference(TrainConfig.load(run_dir), summary=finished_summary(run_dir))
             if diff:
                 yield name, cfg, "failed", f"finished with {diff[0]} = {diff[2]!r}, but the grid asks for {diff[1]!r}"
             else:

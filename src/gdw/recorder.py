@@ -282,28 +282,27 @@ class FinetuneCheck(Callback):
         if self.skip:
             method.finetuning = False
 
-    def estimate(self, model) -> float:
-        """The estimated share of wrong training labels (:func:`gdw.find_label_issues`)."""
+    def _seen(self):
+        """``(given labels, evidence probabilities)`` of the training rows with evidence so far, or None."""
         ev = self.recorder.evidence()
         seen = ev["count"] > 0
-        if not seen.any():
+        return (self.data.train.labels.numpy()[seen], ev["prob"][seen]) if seen.any() else None
+
+    def estimate(self, model) -> float:
+        """The estimated share of wrong training labels (:func:`gdw.find_label_issues`)."""
+        rows = self._seen()
+        if rows is None:
             return float("nan")  # nothing recorded: no reason to skip (NaN < threshold is False)
         meta = self.data.meta
         with torch.no_grad():
             prob = predict_proba(model, meta, self.batch_size, self.recorder.device).cpu().numpy()
-        given = self.data.train.labels.numpy()
-        found = find_label_issues(given[seen], ev["prob"][seen], clean_labels=meta.labels.numpy(),
-                                  clean_pred_probs=prob)
+        found = find_label_issues(*rows, clean_labels=meta.labels.numpy(), clean_pred_probs=prob)
         return float(found.noise_rate)
 
     def disagreement(self) -> float:
         """The share of training rows with evidence whose most probable class is not their label (uncorrected)."""
-        ev = self.recorder.evidence()
-        seen = ev["count"] > 0
-        if not seen.any():
-            return float("nan")
-        given = self.data.train.labels.numpy()[seen]
-        return float(np.mean(ev["prob"][seen].argmax(1) != given))
+        rows = self._seen()
+        return float("nan") if rows is None else float(np.mean(rows[1].argmax(1) != rows[0]))
 
     def state_dict(self) -> dict:
         return {"skip": self.skip, "early": self.early, "initial": self.initial}
