@@ -87,6 +87,14 @@ def test_collapse_rule_on_hand_made_counts():
     s = state_with([])
     _check_collapse(torch.tensor([[60, 20, 20], [40, 30, 30]]), 1.0, 0, s)
     assert s.row["prediction_share"] == pytest.approx(0.6)
+    # after a restart of the schedule (GDW's plain restart, at epoch 2) only the epochs since count: the restarted
+    # model's first epochs are a new model's, which has not learned yet
+    restarted = state_with(learned * 2)
+    restarted.offset = 2
+    _check_collapse(const, 1.0, 2, restarted)
+    with pytest.raises(TrainingCollapsed, match="had learned"):
+        restarted.offset = 0
+        _check_collapse(const, 1.0, 2, restarted)
 
 
 class OneBatch:

@@ -127,14 +127,15 @@ def test_an_interrupted_run_resumes_plain(tmp_path, monkeypatch):
 
 
 def test_a_restart_is_plain_training_from_the_initial_weights(tmp_path, monkeypatch, capsys):
-    """With ``plain_restart`` the switch at epoch 3 of 8 puts the model back
-    to its first weights with no momentum: the run ends with the weights of
-    a CE run (τ = 0, so the plain step is CE's) that starts at that epoch,
-    from the same initial weights, on the same batches and learning rates."""
+    """With ``plain_restart`` and ``plain_epochs=left`` the switch at epoch 3
+    of 8 puts the model back to its first weights with no momentum: the run
+    ends with the weights of a CE run (τ = 0, so the plain step is CE's)
+    that starts at that epoch, from the same initial weights, on the same
+    batches and learning rates."""
     import gdw.train
 
     restarted, ce = tmp_path / "restarted", tmp_path / "ce"
-    args = "plain_below=0.5,plain_restart=true,tau=0"
+    args = "plain_below=0.5,plain_restart=true,tau=0,plain_epochs=left"
     assert main(["train", *QUICK, "--method-args", args, "--out", str(restarted)]) == 0
     line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("epoch   3/8")][0]
     assert "plain training from here, restarted from the initial weights" in line
@@ -151,6 +152,55 @@ def test_a_restart_is_plain_training_from_the_initial_weights(tmp_path, monkeypa
     assert main(["train", *QUICK, "--method", "ce", "--out", str(ce)]) == 0
     a, b = weights_of(restarted), weights_of(ce)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_restart_of_the_whole_schedule_is_a_plain_run(tmp_path, capsys):
+    """With ``plain_epochs=all`` the switch at epoch 3 of 8
+    restarts the schedule too: the run trains 2 + 8 epochs and its last 8
+    rows have a CE run's learning rates and training losses, and its final
+    weights are the CE run's bit for bit (τ = 0, so the plain step is CE's;
+    the batches of schedule epoch e are those of the CE run's epoch e)."""
+    restarted, ce = tmp_path / "restarted", tmp_path / "ce"
+    assert main(["train", *QUICK, "--method-args", "plain_below=0.5,tau=0,plain_epochs=all", "--out",
+                 str(restarted)]) == 0
+    out = capsys.readouterr().out
+    line = [x for x in out.splitlines() if x.startswith("epoch   3/10")][0]
+    assert "restarted from the initial weights for 8 epochs (the run ends at epoch 10)" in line
+    assert main(["train", *QUICK, "--method", "ce", "--out", str(ce)]) == 0
+    rows, plain = rows_of(restarted), rows_of(ce)
+    assert [r["epoch"] for r in rows] == list(range(1, 11))
+    assert [r["lr"] for r in rows[2:]] == [r["lr"] for r in plain]
+    assert [r["lr"] for r in rows[:2]] == [r["lr"] for r in plain[:2]]  # the weighted epochs: the schedule's start
+    assert [r["train_loss"] for r in rows[2:]] == [r["train_loss"] for r in plain]
+    assert rows[2]["early_restart_epochs"] == 8
+    a, b = weights_of(restarted), weights_of(ce)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    summary = json.loads((restarted / "summary.json").read_text())
+    assert summary["epochs_trained"] == 10 and summary["early_restart"] is True
+
+
+def test_a_run_interrupted_after_a_schedule_restart_resumes_it(tmp_path, monkeypatch):
+    """Ctrl-C after epoch 5 of 10, past a restart of the schedule at epoch 3:
+    the resumed run knows where its schedule started and ends as the
+    uninterrupted one, at epoch 10."""
+    flags = ["train", *QUICK, "--method-args", "plain_below=0.5,plain_epochs=all"]
+    cut, full = interrupted_and_resumed(flags, 4, tmp_path, monkeypatch)
+    assert [r["epoch"] for r in rows_of(cut)] == list(range(1, 11))
+    assert [r["lr"] for r in rows_of(cut)] == [r["lr"] for r in rows_of(full)]
+    a, b = weights_of(cut), weights_of(full)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_plain_epochs_is_checked(tmp_path, capsys):
+    model = torch.nn.Linear(4, 3)
+    assert gdw.GDW(model, 3).plain_epochs == "left"  # the default (design question 21 kept it)
+    assert gdw.GDW(model, 3, plain_epochs="all").plain_epochs == "all"
+    assert gdw.GDW(model, 3, stage_one="mwnet").plain_epochs == "left"
+    with pytest.raises(UserError, match="plain_epochs"):
+        gdw.GDW(model, 3, plain_epochs="some")
+    assert main(["train", *QUICK, "--method-args", "plain_epochs=3", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "plain_epochs" in err[0]
 
 
 def test_a_run_interrupted_before_a_restart_restarts_from_the_same_weights(tmp_path, monkeypatch):
@@ -319,3 +369,70 @@ def test_disagreement_by_hand():
     prob = cb.recorder.evidence()["prob"]
     cb.recorder = SimpleNamespace(num_classes=2, evidence=lambda: {"count": count, "prob": prob})
     assert cb.disagreement() == 0.0
+
+
+def own_csv(path, n=240, seed=0):
+    """A CSV of the user's own: three features, two classes from their sign
+    pattern, about 10% of the labels flipped; its truth is unknown to gdw."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 3))
+    y = (x[:, 0] + 0.5 * x[:, 1] > 0).astype(int)
+    y = np.where(rng.random(n) < 0.1, 1 - y, y)
+    with open(path, "w") as f:
+        f.write("a,b,c,label\n" + "".join(f"{a:.5f},{b:.5f},{c:.5f},{'yes' if t else 'no'}\n"
+                                          for (a, b, c), t in zip(x, y)))
+    return path
+
+
+def test_a_meta_set_drawn_from_unchecked_labels_trains_plainly(tmp_path, capsys):
+    """The user's own CSV, no --meta, no noise added: the meta set is drawn
+    from the same unchecked labels, so by default (unchecked_meta=plain) gdw
+    trains plainly from the first epoch: no meta loss in any row, the first
+    row and the summary say why, and with τ = 0 the final weights are a CE
+    run's bit for bit. unchecked_meta=weight, checked examples as --meta or
+    noise added after the draw keep the weighting."""
+    data = own_csv(tmp_path / "own.csv")
+    base = ["train", "--dataset", f"csv:{data}", "--model", "mlp", "--meta-per-class", "10", "--epochs", "4",
+            "--no-progress", "--threads", "1"]
+    plain, ce = tmp_path / "plain", tmp_path / "ce"
+    assert main([*base, "--method-args", "tau=0,unchecked_meta=plain", "--out", str(plain)]) == 0
+    out = capsys.readouterr().out
+    assert "the meta set was drawn from labels not known to be clean: plain training" in \
+        [x for x in out.splitlines() if x.startswith("epoch   1/4")][0]
+    assert "gdw trains plainly" in out
+    rows = rows_of(plain)
+    assert rows[0]["early_decision"] == "plain" and rows[0]["early_reason"] == "unchecked meta set"
+    assert all(r.get("meta_loss") is None and not r["finetuning"] for r in rows)
+    summary = json.loads((plain / "summary.json").read_text())
+    assert summary["meta_unchecked"] is True and summary["early_decision"] == "plain"
+    assert summary["early_decision_epoch"] == 1 and summary["early_noise_estimate"] is None
+    assert main([*base, "--method", "ce", "--out", str(ce)]) == 0
+    a, b = weights_of(plain), weights_of(ce)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    weighted = tmp_path / "weighted"
+    assert main([*base, "--method-args", "unchecked_meta=weight", "--out", str(weighted)]) == 0
+    assert rows_of(weighted)[0].get("meta_loss") is not None
+    assert json.loads((weighted / "summary.json").read_text())["meta_unchecked"] is True
+    noisy = tmp_path / "noisy"
+    assert main([*base, "--noise", "uniform:0.2", "--method-args", "unchecked_meta=plain", "--out", str(noisy)]) == 0
+    assert rows_of(noisy)[0].get("meta_loss") is not None
+    assert json.loads((noisy / "summary.json").read_text())["meta_unchecked"] is False
+    checked = tmp_path / "checked"
+    meta = own_csv(tmp_path / "checked.csv", n=40, seed=1)
+    assert main([*base, "--meta", f"csv:{meta}", "--method-args", "unchecked_meta=plain", "--out", str(checked)]) == 0
+    assert rows_of(checked)[0].get("meta_loss") is not None
+    assert json.loads((checked / "summary.json").read_text())["meta_unchecked"] is False
+
+
+def test_unchecked_meta_is_checked(tmp_path, capsys):
+    model = torch.nn.Linear(4, 3)
+    assert gdw.GDW(model, 3).unchecked_meta == "weight"  # the default
+    assert gdw.GDW(model, 3, stage_one="mwnet").unchecked_meta == "weight"
+    with pytest.raises(UserError, match="unchecked_meta"):
+        gdw.GDW(model, 3, unchecked_meta="never")
+    with pytest.raises(UserError, match="unchecked_meta='plain' needs stage_one='l2rw'"):
+        gdw.GDW(model, 3, stage_one="mwnet", unchecked_meta="plain")
+    assert main(["train", *QUICK, "--method-args", "unchecked_meta=1", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unchecked_meta" in err[0]

@@ -51,7 +51,7 @@ def test_the_phase_is_skipped_only_where_the_labels_look_clean(noise, skipped, t
     assert rows[-1]["finetuning"] is (not skipped)
     assert same_weights(weights_of(checked), weights_of(plain))
     ckpt = torch.load(checked / "checkpoint.pt", weights_only=False)
-    assert ckpt["callbacks"]["finetune_check"] == {"skip": skipped, "early": None, "initial": None}
+    assert ckpt["callbacks"]["finetune_check"] == {"skip": skipped, "early": None, "initial": None, "offset": 0}
 
 
 def fake_state(labels, meta_labels, prob, meta_prob, threshold=0.05):

@@ -179,7 +179,7 @@ class EpochLog(Callback):
         if not state.is_main:
             return
         row = state.row
-        parts = [f"epoch {row['epoch']:>3}/{state.epochs}", f"CE on the given labels {row['train_loss']:.4f}"]
+        parts = [f"epoch {row['epoch']:>3}/{state.total}", f"CE on the given labels {row['train_loss']:.4f}"]
         if row.get("meta_loss") is not None:
             parts.append(f"meta {row['meta_loss']:.4f}")
         if "val_accuracy" in row:
@@ -187,11 +187,16 @@ class EpochLog(Callback):
         if "test_accuracy" in row:
             parts.append(f"test acc {100 * row['test_accuracy']:.2f}%"
                          + ("" if self.test_clean else " (on labels not known to be clean)"))
-        if "early_decision" in row:  # the check a quarter of the way in (gdw.recorder.FinetuneCheck)
+        if row.get("early_reason") == "unchecked meta set":  # gdw.recorder.FinetuneCheck, GDW's unchecked_meta
+            parts.append("the meta set was drawn from labels not known to be clean: plain training (pass checked "
+                         "examples as --meta to weight; --method-args unchecked_meta=weight weights anyway)")
+        elif "early_decision" in row:  # the check a quarter of the way in (gdw.recorder.FinetuneCheck)
             parts.append(f"{100 * row['early_noise_estimate']:.1f}% of labels look wrong: "
                          + {"plain": "plain training from here", "cap": "instance weights capped at 1 from here",
                             "on": "weighting as it was"}[row["early_decision"]]
-                         + (", restarted from the initial weights" if row.get("early_restart") else ""))
+                         + (", restarted from the initial weights" if row.get("early_restart") else "")
+                         + (f" for {row['early_restart_epochs']} epochs (the run ends at epoch "
+                            f"{state.total})" if row.get("early_restart_epochs") else ""))
         if "finetune_skipped" in row:  # the fine-tuning check's decision (gdw.recorder.FinetuneCheck)
             parts.append(f"{100 * row['finetune_noise_estimate']:.1f}% of labels look wrong: "
                          + ("no fine-tuning on the meta set" if row["finetune_skipped"] else "fine-tuning on the meta set"))

@@ -139,6 +139,19 @@ class FitState:
     history: list = field(default_factory=list)
     row: dict = field(default_factory=dict)
     stop: bool = False  # a callback sets it to end training after this epoch (early stopping)
+    # epochs trained before a callback started the schedule again (GDW's plain restart, gdw.recorder.FinetuneCheck):
+    # epoch e of the run is epoch e - offset of the schedule, and the run ends after epochs + offset
+    offset: int = 0
+
+    @property
+    def total(self) -> int:
+        """The epochs this run trains: ``epochs``, plus those before a restart of the schedule."""
+        return self.epochs + self.offset
+
+    @property
+    def schedule_epoch(self) -> int:
+        """The current epoch's place in the schedule (learning rate, batch order, fine-tuning)."""
+        return self.epoch - self.offset
 
     @property
     def is_main(self) -> bool:
@@ -196,7 +209,10 @@ def fit(model: torch.nn.Module, method, data, optimizer: torch.optim.Optimizer, 
             is set to ``cosine_lr(lr, epoch, epochs)`` at every epoch start.
         epochs, lr, batch_size, meta_batch_size, seed: the schedule; batch
             order and meta batches depend only on (seed, epoch), so a resumed
-            run sees the same batches as an uninterrupted one.
+            run sees the same batches as an uninterrupted one. A callback
+            may start the schedule again at an epoch's start
+            (``state.offset``, as GDW's plain restart does): the run then
+            trains ``epochs`` epochs from there, on the same schedule.
         callbacks: :class:`gdw.Callback` objects (or any with some of its
             hooks), called in order; one that sets ``state.stop`` ends
             training after the epoch.
@@ -214,29 +230,40 @@ def fit(model: torch.nn.Module, method, data, optimizer: torch.optim.Optimizer, 
     state = FitState(model, method, optimizer, data, comm, epochs, start_epoch, list(history or []))
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext()
     _call(callbacks, "on_fit_start", state)
-    for epoch in range(start_epoch, epochs):
-        if state.stop:
-            break
+    epoch = start_epoch
+    while epoch < state.total and not state.stop:
         state.epoch, state.row = epoch, {"epoch": epoch + 1}
-        lr_now = cosine_lr(lr, epoch, epochs)
-        for group in optimizer.param_groups:
-            group["lr"] = lr_now
-        method.on_epoch_start(epoch, epochs)
+        lr_now = _schedule(state, lr)
+        offset = state.offset
         _call(callbacks, "on_epoch_start", state)
+        if state.offset != offset:  # a callback started the schedule again at this epoch
+            lr_now = _schedule(state, lr)
         plan = _epoch_plan(state, seed, batch_size, meta_batch_size, device, progress)
         t0 = time.perf_counter()
         done = _train_epoch(state, plan, callbacks, autocast, lr_now, device)
         _end_epoch(state, plan, done, lr_now, t0)
         _call(callbacks, "on_epoch_end", state)
+        epoch += 1
     _call(callbacks, "on_fit_end", state)
     return state.history
 
 
 
+def _schedule(state: FitState, lr: float) -> float:
+    """Set the cosine learning rate of the current epoch's place in the
+    schedule and start the method's epoch there; the learning rate."""
+    e = state.schedule_epoch
+    lr_now = cosine_lr(lr, e, state.epochs)
+    for group in state.optimizer.param_groups:
+        group["lr"] = lr_now
+    state.method.on_epoch_start(e, state.epochs)
+    return lr_now
+
+
 def _epoch_plan(state: FitState, seed: int, batch_size: int, meta_batch_size: int, device, progress: bool):
     """What an epoch trains on: ``source`` (the training split, or in a fine-tuning epoch the
     meta split, one pass), its ``batches``, the cycling ``meta`` batches (or None) and ``finetuning``."""
-    data, epoch, shard = state.data, state.epoch, state.comm.shard
+    data, epoch, shard = state.data, state.schedule_epoch, state.comm.shard
     meta = None
     finetuning = bool(getattr(state.method, "finetuning", False))
     if finetuning:  # an epoch of fine-tuning is one pass over the meta set, whose batches are trained on
@@ -250,7 +277,7 @@ def _epoch_plan(state: FitState, seed: int, batch_size: int, meta_batch_size: in
     if progress and state.is_main:
         from tqdm import tqdm
 
-        batches = tqdm(batches, total=math.ceil(len(source) / size), desc=f"epoch {epoch + 1}/{state.epochs}",
+        batches = tqdm(batches, total=math.ceil(len(source) / size), desc=f"epoch {state.epoch + 1}/{state.total}",
                        leave=False, dynamic_ncols=True)
     return SimpleNamespace(source=source, batches=batches, meta=meta, finetuning=finetuning)
 
@@ -323,7 +350,7 @@ def _check_collapse(counts, mean_loss: float, epoch: int, state: FitState) -> No
     state.row["prediction_share"] = share
     if share < COLLAPSE_SHARE or float(counts[1].max()) / total > COLLAPSE_LABEL_SHARE:
         return
-    before = [h.get("prediction_share") for h in state.history]
+    before = [h.get("prediction_share") for h in state.history[getattr(state, "offset", 0):]]  # since the schedule began
     learned = any(s is not None and s < COLLAPSE_SHARE for s in before)
     fine = [s is None or s < COLLAPSE_SHARE for s in reversed(before)]  # the epochs before it, the latest first
     streak = 1 + (fine.index(True) if True in fine else len(fine))  # this epoch and the collapsed ones just before

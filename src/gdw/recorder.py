@@ -216,12 +216,21 @@ class FinetuneCheck(Callback):
     below ``plain_below`` it sets the method's ``plain`` (plain training
     from that epoch on, without fine-tuning); else below ``cap_below`` it
     caps the method's instance weights at 1 (``max_weight``) from then on.
-    That epoch's row has ``early_noise_estimate`` and ``early_decision``
+    With the method's ``unchecked_meta="plain"``, a run whose meta set was
+    drawn from training labels not known to be clean (and no noise added
+    after: :meth:`unchecked`) trains plainly from its first epoch, whose row
+    has ``early_decision: "plain"`` and ``early_reason: "unchecked meta
+    set"`` (no estimate). That epoch's row has ``early_noise_estimate`` and ``early_decision``
     (``"plain"``, ``"cap"`` or ``"on"``: the weighting as it was). With the
     method's ``plain_restart``, plain training starts again from the weights
     the model had at ``on_fit_start`` (kept on the CPU until the decision,
     and in the checkpoint, so that a resumed run can restart too) with the
     optimizer's state cleared; the row then has ``early_restart: True``.
+    With the method's ``plain_epochs="all"`` the restart also starts the
+    schedule again (``state.offset``): the plain training has the run's
+    whole schedule, learning rate and batch order as a plain run's, and
+    the run ends ``epochs`` epochs after it (the row has
+    ``early_restart_epochs``); with ``"left"`` it has the epochs left.
     """
 
     name = "finetune_check"
@@ -233,6 +242,7 @@ class FinetuneCheck(Callback):
         self.skip: Optional[bool] = None
         self.early: Optional[str] = None  # "plain", "cap" or "on", once decided
         self.initial: Optional[dict] = None  # the model's weights at the start, while a restart may need them
+        self.offset = 0  # the epoch where a restart started the schedule again (plain_epochs="all"; 0: none)
 
     @classmethod
     def check_epoch(cls, epochs: int) -> int:
@@ -244,12 +254,24 @@ class FinetuneCheck(Callback):
         return bool(counts.max() < self.IMBALANCE_BOUND * max(counts.min(), 1))
 
     def on_fit_start(self, state) -> None:
+        state.offset = self.offset  # a resumed run that had restarted its schedule
         if getattr(state.method, "plain_restart", False) and float(getattr(state.method, "plain_below", 0) or 0) > 0 \
                 and self.early is None and self.initial is None and state.epoch == 0:
             self.initial = {k: v.detach().to("cpu", copy=True) for k, v in state.model.state_dict().items()}
 
+    def unchecked(self) -> bool:
+        """Whether the meta set was drawn from training labels not known to be
+        clean, with no noise added after the draw: the meta set is then as
+        noisy as the labels it would judge (``data.record``)."""
+        rec = getattr(self.data, "record", None) or {}
+        return bool(self.data.meta is not None and rec.get("meta_source") == "train"
+                    and rec.get("meta_known_clean") is False and rec.get("realised_noise_rate") is None)
+
     def on_epoch_start(self, state) -> None:
         method = state.method
+        if self.early is None and getattr(method, "unchecked_meta", "weight") == "plain" and self.unchecked():
+            self.early, self.initial = "plain", None  # plain training from the start: nothing to restart
+            state.row.update(early_decision="plain", early_reason="unchecked meta set")
         plain_below, cap_below = (float(getattr(method, k, 0.0) or 0.0) for k in ("plain_below", "cap_below"))
         if (plain_below > 0 or cap_below > 0) and self.early is None and state.epoch >= self.check_epoch(state.epochs):
             rate, balanced = self.estimate(state.model), self._balanced()
@@ -266,6 +288,9 @@ class FinetuneCheck(Callback):
                 state.model.load_state_dict(self.initial)
                 state.optimizer.state.clear()  # no momentum carried over from the weighted steps
                 state.row.update(early_restart=True)
+                if getattr(method, "plain_epochs", "left") == "all":  # the whole schedule again, from its start
+                    self.offset = state.offset = state.epoch
+                    state.row.update(early_restart_epochs=state.epochs)
             self.initial = None
         if self.early == "plain":
             method.plain, method.finetuning = True, False
@@ -305,10 +330,11 @@ class FinetuneCheck(Callback):
         return float("nan") if rows is None else float(np.mean(rows[1].argmax(1) != rows[0]))
 
     def state_dict(self) -> dict:
-        return {"skip": self.skip, "early": self.early, "initial": self.initial}
+        return {"skip": self.skip, "early": self.early, "initial": self.initial, "offset": self.offset}
 
     def load_state_dict(self, state: dict) -> None:
         self.skip, self.early, self.initial = state.get("skip"), state.get("early"), state.get("initial")
+        self.offset = int(state.get("offset", 0))
 
 
 def _means(sums: dict) -> dict:

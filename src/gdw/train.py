@@ -141,8 +141,9 @@ def train(cfg: TrainConfig, log=print, comm: Optional[Comm] = None) -> dict:
     cfg.out = str(out)
     if cfg.resume and (out / "summary.json").is_file():
         summary = json.loads((out / "summary.json").read_text())
-        log(f"gdw train: the run in {out} is finished ({summary.get('epochs_trained', cfg.epochs)} of {cfg.epochs} "
-            "epochs); nothing to resume, nothing changed")
+        n = summary.get("epochs_trained", cfg.epochs)
+        trained = f"{n} of {cfg.epochs} epochs" if n <= cfg.epochs else f"{n} epochs, the last {cfg.epochs} after a restart"
+        log(f"gdw train: the run in {out} is finished ({trained}); nothing to resume, nothing changed")
         return summary
     fingerprint = cfg.fingerprint()  # once: the checkpoint, its check on --resume and config.json
     if cfg.resume:
@@ -178,10 +179,11 @@ def train(cfg: TrainConfig, log=print, comm: Optional[Comm] = None) -> dict:
         summary.update(getattr(method, "decided_params", {}))  # what the method decided from the model and data
         early = [row for row in history if "early_decision" in row]  # the check a quarter of the way in
         if early:
-            summary.update({k: early[0][k] for k in ("early_noise_estimate", "early_decision")},
+            summary.update({k: early[0].get(k) for k in ("early_noise_estimate", "early_decision")},
                            early_decision_epoch=early[0]["epoch"], early_restart=bool(early[0].get("early_restart")),
-                           **({"early_disagreement": early[0]["early_disagreement"]}
-                              if "early_disagreement" in early[0] else {}))
+                           **{k: early[0][k] for k in ("early_disagreement", "early_reason") if k in early[0]})
+        if data.meta is not None:  # the meta set drawn from labels not known to be clean (gdw's unchecked_meta)
+            summary["meta_unchecked"] = stateful["finetune_check"].unchecked()
         summary.update(getattr(stateful.get("label_issues"), "noise", {}))
         _log_end(log, summary)
         atomic_write(out / "summary.json", json.dumps(summary, indent=2))
@@ -221,9 +223,14 @@ def _log_start(log, cfg: TrainConfig, data, device, out: Path, target: dict, res
     rec = data.record
     if data.meta is not None and rec.get("meta_source") == "train" and rec.get("meta_known_clean") is False \
             and cfg.noise == "none" and METHODS.get(cfg.method).needs_meta:
-        log("gdw train: note: the meta set is as noisy as your labels. Without a clean set, --method dm (no meta "
-            "set) did better than gdw where 20-40% of the labels were wrong, and plain training (--method ce) where "
-            "few were (docs/results.md, 'No clean set')")
+        if getattr(method, "unchecked_meta", "weight") == "plain":
+            log("gdw train: note: the meta set is as noisy as your labels, so gdw trains plainly (pass checked "
+                "examples as --meta to weight). Without a clean set, --method dm (no meta set) did better than "
+                "plain training where 20-40% of the labels were wrong (docs/results.md, 'No clean set')")
+        else:
+            log("gdw train: note: the meta set is as noisy as your labels. Without a clean set, --method dm (no meta "
+                "set) did better than gdw where 20-40% of the labels were wrong, and plain training (--method ce) "
+                "where few were (docs/results.md, 'No clean set')")
 
 
 def _log_end(log, summary: dict) -> None:

@@ -18,11 +18,13 @@ from .methods import METHODS
 CAPPED = {"stage_one": "l2rw", "finetune_fraction": 0.2, "tau": 1.0, "meta_grad": "fd", "weight_norm": "kept",
           "class_grad": "constrained", "max_weight": 1.0, "finetune_min_noise": 0.04,
           "plain_below": 0.0, "plain_restart": False,
-          "raw_factor": 0.0}  # the defaults to question 14 (plain_below: off until 18)
+          "raw_factor": 0.0, "plain_epochs": "left",
+          "unchecked_meta": "weight"}  # the defaults to question 14 (plain_below: off until 18)
 AUTO = {**CAPPED, "max_weight": "auto"}  # the defaults from question 14 to question 18
 CONTINUE = {**AUTO, "plain_below": 0.08}  # the defaults from question 18 to question 19
 RESTART = {**CONTINUE, "plain_restart": True}  # the defaults from question 19 to question 20
-DEFAULT = {**RESTART, "raw_factor": 2.0}  # gdw's defaults
+RAWCHECK = {**RESTART, "raw_factor": 2.0}  # the defaults from question 20 to question 21
+DEFAULT = {**RAWCHECK}  # gdw's defaults
 # (DEFAULT leaves meta_prior to its default, "meta" since question 13; it only changes runs whose meta set is not
 # balanced, so the suite's runs made before it keep their label wherever the meta set is balanced)
 MODEL_PRIOR = {"meta_prior": "model"}  # the meta loss on the model's own logits: every default before question 13
@@ -30,6 +32,7 @@ ALWAYS = {**CAPPED, "finetune_min_noise": 0.0, **MODEL_PRIOR}  # the default bef
 L2RW_STEP = {"stage_one": "l2rw", "finetune_fraction": 0.0, "tau": 0.0, "meta_grad": "jvp", "weight_norm": "batch",
              "class_grad": "raw", "max_weight": math.inf,
              "finetune_min_noise": 0.0, "plain_below": 0.0, "plain_restart": False, "raw_factor": 0.0,
+             "plain_epochs": "left", "unchecked_meta": "weight",
              **MODEL_PRIOR}  # the class-level step on L2RW alone, exactly
 VARIANTS = {
     "l2rw-ft": ("l2rw", {"finetune_fraction": 0.2}, False),
@@ -66,9 +69,17 @@ VARIANTS = {
     # ... and the check's switch only where the uncorrected disagreement is also under twice the bound (question 20)
     "gdw-rawcheck": ("gdw", {**CAPPED, "meta_prior": "meta", "max_weight": "auto", "plain_below": 0.08,
                              "plain_restart": True, "raw_factor": 2.0}, False),
+    # ... and the restarted plain training on the whole schedule again (question 21: not adopted)
+    "gdw-fullrestart": ("gdw", {**CAPPED, "meta_prior": "meta", "max_weight": "auto", "plain_below": 0.08,
+                                "plain_restart": True, "raw_factor": 2.0, "plain_epochs": "all"}, False),
+    # ... (question 20's) and plain training from the start where the meta set is drawn from labels not known to be
+    # clean (question 22)
+    "gdw-ownplain": ("gdw", {**CAPPED, "meta_prior": "meta", "max_weight": "auto", "plain_below": 0.08,
+                             "plain_restart": True, "raw_factor": 2.0, "unchecked_meta": "plain"}, False),
     "gdw-auto": ("gdw", {**AUTO}, False),  # the default from question 14 to 18, spelled as the suite's cells were
     "gdw-continue": ("gdw", {**CONTINUE}, False),  # ... from 18 to 19: the plain training goes on from where it is
     "gdw-restarted": ("gdw", {**RESTART}, False),  # ... from 19 to 20: the switch without the disagreement check
+    "gdw-rawchecked": ("gdw", {**RAWCHECK}, False),  # ... from 20 to 22: the weighting on an unchecked meta set
     "gdw-tau0": ("gdw", {**ALWAYS, "tau": 0.0, "class_grad": "raw", "max_weight": math.inf}, False),
     "gdw-l2rw": ("gdw", {**L2RW_STEP}, False),
     "gdw-l2rw-c": ("gdw", {**L2RW_STEP, "class_grad": "constrained"}, False),  # ... through the constraint

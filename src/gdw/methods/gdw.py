@@ -257,6 +257,23 @@ class GDW(WeightNetMethod):
             the layers before it, so that the plain steps that follow move
             the model less than from the start. Default True with
             ``stage_one="l2rw"`` (design question 19), False with ``"mwnet"``.
+        unchecked_meta: what ``gdw train`` does where the meta set was drawn
+            from the training labels themselves and they are not known to be
+            clean (no ``--meta`` of checked examples, a dataset of the user's
+            own, no noise added after the draw): ``"weight"``, the weighting
+            as with a clean meta set; ``"plain"``, plain training from the
+            first epoch (on the logit-adjusted loss, without fine-tuning):
+            the meta set is then as noisy as the labels it would judge, and
+            the weighting learns nothing cleaner from it. Default ``"weight"``
+            (design question 22 asks). In a loop of one's own there is no
+            such check.
+        plain_epochs: how long that restarted plain training runs: ``"left"``,
+            the epochs of the run that remain, on the rest of its cosine
+            schedule; ``"all"``, the whole schedule again from its start
+            (learning rate and batch order as a plain run's), so that the run
+            ends ``epochs`` epochs after the restart and its plain training is
+            a plain run's. Default ``"left"`` (design question 21 kept it:
+            the whole schedule again was not higher on validation).
         class_grad: the gradient the class-level step follows: ``"raw"``
             (the paper's: ∂L_meta/∂ω of the constrained ω, whose labelled
             column the constraint then overwrites) or ``"constrained"``
@@ -294,22 +311,26 @@ class GDW(WeightNetMethod):
                                "class_grad": "constrained", "max_weight": "auto", "guard": 0.0,
                                "gate": 0.0, "gate_form": "linear", "finetune_min_noise": 0.04,
                                "meta_prior": "meta", "cap_meta_ratio": math.inf, "plain_below": 0.08, "cap_below": 0.0,
-                               "plain_restart": True, "raw_factor": 2.0},
+                               "plain_restart": True, "raw_factor": 2.0, "plain_epochs": "left",
+                               "unchecked_meta": "weight"},
                       "mwnet": {"finetune_fraction": 0.0, "tau": 0.0, "meta_grad": "jvp", "weight_norm": "batch",
                                 "class_grad": "raw", "max_weight": math.inf, "guard": 0.0, "gate": 0.0,
                                 "gate_form": "linear", "finetune_min_noise": 0.0, "meta_prior": "model",
                                 "cap_meta_ratio": math.inf, "plain_below": 0.0, "cap_below": 0.0,
-                                "plain_restart": False, "raw_factor": 0.0}}
+                                "plain_restart": False, "raw_factor": 0.0, "plain_epochs": "left",
+                                "unchecked_meta": "weight"}}
     ADDED_PARAMS = {"weight_norm": "batch", "class_grad": "raw",
                     "max_weight": math.inf, "shrink": 0.0, "guard": 0.0,
                     "gate": 0.0, "gate_form": "linear",
                     "finetune_min_noise": 0.0, "meta_prior": "model",
                     "cap_meta_ratio": math.inf, "plain_below": 0.0,
                     "cap_below": 0.0, "plain_restart": False,
-                    "raw_factor": 0.0}  # what runs recorded before these existed used
+                    "raw_factor": 0.0, "plain_epochs": "left",
+                    "unchecked_meta": "weight"}  # what runs recorded before these existed used
     # parameters that change nothing in a run unless its summary.json says so (field, value): a run recorded
     # before one existed is the same run whatever its value where the summary shows something else
-    INERT_UNLESS = {"plain_restart": ("early_decision", "plain"), "raw_factor": ("early_decision", "plain")}
+    INERT_UNLESS = {"plain_restart": ("early_decision", "plain"), "raw_factor": ("early_decision", "plain"),
+                    "plain_epochs": ("early_restart", True), "unchecked_meta": ("meta_unchecked", True)}
 
     @classmethod
     def resolve_params(cls, params: dict) -> dict:
@@ -325,7 +346,8 @@ class GDW(WeightNetMethod):
                  gate: float | None = None, gate_form: str | None = None, finetune_min_noise: float | None = None,
                  meta_prior: str | None = None, meta_counts=None, cap_meta_ratio: float | None = None,
                  plain_below: float | None = None, cap_below: float | None = None,
-                 plain_restart: bool | None = None, raw_factor: float | None = None, **kw):
+                 plain_restart: bool | None = None, raw_factor: float | None = None,
+                 plain_epochs: str | None = None, unchecked_meta: str | None = None, **kw):
         if stage_one not in STAGE_ONE:
             raise UserError(f"stage_one must be one of {', '.join(STAGE_ONE)}, got {stage_one!r}")
         resolved = self.resolve_params({"stage_one": stage_one, "finetune_fraction": finetune_fraction,
@@ -335,7 +357,8 @@ class GDW(WeightNetMethod):
                                         "finetune_min_noise": finetune_min_noise, "meta_prior": meta_prior,
                                         "cap_meta_ratio": cap_meta_ratio, "plain_below": plain_below,
                                         "cap_below": cap_below, "plain_restart": plain_restart,
-                                        "raw_factor": raw_factor})
+                                        "raw_factor": raw_factor, "plain_epochs": plain_epochs,
+                                        "unchecked_meta": unchecked_meta})
         finetune_fraction, tau, meta_grad, weight_norm, class_grad, max_weight, guard, gate, gate_form, min_noise = (
             resolved[k] for k in ("finetune_fraction", "tau", "meta_grad", "weight_norm", "class_grad", "max_weight",
                                   "guard", "gate", "gate_form", "finetune_min_noise"))
@@ -352,6 +375,14 @@ class GDW(WeightNetMethod):
                 raise UserError(f"{k} must lie in [0, 1), got {resolved[k]!r}")
         self.plain_restart = check_bool("plain_restart", resolved["plain_restart"])
         self.raw_factor = check_positive("raw_factor", resolved["raw_factor"], allow_zero=True)
+        self.plain_epochs = resolved["plain_epochs"]
+        if self.plain_epochs not in ("left", "all"):
+            raise UserError(f"plain_epochs must be 'left' or 'all', got {self.plain_epochs!r}")
+        self.unchecked_meta = resolved["unchecked_meta"]
+        if self.unchecked_meta not in ("weight", "plain"):
+            raise UserError(f"unchecked_meta must be 'weight' or 'plain', got {self.unchecked_meta!r}")
+        if self.unchecked_meta == "plain" and stage_one != "l2rw":
+            raise UserError("unchecked_meta='plain' needs stage_one='l2rw' (the paper's stage one always weights)")
         if self.plain_restart and self.plain_below == 0 and plain_restart is not None:
             raise UserError("plain_restart needs plain_below > 0 (it restarts the plain training plain_below starts)")
         # set by gdw.recorder.FinetuneCheck where the labels look clean: plain training from then on
