@@ -102,6 +102,15 @@ of the two cores (2026-11-25), and the 96 of ``gdw``, ``gdw-jvp`` and
 ``gdw-l2rw-c`` about 15 (2026-12-06, the machine also running tests), so
 the whole grid takes about 55 minutes that way.
 
+The cells without noise on the npz regimes, where gdw trains plainly since
+design question 22 (its meta set is drawn from labels not known to be
+clean), were rerun with that default into a grid of their own (two
+processes, about 15 minutes):
+
+    OMP_NUM_THREADS=1 python benchmarks/robustness.py --datasets \
+        tabular,fashion-mnist-5k,fashion-mnist-10k,fashion-mnist-5k-plain,reviews --methods ce,gdw \
+        --settings none --seeds 0-11 --out benchmarks/results/robustness-own-labels --shard K/2
+
 ``--report`` (also run at the end of a pass) writes ``results.csv`` (one row
 per run; ``dataset`` is the regime, ``method`` the label), ``results.md`` (a
 table per regime, the acceptance questions, the missing cells, the command,

@@ -395,7 +395,7 @@ def test_a_meta_set_drawn_from_unchecked_labels_trains_plainly(tmp_path, capsys)
     base = ["train", "--dataset", f"csv:{data}", "--model", "mlp", "--meta-per-class", "10", "--epochs", "4",
             "--no-progress", "--threads", "1"]
     plain, ce = tmp_path / "plain", tmp_path / "ce"
-    assert main([*base, "--method-args", "tau=0,unchecked_meta=plain", "--out", str(plain)]) == 0
+    assert main([*base, "--method-args", "tau=0", "--out", str(plain)]) == 0
     out = capsys.readouterr().out
     assert "the meta set was drawn from labels not known to be clean: plain training" in \
         [x for x in out.splitlines() if x.startswith("epoch   1/4")][0]
@@ -415,19 +415,19 @@ def test_a_meta_set_drawn_from_unchecked_labels_trains_plainly(tmp_path, capsys)
     assert rows_of(weighted)[0].get("meta_loss") is not None
     assert json.loads((weighted / "summary.json").read_text())["meta_unchecked"] is True
     noisy = tmp_path / "noisy"
-    assert main([*base, "--noise", "uniform:0.2", "--method-args", "unchecked_meta=plain", "--out", str(noisy)]) == 0
+    assert main([*base, "--noise", "uniform:0.2", "--out", str(noisy)]) == 0
     assert rows_of(noisy)[0].get("meta_loss") is not None
     assert json.loads((noisy / "summary.json").read_text())["meta_unchecked"] is False
     checked = tmp_path / "checked"
     meta = own_csv(tmp_path / "checked.csv", n=40, seed=1)
-    assert main([*base, "--meta", f"csv:{meta}", "--method-args", "unchecked_meta=plain", "--out", str(checked)]) == 0
+    assert main([*base, "--meta", f"csv:{meta}", "--out", str(checked)]) == 0
     assert rows_of(checked)[0].get("meta_loss") is not None
     assert json.loads((checked / "summary.json").read_text())["meta_unchecked"] is False
 
 
 def test_unchecked_meta_is_checked(tmp_path, capsys):
     model = torch.nn.Linear(4, 3)
-    assert gdw.GDW(model, 3).unchecked_meta == "weight"  # the default
+    assert gdw.GDW(model, 3).unchecked_meta == "plain"  # the default (design question 22)
     assert gdw.GDW(model, 3, stage_one="mwnet").unchecked_meta == "weight"
     with pytest.raises(UserError, match="unchecked_meta"):
         gdw.GDW(model, 3, unchecked_meta="never")

@@ -246,9 +246,11 @@ def pictures(tmp_path_factory):
 def test_own_image_folder_issues_carry_paths(pictures, tmp_path):
     d, truth = pictures
     out = tmp_path / "run"
+    # max_weight=1: on these 217 images the uncapped weights (the default with BatchNorm) left the model
+    # without one class in 1 of 3 seeds on an AVX2 CPU (seed 0 here); the paths are what this test is about
     assert main(["train", "--dataset", f"folder:{d / 'photos'}", "--meta", f"folder:{d / 'checked'}",
                  "--val-per-class", "4", "--epochs", "8", "--batch-size", "32", "--no-progress",
-                 "--out", str(out)]) == 0
+                 "--method-args", "max_weight=1", "--out", str(out)]) == 0
     rows = read_rows(out / "label_issues.csv")
     assert list(rows[0]) == ["index", "path", "given_label", "suggested_label", "score", "is_label_issue", "split"]
     for r in rows:  # the path is the user's file, its folder the given label

@@ -35,7 +35,8 @@ def test_grid_skips_finished_cells_and_tabulates_the_csv(protocol, tmp_path, cap
                                                           "meta_grad": "fd", "weight_norm": "kept",
                                                           "class_grad": "constrained", "max_weight": 1.0,
                                                           "finetune_min_noise": 0.0, "plain_below": 0.0,
-                                                          "plain_restart": False, "raw_factor": 0.0, "meta_prior": "model"})):
+                                                          "plain_restart": False, "raw_factor": 0.0, "plain_epochs": "left",
+                   "unchecked_meta": "weight", "meta_prior": "model"})):
         config = json.loads((tmp_path / cell / "config.json").read_text())
         assert config["method"] == "gdw" and config["method_args"] == method_args
     stamps = {p: p.stat().st_mtime_ns for p in summaries}
@@ -130,7 +131,8 @@ def test_the_grid_of_the_paper_protocol():
     assert module.METHODS["gdw-paper-head"] == ("gdw", {"stage_one": "mwnet"}, True)
     default = {"stage_one": "l2rw", "finetune_fraction": 0.2, "tau": 1.0, "meta_grad": "fd", "weight_norm": "kept",
                "class_grad": "constrained", "max_weight": 1.0, "finetune_min_noise": 0.0, "plain_below": 0.0,
-               "plain_restart": False, "raw_factor": 0.0, "meta_prior": "model"}  # the default as they ran (added since
+               "plain_restart": False, "raw_factor": 0.0, "plain_epochs": "left",
+                   "unchecked_meta": "weight", "meta_prior": "model"}  # the default as they ran (added since
     # spelled out at what they were then)
     assert module.METHODS["gdw"] == ("gdw", default, False)
     assert module.METHODS["gdw-uncapped"] == ("gdw", {**default, "max_weight": math.inf}, False)
@@ -140,7 +142,7 @@ def test_the_grid_of_the_paper_protocol():
 
     assert (resolved_params("gdw", {**default, "finetune_min_noise": 0.04, "meta_prior": "meta",
                                     "max_weight": "auto", "plain_below": 0.08, "plain_restart": True,
-                                    "raw_factor": 2.0})
+                                    "raw_factor": 2.0, "unchecked_meta": "plain"})
             == resolved_params("gdw", {}))
     # a run is labelled by its method, arguments and head_only; one that is in no entry keeps its arguments
     label = module.method_label

@@ -264,9 +264,9 @@ class GDW(WeightNetMethod):
             as with a clean meta set; ``"plain"``, plain training from the
             first epoch (on the logit-adjusted loss, without fine-tuning):
             the meta set is then as noisy as the labels it would judge, and
-            the weighting learns nothing cleaner from it. Default ``"weight"``
-            (design question 22 asks). In a loop of one's own there is no
-            such check.
+            the weighting learns nothing cleaner from it. Default ``"plain"``
+            with ``stage_one="l2rw"`` (design question 22), ``"weight"`` with
+            ``"mwnet"``. In a loop of one's own there is no such check.
         plain_epochs: how long that restarted plain training runs: ``"left"``,
             the epochs of the run that remain, on the rest of its cosine
             schedule; ``"all"``, the whole schedule again from its start
@@ -312,7 +312,7 @@ class GDW(WeightNetMethod):
                                "gate": 0.0, "gate_form": "linear", "finetune_min_noise": 0.04,
                                "meta_prior": "meta", "cap_meta_ratio": math.inf, "plain_below": 0.08, "cap_below": 0.0,
                                "plain_restart": True, "raw_factor": 2.0, "plain_epochs": "left",
-                               "unchecked_meta": "weight"},
+                               "unchecked_meta": "plain"},
                       "mwnet": {"finetune_fraction": 0.0, "tau": 0.0, "meta_grad": "jvp", "weight_norm": "batch",
                                 "class_grad": "raw", "max_weight": math.inf, "guard": 0.0, "gate": 0.0,
                                 "gate_form": "linear", "finetune_min_noise": 0.0, "meta_prior": "model",
