@@ -194,6 +194,16 @@ class LabelIssueRecorder(Callback):
         return write_csv(out / CSV_NAME, _table(data, given, suggested, score, rows, paths, held, test))
 
 
+def meta_unchecked(data) -> bool:
+    """Whether ``data``'s meta set (a :class:`gdw.data.Prepared`) was drawn
+    from training labels not known to be clean, with no noise added after
+    the draw: the meta set is then as noisy as the labels it would judge
+    (from ``data.record``)."""
+    rec = getattr(data, "record", None) or {}
+    return bool(data.meta is not None and rec.get("meta_source") == "train"
+                and rec.get("meta_known_clean") is False and rec.get("realised_noise_rate") is None)
+
+
 class FinetuneCheck(Callback):
     """Skips a method's fine-tuning phase on the meta set where the run's
     labels look clean (its ``finetune_min_noise`` > 0; GDW's parameter), and
@@ -260,12 +270,8 @@ class FinetuneCheck(Callback):
             self.initial = {k: v.detach().to("cpu", copy=True) for k, v in state.model.state_dict().items()}
 
     def unchecked(self) -> bool:
-        """Whether the meta set was drawn from training labels not known to be
-        clean, with no noise added after the draw: the meta set is then as
-        noisy as the labels it would judge (``data.record``)."""
-        rec = getattr(self.data, "record", None) or {}
-        return bool(self.data.meta is not None and rec.get("meta_source") == "train"
-                    and rec.get("meta_known_clean") is False and rec.get("realised_noise_rate") is None)
+        """:func:`meta_unchecked` of the run's data."""
+        return meta_unchecked(self.data)
 
     def on_epoch_start(self, state) -> None:
         method = state.method

@@ -33,7 +33,7 @@ from .fit import TrainingDiverged, fit  # noqa: F401 - re-exported
 from .methods import METHODS, make
 from .models import check_logits, create_model
 from .prior import describe, prediction_shift, resolve_target_prior
-from .recorder import FinetuneCheck, LabelIssueRecorder
+from .recorder import FinetuneCheck, LabelIssueRecorder, meta_unchecked
 from .config import NEUTRAL, TrainConfig, changed_data_files, default_out  # noqa: F401 - re-exported
 from .rundir import (RunInterrupted, _config_record, _interrupts, _summary, check_run_dir,  # noqa: F401 - re-exported
                      check_same_data, describe_difference, load_checkpoint, run_dir)
@@ -183,7 +183,7 @@ def train(cfg: TrainConfig, log=print, comm: Optional[Comm] = None) -> dict:
                            early_decision_epoch=early[0]["epoch"], early_restart=bool(early[0].get("early_restart")),
                            **{k: early[0][k] for k in ("early_disagreement", "early_reason") if k in early[0]})
         if data.meta is not None:  # the meta set drawn from labels not known to be clean (gdw's unchecked_meta)
-            summary["meta_unchecked"] = stateful["finetune_check"].unchecked()
+            summary["meta_unchecked"] = meta_unchecked(data)
         summary.update(getattr(stateful.get("label_issues"), "noise", {}))
         _log_end(log, summary)
         atomic_write(out / "summary.json", json.dumps(summary, indent=2))
@@ -220,9 +220,7 @@ def _log_start(log, cfg: TrainConfig, data, device, out: Path, target: dict, res
         log(f"gdw train: {cfg.method}: {method.cap_note}")
     for warning in data.record.get("warnings", []):
         log(f"gdw train: warning: {warning}")
-    rec = data.record
-    if data.meta is not None and rec.get("meta_source") == "train" and rec.get("meta_known_clean") is False \
-            and cfg.noise == "none" and METHODS.get(cfg.method).needs_meta:
+    if meta_unchecked(data) and METHODS.get(cfg.method).needs_meta:
         if getattr(method, "unchecked_meta", "weight") == "plain":
             log("gdw train: note: the meta set is as noisy as your labels, so gdw trains plainly (pass checked "
                 "examples as --meta to weight). Without a clean set, --method dm (no meta set) did better than "
