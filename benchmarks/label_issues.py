@@ -152,7 +152,7 @@ def gdw_row(dataset, noise, seed, epochs, method, out: Path) -> dict:
 
 
 # ----------------------------------------------------------------------------- the candidate scores
-# How gdw.detect's score (1 − p̄ of the given label, "confidence") was chosen: these candidates,
+# How gdw.detect's first score (1 − p̄ of the given label, "confidence") was chosen: these candidates,
 # each over a run's label_evidence.npz (evidence ``ev``: prob, trust, class_weight) and the given
 # labels, higher = more suspicious; and the candidate suggested labels.
 
@@ -221,7 +221,15 @@ def score_relative(ev, given):
     return -wy / np.maximum(other, 1e-12)
 
 
+def score_log_odds(ev, given):
+    """log p̄_k − log p̄_y, k the likeliest other class: the score since benchmarks/issue_score.py."""
+    from gdw.issues import label_score
+
+    return label_score(ev["prob"], given)
+
+
 SCORES = {
+    "log_odds": score_log_odds,
     "weight": score_weight,
     "confidence": score_confidence,
     "margin": score_margin,

@@ -72,11 +72,12 @@ def test_flagged_rows_follow_the_estimate_within_each_class():
     assert found.noise_rate == pytest.approx(3 / 6)
     assert found.order.tolist() == [2, 4, 5, 1, 3, 0]  # flagged by score (ties in row order), then the rest
     rows = found.rows(top=2, row_ids=[10, 11, 12, 13, 14, 15])
-    assert rows == [{"row": 12, "given_label": "cat", "suggested_label": "dog", "score": 0.7, "flagged": True},
-                    {"row": 14, "given_label": "dog", "suggested_label": "cat", "score": 0.7, "flagged": True}]
+    odds = round(float(np.log(0.7 / 0.3)), 6)  # the score: log-odds of the other class against the given one
+    assert rows == [{"row": 12, "given_label": "cat", "suggested_label": "dog", "score": odds, "flagged": True},
+                    {"row": 14, "given_label": "dog", "suggested_label": "cat", "score": odds, "flagged": True}]
     assert found.pairs() == [("dog", "cat", 2.0), ("cat", "dog", 1.0)]
     top = gdw.find_label_issues(labels, probs, num_issues=1, bootstrap=0)
-    assert top.flagged.tolist() == [False, False, True, False, False, False]  # the first of the two at 0.7
+    assert top.flagged.tolist() == [False, False, True, False, False, False]  # the first of the two at 0.7 : 0.3
 
 
 @pytest.mark.parametrize("bad, match", [
@@ -122,3 +123,23 @@ def test_the_readme_label_issue_loop_runs_and_finds_the_flipped_rows():
     assert wrong[issues.flagged].mean() >= 0.8 and issues.flagged[wrong].mean() >= 0.8
     assert printed[0].endswith(")") and "wrong" in printed[0]
     assert [r["flagged"] for r in printed[1]][:1] == [True]
+
+
+def test_label_score_by_hand():
+    """log p_k − log p_y, k the likeliest other class: a row whose missing
+    probability sits on one rival ranks above one whose probability is spread,
+    though both give their label 0.4; on two classes it orders rows as 1 − p_y."""
+    probs = np.array([[0.4, 0.6, 0.0], [0.4, 0.3, 0.3], [0.1, 0.2, 0.7], [0.0, 1.0, 0.0]])
+    labels = np.array([0, 0, 2, 0])
+    got = gdw.label_score(probs, labels)
+    want = [np.log(0.6 / 0.4), np.log(0.3 / 0.4), np.log(0.2 / 0.7), np.log(1.0 / gdw.issues.TINY)]
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    two = np.array([[0.9, 0.1], [0.2, 0.8], [0.55, 0.45], [0.5, 0.5]])
+    y = np.array([0, 0, 1, 1])
+    np.testing.assert_array_equal(np.argsort(-gdw.label_score(two, y), kind="stable"),
+                                  np.argsort(-(1 - two[np.arange(4), y]), kind="stable"))
+    np.testing.assert_allclose(gdw.label_score(2 * probs[:3], labels[:3]), got[:3], rtol=1e-12)  # a ratio: scale-free
+    found = gdw.find_label_issues(labels, probs, bootstrap=0)
+    np.testing.assert_allclose(found.score, got, rtol=1e-12)
+    with pytest.raises(gdw.UserError, match="two classes"):
+        gdw.find_label_issues(np.zeros(3, int), np.ones((3, 1)))

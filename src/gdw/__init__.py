@@ -17,11 +17,11 @@ from .detect import read_label_issues
 from .recorder import LabelIssueRecorder
 from .fit import batches, cycle, fit
 from .methods import CE, GDW, L2RW, METHODS, Method, MetaMethod, MWNet, Stats, WeightNet, make
-from .issues import LabelIssues, find_label_issues
+from .issues import LabelIssues, find_label_issues, label_score
 from .prior import prediction_shift
 
 __version__ = "0.1.0"
 
 __all__ = ["Callback", "CE", "GDW", "L2RW", "MWNet", "METHODS", "Method", "MetaMethod", "Stats", "UserError",
-           "WeightNet", "cycle", "batches", "read_label_issues", "prediction_shift", "find_label_issues", "LabelIssues",
+           "WeightNet", "cycle", "batches", "read_label_issues", "prediction_shift", "find_label_issues", "label_score", "LabelIssues",
            "LabelIssueRecorder", "fit", "make", "__version__"]

@@ -26,9 +26,13 @@ model's own error rate otherwise. The interval is the 2.5 and 97.5
 percentiles over bootstrap resamples of both sets' rows.
 
 The flagged set. Within each given class i the rows are ranked by
-``score = 1 − p_i`` (the probability the model gives the given label), and
-the round(Σ_{j≠i} N̂_ij) highest are flagged; the suggested label of a row
-is its most likely class other than the given one.
+:func:`label_score`, ``score = log p_k − log p_i`` (p_i the probability the
+model gives the given label, p_k the likeliest other class's: the log-odds
+of the label's strongest rival), and the round(Σ_{j≠i} N̂_ij) highest are
+flagged; the suggested label of a row is that class k. Against ``1 − p_i``
+it ranks a row whose missing probability sits on one rival above a row
+whose probability is spread over many (a hard example rather than a wrong
+label); on two classes the two orders are the same.
 """
 
 from __future__ import annotations
@@ -45,7 +49,9 @@ from .errors import UserError
 class LabelIssues:
     """What :func:`find_label_issues` found; arrays are indexed by row.
 
-    score: (n,) 1 − probability of the given label, higher = more suspicious.
+    score: (n,) :func:`label_score`, the log-odds of the likeliest other class
+        against the given label; higher = more suspicious, > 0 where another
+        class is more likely than the given one.
     flagged: (n,) bool, the rows estimated to be wrong.
     suggested: (n,) the most likely class other than the given label.
     order: (n,) row indices, most suspicious first (flagged rows first).
@@ -90,6 +96,24 @@ def top_pairs(noise_matrix, class_names=None, top: int = 5) -> list[tuple[str, s
     return [(names[i], names[j], float(N[i, j])) for i, j in zip(*np.unravel_index(idx, N.shape)) if N[i, j] >= 0.5]
 
 
+TINY = 1e-7  # probabilities below this count as this in label_score (the evidence is stored as float16)
+
+
+def label_score(pred_probs, labels) -> np.ndarray:
+    """How much more the model believes each row's likeliest other class than
+    its given label: ``log p_k − log p_y`` with k = argmax_{j≠y} p_j,
+    probabilities below :data:`TINY` taken as TINY. (n, C) probabilities
+    (need not sum to one: the score is a ratio) and (n,) labels → (n,)
+    float64; higher = more suspicious, > 0 where another class is more
+    likely than the given one. Needs C ≥ 2."""
+    p = np.maximum(np.asarray(pred_probs, dtype=np.float64), TINY)
+    labels = np.asarray(labels)
+    rows = np.arange(len(labels))
+    other = p.copy()
+    other[rows, labels] = -np.inf
+    return np.log(other.max(1)) - np.log(p[rows, labels])
+
+
 def most_likely_other(probs, labels) -> np.ndarray:
     """The most likely class other than the given label of every row: (n, C) probabilities → (n,)."""
     other = np.array(probs, dtype=np.float64)
@@ -113,6 +137,8 @@ def _check(labels, probs, what: str) -> tuple[np.ndarray, np.ndarray]:
                         f"got {labels.shape} and {probs.shape}")
     if len(labels) == 0:
         raise UserError(f"{what}: no rows")
+    if probs.shape[1] < 2:
+        raise UserError(f"{what}: probabilities need at least two classes (columns), got {probs.shape[1]}")
     if not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0 or labels.max() >= probs.shape[1]:
         raise UserError(f"{what}: labels must be whole numbers in [0, {probs.shape[1]})")
     if not np.isfinite(probs).all() or (probs < 0).any():
@@ -194,7 +220,7 @@ def find_label_issues(labels, pred_probs, *, clean_labels=None, clean_pred_probs
              for _ in range(bootstrap)]
     interval = (float(np.percentile(rates, 2.5)), float(np.percentile(rates, 97.5))) if rates else (rate, rate)
 
-    score = 1 - probs[np.arange(n), labels]
+    score = label_score(probs, labels)
     suggested = most_likely_other(probs, labels)
     flagged = np.zeros(n, bool)
     if num_issues is not None:

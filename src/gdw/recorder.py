@@ -19,7 +19,7 @@ from .callbacks import Callback
 from .detect import CSV_NAME, EVIDENCE_NAME, WINDOW, issues_table, score_name, write_csv
 from .errors import UserError
 from .fit import predict_proba
-from .issues import find_label_issues, flag_per_class, most_likely_other
+from .issues import find_label_issues, flag_per_class, label_score, most_likely_other
 
 
 class LabelIssueRecorder(Callback):
@@ -173,7 +173,7 @@ class LabelIssueRecorder(Callback):
                 ev["trust"][missing] = np.nan
         given = train_split.labels.numpy()
         held = self.held_out(data, model, batch_size)
-        score = 1.0 - ev["prob"][np.arange(len(given)), given].astype(np.float64)  # 1 − p̄_y: higher, more suspect
+        score = label_score(ev["prob"], given)  # higher, more suspect
         # the model's own mistakes where labels are right: on the meta set, which a meta method fits about as
         # well as the clean training rows (docs/algorithms.md, 5c)
         meta = held.get("meta") if fits_meta else None
@@ -369,14 +369,14 @@ def score_test_split(data, test: Optional[dict], found, train_given: np.ndarray)
     """Label issues in a test split drawn from the user's own data, labels as
     given (as noisy as the training labels; ``{}`` for any other test split,
     or with injected noise): the
-    final model's out-of-sample ``score`` (1 − p of the given label), and in
+    final model's out-of-sample ``score`` (:func:`gdw.issues.label_score`), and in
     each given class the share of rows flagged that the training estimate
     gives that class (the split is a random part of the same data);
     ``suggested`` is the most likely other class on flagged rows."""
     if test is None or data.record.get("test_known_clean", True) or data.record.get("realised_noise_rate") is not None:
         return {}  # no test split of the user's own labels (injected noise leaves the test labels as they were)
     given, prob = test["given"], test["prob"].astype(np.float64)
-    score = 1 - prob[np.arange(len(given)), given]
+    score = label_score(prob, given)
     N = found.noise_matrix
     share = (N.sum(1) - np.diag(N)) / np.maximum(np.bincount(train_given, minlength=len(N)), 1)
     flagged = flag_per_class(given, score, share * np.bincount(given, minlength=len(N)))
