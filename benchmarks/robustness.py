@@ -104,8 +104,9 @@ the whole grid takes about 55 minutes that way.
 
 The cells without noise on the npz regimes, where gdw trains plainly since
 design question 22 (its meta set is drawn from labels not known to be
-clean), were rerun with that default into a grid of their own (two
-processes, about 15 minutes):
+clean; as CE does since ``unchecked_meta="ce"``), were rerun with that
+default into a grid of their own (two processes, about 15 minutes; 40 for
+the GDW runs alone in one):
 
     OMP_NUM_THREADS=1 python benchmarks/robustness.py --datasets \
         tabular,fashion-mnist-5k,fashion-mnist-10k,fashion-mnist-5k-plain,reviews --methods ce,gdw \

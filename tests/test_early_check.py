@@ -386,20 +386,22 @@ def own_csv(path, n=240, seed=0):
 
 def test_a_meta_set_drawn_from_unchecked_labels_trains_plainly(tmp_path, capsys):
     """The user's own CSV, no --meta, no noise added: the meta set is drawn
-    from the same unchecked labels, so by default (unchecked_meta=plain) gdw
-    trains plainly from the first epoch: no meta loss in any row, the first
-    row and the summary say why, and with τ = 0 the final weights are a CE
-    run's bit for bit. unchecked_meta=weight, checked examples as --meta or
+    from the same unchecked labels, so by default (unchecked_meta=ce) gdw
+    trains plainly from the first epoch as CE does: no meta loss in any row,
+    the first row and the summary say why, and the final weights, the
+    predictions' shift and the label issues are a CE run's bit for bit.
+    unchecked_meta=plain trains plainly on the logit-adjusted loss (a CE run
+    only with τ = 0); unchecked_meta=weight, checked examples as --meta or
     noise added after the draw keep the weighting."""
     data = own_csv(tmp_path / "own.csv")
     base = ["train", "--dataset", f"csv:{data}", "--model", "mlp", "--meta-per-class", "10", "--epochs", "4",
             "--no-progress", "--threads", "1"]
     plain, ce = tmp_path / "plain", tmp_path / "ce"
-    assert main([*base, "--method-args", "tau=0", "--out", str(plain)]) == 0
+    assert main([*base, "--out", str(plain)]) == 0
     out = capsys.readouterr().out
     assert "the meta set was drawn from labels not known to be clean: plain training" in \
         [x for x in out.splitlines() if x.startswith("epoch   1/4")][0]
-    assert "gdw trains plainly" in out
+    assert "gdw trains plainly, as --method ce does" in out and "cap on the instance weights" not in out
     rows = rows_of(plain)
     assert rows[0]["early_decision"] == "plain" and rows[0]["early_reason"] == "unchecked meta set"
     assert all(r.get("meta_loss") is None and not r["finetuning"] for r in rows)
@@ -409,6 +411,19 @@ def test_a_meta_set_drawn_from_unchecked_labels_trains_plainly(tmp_path, capsys)
     assert main([*base, "--method", "ce", "--out", str(ce)]) == 0
     a, b = weights_of(plain), weights_of(ce)
     assert all(torch.equal(a[k], b[k]) for k in a)
+    config = [json.loads((d / "config.json").read_text())["target"] for d in (plain, ce)]
+    assert config[0]["fits"] == config[1]["fits"] == "train"
+    assert config[0]["prediction_shift"] == config[1]["prediction_shift"]
+    assert (plain / "label_issues.csv").read_text() == (ce / "label_issues.csv").read_text()
+    adjusted = tmp_path / "adjusted"  # unchecked_meta=plain: plain training on the logit-adjusted loss
+    assert main([*base, "--method-args", "unchecked_meta=plain", "--out", str(adjusted)]) == 0
+    assert rows_of(adjusted)[0]["early_reason"] == "unchecked meta set"
+    assert json.loads((adjusted / "config.json").read_text())["target"]["fits"] == "balanced"
+    c = weights_of(adjusted)
+    assert not all(torch.equal(c[k], b[k]) for k in c)
+    assert main([*base, "--method-args", "unchecked_meta=plain,tau=0", "--out", str(tmp_path / "tau0")]) == 0
+    c = weights_of(tmp_path / "tau0")
+    assert all(torch.equal(c[k], b[k]) for k in c)
 
     weighted = tmp_path / "weighted"
     assert main([*base, "--method-args", "unchecked_meta=weight", "--out", str(weighted)]) == 0
@@ -427,12 +442,13 @@ def test_a_meta_set_drawn_from_unchecked_labels_trains_plainly(tmp_path, capsys)
 
 def test_unchecked_meta_is_checked(tmp_path, capsys):
     model = torch.nn.Linear(4, 3)
-    assert gdw.GDW(model, 3).unchecked_meta == "plain"  # the default (design question 22)
+    assert gdw.GDW(model, 3).unchecked_meta == "ce"  # the default (design question 22, plain training as CE's)
     assert gdw.GDW(model, 3, stage_one="mwnet").unchecked_meta == "weight"
     with pytest.raises(UserError, match="unchecked_meta"):
         gdw.GDW(model, 3, unchecked_meta="never")
-    with pytest.raises(UserError, match="unchecked_meta='plain' needs stage_one='l2rw'"):
-        gdw.GDW(model, 3, stage_one="mwnet", unchecked_meta="plain")
+    for value in ("plain", "ce"):
+        with pytest.raises(UserError, match=f"unchecked_meta='{value}' needs stage_one='l2rw'"):
+            gdw.GDW(model, 3, stage_one="mwnet", unchecked_meta=value)
     assert main(["train", *QUICK, "--method-args", "unchecked_meta=1", "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unchecked_meta" in err[0]

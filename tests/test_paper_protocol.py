@@ -142,7 +142,7 @@ def test_the_grid_of_the_paper_protocol():
 
     assert (resolved_params("gdw", {**default, "finetune_min_noise": 0.04, "meta_prior": "meta",
                                     "max_weight": "auto", "plain_below": 0.08, "plain_restart": True,
-                                    "raw_factor": 2.0, "unchecked_meta": "plain"})
+                                    "raw_factor": 2.0, "unchecked_meta": "ce"})
             == resolved_params("gdw", {}))
     # a run is labelled by its method, arguments and head_only; one that is in no entry keeps its arguments
     label = module.method_label

@@ -281,4 +281,5 @@ class LabelIssues(Callback):
     def on_fit_end(self, state: FitState) -> None:
         if state.is_main:
             self.recorder.write(self.out, self.data, self.method_name, model=state.model,
-                                fits_meta=bool(getattr(state.method, "needs_meta", False)))
+                                fits_meta=bool(getattr(state.method, "needs_meta", False))
+                                and not getattr(state.method, "as_ce", False))

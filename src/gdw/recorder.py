@@ -226,7 +226,7 @@ class FinetuneCheck(Callback):
     below ``plain_below`` it sets the method's ``plain`` (plain training
     from that epoch on, without fine-tuning); else below ``cap_below`` it
     caps the method's instance weights at 1 (``max_weight``) from then on.
-    With the method's ``unchecked_meta="plain"``, a run whose meta set was
+    With the method's ``unchecked_meta="plain"`` (or ``"ce"``), a run whose meta set was
     drawn from training labels not known to be clean (and no noise added
     after: :meth:`unchecked`) trains plainly from its first epoch, whose row
     has ``early_decision: "plain"`` and ``early_reason: "unchecked meta
@@ -275,7 +275,7 @@ class FinetuneCheck(Callback):
 
     def on_epoch_start(self, state) -> None:
         method = state.method
-        if self.early is None and getattr(method, "unchecked_meta", "weight") == "plain" and self.unchecked():
+        if self.early is None and getattr(method, "unchecked_meta", "weight") in ("plain", "ce") and self.unchecked():
             self.early, self.initial = "plain", None  # plain training from the start: nothing to restart
             state.row.update(early_decision="plain", early_reason="unchecked meta set")
         plain_below, cap_below = (float(getattr(method, k, 0.0) or 0.0) for k in ("plain_below", "cap_below"))

@@ -152,6 +152,8 @@ def train(cfg: TrainConfig, log=print, comm: Optional[Comm] = None) -> dict:
     data, model, opt, method = build(cfg, device, comm)
     if ckpt is not None:
         check_same_data(out, data)
+    if getattr(method, "unchecked_meta", "weight") == "ce" and meta_unchecked(data):
+        method.train_as_ce()  # gdw's unchecked_meta: a CE run, its predictions aimed as CE's are
     target, shift = target_prior(cfg, data, method)
     callbacks, stateful = _callbacks(cfg, data, out, device, log if main else (lambda *a, **k: None), shift,
                                      fingerprint)
@@ -221,8 +223,9 @@ def _log_start(log, cfg: TrainConfig, data, device, out: Path, target: dict, res
     for warning in data.record.get("warnings", []):
         log(f"gdw train: warning: {warning}")
     if meta_unchecked(data) and METHODS.get(cfg.method).needs_meta:
-        if getattr(method, "unchecked_meta", "weight") == "plain":
-            log("gdw train: note: the meta set is as noisy as your labels, so gdw trains plainly (pass checked "
+        if getattr(method, "unchecked_meta", "weight") in ("plain", "ce"):
+            log("gdw train: note: the meta set is as noisy as your labels, so gdw trains plainly"
+                + (", as --method ce does" if getattr(method, "as_ce", False) else "") + " (pass checked "
                 "examples as --meta to weight). Without a clean set, --method dm (no meta set) did better than "
                 "plain training where 20-40% of the labels were wrong (docs/results.md, 'No clean set')")
         else:

@@ -24,7 +24,7 @@ AUTO = {**CAPPED, "max_weight": "auto"}  # the defaults from question 14 to ques
 CONTINUE = {**AUTO, "plain_below": 0.08}  # the defaults from question 18 to question 19
 RESTART = {**CONTINUE, "plain_restart": True}  # the defaults from question 19 to question 20
 RAWCHECK = {**RESTART, "raw_factor": 2.0}  # the defaults from question 20 to question 21
-DEFAULT = {**RAWCHECK, "unchecked_meta": "plain"}  # gdw's defaults
+DEFAULT = {**RAWCHECK, "unchecked_meta": "ce"}  # gdw's defaults
 # (DEFAULT leaves meta_prior to its default, "meta" since question 13; it only changes runs whose meta set is not
 # balanced, so the suite's runs made before it keep their label wherever the meta set is balanced)
 MODEL_PRIOR = {"meta_prior": "model"}  # the meta loss on the model's own logits: every default before question 13
@@ -73,7 +73,7 @@ VARIANTS = {
     "gdw-fullrestart": ("gdw", {**CAPPED, "meta_prior": "meta", "max_weight": "auto", "plain_below": 0.08,
                                 "plain_restart": True, "raw_factor": 2.0, "plain_epochs": "all"}, False),
     # ... (question 20's) and plain training from the start where the meta set is drawn from labels not known to be
-    # clean (question 22)
+    # clean (question 22; the default until that plain training became CE's, unchecked_meta="ce")
     "gdw-ownplain": ("gdw", {**CAPPED, "meta_prior": "meta", "max_weight": "auto", "plain_below": 0.08,
                              "plain_restart": True, "raw_factor": 2.0, "unchecked_meta": "plain"}, False),
     "gdw-auto": ("gdw", {**AUTO}, False),  # the default from question 14 to 18, spelled as the suite's cells were

@@ -160,6 +160,7 @@ GATE_FINETUNE = 0.5  # with the gate, the fine-tuning phase runs only while its 
 WEIGHT_NORM = ("batch", "kept", "binary")
 CLASS_GRAD = ("raw", "constrained")
 META_PRIOR = ("model", "meta")
+UNCHECKED_META = ("weight", "plain", "ce")
 
 
 @METHODS.register("gdw")
@@ -264,8 +265,12 @@ class GDW(WeightNetMethod):
             as with a clean meta set; ``"plain"``, plain training from the
             first epoch (on the logit-adjusted loss, without fine-tuning):
             the meta set is then as noisy as the labels it would judge, and
-            the weighting learns nothing cleaner from it. Default ``"plain"``
-            with ``stage_one="l2rw"`` (design question 22), ``"weight"`` with
+            the weighting learns nothing cleaner from it; ``"ce"``, the same
+            but training and predicting as ``--method ce`` does (no logit
+            adjustment, predictions aimed from the training labels' prior:
+            :meth:`train_as_ce`), so that the run is a CE run bit for bit.
+            Default ``"ce"`` with ``stage_one="l2rw"`` (design question 22
+            chose plain training; a plain run is CE's), ``"weight"`` with
             ``"mwnet"``. In a loop of one's own there is no such check.
         plain_epochs: how long that restarted plain training runs: ``"left"``,
             the epochs of the run that remain, on the rest of its cosine
@@ -312,7 +317,7 @@ class GDW(WeightNetMethod):
                                "gate": 0.0, "gate_form": "linear", "finetune_min_noise": 0.04,
                                "meta_prior": "meta", "cap_meta_ratio": math.inf, "plain_below": 0.08, "cap_below": 0.0,
                                "plain_restart": True, "raw_factor": 2.0, "plain_epochs": "left",
-                               "unchecked_meta": "plain"},
+                               "unchecked_meta": "ce"},
                       "mwnet": {"finetune_fraction": 0.0, "tau": 0.0, "meta_grad": "jvp", "weight_norm": "batch",
                                 "class_grad": "raw", "max_weight": math.inf, "guard": 0.0, "gate": 0.0,
                                 "gate_form": "linear", "finetune_min_noise": 0.0, "meta_prior": "model",
@@ -379,10 +384,12 @@ class GDW(WeightNetMethod):
         if self.plain_epochs not in ("left", "all"):
             raise UserError(f"plain_epochs must be 'left' or 'all', got {self.plain_epochs!r}")
         self.unchecked_meta = resolved["unchecked_meta"]
-        if self.unchecked_meta not in ("weight", "plain"):
-            raise UserError(f"unchecked_meta must be 'weight' or 'plain', got {self.unchecked_meta!r}")
-        if self.unchecked_meta == "plain" and stage_one != "l2rw":
-            raise UserError("unchecked_meta='plain' needs stage_one='l2rw' (the paper's stage one always weights)")
+        if self.unchecked_meta not in UNCHECKED_META:
+            raise UserError(f"unchecked_meta must be one of {', '.join(UNCHECKED_META)}, got {self.unchecked_meta!r}")
+        if self.unchecked_meta != "weight" and stage_one != "l2rw":
+            raise UserError(f"unchecked_meta={self.unchecked_meta!r} needs stage_one='l2rw' "
+                            "(the paper's stage one always weights)")
+        self.as_ce = False  # set by train_as_ce
         if self.plain_restart and self.plain_below == 0 and plain_restart is not None:
             raise UserError("plain_restart needs plain_below > 0 (it restarts the plain training plain_below starts)")
         # set by gdw.recorder.FinetuneCheck where the labels look clean: plain training from then on
@@ -448,8 +455,19 @@ class GDW(WeightNetMethod):
 
     @property
     def fits_prior(self) -> str:
-        """Balanced with the logit adjustment (τ > 0 and class counts), else the meta set's."""
-        return "balanced" if self.log_prior is not None else "meta"
+        """Balanced with the logit adjustment (τ > 0 and class counts), else the
+        meta set's; the training labels' after :meth:`train_as_ce`."""
+        return "train" if self.as_ce else "balanced" if self.log_prior is not None else "meta"
+
+    def train_as_ce(self) -> None:
+        """Train plainly from now on exactly as :class:`gdw.methods.CE` does:
+        no weighting, no fine-tuning, no logit adjustment, and
+        :attr:`fits_prior` ``"train"`` (a run's predictions are then shifted
+        as a CE run's). ``gdw train`` calls it before the first epoch where
+        ``unchecked_meta="ce"`` applies; no cap note is printed then, as
+        there are no weights to cap."""
+        self.as_ce, self.plain, self.finetuning = True, True, False
+        self.log_prior, self.meta_shift, self.cap_note = None, None, None
 
     def _constrain(self, omega, p, y):
         return zero_mean(omega, p, y) if self.zero_mean else omega
