@@ -177,10 +177,11 @@ def test_run_follows_its_target_prior_in_every_output(imbalanced_npz, tmp_path, 
     shares (printed at the start, recorded in config.json and summary.json);
     the test accuracy and gdw predict use the shifted logits, and
     --target-prior balanced records no shift for GDW (it trains for balanced
-    error)."""
+    error). The meta set is drawn from the file's own labels, where gdw
+    would train as CE (unchecked_meta), so the runs weight anyway."""
     out = tmp_path / "run"
     assert main(["train", "--dataset", f"npz:{imbalanced_npz}", "--method", "gdw", "--epochs", "3", "--no-progress",
-                 "--meta-per-class", "20", "--out", str(out)]) == 0
+                 "--meta-per-class", "20", "--method-args", "unchecked_meta=weight", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "target prior: train (auto: the classes' shares differ" in printed
     config = json.loads((out / "config.json").read_text())
@@ -208,7 +209,8 @@ def test_run_follows_its_target_prior_in_every_output(imbalanced_npz, tmp_path, 
 
     out2 = tmp_path / "balanced"
     assert main(["train", "--dataset", f"npz:{imbalanced_npz}", "--method", "gdw", "--epochs", "1", "--no-progress",
-                 "--meta-per-class", "20", "--target-prior", "balanced", "--out", str(out2)]) == 0
+                 "--meta-per-class", "20", "--target-prior", "balanced", "--method-args", "unchecked_meta=weight",
+                 "--out", str(out2)]) == 0
     assert json.loads((out2 / "config.json").read_text())["target"]["prediction_shift"] is None
 
 
