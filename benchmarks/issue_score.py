@@ -59,14 +59,11 @@ EPOCHS = 30
 
 def scores(probs: np.ndarray, labels: np.ndarray) -> dict:
     """Both candidates (module docstring) of every row: (n, C) probabilities, (n,) labels → name: (n,)."""
+    from gdw.issues import label_score  # log_odds, as the package computes it since the decision
+
     p = probs.astype(np.float64)
     p = p / p.sum(1, keepdims=True)
-    n = np.arange(len(labels))
-    other = p.copy()
-    other[n, labels] = -1.0
-    tiny = 1e-7  # below float16's smallest normal number, where the evidence is stored
-    return {"confidence": 1 - p[n, labels],
-            "log_odds": np.log(np.maximum(other.max(1), tiny)) - np.log(np.maximum(p[n, labels], tiny))}
+    return {"confidence": 1 - p[np.arange(len(labels)), labels], "log_odds": label_score(p, labels)}
 
 
 def run_dir(runs: Path, regime: str, noise: str, seed: int) -> Path:
