@@ -22,8 +22,15 @@ Without a clean set M is the identity: every disagreement between the model
 and a given label counts as a wrong label. That suits probabilities a model
 formed without fitting the wrong labels (a weighted method's averaged
 training evidence, or held-out predictions) and overestimates by about the
-model's own error rate otherwise. The interval is the 2.5 and 97.5
-percentiles over bootstrap resamples of both sets' rows.
+model's own error rate otherwise. The interval is the basic bootstrap
+over resamples of both sets' rows: (2r − q97.5, 2r − q2.5), r the estimate
+and q the resampled estimates' percentiles, clipped to [0, 1]. (The
+resampled estimates lie above r, as a resampled M is noisier and N̂ clipped
+at zero rises with M's noise; reflecting them about r undoes that shift.)
+It shows the noise of sampling the rows, not the bias of the model
+assumption: on the benchmark's default GDW runs it covered the true share
+in 12 of 18 runs (seed 0) and 55 of 72 (seeds 1 to 4), the percentile
+interval in 10 and 42 (``benchmarks/issue_score.py``).
 
 The flagged set. Within each given class i the rows are ranked by
 :func:`label_score`, ``score = log p_k − log p_i`` (p_i the probability the
@@ -56,7 +63,8 @@ class LabelIssues:
     suggested: (n,) the most likely class other than the given label.
     order: (n,) row indices, most suspicious first (flagged rows first).
     noise_rate: estimated share of wrong labels, in [0, 1];
-    noise_interval: its 95% bootstrap interval (lo, hi).
+    noise_interval: its nominal 95% basic bootstrap interval (lo, hi), the
+        noise of sampling the rows only (module docstring).
     noise_matrix: C×C estimated counts N̂_ij, given label i, true class j.
     """
 
@@ -218,7 +226,11 @@ def find_label_issues(labels, pred_probs, *, clean_labels=None, clean_pred_probs
     rng = np.random.default_rng(seed)
     rates = [estimate(rng.integers(0, n, n), rng.integers(0, len(clean[0]), len(clean[0])) if clean else None)[1]
              for _ in range(bootstrap)]
-    interval = (float(np.percentile(rates, 2.5)), float(np.percentile(rates, 97.5))) if rates else (rate, rate)
+    if rates:  # the basic bootstrap: the resamples reflected about the estimate (module docstring)
+        q_lo, q_hi = np.percentile(rates, [2.5, 97.5])
+        interval = (float(np.clip(2 * rate - q_hi, 0, 1)), float(np.clip(2 * rate - q_lo, 0, 1)))
+    else:
+        interval = (float(rate), float(rate))
 
     score = label_score(probs, labels)
     suggested = most_likely_other(probs, labels)
