@@ -258,7 +258,8 @@ def _print_issues(run: Path, issues, args) -> None:
     if issues.noise_rate is not None:
         lo, hi = issues.noise_interval
         print(f"estimated wrong labels: {100 * issues.noise_rate:.1f}% of the training examples "
-              f"(95% interval {100 * lo:.1f}–{100 * hi:.1f}%)" + describe_pairs(issues))
+              f"(bootstrap interval {100 * lo:.1f}–{100 * hi:.1f}%, the noise of sampling the rows)"
+              + describe_pairs(issues))
     how = "--num-issues" if args.num_issues is not None else "suggested label differs from the given one"
     print(f"flagged as label issues: {min(flagged, len(issues))} of {len(issues)} ({how})")
     m = evaluate(issues, args.num_issues)

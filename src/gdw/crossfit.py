@@ -61,7 +61,7 @@ def detect_folds(cfg: TrainConfig, folds: int) -> int:
     lo, hi = found.noise_interval
     how = "corrected by the validation split" if got["clean"] else "no --val-per-class: every disagreement counts"
     print(f"estimated wrong labels: {100 * found.noise_rate:.1f}% of {len(found.labels)} training rows "
-          f"(95% interval {100 * lo:.1f}–{100 * hi:.1f}%; {how})")
+          f"(bootstrap interval {100 * lo:.1f}–{100 * hi:.1f}%; {how})")
     print(f"flagged {int(found.flagged.sum())}; every row scored out of sample by {folds} runs → {got['csv']}")
     if known.all():
         wrong, f = found.labels != got["true"], found.flagged
