@@ -204,6 +204,12 @@ def meta_unchecked(data) -> bool:
                 and rec.get("meta_known_clean") is False and rec.get("realised_noise_rate") is None)
 
 
+def plain_when_unchecked(method) -> bool:
+    """Whether ``method`` trains plainly from the first epoch where
+    :func:`meta_unchecked` holds (GDW's ``unchecked_meta`` "plain" or "ce")."""
+    return getattr(method, "unchecked_meta", "weight") in ("plain", "ce")
+
+
 class FinetuneCheck(Callback):
     """Skips a method's fine-tuning phase on the meta set where the run's
     labels look clean (its ``finetune_min_noise`` > 0; GDW's parameter), and
@@ -275,7 +281,7 @@ class FinetuneCheck(Callback):
 
     def on_epoch_start(self, state) -> None:
         method = state.method
-        if self.early is None and getattr(method, "unchecked_meta", "weight") in ("plain", "ce") and self.unchecked():
+        if self.early is None and plain_when_unchecked(method) and self.unchecked():
             self.early, self.initial = "plain", None  # plain training from the start: nothing to restart
             state.row.update(early_decision="plain", early_reason="unchecked meta set")
         plain_below, cap_below = (float(getattr(method, k, 0.0) or 0.0) for k in ("plain_below", "cap_below"))

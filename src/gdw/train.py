@@ -33,7 +33,7 @@ from .fit import TrainingDiverged, fit  # noqa: F401 - re-exported
 from .methods import METHODS, make
 from .models import check_logits, create_model
 from .prior import describe, prediction_shift, resolve_target_prior
-from .recorder import FinetuneCheck, LabelIssueRecorder, meta_unchecked
+from .recorder import FinetuneCheck, LabelIssueRecorder, meta_unchecked, plain_when_unchecked
 from .config import NEUTRAL, TrainConfig, changed_data_files, default_out  # noqa: F401 - re-exported
 from .rundir import (RunInterrupted, _config_record, _interrupts, _summary, check_run_dir,  # noqa: F401 - re-exported
                      check_same_data, describe_difference, load_checkpoint, run_dir)
@@ -223,7 +223,7 @@ def _log_start(log, cfg: TrainConfig, data, device, out: Path, target: dict, res
     for warning in data.record.get("warnings", []):
         log(f"gdw train: warning: {warning}")
     if meta_unchecked(data) and METHODS.get(cfg.method).needs_meta:
-        if getattr(method, "unchecked_meta", "weight") in ("plain", "ce"):
+        if plain_when_unchecked(method):
             log("gdw train: note: the meta set is as noisy as your labels, so gdw trains plainly"
                 + (", as --method ce does" if getattr(method, "as_ce", False) else "") + " (pass checked "
                 "examples as --meta to weight). Without a clean set, --method dm (no meta set) did better than "
