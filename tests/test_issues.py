@@ -166,3 +166,29 @@ def test_interval_is_the_basic_bootstrap():
     lo, hi = np.percentile(rates, [2.5, 97.5])
     assert found.noise_rate == pytest.approx(r, abs=1e-12)
     np.testing.assert_allclose(found.noise_interval, (max(2 * r - hi, 0), 2 * r - lo), atol=1e-12)
+
+
+def test_estimate_caveat_by_hand():
+    """The caveat where rows the model never trained on disagree with more of
+    their labels than the clean set's error e plus the estimate (plus the
+    margin) explain; none where they do not, or a set is missing."""
+    from gdw.issues import estimate_caveat
+
+    def probs(pred, C=2):
+        return np.eye(C)[np.asarray(pred)] * 0.8 + 0.1
+
+    clean = np.array([0, 1] * 50)  # 100 clean rows
+    right, one_wrong = probs(clean), probs(np.r_[1 - clean[:1], clean[1:]])  # e = 0 and e = 0.01
+    held = np.array([0, 1] * 50)  # 100 held-out rows, 30 of them predicted against their label
+    held_pred = probs(np.r_[1 - held[:30], held[30:]])
+    # 0.30 > 0 + 0.19 + 0.05: the caveat, with the numbers
+    text = estimate_caveat(0.19, clean, right, held, held_pred)
+    assert text is not None and "errs on 0% of the 100 clean" in text and "30% of the labels of 100 rows" in text
+    assert "19.0% estimate" in text and "--folds 3" in text
+    assert estimate_caveat(0.19, clean, one_wrong, held, held_pred) is not None  # 0.30 > 0.01 + 0.24
+    assert estimate_caveat(0.25, clean, one_wrong, held, held_pred) is None  # 0.30 ≤ 0.01 + 0.25 + 0.05
+    assert estimate_caveat(0.25, clean, right, held, held_pred) is None  # 0.30 ≤ 0 + 0.25 + 0.05, at the bound
+    assert estimate_caveat(0.19, clean, right, held, held_pred, margin=0.2) is None
+    assert estimate_caveat(0.19, None, None, held, held_pred) is None  # no clean set: M = I, nothing to check
+    assert estimate_caveat(0.19, clean, right, None, None) is None
+    assert estimate_caveat(0.19, clean, right, held[:0], held_pred[:0]) is None

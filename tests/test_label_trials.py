@@ -182,3 +182,41 @@ def test_csv_export_numbers_rows_as_the_reader_does(tmp_path):
     assert (tmp_path / "kept.csv").read_text() == "a;label\n1;x\n3;x\n"
     assert _csv(src, tmp_path / "fixed.csv", {1: 0}, ["x", "y"], "label", relabel=True) == 3
     assert (tmp_path / "fixed.csv").read_text() == "a;label\n1;x\n2;x\n3;x\n"
+
+
+def test_hard_classes_and_a_small_clean_set_make_the_estimate_say_it_is_rough(tmp_path, capsys):
+    """Two heavily overlapping classes, 5% of the labels swapped, 10 checked rows per class: the model
+    learns all 20 checked rows but errs on about a third of new rows, so the meta set's correction
+    subtracts almost none of its own mistakes and the estimate lands far above 5%. The run says so
+    (summary.json, the end of gdw train, gdw detect), with the numbers it judged by."""
+    rng = np.random.default_rng(0)
+    header = ["f%d" % j for j in range(30)] + ["label"]
+
+    def rows(n):
+        y = rng.integers(0, 2, n)
+        x = rng.normal(0, 1, (n, 30))
+        x[:, :3] += 0.35 * (2 * y[:, None] - 1)
+        return x, y
+
+    x, true = rows(800)
+    given, wrong = true.copy(), rng.random(800) < 0.05
+    given[wrong] = 1 - given[wrong]
+    write_csv(tmp_path / "data.csv", header, [[f"{v:.4f}" for v in r] + [NAMES[g]] for r, g in zip(x, given)])
+    xc, tc = rows(20)
+    write_csv(tmp_path / "checked.csv", header, [[f"{v:.4f}" for v in r] + [NAMES[t]] for r, t in zip(xc, tc)])
+    run = tmp_path / "run"
+    assert main(["train", "--dataset", f"csv:{tmp_path / 'data.csv'}", "--meta", f"csv:{tmp_path / 'checked.csv'}",
+                 "--method", "gdw", "--epochs", "15", "--out", str(run), "--no-progress"]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    z = np.load(run / "label_evidence.npz")
+    err = float((z["meta_prob"].argmax(1) != z["meta_given"]).mean())
+    disagree = float((z["test_prob"].argmax(1) != z["test_given"]).mean())
+    assert wrong.mean() < 0.06 and summary["estimated_noise_rate"] > 0.15  # far above the truth
+    assert disagree > err + summary["estimated_noise_rate"] + 0.05  # what the caveat is judged by
+    caveat = summary["estimated_noise_caveat"]
+    assert f"{100 * disagree:.0f}% of the labels of {len(z['test_given'])} rows" in caveat
+    assert f"errs on {100 * err:.0f}% of the {len(z['meta_given'])} clean" in caveat
+    assert str(z["noise_caveat"]) == caveat
+    assert "is rough: " + caveat in capsys.readouterr().out
+    assert main(["detect", str(run)]) == 0
+    assert "caution: " + caveat in capsys.readouterr().out

@@ -260,6 +260,8 @@ def _print_issues(run: Path, issues, args) -> None:
         print(f"estimated wrong labels: {100 * issues.noise_rate:.1f}% of the training examples "
               f"(bootstrap interval {100 * lo:.1f}–{100 * hi:.1f}%, the noise of sampling the rows)"
               + describe_pairs(issues))
+        if issues.noise_caveat:
+            print(f"caution: {issues.noise_caveat}")
     how = "--num-issues" if args.num_issues is not None else "suggested label differs from the given one"
     print(f"flagged as label issues: {min(flagged, len(issues))} of {len(issues)} ({how})")
     m = evaluate(issues, args.num_issues)

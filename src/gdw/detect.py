@@ -159,6 +159,7 @@ class Issues:
     noise_rate: Optional[float] = None  # the run's estimate of the share of wrong labels, and its interval
     noise_interval: Optional[tuple] = None
     noise_matrix: Optional[np.ndarray] = None  # C×C estimated rows, given label × likely true class
+    noise_caveat: Optional[str] = None  # why the estimate is rough (gdw.issues.estimate_caveat), or None
     test: Optional[dict] = None  # a test split drawn from the user's data: source_rows, given, suggested, score, paths
     texts: Optional[list] = None  # a text run: each example's text (from label_issues.csv)
 
@@ -213,7 +214,7 @@ def load_issues(run_dir) -> Issues:
     try:
         with np.load(path, allow_pickle=False) as z:
             ev = {k: z[k] for k in ("given", "suggested", "score", "source_rows", "source_paths", "score_name")}
-            noise = {k: z[k] for k in ("noise_rate", "noise_interval", "noise_matrix") if k in z.files}
+            noise = {k: z[k] for k in ("noise_rate", "noise_interval", "noise_matrix", "noise_caveat") if k in z.files}
             test = {k[5:]: z[k] for k in ("test_source_rows", "test_given", "test_suggested", "test_score",
                                           "test_source_paths") if k in z.files}
     except (OSError, KeyError, ValueError) as e:
@@ -231,7 +232,8 @@ def load_issues(run_dir) -> Issues:
                   rows=ev["source_rows"].astype(np.int64), paths=paths,
                   noise_rate=float(noise["noise_rate"]) if "noise_rate" in noise else None,
                   noise_interval=tuple(map(float, noise["noise_interval"])) if "noise_interval" in noise else None,
-                  noise_matrix=noise.get("noise_matrix"), test=test if "score" in test else None,
+                  noise_matrix=noise.get("noise_matrix"), noise_caveat=str(noise.get("noise_caveat", "")) or None,
+                  test=test if "score" in test else None,
                   texts=_texts(run / CSV_NAME, ev["source_rows"]))
 
 

@@ -19,7 +19,7 @@ from .callbacks import Callback
 from .detect import CSV_NAME, EVIDENCE_NAME, WINDOW, issues_table, score_name, write_csv
 from .errors import UserError
 from .fit import predict_proba
-from .issues import find_label_issues, flag_per_class, label_score, most_likely_other
+from .issues import estimate_caveat, find_label_issues, flag_per_class, label_score, most_likely_other
 
 
 class LabelIssueRecorder(Callback):
@@ -180,12 +180,19 @@ class LabelIssueRecorder(Callback):
         clean = {"clean_labels": meta["given"], "clean_pred_probs": meta["prob"]} if meta is not None else {}
         found = find_label_issues(given, ev["prob"], **clean)
         self.noise = {"estimated_noise_rate": found.noise_rate, "estimated_noise_interval": list(found.noise_interval)}
+        unseen = [held[k] for k in ("val", "test") if k in held]  # rows the final model never trained on
+        caveat = estimate_caveat(found.noise_rate, *((meta["given"], meta["prob"]) if meta else (None, None)),
+                                 *((np.concatenate([u["given"] for u in unseen]),
+                                    np.concatenate([u["prob"] for u in unseen])) if unseen else (None, None)))
+        if caveat:
+            self.noise["estimated_noise_caveat"] = caveat
         suggested = np.where(found.flagged, most_likely_other(ev["prob"], given), given).astype(np.int64)
         rows, paths = source_of(train_split)
         test = score_test_split(data, held.get("test"), found, given)
         np.savez(out / EVIDENCE_NAME, **{f"test_{k}": v for k, v in test.items()}, method=np.array(method),
                  score_name=np.array(score_name(method)), noise_rate=found.noise_rate,
                  noise_interval=np.array(found.noise_interval), noise_matrix=found.noise_matrix,
+                 noise_caveat=np.array(caveat or ""),
                  **{f"{name}_{k}": v for name, part in held.items() for k, v in part.items()},
                  epochs=np.array(self.epochs_seen, dtype=np.int64), given=given, index=train_split.index.numpy(),
                  suggested=suggested, score=score, source_rows=rows,

@@ -235,6 +235,9 @@ def _log_start(log, cfg: TrainConfig, data, device, out: Path, target: dict, res
 
 
 def _log_end(log, summary: dict) -> None:
+    if summary.get("estimated_noise_caveat"):
+        log(f"gdw train: note: the estimate of wrong labels, {100 * summary['estimated_noise_rate']:.1f}%, is "
+            f"rough: {summary['estimated_noise_caveat']}")
     if summary.get("guard_shrink", 0) >= 0.5:
         log(f"gdw train: note: weights learned on half of the meta set did not help its other half "
             f"(λ = {summary['guard_shrink']:.2f} at the end): the run trained close to plain training. "
