@@ -25,3 +25,22 @@ def test_report_counts_estimates_within_three_points_and_good_flagged_sets(tmp_p
             "(2 cells) precision and recall ≥ 0.85 in 1.") in text
     assert "- cleanlab (5-fold CE): estimate within 3 points in 0 of 1 cells" in text
     assert (tmp_path / "results.csv").read_text().count("\n") == 4
+
+
+def test_two_class_regimes_skip_the_flips_that_repeat_uniform_noise_and_caveats_are_marked(tmp_path):
+    """On two classes flip:r changes the rows uniform:2r does: the reviews' flip:0.1 and flip:0.2 are not
+    cells, and a row read from an older file for them is left out; a run whose summary carried the caveat
+    gets a dagger."""
+    ne = pytest.importorskip("noise_estimate")
+    reviews = [n for r, n in ne.cells() if r == "reviews"]
+    assert reviews == ["uniform:0.1", "uniform:0.2", "uniform:0.4", "flip:0.4"]
+    assert [n for r, n in ne.cells() if r == "digits"] == ne.NOISES
+    row = {"regime": "reviews", "tool": "gdw (1 run)", "true_rate": 0.05, "estimate": 0.19, "caveat": True,
+           "auroc": 0.7, "precision": 0.1, "recall": 0.4, "seconds": 1.0}
+    (tmp_path / "reviews_uniform0.1.json").write_text(json.dumps([{**row, "noise": "uniform:0.1"}]))
+    (tmp_path / "reviews_flip0.1.json").write_text(json.dumps([{**row, "noise": "flip:0.1"}]))
+    assert ne.main(["--out", str(tmp_path), "--report"]) == 0
+    text = (tmp_path / "results.md").read_text()
+    assert "| reviews | uniform:0.1 | 5.0 | gdw (1 run) | 19.0 † | +14.0 |" in text
+    assert "| reviews | flip:0.1 |" not in text
+    assert "estimate within 3 points in 0 of 1 cells" in text
