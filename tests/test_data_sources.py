@@ -466,7 +466,7 @@ def test_csv_string_and_integer_labels(tmp_path):
 @pytest.mark.parametrize("text,needle", [
     ("a,label\n1,x\noops,y\n3,x\n", "line 3, column 'a': non-numeric value 'oops'"),
     ("a,label\n1,x\n\n,y\n", "line 4"),  # blank lines still count
-    ("a,b\n1,2\n", "no column 'label'"),
+    ("a,b\n1,2\n", "no column 'label' (columns: ['a', 'b']); if the labels are its last column: --label-column b"),
     ("a,label\n1,x,3\n", "line 2: 3 fields"),
 ])
 def test_csv_bad_inputs(tmp_path, text, needle):

@@ -327,7 +327,10 @@ def read_csv(path, label_column="label", test_fraction=0.2, features=None, ignor
     t = read_csv_table(path)
     path = t.path
     if label_column not in t.header:
-        raise UserError(f"CSV file {path} has no column {label_column!r} (columns: {t.header})")
+        hint = f"; if the labels are its last column: --label-column {t.header[-1]}" if t.header else ""
+        raise UserError(f"CSV file {path} has no column {label_column!r} (columns: {t.header}){hint}"
+                        if label_column == "label" else
+                        f"CSV file {path} has no column {label_column!r} (--label-column; columns: {t.header})")
     if encoder is not None and text_column is None:
         raise UserError("--encoder turns a text column into features: give --text-column too")
     raw = t.column(label_column, empty="label")
