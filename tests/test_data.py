@@ -364,6 +364,25 @@ def test_batches_deterministic_complete_and_resumable(tmp_path):
     one_line_error(e, "batch_size")
 
 
+def test_a_last_batch_of_one_joins_the_batch_before():
+    """A BatchNorm layer cannot normalise one example in training mode, so an
+    epoch of 16k + 1 examples has k batches, the last of 17; every example
+    still appears once, and a resumed epoch and the batch count agree."""
+    import torch.nn as nn
+
+    from gdw.data.batches import batch_plan, num_batches
+
+    sizes = lambda n, **kw: [len(c) for c in batch_plan(n, 16, shuffle=True, seed=1, epoch=0, **kw)[1]]  # noqa: E731
+    assert sizes(49) == [16, 16, 17] and sizes(50) == [16, 16, 16, 2] and sizes(17) == [17] and sizes(1) == [1]
+    assert sizes(49, start=2) == [17] and sizes(49, drop_last=True) == [16, 16, 16]
+    offsets, chunks, _ = batch_plan(49, 16, shuffle=True, seed=1, epoch=0)
+    assert offsets == [0, 16, 32] and sorted(np.concatenate(chunks).tolist()) == list(range(49))
+    assert [num_batches(n, 16) for n in (0, 1, 16, 17, 18, 33, 49, 50)] == [0, 1, 1, 1, 2, 2, 3, 4]
+    # what the merge prevents
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        nn.BatchNorm1d(3).train()(torch.zeros(1, 3))
+
+
 def test_tabular_batches_and_augment_refused(tmp_path):
     rng = np.random.default_rng(0)
     x = rng.normal(3, 2, size=(40, 5)).astype(np.float32)

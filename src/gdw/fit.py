@@ -29,6 +29,7 @@ import torch
 
 from . import inputs as model_inputs
 from .distributed import Comm
+from .data.batches import num_batches
 from .engine import logits_of
 from .errors import UserError
 
@@ -277,7 +278,7 @@ def _epoch_plan(state: FitState, seed: int, batch_size: int, meta_batch_size: in
     if progress and state.is_main:
         from tqdm import tqdm
 
-        batches = tqdm(batches, total=math.ceil(len(source) / size), desc=f"epoch {state.epoch + 1}/{state.total}",
+        batches = tqdm(batches, total=num_batches(len(source), size), desc=f"epoch {state.epoch + 1}/{state.total}",
                        leave=False, dynamic_ncols=True)
     return SimpleNamespace(source=source, batches=batches, meta=meta, finetuning=finetuning)
 

@@ -18,7 +18,6 @@ replaced when started again); resuming a finished run changes nothing.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Optional
 
@@ -26,6 +25,7 @@ import torch
 
 from .callbacks import (BestModel, Checkpointer, EpochLog, Evaluator, LabelIssues, MetricsWriter, Plots,
                         WeightStats, set_rng_state)
+from .data.batches import num_batches
 from .distributed import Comm, init_from_env, launched_by_torchrun
 from .io import atomic_write
 from .errors import UserError
@@ -176,7 +176,7 @@ def train(cfg: TrainConfig, log=print, comm: Optional[Comm] = None) -> dict:
     summary = {}
     if main:
         seconds = sum(row["seconds"] for row in history)
-        summary = _summary(cfg, data, history, seconds, math.ceil(len(data.train) / cfg.batch_size), comm.world)
+        summary = _summary(cfg, data, history, seconds, num_batches(len(data.train), cfg.batch_size), comm.world)
         summary["target_prior"] = target["prior"]
         summary.update(getattr(method, "decided_params", {}))  # what the method decided from the model and data
         early = [row for row in history if "early_decision" in row]  # the check a quarter of the way in

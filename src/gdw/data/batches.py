@@ -214,17 +214,28 @@ def to_model_input(raw: torch.Tensor, view: View, device, aug=None) -> torch.Ten
     return x.mul_(scale / std).sub_(view.mean.to(device).view(shape) / std)
 
 
+def num_batches(n: int, batch_size: int) -> int:
+    """How many batches :func:`batch_plan` makes of ``n`` examples (without ``drop_last``)."""
+    return max(1, n // batch_size + (n % batch_size > 1)) if n > batch_size else 1 if n > 0 else 0
+
+
 def batch_plan(n: int, batch_size: int, *, shuffle: bool, seed: int, epoch: int, drop_last: bool = False,
                start: int = 0, shard: tuple[int, int] | None = None, jitter: tuple[int, int] | None = None):
     """The batches of an epoch over positions 0..n-1 (arguments as :meth:`gdw.data.Split.batches`):
     ``(offsets, chunks, aug)``, each batch's positions, its offset in the epoch's order and the
-    augmentation draws of :func:`epoch_plan` (``jitter``). UserError for a bad batch_size."""
+    augmentation draws of :func:`epoch_plan` (``jitter``). Where the last batch would hold a
+    single example it is part of the one before (that batch has ``batch_size + 1``). UserError
+    for a bad batch_size."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise UserError(f"batch_size must be a positive integer, got {batch_size!r}")
     order, aug = epoch_plan(n, shuffle=shuffle, seed=seed, epoch=epoch, jitter=jitter)
     stop = n - n % batch_size if drop_last else n
-    offsets = list(range(int(start) * batch_size, stop, batch_size))
-    chunks = [order[i:i + batch_size] for i in offsets]
+    offsets = list(range(0, stop, batch_size))
+    if len(offsets) > 1 and stop - offsets[-1] == 1:  # a last batch of one example joins the one before it:
+        offsets.pop()  # a BatchNorm layer cannot normalise a single example in training mode
+    ends = offsets[1:] + [stop]
+    chunks = [order[i:j] for i, j in zip(offsets, ends)][int(start):]
+    offsets = offsets[int(start):]
     if shard is not None:
         rank, world = shard
         keep = [k for k, c in enumerate(chunks) if len(c) >= world]
