@@ -124,6 +124,31 @@ def test_an_interrupted_run_resumes_plain(tmp_path, monkeypatch):
     assert all(r.get("meta_loss") is None for r in rows_of(cut)[2:])
     a, b = weights_of(cut), weights_of(full)
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # the switch, kept for the count's caveat, came back from the checkpoint
+    sa, sb = (json.loads((d / "summary.json").read_text()) for d in (cut, full))
+    assert sa.get("estimated_noise_caveat") == sb.get("estimated_noise_caveat")
+    assert (cut / "label_issues.csv").read_text() == (full / "label_issues.csv").read_text()
+
+
+def test_a_plain_switch_says_its_count_is_probably_low(tmp_path, capsys):
+    """Digits with 5% of the labels flipped, the check at the start of epoch 3
+    (0-based 2) switching to plain training: plain training fits the wrong
+    labels, the end-of-run count falls below the check's estimate, and the
+    run says so with both numbers (summary.json, the end of gdw train, gdw
+    detect)."""
+    out = tmp_path / "run"
+    assert main(["train", *QUICK, "--noise", "flip:0.05", "--method-args", "plain_below=0.5", "--out", str(out)]) == 0
+    decided = [r for r in rows_of(out) if "early_decision" in r][0]
+    assert decided["early_decision"] == "plain" and decided["epoch"] == 3
+    summary = json.loads((out / "summary.json").read_text())
+    check, end = decided["early_noise_estimate"], summary["estimated_noise_rate"]
+    assert end < check
+    caveat = summary["estimated_noise_caveat"]
+    assert (f"trained plainly from epoch 3 on, where the check estimated {100 * check:.1f}% wrong labels" in caveat
+            and f"this count ({100 * end:.1f}%) is probably low. gdw detect RUN --num-issues N" in caveat)
+    assert "is rough: " + caveat in capsys.readouterr().out
+    assert main(["detect", str(out), "--top", "0"]) == 0
+    assert "caution: " + caveat in capsys.readouterr().out
 
 
 def test_a_restart_is_plain_training_from_the_initial_weights(tmp_path, monkeypatch, capsys):

@@ -184,7 +184,7 @@ def test_estimate_caveat_by_hand():
     # 0.30 > 0 + 0.19 + 0.05: the caveat, with the numbers
     text = estimate_caveat(0.19, clean, right, held, held_pred)
     assert text is not None and "errs on 0% of the 100 clean" in text and "30% of the labels of 100 rows" in text
-    assert "19.0% estimate" in text and "--folds 3" in text
+    assert "19.0% estimate" in text
     assert estimate_caveat(0.19, clean, one_wrong, held, held_pred) is not None  # 0.30 > 0.01 + 0.24
     assert estimate_caveat(0.25, clean, one_wrong, held, held_pred) is None  # 0.30 ≤ 0.01 + 0.25 + 0.05
     assert estimate_caveat(0.25, clean, right, held, held_pred) is None  # 0.30 ≤ 0 + 0.25 + 0.05, at the bound
@@ -192,3 +192,16 @@ def test_estimate_caveat_by_hand():
     assert estimate_caveat(0.19, None, None, held, held_pred) is None  # no clean set: M = I, nothing to check
     assert estimate_caveat(0.19, clean, right, None, None) is None
     assert estimate_caveat(0.19, clean, right, held[:0], held_pred[:0]) is None
+
+
+def test_switch_caveat_by_hand():
+    """gdw.recorder.switch_caveat: a sentence with the epoch (1-based) and both
+    numbers where the count is below the check's estimate; None otherwise."""
+    from gdw.recorder import switch_caveat
+
+    text = switch_caveat(0.004, {"epoch": 8, "estimate": 0.0305})
+    assert "trained plainly from epoch 9 on" in text and "estimated 3.0% wrong labels" in text
+    assert "this count (0.4%) is probably low" in text
+    assert switch_caveat(0.04, {"epoch": 8, "estimate": 0.0305}) is None
+    assert switch_caveat(0.0305, {"epoch": 8, "estimate": 0.0305}) is None
+    assert switch_caveat(0.004, None) is None

@@ -216,6 +216,8 @@ def test_hard_classes_and_a_small_clean_set_make_the_estimate_say_it_is_rough(tm
     caveat = summary["estimated_noise_caveat"]
     assert f"{100 * disagree:.0f}% of the labels of {len(z['test_given'])} rows" in caveat
     assert f"errs on {100 * err:.0f}% of the {len(z['meta_given'])} clean" in caveat
+    assert caveat.endswith("--folds 3 with the same training flags and --val-per-class N counts out of sample "
+                           "(3 trainings)") and caveat.count("--folds") == 1
     assert str(z["noise_caveat"]) == caveat
     assert "is rough: " + caveat in capsys.readouterr().out
     assert main(["detect", str(run)]) == 0

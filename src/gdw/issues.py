@@ -218,7 +218,7 @@ def estimate_caveat(noise_rate: float, clean_labels, clean_pred_probs, held_labe
     Returns:
         None where a set is missing or empty, or the held-out rows disagree
         with at most e + ``noise_rate`` + ``margin`` of their labels; else
-        the caveat, with the numbers.
+        the reason, with the numbers (``gdw train`` adds what to do).
     """
     if clean_labels is None or held_labels is None or len(clean_labels) == 0 or len(held_labels) == 0:
         return None
@@ -226,12 +226,11 @@ def estimate_caveat(noise_rate: float, clean_labels, clean_pred_probs, held_labe
     disagree = float((np.asarray(held_pred_probs).argmax(1) != np.asarray(held_labels)).mean())
     if disagree <= err + noise_rate + margin:
         return None
-    return (f"the model errs on {100 * err:.0f}% of the {len(clean_labels)} clean (meta) examples that corrected "
-            f"it, yet disagrees with {100 * disagree:.0f}% of the labels of {len(held_labels)} rows it never "
-            f"trained on, more than that and the {100 * noise_rate:.1f}% estimate explain: it fitted the clean set "
-            "more closely than it fits the training rows, so the estimate mixes its own mistakes with wrong labels "
-            "(too high where hard examples count as wrong, too low where it fitted wrong labels). gdw detect "
-            "--folds 3 with the same training flags and --val-per-class N counts out of sample (3 trainings)")
+    return (f"the model errs on {100 * err:.0f}% of the {len(clean_labels)} clean examples that corrected it but "
+            f"disagrees with {100 * disagree:.0f}% of the labels of {len(held_labels)} rows it never trained on, "
+            f"more than that and the {100 * noise_rate:.1f}% estimate explain: it fitted the clean set more closely "
+            "than the training rows, so the estimate mixes its own mistakes with wrong labels (too high where hard "
+            "examples count as wrong, too low where it fitted wrong labels)")
 
 
 def find_label_issues(labels, pred_probs, *, clean_labels=None, clean_pred_probs=None,
