@@ -189,7 +189,10 @@ def test_estimate_caveat_by_hand():
     assert estimate_caveat(0.25, clean, one_wrong, held, held_pred) is None  # 0.30 ≤ 0.01 + 0.25 + 0.05
     assert estimate_caveat(0.25, clean, right, held, held_pred) is None  # 0.30 ≤ 0 + 0.25 + 0.05, at the bound
     assert estimate_caveat(0.19, clean, right, held, held_pred, margin=0.2) is None
-    assert estimate_caveat(0.19, None, None, held, held_pred) is None  # no clean set: M = I, nothing to check
+    # no clean set (M = I): e = 0, and the reason says so
+    plain = estimate_caveat(0.19, None, None, held, held_pred)
+    assert plain.startswith("no clean set corrected it, and the model disagrees with 30% of the labels of 100 rows")
+    assert estimate_caveat(0.25, None, None, held, held_pred) is None
     assert estimate_caveat(0.19, clean, right, None, None) is None
     assert estimate_caveat(0.19, clean, right, held[:0], held_pred[:0]) is None
 

@@ -195,42 +195,55 @@ CAVEAT_MARGIN = 0.05  # held-out disagreement this far above what the clean set 
 
 def estimate_caveat(noise_rate: float, clean_labels, clean_pred_probs, held_labels, held_pred_probs,
                     margin: float = CAVEAT_MARGIN) -> Optional[str]:
-    """A sentence saying why an estimate corrected by a clean set is not to
-    be trusted, or None.
+    """A sentence saying why an estimate is not to be trusted, or None.
 
-    The correction subtracts the model's mistakes as the clean set shows
-    them. Where the model fitted that set more closely than it fits the
-    clean training rows (a small set of hard data, memorised), the estimate
-    subtracts too little of them: on the fine-food reviews a GDW run got 99
-    of 100 meta reviews right, 70% of the test reviews, and estimated 19%
-    wrong labels where 5% were (``benchmarks/noise_estimate.py``). Rows the
-    model never trained on show it: if the clean set's error e stood for
-    the model's, it would disagree with about e + ``noise_rate`` of their
-    labels (labels as noisy as the training rows'), or e (clean labels).
+    The estimate counts the disagreements of in-sample evidence with the
+    given labels, less the model's own mistakes as a clean set shows them.
+    Two ways it fails show on rows the model never trained on:
+
+    * With a clean set the model fitted more closely than it fits the clean
+      training rows (a small set of hard data, memorised), it subtracts too
+      little: on the fine-food reviews a GDW run got 99 of 100 meta reviews
+      right, 70% of the test reviews, and estimated 19% wrong labels where
+      5% were (``benchmarks/noise_estimate.py``).
+    * Without one (plain training, or any method whose run has no meta
+      set), a model that fitted the training labels makes wrong labels look
+      right: CE on digits counted 1–2% where 18–40% were wrong.
+
+    If the clean set's error e (0 without one) stood for the model's, it
+    would disagree with about e + ``noise_rate`` of the held-out rows'
+    labels where they are as noisy as the training rows', or e where they
+    are clean.
 
     Args:
         noise_rate: the estimate (a share in [0, 1]).
-        clean_labels, clean_pred_probs: (m,), (m, C): the clean set that corrected it.
+        clean_labels, clean_pred_probs: (m,), (m, C): the clean set that
+            corrected it, or None (no correction: M = I).
         held_labels, held_pred_probs: (h,), (h, C): rows the model never
             trained on, labels clean or as noisy as the training labels.
         margin: how far (a share) the held-out disagreement must exceed
             e + ``noise_rate``.
     Returns:
-        None where a set is missing or empty, or the held-out rows disagree
-        with at most e + ``noise_rate`` + ``margin`` of their labels; else
-        the reason, with the numbers (``gdw train`` adds what to do).
+        None without held-out rows, or where they disagree with at most
+        e + ``noise_rate`` + ``margin`` of their labels; else the reason,
+        with the numbers (``gdw train`` adds what to do).
     """
-    if clean_labels is None or held_labels is None or len(clean_labels) == 0 or len(held_labels) == 0:
+    if held_labels is None or len(held_labels) == 0:
         return None
-    err = float((np.asarray(clean_pred_probs).argmax(1) != np.asarray(clean_labels)).mean())
+    clean = clean_labels is not None and len(clean_labels) > 0
+    err = float((np.asarray(clean_pred_probs).argmax(1) != np.asarray(clean_labels)).mean()) if clean else 0.0
     disagree = float((np.asarray(held_pred_probs).argmax(1) != np.asarray(held_labels)).mean())
     if disagree <= err + noise_rate + margin:
         return None
+    held = f"disagrees with {100 * disagree:.0f}% of the labels of {len(held_labels)} rows it never trained on"
+    if not clean:
+        return (f"no clean set corrected it, and the model {held}, more than the {100 * noise_rate:.1f}% estimate "
+                "explains: it fitted the training labels more closely than it fits new rows, so wrong labels it "
+                "fitted count as right and its own mistakes as wrong labels")
     return (f"the model errs on {100 * err:.0f}% of the {len(clean_labels)} clean examples that corrected it but "
-            f"disagrees with {100 * disagree:.0f}% of the labels of {len(held_labels)} rows it never trained on, "
-            f"more than that and the {100 * noise_rate:.1f}% estimate explain: it fitted the clean set more closely "
-            "than the training rows, so the estimate mixes its own mistakes with wrong labels (too high where hard "
-            "examples count as wrong, too low where it fitted wrong labels)")
+            f"{held}, more than that and the {100 * noise_rate:.1f}% estimate explain: it fitted the clean set more "
+            "closely than the training rows, so the estimate mixes its own mistakes with wrong labels (too high "
+            "where hard examples count as wrong, too low where it fitted wrong labels)")
 
 
 def find_label_issues(labels, pred_probs, *, clean_labels=None, clean_pred_probs=None,
