@@ -468,6 +468,7 @@ def test_csv_string_and_integer_labels(tmp_path):
     ("a,label\n1,x\n\n,y\n", "line 4"),  # blank lines still count
     ("a,b\n1,2\n", "no column 'label' (columns: ['a', 'b']); if the labels are its last column: --label-column b"),
     ("a,label\n1,x,3\n", "line 2: 3 fields"),
+    ("a,label\n1,x\n2,x\n", "has one class, 'x': a classifier needs examples of two or more classes (is --label-column"),
 ])
 def test_csv_bad_inputs(tmp_path, text, needle):
     (tmp_path / "bad.csv").write_text(text)

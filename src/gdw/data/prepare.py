@@ -175,6 +175,10 @@ def _read(d, nspec, test, meta, options: dict) -> None:
         raise UserError(f"noise {nspec.text!r} is for dataset {CIFAR_N[nspec.kind][0]!r}, not {d.dataset!r}")
     d.src = src = load_source(d.dataset, **options)
     d.C = len(src.classes)
+    if d.C < 2:
+        raise UserError(f"{d.dataset} has {'one class, ' + repr(str(src.classes[0])) if d.C else 'no labels'}: "
+                        "a classifier needs examples of two or more classes"
+                        + (" (is --label-column the column of labels?)" if d.kind == "csv" else ""))
     d.given_test = None if test is None else read_examples(
         test, source_format(src), src.classes, what="the test set", need_labels=True)
     d.nspec = parse_noise(nspec, d.C)
