@@ -153,7 +153,10 @@ class LabelIssueRecorder(Callback):
         the run directory ``out``. ``fits_meta``: the method trained
         towards the meta set (``Method.needs_meta``), so the final model's
         mistakes on it stand for its mistakes on clean training rows and
-        correct the estimate of how many labels are wrong.
+        correct the estimate of how many labels are wrong. Where the
+        held-out splits or a switch to plain training show the estimate to
+        be rough, ``estimated_noise_caveat`` (in :attr:`noise`, which goes
+        to summary.json, and ``noise_caveat`` in the npz) says why.
 
         ``data``: the run's :class:`gdw.data.Prepared` (its training split
         and class names). ``model``: the final model; it predicts the
@@ -182,13 +185,7 @@ class LabelIssueRecorder(Callback):
         clean = {"clean_labels": meta["given"], "clean_pred_probs": meta["prob"]} if meta is not None else {}
         found = find_label_issues(given, ev["prob"], **clean)
         self.noise = {"estimated_noise_rate": found.noise_rate, "estimated_noise_interval": list(found.noise_interval)}
-        unseen = [held[k] for k in ("val", "test") if k in held]  # rows the final model never trained on
-        reasons = [c for c in (
-            estimate_caveat(found.noise_rate, *((meta["given"], meta["prob"]) if meta else (None, None)),
-                            *((np.concatenate([u["given"] for u in unseen]),
-                               np.concatenate([u["prob"] for u in unseen])) if unseen else (None, None))),
-            switch_caveat(found.noise_rate, self.switched)) if c]
-        caveat = "; and ".join(reasons) + ". " + CAVEAT_ADVICE if reasons else ""
+        caveat = self._caveat(found.noise_rate, meta, held)
         if caveat:
             self.noise["estimated_noise_caveat"] = caveat
         suggested = np.where(found.flagged, most_likely_other(ev["prob"], given), given).astype(np.int64)
@@ -197,13 +194,24 @@ class LabelIssueRecorder(Callback):
         np.savez(out / EVIDENCE_NAME, **{f"test_{k}": v for k, v in test.items()}, method=np.array(method),
                  score_name=np.array(score_name(method)), noise_rate=found.noise_rate,
                  noise_interval=np.array(found.noise_interval), noise_matrix=found.noise_matrix,
-                 noise_caveat=np.array(caveat or ""),
+                 noise_caveat=np.array(caveat),
                  **{f"{name}_{k}": v for name, part in held.items() for k, v in part.items()},
                  epochs=np.array(self.epochs_seen, dtype=np.int64), given=given, index=train_split.index.numpy(),
                  suggested=suggested, score=score, source_rows=rows,
                  source_paths=np.array(paths if paths is not None else [], dtype=str),
                  **{k: (v.astype(np.float16) if v.ndim == 2 else v) for k, v in ev.items()})
         return write_csv(out / CSV_NAME, _table(data, given, suggested, score, rows, paths, held, test))
+
+    def _caveat(self, rate: float, meta: Optional[dict], held: dict) -> str:
+        """Why the estimate ``rate`` is rough, with what to do about it, or "" (:func:`gdw.issues.estimate_caveat`
+        on the held-out splits, corrected by ``meta`` where it corrected the estimate; :func:`switch_caveat`)."""
+        unseen = [held[k] for k in ("val", "test") if k in held]  # rows the final model never trained on
+        held_labels, held_probs = ((np.concatenate([u["given"] for u in unseen]),
+                                    np.concatenate([u["prob"] for u in unseen])) if unseen else (None, None))
+        reasons = [c for c in (estimate_caveat(rate, *((meta["given"], meta["prob"]) if meta else (None, None)),
+                                               held_labels, held_probs),
+                               switch_caveat(rate, self.switched)) if c]
+        return "; and ".join(reasons) + ". " + CAVEAT_ADVICE if reasons else ""
 
 
 def switch_caveat(noise_rate: float, switched: Optional[dict]) -> Optional[str]:
