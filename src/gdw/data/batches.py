@@ -214,9 +214,18 @@ def to_model_input(raw: torch.Tensor, view: View, device, aug=None) -> torch.Ten
     return x.mul_(scale / std).sub_(view.mean.to(device).view(shape) / std)
 
 
+def _offsets(stop: int, batch_size: int) -> list:
+    """Where the batches over positions 0..stop-1 start; a last batch of one example joins the one before
+    it (a BatchNorm layer cannot normalise a single example in training mode)."""
+    offsets = list(range(0, stop, batch_size))
+    if len(offsets) > 1 and stop - offsets[-1] == 1:
+        offsets.pop()
+    return offsets
+
+
 def num_batches(n: int, batch_size: int) -> int:
     """How many batches :func:`batch_plan` makes of ``n`` examples (without ``drop_last``)."""
-    return max(1, n // batch_size + (n % batch_size > 1)) if n > batch_size else 1 if n > 0 else 0
+    return len(_offsets(n, batch_size))
 
 
 def batch_plan(n: int, batch_size: int, *, shuffle: bool, seed: int, epoch: int, drop_last: bool = False,
@@ -230,9 +239,7 @@ def batch_plan(n: int, batch_size: int, *, shuffle: bool, seed: int, epoch: int,
         raise UserError(f"batch_size must be a positive integer, got {batch_size!r}")
     order, aug = epoch_plan(n, shuffle=shuffle, seed=seed, epoch=epoch, jitter=jitter)
     stop = n - n % batch_size if drop_last else n
-    offsets = list(range(0, stop, batch_size))
-    if len(offsets) > 1 and stop - offsets[-1] == 1:  # a last batch of one example joins the one before it:
-        offsets.pop()  # a BatchNorm layer cannot normalise a single example in training mode
+    offsets = _offsets(stop, batch_size)
     ends = offsets[1:] + [stop]
     chunks = [order[i:j] for i, j in zip(offsets, ends)][int(start):]
     offsets = offsets[int(start):]
